@@ -1,0 +1,47 @@
+"""ASGI middleware: unexpected exceptions become one logged line and a 500 in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import ErrorKind, error_body
+
+__all__ = ["ErrorEnvelopeMiddleware"]
+
+log = logging.getLogger("embedding_service")
+
+_BODY = orjson.dumps(error_body(ErrorKind.INTERNAL, "internal server error; see the server log"))
+
+
+class ErrorEnvelopeMiddleware:
+    """Catches what no handler did: the client gets a 500 envelope (never a traceback), the log gets it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("internal error on %s %s: %s: %s", scope.get("method"), scope.get("path"),
+                      type(exc).__name__, exc, exc_info=exc)
+            if started:
+                return  # headers already sent: nothing sane left to say to this client
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(_BODY)).encode())]})
+            await send({"type": "http.response.body", "body": _BODY})

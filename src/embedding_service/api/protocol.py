@@ -1,0 +1,169 @@
+"""The OpenAI embeddings wire format: request parsing with clear errors, and fast response encoding."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from ..engine.types import EmbedRequest
+from ..errors import ErrorKind, ServiceError
+
+__all__ = ["EmbeddingRequest", "encode_embeddings", "parse_embedding_request", "parse_json_body"]
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+class EmbeddingRequest(BaseModel):
+    """The body of POST /v1/embeddings. Unknown fields (`user`, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="text, list of texts, token ids, or list of token-id lists"
+    )
+    model: str | None = Field(None, description="accepted, not used to select anything (one model is served)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Matryoshka models only: output size")
+    instruction: str | None = Field(None, description="Qwen3 task instruction for queries")
+    prompt_name: str | None = Field(None, description="a sentence-transformers prompt of the model")
+    truncate: bool | None = Field(None, description="truncate over-long inputs instead of failing")
+    user: str | None = None
+
+
+class _Options(BaseModel):
+    """Strict validation of the scalar options (no silent coercion of "5" to 5)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    encoding_format: StrictStr | None = "float"
+    dimensions: StrictInt | None = None
+    instruction: StrictStr | None = None
+    prompt_name: StrictStr | None = None
+    truncate: StrictBool | None = None
+    user: StrictStr | None = None
+
+
+def parse_json_body(body: bytes) -> Any:
+    if not body:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "request body is empty; send a JSON object with 'input'")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    if isinstance(value, str):
+        if not value:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is an empty string", param="input")
+        return [value], None
+    if not isinstance(value, list):
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           f"'input' must be a string, a list of strings, or token ids; got {type(value).__name__}",
+                           param="input")
+    if not value:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is an empty list", param="input")
+    first = value[0]
+    if isinstance(first, str):
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                   f"input[{index}] is {type(item).__name__}; all items must be strings",
+                                   param="input")
+            if not item:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty string", param="input")
+        return list(value), None
+    if _is_int(first):
+        if not all(_is_int(item) for item in value):
+            raise ServiceError(ErrorKind.INVALID_REQUEST, "a token-id input must contain only integers",
+                               param="input")
+        return None, [list(value)]
+    if isinstance(first, list):
+        for index, item in enumerate(value):
+            if not isinstance(item, list) or not all(_is_int(tok) for tok in item):
+                raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                   f"input[{index}] must be a list of integer token ids", param="input")
+            if not item:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty token list",
+                                   param="input")
+        return None, [list(item) for item in value]
+    raise ServiceError(ErrorKind.INVALID_REQUEST,
+                       f"input[0] is {type(first).__name__}; expected a string or token ids", param="input")
+
+
+def _check_text(texts: list[str]) -> None:
+    for index, text in enumerate(texts):
+        if "\x00" in text:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character", param="input")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"input[{index}] is not valid Unicode (lone surrogate)", param="input") from None
+
+
+def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
+    """Validate a decoded JSON body. Returns the engine request and the encoding format."""
+    if not isinstance(data, dict):
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           f"request body must be a JSON object, got {type(data).__name__}")
+    if "input" not in data or data["input"] is None:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is required", param="input")
+    try:
+        options = _Options.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else None
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"'{field}': {err['msg']}", param=field) from None
+    fmt = options.encoding_format or "float"
+    if fmt not in ("float", "base64"):
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           f"encoding_format must be 'float' or 'base64', got '{fmt}'", param="encoding_format")
+    if options.instruction is not None and not options.instruction.strip():
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' is empty", param="instruction")
+    texts, token_ids = _parse_input(data["input"])
+    if texts is not None:
+        _check_text(texts)
+    request = EmbedRequest(
+        texts=texts,
+        token_ids=token_ids,
+        instruction=options.instruction,
+        prompt_name=options.prompt_name,
+        dimensions=options.dimensions,
+        truncate=options.truncate,
+    )
+    if options.dimensions is not None and options.dimensions < 1:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "dimensions must be a positive integer", param="dimensions")
+    return request, fmt
+
+
+def _base64_rows(vectors: np.ndarray) -> list[str]:
+    little = vectors if _LITTLE_ENDIAN else vectors.astype("<f4")
+    little = np.ascontiguousarray(little, dtype=np.float32)
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+
+
+def encode_embeddings(vectors: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:
+    """The response body, serialised straight from numpy (no Python float lists)."""
+    if encoding_format == "base64":
+        rows: Any = _base64_rows(vectors)
+    else:
+        rows = np.ascontiguousarray(vectors, dtype=np.float32)
+    data = [{"object": "embedding", "index": i, "embedding": rows[i]} for i in range(len(vectors))]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,142 @@
+"""Thin HTTP handlers: parse, call the engine, encode. No model logic lives here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .. import __version__
+from ..engine.engine import EmbeddingEngine
+from ..engine.types import EngineState
+from ..errors import ErrorKind, ServiceError
+from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+
+__all__ = ["ServiceContext", "build_router"]
+
+_JSON = "application/json"
+
+
+class ServiceContext:
+    """What the handlers need: the engine and a few public settings."""
+
+    def __init__(self, engine: EmbeddingEngine, *, model_name: str, gpu_memory_utilization: float,
+                 max_model_len: int, max_body_bytes: int, requested_device: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.max_body_bytes = max_body_bytes
+        self.requested_device = requested_device
+        self.created = int(time.time())
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # some clients send none; the body must still be JSON
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != _JSON and not media.endswith("+json"):
+        raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+                           f"Content-Type must be application/json, got '{media}'", code="unsupported_media_type")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
+                           f"request body is {declared} bytes; the limit is {limit}", code="payload_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
+                               code="payload_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_router(ctx: ServiceContext) -> APIRouter:
+    router = APIRouter()
+    body_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}},
+        }
+    }
+
+    @router.get("/", summary="Service information")
+    async def info() -> Response:
+        engine = ctx.engine
+        return _json({
+            "name": "embedding-service",
+            "version": __version__,
+            "model": ctx.model_name,
+            "status": engine.state.value,
+            "engine": engine.info.engine if engine.info else None,
+            "dimension": engine.info.dimension if engine.info else None,
+            "endpoints": ["/health", "/v1/embeddings", "/embeddings", "/v1/models", "/docs"],
+        })
+
+    @router.get("/health", summary="Health check: 200 when serving, 503 while loading, draining or failed")
+    async def health() -> Response:
+        engine = ctx.engine
+        info = engine.info
+        body = {
+            "status": engine.state.value,
+            "model": ctx.model_name,
+            "gpu_memory_utilization": ctx.gpu_memory_utilization,
+            "max_model_len": info.max_model_len if info else ctx.max_model_len,
+            "device": info.device if info else (None if ctx.requested_device == "auto" else ctx.requested_device),
+            "engine": info.engine if info else None,
+            "dtype": info.dtype if info else None,
+            "dimension": info.dimension if info else None,
+        }
+        status = 200 if engine.state is EngineState.HEALTHY else 503
+        return _json(body, status)
+
+    @router.get("/v1/models", summary="Models served (OpenAI list shape)")
+    async def models() -> Response:
+        return _json({"object": "list", "data": [_model_card(ctx)]})
+
+    @router.get("/v1/models/{model_id:path}", summary="One served model")
+    async def model(model_id: str) -> Response:
+        if model_id != ctx.model_name:
+            raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
+                               f"this server serves '{ctx.model_name}'", param="model", code="model_not_found")
+        return _json(_model_card(ctx))
+
+    async def embeddings(request: Request) -> Response:
+        ctx.engine.check_ready()
+        _check_content_type(request)
+        data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
+        embed_request, encoding = parse_embedding_request(data)
+        embed_request.request_id = request.headers.get("x-request-id")
+        result = await ctx.engine.embed(embed_request)
+        body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
+        headers = {
+            "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
+            "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}",
+        }
+        return Response(body, media_type=_JSON, headers=headers)
+
+    for path in ("/v1/embeddings", "/embeddings"):
+        router.add_api_route(path, embeddings, methods=["POST"], summary="Create embeddings (OpenAI format)",
+                             openapi_extra=body_schema, response_class=Response)
+    return router
+
+
+def _model_card(ctx: ServiceContext) -> dict[str, Any]:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}
+
+
+# Referenced by the OpenAPI schema of the embeddings routes (see app.py).
+REQUEST_SCHEMA = EmbeddingRequest

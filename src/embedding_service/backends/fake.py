@@ -1,0 +1,93 @@
+"""A deterministic backend for API and engine tests: no model, configurable delay and faults."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .base import BackendDeadError, BackendInfo
+from .pooling import l2_normalize
+
+__all__ = ["FakeBackend"]
+
+
+class FakeBackend:
+    """Words hash to token ids; a sequence's vector is seeded by its ids, so equal inputs give equal vectors.
+
+    `delay_s` (+ `delay_per_token_s` x tokens) is slept per batch to imitate compute. `fail_batches` lists
+    batch numbers (0-based) that raise; `die_after` makes every batch after that many raise BackendDeadError.
+    """
+
+    def __init__(
+        self,
+        *,
+        dimension: int = 64,
+        max_model_len: int = 512,
+        vocab_size: int = 32000,
+        delay_s: float = 0.0,
+        delay_per_token_s: float = 0.0,
+        fail_batches: Sequence[int] = (),
+        die_after: int | None = None,
+        model: str = "fake-embedding-model",
+        matryoshka: bool = True,
+        eos_token_id: int | None = 2,
+    ) -> None:
+        self.dimension = dimension
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.delay_s = delay_s
+        self.delay_per_token_s = delay_per_token_s
+        self.fail_batches = set(fail_batches)
+        self.die_after = die_after
+        self.model = model
+        self.matryoshka = matryoshka
+        self.eos_token_id = eos_token_id
+        self.batches: list[int] = []  # sizes of the batches embedded, for tests of the batcher
+        self._lock = threading.Lock()
+
+    def load(self) -> BackendInfo:
+        return BackendInfo(
+            model=self.model,
+            device="cpu",
+            dtype="float32",
+            dimension=self.dimension,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            special_suffix=(self.eos_token_id,) if self.eos_token_id is not None else (),
+            matryoshka=self.matryoshka,
+            padded=False,
+            engine="fake",
+        )
+
+    def _word_id(self, word: str) -> int:
+        digest = hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+        return 3 + int.from_bytes(digest, "little") % (self.vocab_size - 3)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        eos = [self.eos_token_id] if self.eos_token_id is not None else []
+        return [[self._word_id(word) for word in text.split()] + eos for text in texts]
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        with self._lock:
+            number = len(self.batches)
+            self.batches.append(len(batch))
+        if self.die_after is not None and number >= self.die_after:
+            raise BackendDeadError("fake backend died")
+        tokens = sum(len(ids) for ids in batch)
+        if self.delay_s or self.delay_per_token_s:
+            time.sleep(self.delay_s + self.delay_per_token_s * tokens)
+        if number in self.fail_batches:
+            raise RuntimeError(f"fake backend failure on batch {number}")
+        out = np.empty((len(batch), self.dimension), dtype=np.float32)
+        for row, ids in enumerate(batch):
+            seed = int.from_bytes(hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(),
+                                                  digest_size=8).digest(), "little")
+            out[row] = np.random.default_rng(seed).standard_normal(self.dimension, dtype=np.float32)
+        return l2_normalize(out)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,169 @@
+"""Command line: `embedding-service serve [--flag value ...]`, one flag per EmbeddingConfig field."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import EmbeddingConfig
+
+__all__ = ["app_from_env", "build_parser", "load_settings", "main"]
+
+log = logging.getLogger("embedding_service")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedding-service", description="OpenAI-compatible embedding server")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="start the HTTP server",
+                                description="Start the server. Every flag also reads EMBEDDING_<FIELD> "
+                                            "from the environment or a .env file; flags win.")
+    for name, field in config_cls.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or name} [env EMBEDDING_{name.upper()}; default {default}]"
+        if field.annotation is bool:
+            serve.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            serve.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = str(error["loc"][0]) if error.get("loc") else "config"
+    return (f"invalid configuration: {field} ({_flag(field)} / EMBEDDING_{field.upper()}) = "
+            f"{error.get('input')!r}: {error['msg']}")
+
+
+def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> EmbeddingConfig:
+    """Settings from flags (highest), env, .env and defaults. Exits with one line on an invalid value."""
+    try:
+        return config_cls(**overrides)
+    except ValidationError as exc:
+        print(f"embedding-service: {_describe(exc.errors()[0])}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("embedding_service").setLevel(level)
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"embedding-service: {message}", file=sys.stderr)
+    return code
+
+
+def _export_settings(settings: EmbeddingConfig, model_dir: str) -> None:
+    """Worker processes rebuild the same settings from the environment."""
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            os.environ.pop(f"EMBEDDING_{name.upper()}", None)
+            continue
+        text = json.dumps(value) if isinstance(value, list) else str(value)
+        os.environ[f"EMBEDDING_{name.upper()}"] = text
+    os.environ["EMBEDDING_MODEL_PATH"] = model_dir
+    os.environ["EMBEDDING_DEMO"] = "false"
+    os.environ["EMBEDDING_SERVED_MODEL_NAME"] = settings.public_model_name
+
+
+def app_from_env() -> Any:
+    """uvicorn factory for `workers > 1`: each worker process builds its own engine."""
+    from .api.app import create_app
+
+    settings = EmbeddingConfig()
+    configure_logging(settings.log_level)
+
+    def fatal(_exc: BaseException) -> None:
+        os.kill(os.getppid(), signal.SIGTERM)  # a worker that cannot load takes the whole server down
+
+    return create_app(settings, on_fatal=fatal)
+
+
+def serve(settings: EmbeddingConfig) -> int:
+    import uvicorn
+
+    from .api.app import build_engine, create_app
+    from .backends.base import BackendLoadError
+    from .backends.resolve import resolve_model_dir
+
+    configure_logging(settings.log_level)
+    if _port_in_use(settings.host, settings.port):
+        return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
+                     "choose another with --port or EMBEDDING_PORT")
+    try:
+        model_dir = "" if settings.engine == "fake" else resolve_model_dir(
+            settings.model_name, settings.model_path, settings.demo)
+    except BackendLoadError as exc:
+        return _fail(str(exc))
+    uvicorn_level = settings.log_level.lower() if settings.log_level != "INFO" else "warning"
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": uvicorn_level,
+        "access_log": settings.log_level == "DEBUG",
+        "timeout_graceful_shutdown": int(settings.shutdown_timeout) or None,
+        "log_config": None,
+    }
+    if settings.workers > 1:
+        _export_settings(settings, model_dir)
+        log.info("starting %d worker processes, each loading its own copy of the model", settings.workers)
+        uvicorn.run("embedding_service.cli:app_from_env", factory=True, workers=settings.workers, **common)
+        return 0
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        engine = build_engine(settings, model_dir or None)
+    except (BackendLoadError, ImportError) as exc:
+        return _fail(str(exc))
+    app = create_app(settings, engine, on_fatal=fatal)
+    server = uvicorn.Server(uvicorn.Config(app, **common))
+    log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
+    server.run()
+    if failures:
+        return _fail(f"model load failed: {failures[0]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"):
+        args_list.insert(0, "serve")  # `embedding-service --demo` means serve
+    args = build_parser(config_cls).parse_args(args_list)
+    if args.command != "serve":
+        build_parser(config_cls).print_help()
+        return 2
+    overrides = {key: value for key, value in vars(args).items() if key != "command"}
+    return serve(load_settings(overrides, config_cls))

@@ -1,0 +1,114 @@
+"""Service configuration: the spec's `EmbeddingConfig`, read from CLI flags, `EMBEDDING_*` env and `.env`.
+
+Precedence, highest first: values passed to the constructor (the CLI does this), environment variables,
+the `.env` file, then the class defaults (which `config/embedding_config.py` lets a user edit).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "EmbeddingConfig"]
+
+DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
+DEMO_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class EmbeddingConfig(BaseSettings):
+    """Every knob of the service. Field names and defaults of the spec are a contract."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMBEDDING_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        validate_assignment=True,
+    )
+
+    # --- the spec's fields -------------------------------------------------------------------------
+    model_name: str = Field(DEFAULT_MODEL, description="Hugging Face model id")
+    model_path: str | None = Field(None, description="local model directory; wins over model_name")
+    gpu_memory_utilization: float = Field(
+        0.4, gt=0.0, le=1.0, description="fraction of GPU memory vLLM may take (0.0-1.0]"
+    )
+    max_model_len: int = Field(3072, ge=8, le=1_048_576, description="maximum input length in tokens")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="number of GPUs")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="float16, bfloat16 or float32 (on a CPU float16 runs as bf16 or fp32)"
+    )
+    host: str = Field("0.0.0.0", description="listen address")
+    port: int = Field(8890, ge=1, le=65535, description="listen port")
+    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own engine")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch, in texts")
+    batch_timeout_ms: float = Field(10.0, ge=0.0, le=10_000.0, description="how long to wait to fill a batch")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+    # --- engine selection ----------------------------------------------------------------------------
+    engine: Literal["auto", "torch", "vllm", "fake"] = Field(
+        "auto", description="auto picks vLLM where installed and usable, else torch"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when available")
+    served_model_name: str | None = Field(None, description="name reported to clients (default: model name)")
+    demo: bool = Field(False, description="serve the bundled all-MiniLM-L6-v2 offline (no download)")
+    max_batch_tokens: int = Field(
+        16384, ge=16, le=10_000_000, description="token budget of one batch (padded length x texts)"
+    )
+
+    # --- request limits --------------------------------------------------------------------------------
+    max_inputs_per_request: int = Field(2048, ge=1, le=100_000, description="most inputs in one request")
+    max_request_tokens: int = Field(
+        300_000, ge=1, le=100_000_000, description="most tokens in one request, all inputs together"
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, le=1 << 31, description="largest request body in bytes (413 above)"
+    )
+    truncate: bool = Field(
+        False, description="truncate over-long inputs (keeping their start) instead of answering 400"
+    )
+    matryoshka_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"],
+        description="models that accept `dimensions` (comma-separated); Qwen3 configs are detected too",
+    )
+
+    # --- robustness ----------------------------------------------------------------------------------
+    max_queue_requests: int = Field(1024, ge=1, le=1_000_000, description="queued requests before 503")
+    max_queue_tokens: int = Field(
+        1_000_000, ge=1, le=1_000_000_000, description="queued tokens before refusing with 503"
+    )
+    request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
+    shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("matryoshka_models", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @property
+    def model_source(self) -> str:
+        """What the engine loads: the local directory when given, else the hub id."""
+        return self.model_path or self.model_name
+
+    @property
+    def public_model_name(self) -> str:
+        """The name clients see in responses and /v1/models."""
+        if self.served_model_name:
+            return self.served_model_name
+        return DEMO_MODEL_NAME if self.demo else self.model_name

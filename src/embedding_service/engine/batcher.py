@@ -1,0 +1,263 @@
+"""Dynamic batching: sequences from many requests share batches bounded by count and a token budget.
+
+Each request (a job) is answered exactly once: with its vectors in its own order, or with the error of
+the first batch that failed it. The queue is bounded; past its bounds `submit` refuses at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ErrorKind, ServiceError
+
+__all__ = ["BatchStats", "Batcher"]
+
+log = logging.getLogger("embedding_service")
+
+EmbedFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Job:
+    seqs: Sequence[Sequence[int]]
+    future: asyncio.Future[np.ndarray]
+    tokens: int
+    enqueued_at: float
+    remaining: int = 0
+    vectors: np.ndarray | None = None
+    started_at: float | None = None
+    compute_s: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class _Item:
+    job: _Job
+    index: int
+    ids: Sequence[int]
+
+
+@dataclass
+class BatchStats:
+    """Counters the metrics module and tests read."""
+
+    batches: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    failures: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(
+        self,
+        embed: EmbedFn,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        batch_timeout_s: float,
+        padded: bool = True,
+        max_concurrent_batches: int = 1,
+        max_queue_requests: int = 1024,
+        max_queue_tokens: int = 1_000_000,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self._embed = embed
+        self._executor = executor
+        self._max_size = max_batch_size
+        self._max_tokens = max_batch_tokens
+        self._timeout = batch_timeout_s
+        self._padded = padded
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._max_queue_requests = max_queue_requests
+        self._max_queue_tokens = max_queue_tokens
+        self._on_batch = on_batch
+        self._items: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
+        self._jobs: set[_Job] = set()
+        self._queued_tokens = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closed_error: ServiceError | None = None
+        self.stats = BatchStats()
+
+    # --- public ----------------------------------------------------------------------------------------
+    @property
+    def queued_requests(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def submit(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, float, float]:
+        """Embed `seqs`; returns (vectors, queue seconds, compute seconds). Raises ServiceError."""
+        if self._closed_error is not None:
+            raise self._closed_error
+        tokens = sum(len(s) for s in seqs)
+        if self._jobs and (
+            len(self._jobs) >= self._max_queue_requests or self._queued_tokens + tokens > self._max_queue_tokens
+        ):
+            raise ServiceError(
+                ErrorKind.OVERLOADED,
+                f"server is at capacity ({len(self._jobs)} requests, {self._queued_tokens} tokens queued); "
+                "retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(seqs=seqs, future=loop.create_future(), tokens=tokens, enqueued_at=time.perf_counter(),
+                   remaining=len(seqs))
+        self._jobs.add(job)
+        self._queued_tokens += tokens
+        job.future.add_done_callback(lambda _f, j=job: self._forget(j))
+        self._items.extend(_Item(job, i, ids) for i, ids in enumerate(seqs))
+        self._arrived.set()
+        vectors = await job.future  # cancellation (client gone, timeout) cancels the future: items are skipped
+        started = job.started_at if job.started_at is not None else job.enqueued_at
+        return vectors, started - job.enqueued_at, job.compute_s
+
+    async def close(self, error: ServiceError) -> None:
+        """Refuse new work, fail everything still queued with `error`, and stop the runner."""
+        self._closed_error = error
+        self.fail_all(error)
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+
+    async def wait_idle(self) -> None:
+        """Return when no job is queued or running (used by graceful drain)."""
+        while self._jobs or self._inflight:
+            await asyncio.sleep(0.01)
+
+    def fail_all(self, error: BaseException) -> None:
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._items.clear()
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _forget(self, job: _Job) -> None:
+        if job in self._jobs:
+            self._jobs.discard(job)
+            self._queued_tokens -= job.tokens
+        if job.future.cancelled() or job.future.exception() is not None:
+            # Leave no cancelled work in the queue.
+            self._items = deque(item for item in self._items if item.job is not job)
+
+    def _cost(self, count: int, longest: int, total: int) -> int:
+        return count * longest if self._padded else total
+
+    def _take_batch(self) -> list[_Item]:
+        batch: list[_Item] = []
+        longest = total = 0
+        while self._items and len(batch) < self._max_size:
+            item = self._items[0]
+            if item.job.done:
+                self._items.popleft()
+                continue
+            n = len(item.ids)
+            if batch and self._cost(len(batch) + 1, max(longest, n), total + n) > self._max_tokens:
+                break
+            self._items.popleft()
+            batch.append(item)
+            longest, total = max(longest, n), total + n
+        return batch
+
+    def _pending_count(self) -> int:
+        return len(self._items)
+
+    async def _wait_to_fill(self) -> None:
+        """Wait up to batch_timeout for the batch to fill; return early once it is full."""
+        deadline = time.perf_counter() + self._timeout
+        while self._pending_count() < self._max_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._slots.acquire()
+                while not self._items:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                if self._timeout > 0:
+                    await self._wait_to_fill()
+                batch = self._take_batch()
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here must not leave requests hanging
+            log.exception("batcher crashed")
+            self.fail_all(ServiceError(ErrorKind.INTERNAL, f"batcher failed: {type(exc).__name__}"))
+            raise
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            if item.job.started_at is None:
+                item.job.started_at = started
+        try:
+            ids = [item.ids for item in batch]
+            loop = asyncio.get_running_loop()
+            vectors = await loop.run_in_executor(self._executor, self._embed, ids)
+        except BaseException as exc:
+            self.stats.failures += 1
+            for item in batch:
+                if not item.job.future.done():
+                    item.job.future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self._slots.release()
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(item.ids) for item in batch)
+        self.stats.batches += 1
+        self.stats.sequences += len(batch)
+        self.stats.tokens += tokens
+        self.stats.sizes.append(len(batch))
+        if self._on_batch is not None:
+            self._on_batch(len(batch), tokens, elapsed)
+        counted: set[int] = set()
+        for row, item in enumerate(batch):
+            job = item.job
+            if job.future.done():
+                continue
+            if id(job) not in counted:
+                counted.add(id(job))
+                job.compute_s += elapsed
+            if job.vectors is None:
+                job.vectors = np.empty((len(job.seqs), vectors.shape[1]), dtype=np.float32)
+            job.vectors[item.index] = vectors[row]
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.future.set_result(job.vectors)

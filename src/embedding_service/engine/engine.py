@@ -1,0 +1,253 @@
+"""The embedding engine: prompts, tokenisation, limits, batching and Matryoshka, over one backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends.base import Backend, BackendDeadError, BackendInfo
+from ..backends.pooling import truncate_dimensions
+from ..errors import ErrorKind, ServiceError
+from .batcher import Batcher
+from .prompts import apply_prompt
+from .types import EmbedRequest, EmbedResult, EngineState
+
+__all__ = ["EmbeddingEngine", "EngineOptions"]
+
+log = logging.getLogger("embedding_service")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    batch_timeout_ms: float = 10.0
+    max_model_len: int = 3072
+    max_inputs_per_request: int = 2048
+    max_request_tokens: int = 300_000
+    truncate: bool = False
+    max_queue_requests: int = 1024
+    max_queue_tokens: int = 1_000_000
+    request_timeout_s: float = 120.0
+    min_dimensions: int = 32
+
+
+class EmbeddingEngine:
+    """Owns a backend. `start()` loads it in the background; `embed()` serves requests once healthy."""
+
+    def __init__(self, backend: Backend, options: EngineOptions | None = None) -> None:
+        self.backend = backend
+        self.options = options or EngineOptions()
+        self.state = EngineState.LOADING
+        self.info: BackendInfo | None = None
+        self.load_error: BaseException | None = None
+        self.load_seconds: float | None = None
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._batcher: Batcher | None = None
+        self.on_batch: Callable[[int, int, float], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model off the event loop. On failure the state turns unhealthy and load_error is set."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        started = time.perf_counter()
+        try:
+            info = await loop.run_in_executor(self._compute, self.backend.load)
+        except BaseException as exc:
+            self.load_error = exc
+            self.state = EngineState.UNHEALTHY
+            raise
+        self.load_seconds = time.perf_counter() - started
+        self.info = info
+        self._replace_compute_pool(info.max_concurrent_batches)
+        opts = self.options
+        self._batcher = Batcher(
+            self._embed_batch,
+            self._compute,
+            max_batch_size=opts.max_batch_size,
+            max_batch_tokens=max(opts.max_batch_tokens, min(opts.max_model_len, info.max_model_len)),
+            batch_timeout_s=opts.batch_timeout_ms / 1000.0,
+            padded=info.padded,
+            max_concurrent_batches=info.max_concurrent_batches,
+            max_queue_requests=opts.max_queue_requests,
+            max_queue_tokens=opts.max_queue_tokens,
+            on_batch=self._batch_done,
+        )
+        self._batcher.start()
+        self.state = EngineState.HEALTHY
+        log.info("model %s ready on %s (%s, dim %d) in %.1fs", info.model, info.device, info.dtype,
+                 info.dimension, self.load_seconds)
+
+    def _replace_compute_pool(self, workers: int) -> None:
+        if workers > 1:
+            self._compute.shutdown(wait=False)
+            self._compute = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting work, then wait for accepted work to finish. True when it all finished in time."""
+        self.state = EngineState.DRAINING
+        if self._batcher is None:
+            return True
+        try:
+            await asyncio.wait_for(self._batcher.wait_idle(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close(ServiceError(ErrorKind.DRAINING, "server is shutting down"))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.backend.close)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- introspection -------------------------------------------------------------------------------
+    @property
+    def queued_requests(self) -> int:
+        return self._batcher.queued_requests if self._batcher else 0
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._batcher.queued_tokens if self._batcher else 0
+
+    def check_ready(self) -> BackendInfo:
+        if self.state is EngineState.HEALTHY and self.info is not None:
+            return self.info
+        if self.state is EngineState.LOADING:
+            raise ServiceError(ErrorKind.NOT_READY, "the model is still loading; retry shortly",
+                               code="model_not_ready", headers={"Retry-After": "5"})
+        if self.state is EngineState.DRAINING:
+            raise ServiceError(ErrorKind.DRAINING, "server is shutting down; retry on another instance",
+                               code="shutting_down", headers={"Retry-After": "1"})
+        raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine is unavailable", code="engine_unhealthy")
+
+    # --- serving -------------------------------------------------------------------------------------
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        info = self.check_ready()
+        self._check_dimensions(request.dimensions, info)
+        count = request.count
+        if count > self.options.max_inputs_per_request:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"too many inputs: {count}; at most {self.options.max_inputs_per_request} "
+                               "per request", param="input")
+        if request.texts is not None:
+            texts = apply_prompt(request.texts, instruction=request.instruction, prompt_name=request.prompt_name,
+                                 prompts=info.prompts, default_prompt_name=info.default_prompt_name)
+            seqs = await self._tokenize(texts)
+        else:
+            seqs = self._prepare_ids(request.token_ids or [], info)
+        seqs = self._enforce_lengths(seqs, info, request.truncate)
+        total = sum(len(s) for s in seqs)
+        if total > self.options.max_request_tokens:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"request has {total} tokens in all; at most {self.options.max_request_tokens} "
+                               "per request: split it", param="input")
+        log.info("Processing %d texts for embedding", count)
+        started = time.perf_counter()
+        assert self._batcher is not None
+        try:
+            vectors, queued, compute = await asyncio.wait_for(self._batcher.submit(seqs),
+                                                              self.options.request_timeout_s)
+        except TimeoutError:
+            raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
+                               code="timeout") from None
+        elapsed = time.perf_counter() - started
+        log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
+        vectors = truncate_dimensions(vectors, request.dimensions)
+        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
+
+    async def tokenize_count(self, texts: list[str]) -> list[int]:
+        return [len(s) for s in await self._tokenize(texts)]
+
+    def _embed_batch(self, seqs: list[list[int]]) -> np.ndarray:
+        try:
+            return self.backend.embed(seqs)
+        except BackendDeadError:
+            self._mark_dead()
+            raise
+
+    def _mark_dead(self) -> None:
+        if self.state is not EngineState.UNHEALTHY:
+            log.error("embedding backend died; the service is unhealthy and fails requests at once")
+        self.state = EngineState.UNHEALTHY
+        if self._batcher is not None:
+            batcher = self._batcher
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(batcher.fail_all,
+                                          ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died"))
+
+    def _batch_done(self, size: int, tokens: int, seconds: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(size, tokens, seconds)
+
+    async def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenize_pool, self.backend.tokenize, texts)
+        except UnicodeError as exc:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
+                               param="input") from None
+
+    def _prepare_ids(self, token_ids: list[list[int]], info: BackendInfo) -> list[list[int]]:
+        out: list[list[int]] = []
+        for index, ids in enumerate(token_ids):
+            for value in ids:
+                if not 0 <= value < info.vocab_size:
+                    raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                       f"input[{index}] has token id {value}, outside this model's vocabulary "
+                                       f"(0..{info.vocab_size - 1})", param="input")
+            out.append(with_special_tokens(ids, info.special_prefix, info.special_suffix))
+        return out
+
+    def _enforce_lengths(self, seqs: list[list[int]], info: BackendInfo, truncate: bool | None) -> list[list[int]]:
+        limit = min(self.options.max_model_len, info.max_model_len)
+        cut = self.options.truncate if truncate is None else truncate
+        for index, ids in enumerate(seqs):
+            if not ids:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is empty", param="input")
+            if len(ids) > limit:
+                if not cut:
+                    raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                       f"input[{index}] has {len(ids)} tokens, more than this model's limit of "
+                                       f"{limit}; shorten it or send \"truncate\": true", param="input",
+                                       code="context_length_exceeded")
+                # Keep the start, and the closing special tokens (Qwen3 pools on its end-of-text token).
+                suffix = list(info.special_suffix)
+                if suffix and ids[-len(suffix):] == suffix:
+                    seqs[index] = [*ids[: limit - len(suffix)], *suffix]
+                else:
+                    seqs[index] = ids[:limit]
+        return seqs
+
+    def _check_dimensions(self, dimensions: int | None, info: BackendInfo) -> None:
+        if dimensions is None or dimensions == info.dimension:
+            return
+        low = min(self.options.min_dimensions, info.dimension)
+        if not info.matryoshka:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"model {info.model} does not support 'dimensions' (it is not a Matryoshka "
+                               f"model); omit it or pass {info.dimension}", param="dimensions")
+        if not low <= dimensions <= info.dimension:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"dimensions must be between {low} and {info.dimension}, got {dimensions}",
+                               param="dimensions")
+
+
+def with_special_tokens(ids: list[int], prefix: tuple[int, ...], suffix: tuple[int, ...]) -> list[int]:
+    """Token-id input as the tokenizer would have produced it: add missing leading/trailing specials."""
+    out = list(ids)
+    if prefix and tuple(out[: len(prefix)]) != prefix:
+        out = [*prefix, *out]
+    if suffix and tuple(out[-len(suffix):]) != suffix:
+        out = [*out, *suffix]
+    return out

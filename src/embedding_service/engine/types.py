@@ -1,0 +1,42 @@
+"""Plain data passed between the API and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+__all__ = ["EmbedRequest", "EmbedResult", "EngineState"]
+
+
+class EngineState(str, Enum):
+    LOADING = "loading"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+@dataclass
+class EmbedRequest:
+    """One API request: either texts or token-id sequences, plus per-request options."""
+
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    instruction: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    truncate: bool | None = None
+    request_id: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # float32 (n, dim), unit rows
+    prompt_tokens: int
+    queue_time_s: float = 0.0
+    compute_time_s: float = 0.0

@@ -1,0 +1,130 @@
+"""Offline stand-ins for real models: a random-weight Qwen3 embedding model with a trained tokenizer.
+
+Used by the tests (a tiny one) and the benchmark (the full Qwen3-Embedding-0.6B shape; random weights cost
+the same compute). Needs torch, transformers and tokenizers; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+__all__ = ["QWEN3_0_6B_SHAPE", "TINY_QWEN3_SHAPE", "build_random_qwen3", "generated_corpus"]
+
+TINY_QWEN3_SHAPE: dict[str, int] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 256,
+}
+
+# From the Qwen3-Embedding-0.6B model card / config.json.
+QWEN3_0_6B_SHAPE: dict[str, int] = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+}
+
+_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ei")]
+
+
+def generated_corpus(words: int = 300_000, seed: int = 0) -> list[str]:
+    """Sentences of pseudo-words (plus digits and punctuation), varied enough for a 32k+ BPE vocabulary."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    line: list[str] = []
+    for _ in range(words):
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 5)))
+        if rng.random() < 0.05:
+            word = str(rng.randint(0, 99999))
+        if rng.random() < 0.1:
+            word = word.capitalize()
+        line.append(word + (rng.choice(",.;:!?") if rng.random() < 0.08 else ""))
+        if len(line) >= rng.randint(8, 30):
+            lines.append(" ".join(line))
+            line = []
+    return lines
+
+
+def _train_tokenizer(vocab_size: int, seed: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(generated_corpus(seed=seed), trainer=trainer)
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    # As the real Qwen3-Embedding tokenizer: <|endoftext|> closes every text.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[("<|endoftext|>", eot)])
+    return tokenizer
+
+
+def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = None, vocab_size: int = 32768,
+                       max_position_embeddings: int = 32768, seed: int = 0,
+                       dtype: str = "float32") -> Path:
+    """Write a random-weight Qwen3 embedding model (sentence-transformers layout) to `out_dir`."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _train_tokenizer(vocab_size, seed)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        padding_side="left", model_max_length=max_position_embeddings)
+    tokenizer.save_pretrained(out)
+    dims = {**TINY_QWEN3_SHAPE, **(shape or {})}
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        architectures=["Qwen3ForCausalLM"],
+        **dims,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3Model(config)
+    with torch.no_grad():  # the pad row starts all-zero; give it values like any other token
+        model.embed_tokens.weight[tokenizer.pad_token_id].normal_(0.0, config.initializer_range)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    _write_st_files(out)
+    return out
+
+
+def _write_st_files(out: Path) -> None:
+    """modules.json + last-token pooling + Normalize + Qwen3's prompts, as the real model ships them."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": json.loads((out / "config.json").read_text())["hidden_size"],
+        "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True}, indent=2))
+    (out / "2_Normalize").mkdir(exist_ok=True)
+    (out / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {"query": "Instruct: Given a web search query, retrieve relevant passages that answer the "
+                             "query\nQuery:", "document": ""},
+        "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))

