@@ -107,6 +107,23 @@ class EmbeddingConfig(BaseSettings):
         return self.model_path or self.model_name
 
     @property
+    def matryoshka_listed(self) -> bool:
+        """Whether `matryoshka_models` names the served model (hub id, served name, or a local dir's name).
+
+        A `--model-path` directory counts by its folder name only, so that the default model_name does not
+        switch Matryoshka on for some other local model. (The torch backend also detects Qwen3 configs.)
+        """
+        names = {self.served_model_name} if self.served_model_name else set()
+        if self.demo:
+            names.add(DEMO_MODEL_NAME)
+        elif self.model_path:
+            names.add(self.model_path.rstrip("/").rsplit("/", 1)[-1])
+        else:
+            names.add(self.model_name)
+        listed = set(self.matryoshka_models) | {name.rsplit("/", 1)[-1] for name in self.matryoshka_models}
+        return bool(names & listed)
+
+    @property
     def public_model_name(self) -> str:
         """The name clients see in responses and /v1/models."""
         if self.served_model_name:

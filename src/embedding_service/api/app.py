@@ -78,7 +78,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         device=settings.device,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        matryoshka=settings.public_model_name in settings.matryoshka_models,
+        matryoshka=settings.matryoshka_listed,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
     )

@@ -112,6 +112,15 @@ def _check_text(texts: list[str]) -> None:
                                f"input[{index}] is not valid Unicode (lone surrogate)", param="input") from None
 
 
+def _check_token_id_options(options: _Options) -> None:
+    # A prompt is text; prepending its tokens to ids would not match how the text tokenizes. Say so.
+    for name in ("instruction", "prompt_name"):
+        if getattr(options, name) is not None:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"'{name}' applies to text input only; send the text instead of token ids",
+                               param=name)
+
+
 def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     """Validate a decoded JSON body. Returns the engine request and the encoding format."""
     if not isinstance(data, dict):
@@ -124,8 +133,10 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err.get("loc") else None
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"'{field}': {err['msg']}", param=field) from None
-    fmt = options.encoding_format or "float"
+        got = orjson.dumps(err.get("input")).decode()[:80]
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}, got {got}",
+                           param=field) from None
+    fmt = "float" if options.encoding_format is None else options.encoding_format  # null means the default
     if fmt not in ("float", "base64"):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
                            f"encoding_format must be 'float' or 'base64', got '{fmt}'", param="encoding_format")
@@ -134,6 +145,8 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     texts, token_ids = _parse_input(data["input"])
     if texts is not None:
         _check_text(texts)
+    else:
+        _check_token_id_options(options)
     request = EmbedRequest(
         texts=texts,
         token_ids=token_ids,
@@ -141,6 +154,7 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
         prompt_name=options.prompt_name,
         dimensions=options.dimensions,
         truncate=options.truncate,
+        token_ids_flat=token_ids is not None and _is_int(data["input"][0]),
     )
     if options.dimensions is not None and options.dimensions < 1:
         raise ServiceError(ErrorKind.INVALID_REQUEST, "dimensions must be a positive integer", param="dimensions")

@@ -45,7 +45,8 @@ def _check_content_type(request: Request) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != _JSON and not media.endswith("+json"):
         raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-                           f"Content-Type must be application/json, got '{media}'", code="unsupported_media_type")
+                           f"Content-Type must be application/json, got '{media}' "
+                           "(curl: add -H 'Content-Type: application/json')", code="unsupported_media_type")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -28,6 +28,7 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     request_id: str | None = None
+    token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
 
     @property
     def count(self) -> int:
