@@ -6,7 +6,6 @@ server process too.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import socket
 from collections.abc import AsyncIterator
@@ -14,20 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
 import orjson
 import pytest
-from conftest import ServerProcess, make_settings
-
-from embedding_service.api.app import create_app
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
-
-MAX_LEN = 64  # the fake model's token limit
-DIM = 64  # the fake model's dimension (Matryoshka: 32..64)
-MAX_TOKENS = 5000  # request token cap in these tests
-MAX_BODY = 65536
-JSON = {"content-type": "application/json"}
+from conftest import ServerProcess
+from fidelity_support import DIM, JSON, MAX_BODY, MAX_LEN, MAX_TOKENS, fake_client, words
 
 
 @dataclass
@@ -47,10 +36,6 @@ class Case:
         return self.body if self.body is not None else orjson.dumps(self.json)
 
 
-def words(n: int) -> str:
-    return " ".join(f"w{i}" for i in range(n))
-
-
 CASES = [
     # --- the body itself ---------------------------------------------------------------------------
     Case("empty body", body=b"", words=("empty",)),
@@ -62,13 +47,28 @@ CASES = [
     Case("body is a string", json="hello", words=("json object", "str")),
     Case("invalid utf-8 bytes", body=b'{"input": "caf\xe9 \xff"}', words=("utf-8",)),
     Case("lone surrogate escape", body=b'{"input": "a \\ud800 b"}', words=("surrogate",)),
-    Case("text/plain content type", body=b'{"input": "a"}', headers={"content-type": "text/plain"},
-         status=415, words=("application/json", "text/plain"), code="unsupported_media_type"),
-    Case("form content type (curl without -H)", body=b'{"input": "a"}',
-         headers={"content-type": "application/x-www-form-urlencoded"}, status=415,
-         words=("application/json", "curl")),
-    Case("body over the size limit", body=b'{"input": "' + b"a" * MAX_BODY + b'"}', status=413,
-         words=("limit", str(MAX_BODY)), code="payload_too_large"),
+    Case(
+        "text/plain content type",
+        body=b'{"input": "a"}',
+        headers={"content-type": "text/plain"},
+        status=415,
+        words=("application/json", "text/plain"),
+        code="unsupported_media_type",
+    ),
+    Case(
+        "form content type (curl without -H)",
+        body=b'{"input": "a"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        status=415,
+        words=("application/json", "curl"),
+    ),
+    Case(
+        "body over the size limit",
+        body=b'{"input": "' + b"a" * MAX_BODY + b'"}',
+        status=413,
+        words=("limit", str(MAX_BODY)),
+        code="payload_too_large",
+    ),
     # --- input ---------------------------------------------------------------------------------------
     Case("missing input", json={"model": "m"}, param="input", words=("'input' is required",)),
     Case("input null", json={"input": None}, param="input", words=("required",)),
@@ -85,60 +85,148 @@ CASES = [
     Case("string among token ids", json={"input": [1, "a"]}, param="input", words=("only integers",)),
     Case("boolean token id", json={"input": [1, True]}, param="input", words=("only integers",)),
     Case("empty token list", json={"input": [[]]}, param="input", words=("input[0]", "empty token list")),
-    Case("bad inner token list", json={"input": [[1, 2], [3, "x"]]}, param="input",
-         words=("input[1]", "integer token ids")),
+    Case(
+        "bad inner token list",
+        json={"input": [[1, 2], [3, "x"]]},
+        param="input",
+        words=("input[1]", "integer token ids"),
+    ),
     Case("mixed ids and lists", json={"input": [[1], 2]}, param="input", words=("input[1]",)),
-    Case("negative token id", json={"input": [5, -1]}, param="input", words=("input[1]", "-1", "vocabulary"),
-         code="invalid_token_id"),
-    Case("token id past the vocabulary", json={"input": [[5], [6, 7, 99_999_999]]}, param="input",
-         words=("input[1][2]", "99999999", "0..31999")),
-    Case("huge integer token id", body=b'{"input": [[5, 1000000000000000000000000000000]]}', param="input",
-         words=("integer",)),
+    Case(
+        "negative token id",
+        json={"input": [5, -1]},
+        param="input",
+        words=("input[1]", "-1", "vocabulary"),
+        code="invalid_token_id",
+    ),
+    Case(
+        "token id past the vocabulary",
+        json={"input": [[5], [6, 7, 99_999_999]]},
+        param="input",
+        words=("input[1][2]", "99999999", "0..31999"),
+    ),
+    Case(
+        "huge integer token id",
+        body=b'{"input": [[5, 1000000000000000000000000000000]]}',
+        param="input",
+        words=("integer",),
+    ),
     Case("NUL character", json={"input": "a\u0000b"}, param="input", words=("nul",)),
     Case("too many inputs", json={"input": ["a"] * 2049}, param="input", words=("2049", "2048")),
-    Case("input over the token limit", json={"input": ["ok", words(MAX_LEN + 6)]}, param="input",
-         words=("input[1]", str(MAX_LEN + 7), str(MAX_LEN), "truncate"), code="context_length_exceeded"),
-    Case("token-id input over the limit", json={"input": list(range(10, 10 + MAX_LEN + 1))}, param="input",
-         words=(str(MAX_LEN + 2), str(MAX_LEN))),
-    Case("request over the total token cap", json={"input": [words(60)] * 90}, param="input",
-         words=("5490", str(MAX_TOKENS), "split")),
-    Case("instruction with token ids", json={"input": [5, 6], "instruction": "Find"}, param="instruction",
-         words=("text input only",)),
-    Case("prompt_name with token ids", json={"input": [[5, 6]], "prompt_name": "query"}, param="prompt_name",
-         words=("text input only",)),
+    Case(
+        "input over the token limit",
+        json={"input": ["ok", words(MAX_LEN + 6)]},
+        param="input",
+        words=("input[1]", str(MAX_LEN + 7), str(MAX_LEN), "truncate"),
+        code="context_length_exceeded",
+    ),
+    Case(
+        "token-id input over the limit",
+        json={"input": list(range(10, 10 + MAX_LEN + 1))},
+        param="input",
+        words=(str(MAX_LEN + 2), str(MAX_LEN)),
+    ),
+    Case(
+        "request over the total token cap",
+        json={"input": [words(60)] * 90},
+        param="input",
+        words=("5490", str(MAX_TOKENS), "split"),
+    ),
+    Case(
+        "instruction with token ids",
+        json={"input": [5, 6], "instruction": "Find"},
+        param="instruction",
+        words=("text input only",),
+    ),
+    Case(
+        "prompt_name with token ids",
+        json={"input": [[5, 6]], "prompt_name": "query"},
+        param="prompt_name",
+        words=("text input only",),
+    ),
     # --- options -----------------------------------------------------------------------------------------
-    Case("encoding_format int8", json={"input": "a", "encoding_format": "int8"}, param="encoding_format",
-         words=("'float' or 'base64'", "int8")),
-    Case("encoding_format empty", json={"input": "a", "encoding_format": ""}, param="encoding_format",
-         words=("'float' or 'base64'",)),
-    Case("encoding_format number", json={"input": "a", "encoding_format": 1}, param="encoding_format",
-         words=("string",)),
-    Case("dimensions as string", json={"input": "a", "dimensions": "32"}, param="dimensions",
-         words=("integer", '"32"')),
-    Case("dimensions as float", json={"input": "a", "dimensions": 32.5}, param="dimensions", words=("integer",)),
-    Case("dimensions as bool", json={"input": "a", "dimensions": True}, param="dimensions", words=("integer",)),
+    Case(
+        "encoding_format int8",
+        json={"input": "a", "encoding_format": "int8"},
+        param="encoding_format",
+        words=("'float' or 'base64'", "int8"),
+    ),
+    Case(
+        "encoding_format empty",
+        json={"input": "a", "encoding_format": ""},
+        param="encoding_format",
+        words=("'float' or 'base64'",),
+    ),
+    Case(
+        "encoding_format number",
+        json={"input": "a", "encoding_format": 1},
+        param="encoding_format",
+        words=("string",),
+    ),
+    Case(
+        "dimensions as string",
+        json={"input": "a", "dimensions": "32"},
+        param="dimensions",
+        words=("integer", '"32"'),
+    ),
+    Case(
+        "dimensions as float", json={"input": "a", "dimensions": 32.5}, param="dimensions", words=("integer",)
+    ),
+    Case(
+        "dimensions as bool", json={"input": "a", "dimensions": True}, param="dimensions", words=("integer",)
+    ),
     Case("dimensions zero", json={"input": "a", "dimensions": 0}, param="dimensions", words=("positive",)),
-    Case("dimensions negative", json={"input": "a", "dimensions": -8}, param="dimensions", words=("positive",)),
-    Case("dimensions below range", json={"input": "a", "dimensions": 16}, param="dimensions",
-         words=("between 32 and 64", "16")),
-    Case("dimensions above range", json={"input": "a", "dimensions": 65}, param="dimensions",
-         words=("between 32 and 64", "65")),
+    Case(
+        "dimensions negative", json={"input": "a", "dimensions": -8}, param="dimensions", words=("positive",)
+    ),
+    Case(
+        "dimensions below range",
+        json={"input": "a", "dimensions": 16},
+        param="dimensions",
+        words=("between 32 and 64", "16"),
+    ),
+    Case(
+        "dimensions above range",
+        json={"input": "a", "dimensions": 65},
+        param="dimensions",
+        words=("between 32 and 64", "65"),
+    ),
     Case("truncate as string", json={"input": "a", "truncate": "yes"}, param="truncate", words=("boolean",)),
     Case("model not a string", json={"input": "a", "model": 5}, param="model", words=("string",)),
     Case("user not a string", json={"input": "a", "user": ["u"]}, param="user", words=("string",)),
-    Case("empty instruction", json={"input": "a", "instruction": "  "}, param="instruction", words=("empty",)),
-    Case("instruction not a string", json={"input": "a", "instruction": 3}, param="instruction",
-         words=("string",)),
-    Case("instruction and prompt_name", json={"input": "a", "instruction": "x", "prompt_name": "query"},
-         param="prompt_name", words=("either",)),
-    Case("unknown prompt_name", json={"input": "a", "prompt_name": "nope"}, param="prompt_name",
-         words=("unknown prompt_name", "nope")),
+    Case(
+        "empty instruction", json={"input": "a", "instruction": "  "}, param="instruction", words=("empty",)
+    ),
+    Case(
+        "instruction not a string",
+        json={"input": "a", "instruction": 3},
+        param="instruction",
+        words=("string",),
+    ),
+    Case(
+        "instruction and prompt_name",
+        json={"input": "a", "instruction": "x", "prompt_name": "query"},
+        param="prompt_name",
+        words=("either",),
+    ),
+    Case(
+        "unknown prompt_name",
+        json={"input": "a", "prompt_name": "nope"},
+        param="prompt_name",
+        words=("unknown prompt_name", "nope"),
+    ),
     # --- routing -----------------------------------------------------------------------------------------
     Case("GET on embeddings", method="GET", status=405, words=("get", "not allowed")),
     Case("PUT on health", method="PUT", path="/health", status=405, words=("put", "/health")),
     Case("unknown route", path="/v1/embedding", json={"input": "a"}, status=404, words=("/v1/embedding",)),
-    Case("unknown model card", method="GET", path="/v1/models/gpt-4", status=404, param="model",
-         words=("gpt-4", "fake-model")),
+    Case(
+        "unknown model card",
+        method="GET",
+        path="/v1/models/gpt-4",
+        status=404,
+        param="model",
+        words=("gpt-4", "fake-model"),
+    ),
 ]
 
 
@@ -161,13 +249,8 @@ def check_error(case: Case, response: httpx.Response) -> None:
 
 @pytest.fixture
 async def bad_client() -> AsyncIterator[httpx.AsyncClient]:
-    engine = EmbeddingEngine(FakeBackend(dimension=DIM, max_model_len=MAX_LEN),
-                             EngineOptions(max_model_len=MAX_LEN, max_request_tokens=MAX_TOKENS, batch_timeout_ms=1))
-    await engine.start()
-    app = create_app(make_settings(engine="fake", served_model_name="fake-model", max_body_bytes=MAX_BODY), engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+    async with fake_client() as http:
         yield http
-    await engine.stop()
 
 
 async def assert_serves(http: httpx.AsyncClient) -> None:
@@ -196,84 +279,12 @@ async def test_405_keeps_allow_header(bad_client: httpx.AsyncClient) -> None:
 
 
 async def test_dimensions_refused_on_a_model_that_is_not_matryoshka() -> None:
-    engine = EmbeddingEngine(FakeBackend(dimension=DIM, matryoshka=False), EngineOptions(batch_timeout_ms=1))
-    await engine.start()
-    app = create_app(make_settings(engine="fake", served_model_name="plain-model"), engine)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            response = await http.post("/v1/embeddings", json={"input": "a", "dimensions": 32})
-            check_error(Case("not matryoshka", param="dimensions", words=("not a matryoshka", str(DIM))),
-                        response)
-            same = await http.post("/v1/embeddings", json={"input": "a", "dimensions": DIM})
-            assert same.status_code == 200 and len(same.json()["data"][0]["embedding"]) == DIM
-    finally:
-        await engine.stop()
-
-
-# --- requests real clients send that must be accepted ---------------------------------------------------
-GOOD = [
-    ("unknown fields", {"input": "a", "user": "u-1", "x_custom": {"k": [1]}}),
-    ("any model name", {"input": "a", "model": "text-embedding-3-small"}),
-    ("null options", {"input": "a", "dimensions": None, "encoding_format": None, "user": None}),
-    ("base64", {"input": ["a", "b"], "encoding_format": "base64"}),
-    ("token ids flat", {"input": [5, 6, 7]}),
-    ("token id lists", {"input": [[5, 6], [7]]}),
-    ("full dimensions", {"input": "a", "dimensions": DIM}),
-    ("exactly 2048 inputs", {"input": ["a"] * 2048}),
-    ("exactly the token limit", {"input": words(MAX_LEN - 1)}),
-    ("per-request truncate", {"input": words(MAX_LEN + 20), "truncate": True}),
-    ("whitespace text", {"input": " "}),
-]
-
-
-@pytest.mark.parametrize(("name", "payload"), GOOD, ids=[name for name, _ in GOOD])
-async def test_accepted_request(bad_client: httpx.AsyncClient, name: str, payload: dict[str, Any]) -> None:
-    response = await bad_client.post("/v1/embeddings", json=payload)
-    assert response.status_code == 200, (name, response.text)
-    body = response.json()
-    assert body["object"] == "list" and body["model"] == "fake-model"
-    count = 1 if isinstance(payload["input"], str) or isinstance(payload["input"][0], int) else len(payload["input"])
-    assert [item["index"] for item in body["data"]] == list(range(count))
-    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
-
-
-@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "application/vnd.api+json"])
-async def test_accepted_content_types(bad_client: httpx.AsyncClient, content_type: str | None) -> None:
-    headers = {"content-type": content_type} if content_type else {}
-    request = bad_client.build_request("POST", "/v1/embeddings", content=b'{"input": "a"}', headers=headers)
-    if content_type is None:
-        request.headers.pop("content-type", None)
-    response = await bad_client.send(request)
-    assert response.status_code == 200, response.text
-
-
-async def test_usage_counts_embedded_tokens(bad_client: httpx.AsyncClient) -> None:
-    fake = FakeBackend()
-    plain = await bad_client.post("/v1/embeddings", json={"input": ["a b c", "d"]})
-    assert plain.json()["usage"]["prompt_tokens"] == 4 + 2  # words + end-of-text each
-    instructed = await bad_client.post("/v1/embeddings", json={"input": "a b c", "instruction": "Find it"})
-    expected = len(fake.tokenize(["Instruct: Find it\nQuery:a b c"])[0])
-    assert instructed.json()["usage"]["prompt_tokens"] == expected
-    ids = await bad_client.post("/v1/embeddings", json={"input": [5, 6, 7]})
-    assert ids.json()["usage"]["prompt_tokens"] == 4  # the end-of-text id was added
-    cut = await bad_client.post("/v1/embeddings", json={"input": words(MAX_LEN + 20), "truncate": True})
-    assert cut.json()["usage"]["prompt_tokens"] == MAX_LEN
-
-
-async def test_truncation_keeps_the_start_and_the_end_of_text(bad_client: httpx.AsyncClient) -> None:
-    long_text = words(MAX_LEN + 20)
-    kept = " ".join(long_text.split()[: MAX_LEN - 1])  # the first 63 words + end-of-text = 64 tokens
-    cut = await bad_client.post("/v1/embeddings", json={"input": long_text, "truncate": True})
-    exact = await bad_client.post("/v1/embeddings", json={"input": kept})
-    assert cut.json()["data"][0]["embedding"] == exact.json()["data"][0]["embedding"]
-
-
-async def test_base64_decodes_to_the_float_vectors(bad_client: httpx.AsyncClient) -> None:
-    floats = await bad_client.post("/v1/embeddings", json={"input": ["x y", "z"]})
-    b64 = await bad_client.post("/v1/embeddings", json={"input": ["x y", "z"], "encoding_format": "base64"})
-    for f, b in zip(floats.json()["data"], b64.json()["data"], strict=True):
-        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
-        np.testing.assert_array_equal(decoded, np.asarray(f["embedding"], dtype=np.float32))
+    async with fake_client(matryoshka=False, name="plain-model") as http:
+        response = await http.post("/v1/embeddings", json={"input": "a", "dimensions": 32})
+        expected = Case("not matryoshka", param="dimensions", words=("not a matryoshka", str(DIM)))
+        check_error(expected, response)
+        same = await http.post("/v1/embeddings", json={"input": "a", "dimensions": DIM})
+        assert same.status_code == 200 and len(same.json()["data"][0]["embedding"]) == DIM
 
 
 # --- the same kinds of abuse on the wire, against a real server process ------------------------------------
@@ -287,19 +298,44 @@ def raw_request(port: int, method: str, path: str, body: bytes, headers: dict[st
         connection.close()
 
 
-WIRE_CASES = [case for case in CASES if case.name in {
-    "empty body", "malformed json", "invalid utf-8 bytes", "lone surrogate escape", "text/plain content type",
-    "form content type (curl without -H)", "body over the size limit", "empty list", "token id past the vocabulary",
-    "encoding_format int8", "dimensions above range", "GET on embeddings", "unknown route",
-    "input over the token limit",
-}]
+WIRE_CASES = [
+    case
+    for case in CASES
+    if case.name
+    in {
+        "empty body",
+        "malformed json",
+        "invalid utf-8 bytes",
+        "lone surrogate escape",
+        "text/plain content type",
+        "form content type (curl without -H)",
+        "body over the size limit",
+        "empty list",
+        "token id past the vocabulary",
+        "encoding_format int8",
+        "dimensions above range",
+        "GET on embeddings",
+        "unknown route",
+        "input over the token limit",
+    }
+]
 
 
 @pytest.mark.slow
 def test_bad_requests_on_the_wire(server_factory: type[ServerProcess]) -> None:
     assert len(WIRE_CASES) == 14
-    server = server_factory(["--engine", "fake", "--served-model-name", "fake-model", "--max-model-len",
-                             str(MAX_LEN), "--max-body-bytes", str(MAX_BODY)])
+    server = server_factory(
+        [
+            "--engine",
+            "fake",
+            "--served-model-name",
+            "fake-model",
+            "--max-model-len",
+            str(MAX_LEN),
+            "--max-body-bytes",
+            str(MAX_BODY),
+        ]
+    )
     server.wait_healthy(60)
     for case in WIRE_CASES:
         body = b"" if case.method == "GET" else case.content()
@@ -307,8 +343,10 @@ def test_bad_requests_on_the_wire(server_factory: type[ServerProcess]) -> None:
         check_error(case, httpx.Response(status, json=payload))
     # A declared size over the limit is refused before the body is read.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 999999999\r\n\r\n{\"input\":")
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 999999999\r\n\r\n{"input":'
+        )
         head = sock.recv(65536).decode("latin-1")
         assert head.startswith("HTTP/1.1 413"), head
     # A chunked body (no Content-Length) is cut off at the limit while streaming.

@@ -51,7 +51,8 @@ class _Options(BaseModel):
 
 def parse_json_body(body: bytes) -> Any:
     if not body:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "request body is empty; send a JSON object with 'input'")
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           "request body is empty; send a JSON object with 'input'")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -69,8 +70,8 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         return [value], None
     if not isinstance(value, list):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
-                           f"'input' must be a string, a list of strings, or token ids; got {type(value).__name__}",
-                           param="input")
+                           "'input' must be a string, a list of strings, or token ids; "
+                           f"got {type(value).__name__}", param="input")
     if not value:
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is an empty list", param="input")
     first = value[0]
@@ -81,7 +82,8 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
                                    f"input[{index}] is {type(item).__name__}; all items must be strings",
                                    param="input")
             if not item:
-                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty string", param="input")
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty string",
+                                   param="input")
         return list(value), None
     if _is_int(first):
         if not all(_is_int(item) for item in value):
@@ -104,12 +106,14 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
 def _check_text(texts: list[str]) -> None:
     for index, text in enumerate(texts):
         if "\x00" in text:
-            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character", param="input")
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character",
+                               param="input")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"input[{index}] is not valid Unicode (lone surrogate)", param="input") from None
+                               f"input[{index}] is not valid Unicode (lone surrogate)",
+                               param="input") from None
 
 
 def _check_token_id_options(options: _Options) -> None:
@@ -139,7 +143,8 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     fmt = "float" if options.encoding_format is None else options.encoding_format  # null means the default
     if fmt not in ("float", "base64"):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
-                           f"encoding_format must be 'float' or 'base64', got '{fmt}'", param="encoding_format")
+                           f"encoding_format must be 'float' or 'base64', got '{fmt}'",
+                           param="encoding_format")
     if options.instruction is not None and not options.instruction.strip():
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' is empty", param="instruction")
     texts, token_ids = _parse_input(data["input"])
@@ -157,7 +162,9 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
         token_ids_flat=token_ids is not None and _is_int(data["input"][0]),
     )
     if options.dimensions is not None and options.dimensions < 1:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "dimensions must be a positive integer", param="dimensions")
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           f"dimensions must be a positive integer, got {options.dimensions}",
+                           param="dimensions")
     return request, fmt
 
 

@@ -53,14 +53,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
-                           f"request body is {declared} bytes; the limit is {limit}", code="payload_too_large")
+                           f"request body is {declared} bytes; the limit is {limit}",
+                           code="payload_too_large")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
-                               code="payload_too_large")
+            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
+                               f"request body exceeds the limit of {limit} bytes", code="payload_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -112,7 +113,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     async def model(model_id: str) -> Response:
         if model_id != ctx.model_name:
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
-                               f"this server serves '{ctx.model_name}'", param="model", code="model_not_found")
+                               f"this server serves '{ctx.model_name}'", param="model",
+                               code="model_not_found")
         return _json(_model_card(ctx))
 
     async def embeddings(request: Request) -> Response:
