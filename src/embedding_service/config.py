@@ -75,6 +75,10 @@ class EmbeddingConfig(BaseSettings):
         default_factory=lambda: ["Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"],
         description="models that accept `dimensions` (comma-separated); Qwen3 configs are detected too",
     )
+    token_ids_tiktoken: str | None = Field(
+        None, description="read token-id inputs as ids of this tiktoken encoding (cl100k_base: what LangChain "
+        "sends by default) and embed their text; default: ids of the served model's own tokenizer",
+    )
 
     # --- robustness ----------------------------------------------------------------------------------
     max_queue_requests: int = Field(1024, ge=1, le=1_000_000, description="queued requests before 503")

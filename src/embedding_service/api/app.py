@@ -22,6 +22,7 @@ from ..errors import ErrorKind, ServiceError, error_body
 from .middleware import ErrorEnvelopeMiddleware
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
+from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["build_engine", "choose_engine", "create_app", "engine_options"]
 
@@ -138,6 +139,8 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         requested_device=settings.device,
     )
+    if settings.token_ids_tiktoken:
+        ctx.token_ids_decoder = TiktokenDecoder(settings.token_ids_tiktoken)
 
     async def load() -> None:
         try:

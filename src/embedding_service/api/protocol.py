@@ -125,8 +125,11 @@ def _check_token_id_options(options: _Options) -> None:
                                param=name)
 
 
-def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
-    """Validate a decoded JSON body. Returns the engine request and the encoding format."""
+def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> tuple[EmbedRequest, str]:
+    """Validate a decoded JSON body. Returns the engine request and the encoding format.
+
+    `token_ids_are_text`: token ids will be decoded to text (tiktoken mode), so prompts may apply to them.
+    """
     if not isinstance(data, dict):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
                            f"request body must be a JSON object, got {type(data).__name__}")
@@ -150,7 +153,7 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     texts, token_ids = _parse_input(data["input"])
     if texts is not None:
         _check_text(texts)
-    else:
+    elif not token_ids_are_text:
         _check_token_id_options(options)
     request = EmbedRequest(
         texts=texts,

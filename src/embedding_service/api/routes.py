@@ -14,6 +14,7 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["ServiceContext", "build_router"]
 
@@ -32,6 +33,7 @@ class ServiceContext:
         self.max_body_bytes = max_body_bytes
         self.requested_device = requested_device
         self.created = int(time.time())
+        self.token_ids_decoder: TiktokenDecoder | None = None  # set when token_ids_tiktoken is configured
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -121,7 +123,10 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         ctx.engine.check_ready()
         _check_content_type(request)
         data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
-        embed_request, encoding = parse_embedding_request(data)
+        decoder = ctx.token_ids_decoder
+        embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
+        if decoder is not None:
+            embed_request = decoder.to_text(embed_request)
         embed_request.request_id = request.headers.get("x-request-id")
         result = await ctx.engine.embed(embed_request)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
