@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import make_settings
 from fidelity_support import DIM, MAX_LEN, fake_client, words
 
 from embedding_service.backends.fake import FakeBackend
@@ -92,3 +93,19 @@ async def test_base64_decodes_to_the_float_vectors(fake_http: httpx.AsyncClient)
     for f, b in zip(floats.json()["data"], b64.json()["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         np.testing.assert_array_equal(decoded, np.asarray(f["embedding"], dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("settings", "listed"),
+    [
+        ({}, True),  # the default model, Qwen3-Embedding-0.6B
+        ({"model_name": "BAAI/bge-small-en-v1.5"}, False),
+        ({"demo": True}, False),
+        ({"model_path": "/models/Qwen3-Embedding-4B"}, True),  # a local copy, by its folder name
+        ({"model_path": "/models/minilm"}, False),  # the default model_name must not count for it
+        ({"model_path": "/models/x", "served_model_name": "Qwen/Qwen3-Embedding-8B"}, True),
+        ({"model_name": "org/custom", "matryoshka_models": "org/custom,other"}, True),
+    ],
+)
+def test_matryoshka_models_setting(settings: dict[str, Any], listed: bool) -> None:
+    assert make_settings(**settings).matryoshka_listed is listed

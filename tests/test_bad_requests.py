@@ -46,6 +46,8 @@ CASES = [
     Case("body is a list", json=["hello"], words=("json object", "list")),
     Case("body is a string", json="hello", words=("json object", "str")),
     Case("invalid utf-8 bytes", body=b'{"input": "caf\xe9 \xff"}', words=("utf-8",)),
+    Case("lone low surrogate escape", body=b'{"input": ["ok", "\\udc00"]}', words=("surrogate",)),
+    Case("truncated utf-8 sequence", body=b'{"input": "\xe6\x9d"}', words=("utf-8",)),
     Case("lone surrogate escape", body=b'{"input": "a \\ud800 b"}', words=("surrogate",)),
     Case(
         "text/plain content type",

@@ -56,7 +56,15 @@ def parse_json_body(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+        detail = str(exc)
+        if "UTF-8" in detail:
+            message = "request body is not valid UTF-8; send JSON encoded as UTF-8"
+        elif "surrogate" in detail:
+            message = (f"request body holds a lone surrogate escape such as \\ud800 ({detail}); "
+                       "strings must be valid Unicode")
+        else:
+            message = f"request body is not valid JSON: {detail}"
+        raise ServiceError(ErrorKind.INVALID_REQUEST, message) from None
 
 
 def _is_int(value: Any) -> bool:
