@@ -109,3 +109,13 @@ async def test_base64_decodes_to_the_float_vectors(fake_http: httpx.AsyncClient)
 )
 def test_matryoshka_models_setting(settings: dict[str, Any], listed: bool) -> None:
     assert make_settings(**settings).matryoshka_listed is listed
+
+
+async def test_utf8_byte_order_mark_is_ignored(fake_http: httpx.AsyncClient) -> None:
+    body = b'{"input": "caf\xc3\xa9"}'
+    plain = await fake_http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    marked = await fake_http.post(
+        "/v1/embeddings", content=b"\xef\xbb\xbf" + body, headers={"content-type": "application/json"}
+    )
+    assert marked.status_code == 200, marked.text
+    assert marked.json()["data"] == plain.json()["data"]

@@ -53,6 +53,8 @@ def parse_json_body(body: bytes) -> Any:
     if not body:
         raise ServiceError(ErrorKind.INVALID_REQUEST,
                            "request body is empty; send a JSON object with 'input'")
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]  # a UTF-8 byte order mark (files saved by some editors): RFC 8259 lets us ignore it
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
