@@ -43,7 +43,7 @@ def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argpars
     return parser
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     field = str(error["loc"][0]) if error.get("loc") else "config"
     return (f"invalid configuration: {field} ({_flag(field)} / EMBEDDING_{field.upper()}) = "
             f"{error.get('input')!r}: {error['msg']}")
@@ -159,7 +159,7 @@ def serve(settings: EmbeddingConfig) -> int:
 
 def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"):
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
         args_list.insert(0, "serve")  # `embedding-service --demo` means serve
     args = build_parser(config_cls).parse_args(args_list)
     if args.command != "serve":

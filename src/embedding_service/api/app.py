@@ -18,7 +18,7 @@ from ..backends import create_backend, vllm_available
 from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
-from ..errors import ErrorKind, ServiceError, error_body
+from ..errors import ErrorKind, ServiceError
 from .middleware import ErrorEnvelopeMiddleware
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
