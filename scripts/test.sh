@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$VENV/bin/ruff" check src tests bench config embedding_start.py || exit 1
+"$VENV/bin/ruff" check src tests bench scripts config embedding_start.py || exit 1
 "$VENV/bin/mypy" || exit 1
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
