@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
 import sys
+from typing import Any
 
 import httpx
 import pytest
 from conftest import make_settings
 from pydantic import ValidationError
 
+from embedding_service.api.request_context import RequestContextMiddleware
 from embedding_service.cli import build_parser
 from embedding_service.logging_config import JsonFormatter, RequestIdFilter, configure_logging
 
@@ -143,3 +146,46 @@ def test_log_format_is_a_config_field_and_flag() -> None:
 def test_log_format_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDDING_LOG_FORMAT", "json")
     assert make_settings().log_format == "json"
+
+
+async def _call(middleware: Any, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": headers or []}
+    await middleware(scope, receive, send)
+    return sent
+
+
+async def test_middleware_reports_failures_and_disconnects() -> None:
+    seen: list[tuple[str, str, int]] = []
+
+    def observer(route: str, method: str, status: int, _seconds: float) -> None:
+        seen.append((route, method, status))
+
+    async def crashing(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("bug")
+
+    async def abandoned(scope: Any, receive: Any, send: Any) -> None:
+        raise asyncio.CancelledError
+
+    async def answering(scope: Any, receive: Any, send: Any) -> None:
+        assert dict(scope["headers"])[b"x-request-id"] == b"given-1"  # handlers see the id
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": [(b"x-request-id", b"spoofed"), (b"x-other", b"1")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    with pytest.raises(RuntimeError):
+        await _call(RequestContextMiddleware(crashing, observer))
+    with pytest.raises(asyncio.CancelledError):
+        await _call(RequestContextMiddleware(abandoned, observer))
+    sent = await _call(RequestContextMiddleware(answering, observer), [(b"x-request-id", b"given-1")])
+    assert seen == [("unmatched", "GET", 500), ("unmatched", "GET", 499), ("unmatched", "GET", 204)]
+    headers = sent[0]["headers"]
+    assert [v for k, v in headers if k == b"x-request-id"] == [b"given-1"]  # the app's own copy is replaced
+    assert (b"x-other", b"1") in headers

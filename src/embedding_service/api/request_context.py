@@ -6,6 +6,7 @@ re-streams the body, which costs time on every request and breaks context variab
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -71,10 +72,12 @@ class RequestContextMiddleware:
             headers.append((_ID_HEADER_KEY, request_id.encode()))
             scope = {**scope, "headers": headers}
         status = 500  # what the client sees if the app fails before starting a response
+        response_started = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 status = int(message["status"])
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _ID_HEADER_KEY]
@@ -86,6 +89,10 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            if not response_started:
+                status = 499  # client went away first (nginx's name for it); not a server error
+            raise
         finally:
             request_id_var.reset(token)
             if self.observer is not None:
