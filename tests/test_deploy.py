@@ -313,3 +313,42 @@ def test_compose_nginx_config_is_the_shipped_one() -> None:
     shipped = normalise((DEPLOY / "nginx" / "embedding-service.conf").read_text())
     compose = normalise((DEPLOY / "nginx" / "docker-compose.conf").read_text())
     assert [line for line in shipped if line.strip()] == [line for line in compose if line.strip()]
+
+
+# --- Prometheus alert rules -----------------------------------------------------------------------------
+NEEDS_PROMTOOL = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool is not installed (apt-get install prometheus)")
+
+async def test_alert_rules_name_only_metrics_the_service_exports(client: Any) -> None:
+    """Every embedding_* series an alert uses exists in a live /metrics (after some traffic)."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    await client.post("/v1/embeddings", json={"input": ["warm"]})
+    exported = (await client.get("/metrics")).text
+    names = {line.split("{")[0].split(" ")[0] for line in exported.splitlines() if not line.startswith("#")}
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len(alerts) >= 5
+    for rule in alerts:
+        assert set(rule) >= {"alert", "expr", "labels", "annotations"}, rule
+        for metric in re.findall(r"\bembedding_[a-z_]+", rule["expr"]):
+            assert metric in names, f"{rule['alert']} uses {metric}, which /metrics does not export"
+
+
+@NEEDS_PROMTOOL
+def test_promtool_checks_alert_rules() -> None:
+    result = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@NEEDS_PROMTOOL
+async def test_promtool_lints_metric_names(client: Any) -> None:
+    """Prometheus' own linter on a live /metrics: naming conventions (snake_case, _total, base units)."""
+    await client.post("/v1/embeddings", json={"input": ["lint me"]})
+    exported = (await client.get("/metrics")).text
+    result = subprocess.run(["promtool", "check", "metrics"], input=exported, capture_output=True, text=True,
+                            timeout=60)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not output, output
+    bad = subprocess.run(["promtool", "check", "metrics"], input="# HELP fooBar x\n# TYPE fooBar counter\n"
+                         "fooBar 1\n", capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0  # the linter does object to bad names
