@@ -189,3 +189,22 @@ async def test_middleware_reports_failures_and_disconnects() -> None:
     headers = sent[0]["headers"]
     assert [v for k, v in headers if k == b"x-request-id"] == [b"given-1"]  # the app's own copy is replaced
     assert (b"x-other", b"1") in headers
+
+
+def test_generated_ids_differ_across_a_fork() -> None:
+    import os
+
+    from embedding_service.api.request_context import new_request_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report one id and leave at once
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    parent_ids = {new_request_id() for _ in range(3)}
+    assert HEX_ID.fullmatch(child_id)
+    assert child_id[:16] not in {value[:16] for value in parent_ids}

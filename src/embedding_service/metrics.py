@@ -102,6 +102,8 @@ class ServiceMetrics:
                                        buckets=COMPUTE_BUCKETS, registry=reg)
         self.texts = Counter("embedding_texts", "Texts (sequences) embedded", registry=reg)
         self.tokens = Counter("embedding_tokens", "Tokens embedded", registry=reg)
+        # Bounded: routes are templates (or "unmatched"), methods and statuses are few.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._chain_batch_hook(engine)
 
     def _chain_batch_hook(self, engine: EmbeddingEngine) -> None:
@@ -115,8 +117,13 @@ class ServiceMetrics:
         engine.on_batch = on_batch
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:  # label lookups cost more than the update itself: do each once
+            children = (self.requests.labels(route, method, str(status)), self.request_seconds.labels(route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, tokens: int, seconds: float) -> None:
         self.batch_size.observe(size)
