@@ -176,3 +176,24 @@ async def test_metrics_route_counts_itself(client: httpx.AsyncClient) -> None:
     await client.get("/metrics")
     samples = await scrape(client)
     assert value(samples, "embedding_requests_total", route="/metrics", method="GET", status="200") == 1
+
+
+async def test_internal_errors_are_counted_and_carry_the_request_id() -> None:
+    """A backend failure becomes the error middleware's 500; the outer request middleware still sees it."""
+    engine = EmbeddingEngine(FakeBackend(dimension=8, fail_batches=[0]), EngineOptions(batch_timeout_ms=0))
+    await engine.start()
+    app = create_app(make_settings(engine="fake"), engine)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            failed = await http.post(EMBED, json={"input": ["a"]}, headers={"X-Request-Id": "boom-1"})
+            ok = await http.post(EMBED, json={"input": ["a"]})
+            samples = await scrape(http)
+    finally:
+        await engine.stop()
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"]
+    assert failed.headers["x-request-id"] == "boom-1"
+    assert ok.status_code == 200
+    assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="500") == 1
+    assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="200") == 1
+    assert value(samples, "embedding_texts_total") == 1  # the failed batch embedded nothing
