@@ -17,6 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import EmbeddingConfig
+from .logging_config import LogFormat
+from .logging_config import configure_logging as setup_logging
 
 __all__ = ["app_from_env", "build_parser", "load_settings", "main"]
 
@@ -96,9 +98,9 @@ def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] =
         raise SystemExit(2) from None
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("embedding_service").setLevel(level)
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Root logging in the chosen format, each line with its request id (see logging_config)."""
+    setup_logging(level, log_format)
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -136,7 +138,7 @@ def app_from_env() -> Any:
     from .api.app import create_app
 
     settings = EmbeddingConfig()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     def fatal(_exc: BaseException) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # a worker that cannot load takes the whole server down
@@ -151,7 +153,7 @@ def serve(settings: EmbeddingConfig) -> int:
     from .backends.base import BackendLoadError
     from .backends.resolve import resolve_model_dir
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if _port_in_use(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
