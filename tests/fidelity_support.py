@@ -8,11 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_settings
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+
+from .conftest import make_settings
 
 MAX_LEN = 64  # the fake model's token limit
 DIM = 64  # the fake model's dimension (Matryoshka: 32..64)

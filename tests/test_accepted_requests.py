@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import make_settings
-from fidelity_support import DIM, MAX_LEN, fake_client, words
 
 from embedding_service.backends.fake import FakeBackend
+
+from .conftest import make_settings
+from .fidelity_support import DIM, MAX_LEN, fake_client, words
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess
-from fidelity_support import DIM, JSON, MAX_BODY, MAX_LEN, MAX_TOKENS, fake_client, words
+
+from .conftest import ServerProcess
+from .fidelity_support import DIM, JSON, MAX_BODY, MAX_LEN, MAX_TOKENS, fake_client, words
 
 
 @dataclass

@@ -14,9 +14,10 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import make_settings
 
 from embedding_service.api.app import build_engine, create_app
+
+from .conftest import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
-from fidelity_support import offline_tiktoken_dir
+
+from .conftest import ServerProcess
+from .fidelity_support import offline_tiktoken_dir
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fidelity_support import fake_client, offline_tiktoken_dir
+
+from .fidelity_support import fake_client, offline_tiktoken_dir
 
 TEXTS = ["hello world", "Paris is the capital of France.", "naïve café ☕ 東京"]
 

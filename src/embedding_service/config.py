@@ -88,6 +88,11 @@ class EmbeddingConfig(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
     shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
 
+    # --- operations ------------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log line format: text, or json (one object per line, for log shippers)"
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:

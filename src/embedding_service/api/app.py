@@ -18,8 +18,9 @@ from ..backends import create_backend, vllm_available
 from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
-from ..errors import ErrorKind, ServiceError, error_body
+from ..errors import ErrorKind, ServiceError
 from .middleware import ErrorEnvelopeMiddleware
+from .observability import install_observability
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
 from .tiktoken_ids import TiktokenDecoder
@@ -167,6 +168,7 @@ def create_app(
     app.state.engine = engine
     app.state.context = ctx
     app.include_router(build_router(ctx))
+    install_observability(app, engine)
     _install_error_handlers(app)
     _add_request_schema(app)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -169,7 +169,7 @@ class EmbeddingEngine:
     async def tokenize_count(self, texts: list[str]) -> list[int]:
         return [len(s) for s in await self._tokenize(texts)]
 
-    def _embed_batch(self, seqs: list[list[int]]) -> np.ndarray:
+    def _embed_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         try:
             return self.backend.embed(seqs)
         except BackendDeadError:
