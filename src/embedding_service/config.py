@@ -137,4 +137,9 @@ class EmbeddingConfig(BaseSettings):
         """The name clients see in responses and /v1/models."""
         if self.served_model_name:
             return self.served_model_name
-        return DEMO_MODEL_NAME if self.demo else self.model_name
+        if self.demo:
+            return DEMO_MODEL_NAME
+        if self.model_path and self.model_name == DEFAULT_MODEL:
+            # A local directory with no name given: its folder name, not the default hub id it may not be.
+            return self.model_path.rstrip("/").rsplit("/", 1)[-1] or self.model_name
+        return self.model_name
