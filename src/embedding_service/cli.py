@@ -110,7 +110,7 @@ def serve(settings: EmbeddingConfig) -> int:
     import uvicorn
 
     from .api.app import build_engine, create_app
-    from .backends.base import BackendLoadError
+    from .backends.base import BackendDeadError, BackendLoadError
     from .backends.resolve import resolve_model_dir
 
     configure_logging(settings.log_level)
@@ -149,11 +149,14 @@ def serve(settings: EmbeddingConfig) -> int:
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
     app = create_app(settings, engine, on_fatal=fatal)
-    server = uvicorn.Server(uvicorn.Config(app, **common))
+    from .server import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
     server.run()
     if failures:
-        return _fail(f"model load failed: {failures[0]}")
+        what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
+        return _fail(f"{what}: {failures[0]}")
     return 0
 
 

@@ -14,6 +14,7 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+from .ratelimit import TOKEN_ADMISSION_KEY
 
 __all__ = ["ServiceContext", "build_router"]
 
@@ -120,6 +121,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
         embed_request, encoding = parse_embedding_request(data)
         embed_request.request_id = request.headers.get("x-request-id")
+        embed_request.admit = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
         result = await ctx.engine.embed(embed_request)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
         headers = {

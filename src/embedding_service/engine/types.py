@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,6 +29,8 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     request_id: str | None = None
+    # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.
+    admit: Callable[[int], None] | None = None
 
     @property
     def count(self) -> int:
