@@ -84,6 +84,11 @@ class EmbeddingConfig(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
     shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
 
+    # --- operations ------------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log line format: text, or json (one object per line, for log shippers)"
+    )
+
     # --- security and rate limits (api/security.py) ------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -19,9 +19,10 @@ from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
 from ..engine.types import EngineState
-from ..errors import ErrorKind, ServiceError, error_body
+from ..errors import ErrorKind, ServiceError
 from .lifecycle import CancelOnDisconnect, CloseConnectionsWhile
 from .middleware import ErrorEnvelopeMiddleware
+from .observability import install_observability
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
 from .security import install_security
@@ -179,6 +180,7 @@ def create_app(
     app.state.engine = engine
     app.state.context = ctx
     app.include_router(build_router(ctx))
+    install_observability(app, engine)
     _install_error_handlers(app)
     _add_request_schema(app)
     return app

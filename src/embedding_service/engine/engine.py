@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -197,7 +197,7 @@ class EmbeddingEngine:
                                code="engine_unhealthy") from None
         except Exception as exc:  # the backend failed this request's batch; other batches go on
             name = type(exc).__name__
-            log.error("request %s: its batch failed: %s: %s", request.request_id or "-", name, exc)
+            log.error("embedding request failed with its batch: %s: %s", name, exc)  # the log adds the request id
             raise ServiceError(ErrorKind.INTERNAL, f"embedding failed ({name}); the error is in the server log",
                                code="backend_error") from None
         elapsed = time.perf_counter() - started
@@ -208,7 +208,7 @@ class EmbeddingEngine:
     async def tokenize_count(self, texts: list[str]) -> list[int]:
         return [len(s) for s in await self._tokenize(texts)]
 
-    def _embed_batch(self, seqs: list[list[int]]) -> np.ndarray:
+    def _embed_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         try:
             return self.backend.embed(seqs)
         except BackendDeadError:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 __all__ = ["EmbedRequest", "EmbedResult", "EngineState"]
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     LOADING = "loading"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
