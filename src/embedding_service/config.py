@@ -91,7 +91,7 @@ class EmbeddingConfig(BaseSettings):
 
     # --- security and rate limits (api/security.py) ------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
+        default_factory=list, repr=False,
         description="keys clients send as 'Authorization: Bearer KEY' (JSON list or comma-separated); "
                     "none and no api_key_file = no authentication",
     )

@@ -223,7 +223,8 @@ class EmbeddingEngine:
             batcher = self._batcher
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(batcher.fail_all,
-                                          ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died"))
+                                          ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died",
+                                                             code="engine_unhealthy"))
         if self.on_dead is not None and self._loop is not None:
             callback, self.on_dead = self.on_dead, None  # once
             self._loop.call_soon_threadsafe(callback, BackendDeadError("the embedding backend died"))
