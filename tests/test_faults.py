@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -30,11 +30,11 @@ class Recorder(logging.Handler):
 
 
 @pytest.fixture
-def recorder() -> AsyncIterator[Recorder]:
+def recorder() -> Iterator[Recorder]:
     handler = Recorder()
     logger = logging.getLogger("embedding_service")
     logger.addHandler(handler)
-    yield handler  # type: ignore[misc]
+    yield handler
     logger.removeHandler(handler)
 
 

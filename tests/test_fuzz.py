@@ -13,16 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from embedding_service.api.app import create_app
+from embedding_service.backends.fake import FakeBackend
+from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 
-from embedding_service.api.app import create_app  # noqa: E402
-from embedding_service.backends.fake import FakeBackend  # noqa: E402
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions  # noqa: E402
-
-from .conftest import ServerProcess, make_settings  # noqa: E402
+from .conftest import ServerProcess, make_settings
 
 MAX_BODY = 64 * 1024
 
