@@ -188,7 +188,10 @@ def serve(settings: EmbeddingConfig) -> int:
         engine = build_engine(settings, model_dir or None)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    app = create_app(settings, engine, on_fatal=fatal)
+    try:
+        app = create_app(settings, engine, on_fatal=fatal)
+    except ValueError as exc:  # e.g. a malformed line in the API key file
+        return _fail(str(exc))
     from .server import DrainingServer
 
     server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)

@@ -37,12 +37,16 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._drain_requested = False
         self._deadline: float | None = None
+        self._drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._drain_requested and not self.should_exit:
-            # Signal handler context: only set a flag; on_tick (on the loop) starts the drain. The signal
-            # is not recorded for re-raising: a drained server exits 0, not killed by SIGTERM.
+            # Runs on the loop's thread between callbacks: flip the engine to draining now (two attribute
+            # writes), on_tick does the rest. The signal is not recorded for uvicorn to re-raise at exit:
+            # a drained server exits 0 instead of dying of SIGTERM.
             self._drain_requested = True
+            self._deadline = time.monotonic() + self.shutdown_timeout
+            self.engine.begin_drain(self.shutdown_timeout)
             return
         log.warning("second %s: stopping without waiting for requests in progress", signal.Signals(sig).name)
         super().handle_exit(sig, frame)
@@ -50,11 +54,11 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_requested:
             now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + self.shutdown_timeout
-                self.engine.begin_drain(self.shutdown_timeout)
+            if not self._drain_logged:
+                self._drain_logged = True
                 log.info("draining: refusing new requests, finishing accepted ones (up to %.0fs)",
                          self.shutdown_timeout)
+            assert self._deadline is not None
             if self.engine.idle or now >= self._deadline:
                 if not self.engine.idle:
                     log.warning("shutdown_timeout reached with requests still in progress")
