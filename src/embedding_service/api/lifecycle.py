@@ -20,7 +20,11 @@ log = logging.getLogger("embedding_service")
 
 
 class CancelOnDisconnect:
-    """Run the app in a task; cancel it when the client disconnects before the response is done."""
+    """Cancel the handler when the client disconnects before its response is complete.
+
+    The handler runs in the server's own task (no extra task, no copy of the context); one watcher task per
+    POST reads the connection once the body is in, and cancels the request's task if the client goes.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -29,44 +33,46 @@ class CancelOnDisconnect:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        disconnected = asyncio.Event()
-        body_read = asyncio.Event()
-
-        async def app_receive() -> Message:
-            if body_read.is_set():  # only the watcher reads the connection from now on
-                await disconnected.wait()
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-            elif not message.get("more_body", False):
-                body_read.set()
-            return message
+        request_task = asyncio.current_task()
+        assert request_task is not None
+        watcher: asyncio.Task[None] | None = None
+        responded = hung_up = False
 
         async def watch() -> None:
-            await body_read.wait()
+            nonlocal hung_up
             while (await receive())["type"] != "http.disconnect":
                 pass
-            disconnected.set()
+            if not responded:  # (servers also report a disconnect once the response is complete)
+                hung_up = True
+                request_task.cancel()
 
-        handler = asyncio.ensure_future(self.app(scope, app_receive, send))
-        watcher = asyncio.ensure_future(watch())
-        gone = asyncio.ensure_future(disconnected.wait())
+        async def app_receive() -> Message:
+            nonlocal watcher
+            if watcher is not None:  # the body is in: only the watcher reads the connection now
+                await asyncio.shield(watcher)
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
         try:
-            await asyncio.wait({handler, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when this task itself is cancelled (server shutdown timeout)
-            watcher.cancel()
-            gone.cancel()
-            if not handler.done():
-                handler.cancel()
-        if not handler.done() or handler.cancelled():
-            # The client hung up first: the handler was cancelled, and with it its queued work.
-            await asyncio.gather(handler, return_exceptions=True)
+            await self.app(scope, app_receive, tracking_send)
+        except asyncio.CancelledError:
+            if not hung_up or request_task.uncancel() > 0:
+                raise  # cancelled by someone else too (server shutdown): let it through
             client = scope.get("client") or ("?", 0)
             log.info("client %s disconnected before %s %s finished; its work was dropped",
                      client[0], scope.get("method"), scope.get("path"))
-            return
-        handler.result()  # re-raise what the app raised
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 class CloseConnectionsWhile:
