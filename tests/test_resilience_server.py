@@ -258,3 +258,27 @@ def test_engine_death_fails_requests_and_exits_nonzero(server_factory: type[Serv
         pytest.fail("the server did not exit after its engine died")
     assert code == 1
     assert "engine died" in server.log()
+
+
+def test_shutdown_timeout_bounds_the_exit_even_with_a_batch_stuck_in_the_model(
+    server_factory: type[ServerProcess],
+) -> None:
+    server = server_factory(["--engine", "fake", "--fake-delay-ms", "20000", "--shutdown-timeout", "1",
+                             "--log-level", "WARNING"])
+    server.wait_healthy(60)
+
+    async def scenario() -> tuple[httpx.Response, float, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            slow = asyncio.ensure_future(http.post("/v1/embeddings", json={"input": "takes 20 s"}))
+            await asyncio.sleep(0.5)  # in the model now
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while server.proc.poll() is None and time.monotonic() < signalled + 15:
+                await asyncio.sleep(0.05)
+            return await slow, time.monotonic() - signalled, server.proc.returncode
+
+    response, exited_after, code = asyncio.run(scenario())
+    assert code == 0 and exited_after < 1 + 2, (code, exited_after)
+    # The request the deadline cut off is told to retry, not given a bare 500.
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    assert response.headers["retry-after"] == "1"

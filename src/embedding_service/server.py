@@ -16,6 +16,7 @@ process exits non-zero for its supervisor to restart (systemd Restart=always, Ku
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -68,5 +69,15 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's own wait for connections gets what is left of the drain deadline, not a fresh one.
         remaining = self.shutdown_timeout if self._deadline is None else self._deadline - time.monotonic()
-        self.config.timeout_graceful_shutdown = max(1, int(remaining + 0.999))
+        self.config.timeout_graceful_shutdown = max(0.1, remaining)  # type: ignore[assignment]
         await super().shutdown(sockets)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        super().run(sockets)
+        if self._drain_requested and self.engine.batches_running:
+            # The deadline passed with a batch still inside the model: its thread cannot be interrupted, and
+            # the interpreter would wait for it at exit. The deadline is a promise to the supervisor: go now.
+            log.warning("exiting with a batch still running in the model (shutdown_timeout %.0fs)",
+                        self.shutdown_timeout)
+            logging.shutdown()
+            os._exit(0)

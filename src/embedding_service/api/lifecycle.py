@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import ErrorKind, ServiceError
+from .security import send_error
+
 __all__ = ["CancelOnDisconnect", "CloseConnectionsWhile"]
 
 log = logging.getLogger("embedding_service")
@@ -36,7 +39,7 @@ class CancelOnDisconnect:
         request_task = asyncio.current_task()
         assert request_task is not None
         watcher: asyncio.Task[None] | None = None
-        responded = hung_up = False
+        started = responded = hung_up = False
 
         async def watch() -> None:
             nonlocal hung_up
@@ -57,7 +60,8 @@ class CancelOnDisconnect:
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal responded
+            nonlocal started, responded
+            started = True
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 responded = True
             await send(message)
@@ -65,11 +69,21 @@ class CancelOnDisconnect:
         try:
             await self.app(scope, app_receive, tracking_send)
         except asyncio.CancelledError:
-            if not hung_up or request_task.uncancel() > 0:
-                raise  # cancelled by someone else too (server shutdown): let it through
-            client = scope.get("client") or ("?", 0)
-            log.info("client %s disconnected before %s %s finished; its work was dropped",
-                     client[0], scope.get("method"), scope.get("path"))
+            if hung_up and request_task.uncancel() == 0:
+                client = scope.get("client") or ("?", 0)
+                log.info("client %s disconnected before %s %s finished; its work was dropped",
+                         client[0], scope.get("method"), scope.get("path"))
+                return
+            if started or request_task.cancelling() > 1:
+                raise
+            # The server cancelled the request: its graceful-shutdown time ran out. Say so (503, retry
+            # elsewhere) rather than let the server answer a bare 500, then end the task as it asked.
+            log.warning("%s %s cancelled: shutdown_timeout ran out before it finished",
+                        scope.get("method"), scope.get("path"))
+            await send_error(send, ServiceError(ErrorKind.DRAINING, "the server shut down before this request "
+                                                "finished; retry it", code="shutting_down",
+                                                headers={"Retry-After": "1"}))
+            request_task.uncancel()
         finally:
             if watcher is not None:
                 watcher.cancel()

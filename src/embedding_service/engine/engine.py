@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,8 @@ class EmbeddingEngine:
         self.on_dead: Callable[[BaseException], None] | None = None
         self._active_requests = 0  # inside embed(): accepted, not yet answered
         self._drain_deadline: float | None = None
+        self.batches_running = 0  # inside backend.embed, on the compute threads
+        self._running_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -209,11 +212,16 @@ class EmbeddingEngine:
         return [len(s) for s in await self._tokenize(texts)]
 
     def _embed_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        with self._running_lock:
+            self.batches_running += 1
         try:
             return self.backend.embed(seqs)
         except BackendDeadError:
             self._mark_dead()
             raise
+        finally:
+            with self._running_lock:
+                self.batches_running -= 1
 
     def _mark_dead(self) -> None:
         if self.state is not EngineState.UNHEALTHY:
