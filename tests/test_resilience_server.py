@@ -236,6 +236,10 @@ def test_client_that_hangs_up_has_its_queued_work_dropped(server_factory: type[S
             last = await http.post("/v1/embeddings", json={"input": "after"})
             assert last.status_code == 200
             check_body(last, "after")
+            metrics = (await http.get("/metrics")).text
+            # The hang-ups are counted as 499 (client closed request), not as server errors.
+            assert 'embedding_requests_total{method="POST",route="/v1/embeddings",status="499"} 5.0' in metrics
+            assert 'status="500"' not in metrics
 
     asyncio.run(scenario())
     log = server.log()

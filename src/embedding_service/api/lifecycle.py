@@ -73,6 +73,11 @@ class CancelOnDisconnect:
                 client = scope.get("client") or ("?", 0)
                 log.info("client %s disconnected before %s %s finished; its work was dropped",
                          client[0], scope.get("method"), scope.get("path"))
+                if not started:
+                    # Nobody will read it (servers drop sends after a disconnect), but the metrics and access
+                    # middleware outside see the request end as 499 "client closed request", not as a 500.
+                    await send({"type": "http.response.start", "status": 499, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
                 return
             if started or request_task.cancelling() > 1:
                 raise
