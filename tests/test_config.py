@@ -105,3 +105,11 @@ def test_spec_shim_class_defaults_can_be_edited() -> None:
 
     assert Edited().port == 9999
     assert issubclass(shim.EmbeddingConfig, EmbeddingConfig)
+
+
+def test_public_model_name_rules() -> None:
+    assert EmbeddingConfig().public_model_name == "Qwen/Qwen3-Embedding-0.6B"
+    assert EmbeddingConfig(demo=True).public_model_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert EmbeddingConfig(model_path="/models/my-model/").public_model_name == "my-model"
+    assert EmbeddingConfig(model_path="/m/x", model_name="org/x").public_model_name == "org/x"
+    assert EmbeddingConfig(model_path="/m/x", served_model_name="prod").public_model_name == "prod"

@@ -190,8 +190,8 @@ def serve(settings: EmbeddingConfig) -> int:
         return _fail(str(exc))
     try:
         app = create_app(settings, engine, on_fatal=fatal)
-    except ValueError as exc:  # e.g. a malformed line in the API key file
-        return _fail(str(exc))
+    except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
+        return _fail(str(exc))  # offline; a malformed line in the API key file)
     from .server import DrainingServer
 
     server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)

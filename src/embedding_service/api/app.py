@@ -26,6 +26,7 @@ from .observability import install_observability
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
 from .security import install_security
+from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["build_engine", "choose_engine", "create_app", "engine_options"]
 
@@ -82,7 +83,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         device=settings.device,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        matryoshka=settings.public_model_name in settings.matryoshka_models,
+        matryoshka=settings.matryoshka_listed,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         fake_options=_fake_options(settings) if kind == "fake" else None,
@@ -149,6 +150,8 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         requested_device=settings.device,
     )
+    if settings.token_ids_tiktoken:
+        ctx.token_ids_decoder = TiktokenDecoder(settings.token_ids_tiktoken)
 
     async def load() -> None:
         try:

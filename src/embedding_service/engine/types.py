@@ -29,6 +29,7 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     request_id: str | None = None
+    token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
     # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.
     admit: Callable[[int], None] | None = None
 
