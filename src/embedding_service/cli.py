@@ -150,7 +150,7 @@ def serve(settings: EmbeddingConfig) -> int:
     import uvicorn
 
     from .api.app import build_engine, create_app
-    from .backends.base import BackendLoadError
+    from .backends.base import BackendDeadError, BackendLoadError
     from .backends.resolve import resolve_model_dir
 
     configure_logging(settings.log_level, settings.log_format)
@@ -190,13 +190,16 @@ def serve(settings: EmbeddingConfig) -> int:
         return _fail(str(exc))
     try:
         app = create_app(settings, engine, on_fatal=fatal)
-    except RuntimeError as exc:  # a setting that cannot be honoured (e.g. token_ids_tiktoken offline)
-        return _fail(str(exc))
-    server = uvicorn.Server(uvicorn.Config(app, **common))
+    except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
+        return _fail(str(exc))  # offline; a malformed line in the API key file)
+    from .server import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
     server.run()
     if failures:
-        return _fail(f"model load failed: {failures[0]}")
+        what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
+        return _fail(f"{what}: {failures[0]}")
     return 0
 
 

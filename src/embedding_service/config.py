@@ -93,6 +93,37 @@ class EmbeddingConfig(BaseSettings):
         "text", description="log line format: text, or json (one object per line, for log shippers)"
     )
 
+    # --- security and rate limits (api/security.py) ------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False,
+        description="keys clients send as 'Authorization: Bearer KEY' (JSON list or comma-separated); "
+                    "none and no api_key_file = no authentication",
+    )
+    api_key_file: str | None = Field(
+        None, description="file of API keys, one a line, or 'sha256:HEX' digests of them ('#' comments)"
+    )
+    auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/health", "/metrics"], description="paths open without an API key"
+    )
+    rate_limit_rpm: int = Field(
+        0, ge=0, le=100_000_000, description="requests per minute per API key (per address without keys); 0 = off"
+    )
+    rate_limit_tpm: int = Field(
+        0, ge=0, le=10_000_000_000,
+        description="input tokens per minute per API key (or address); 0 = unlimited"
+    )
+
+    # --- fault injection for the fake engine (tests and demos only) -------------------------------------
+    fake_delay_ms: float = Field(
+        0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds slept per batch"
+    )
+    fake_fail_batches: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="engine fake: batch numbers (0-based) that raise an error"
+    )
+    fake_die_after: int | None = Field(
+        None, ge=0, description="engine fake: after this many batches the backend dies (BackendDeadError)"
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -108,6 +139,20 @@ class EmbeddingConfig(BaseSettings):
 
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys", "auth_exempt_paths", "fake_fail_batches", mode="before")
+    @classmethod
+    def _split_reliability_lists(cls, value: object) -> object:
+        return _split_json_or_csv(value)
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_readable(cls, value: str | None) -> str | None:
+        import os
+
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"API key file {value!r} does not exist or is not readable")
         return value
 
     @property
@@ -143,3 +188,15 @@ class EmbeddingConfig(BaseSettings):
             # A local directory with no name given: its folder name, not the default hub id it may not be.
             return self.model_path.rstrip("/").rsplit("/", 1)[-1] or self.model_name
         return self.model_name
+
+
+def _split_json_or_csv(value: object) -> object:
+    """A list field from the environment or a flag: a JSON list, or comma-separated items."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value

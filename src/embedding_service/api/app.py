@@ -18,11 +18,14 @@ from ..backends import create_backend, vllm_available
 from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
+from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
+from .lifecycle import CancelOnDisconnect, CloseConnectionsWhile
 from .middleware import ErrorEnvelopeMiddleware
 from .observability import install_observability
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
+from .security import install_security
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["build_engine", "choose_engine", "create_app", "engine_options"]
@@ -83,8 +86,15 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         matryoshka=settings.matryoshka_listed,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
+        fake_options=_fake_options(settings) if kind == "fake" else None,
     )
     return EmbeddingEngine(backend, engine_options(settings))
+
+
+def _fake_options(settings: EmbeddingConfig) -> dict[str, object]:
+    """Fault-injection knobs of the fake engine, so tests can drive a server process from its flags."""
+    return {"delay_s": settings.fake_delay_ms / 1000.0, "fail_batches": settings.fake_fail_batches,
+            "die_after": settings.fake_die_after}
 
 
 def _error_response(exc: ServiceError) -> Response:
@@ -165,6 +175,11 @@ def create_app(
     app = FastAPI(title="Embedding Service", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible text embeddings")
     app.add_middleware(ErrorEnvelopeMiddleware)
+    app.add_middleware(CancelOnDisconnect)
+    install_security(app, settings)
+    app.add_middleware(CloseConnectionsWhile, condition=lambda: engine.state is EngineState.DRAINING)
+    if on_fatal is not None:
+        engine.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
     app.state.engine = engine
     app.state.context = ctx
     app.include_router(build_router(ctx))

@@ -14,6 +14,7 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+from .ratelimit import TOKEN_ADMISSION_KEY
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["ServiceContext", "build_router"]
@@ -128,6 +129,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         if decoder is not None:
             embed_request = decoder.to_text(embed_request)
         embed_request.request_id = request.headers.get("x-request-id")
+        embed_request.admit = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
         result = await ctx.engine.embed(embed_request)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
         headers = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError
 
 __all__ = ["Backend", "BackendDeadError", "BackendInfo", "BackendLoadError", "create_backend", "vllm_available"]
@@ -25,12 +28,14 @@ def create_backend(
     matryoshka: bool,
     gpu_memory_utilization: float = 0.4,
     tensor_parallel_size: int = 1,
+    fake_options: Mapping[str, Any] | None = None,
 ) -> Backend:
     """Build (not load) the backend for `engine` ("torch", "vllm" or "fake")."""
     if engine == "fake":
         from .fake import FakeBackend
 
-        return FakeBackend(model=model_label, max_model_len=max_model_len, matryoshka=matryoshka)
+        return FakeBackend(model=model_label, max_model_len=max_model_len, matryoshka=matryoshka,
+                           **(fake_options or {}))
     if engine == "vllm":
         from .vllm_backend import VllmBackend
 

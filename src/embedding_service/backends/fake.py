@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from .base import BackendDeadError, BackendInfo
 from .pooling import l2_normalize
 
 __all__ = ["FakeBackend"]
+
+log = logging.getLogger("embedding_service")
 
 
 class FakeBackend:
@@ -75,6 +78,7 @@ class FakeBackend:
         with self._lock:
             number = len(self.batches)
             self.batches.append(len(batch))
+        log.debug("fake backend: batch %d embeds %d sequences", number, len(batch))
         if self.die_after is not None and number >= self.die_after:
             raise BackendDeadError("fake backend died")
         tokens = sum(len(ids) for ids in batch)

@@ -232,6 +232,9 @@ class Batcher:
             vectors = await loop.run_in_executor(self._executor, self._embed, ids)
         except BaseException as exc:
             self.stats.failures += 1
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("a batch of %d sequences failed; its requests get an error", len(batch),
+                          exc_info=exc)
             for item in batch:
                 if not item.job.future.done():
                     item.job.future.set_exception(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,12 @@ class EmbeddingEngine:
         self._batcher: Batcher | None = None
         self.on_batch: Callable[[int, int, float], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called (on the event loop) once when the backend dies: the server exits for its supervisor.
+        self.on_dead: Callable[[BaseException], None] | None = None
+        self._active_requests = 0  # inside embed(): accepted, not yet answered
+        self._drain_deadline: float | None = None
+        self.batches_running = 0  # inside backend.embed, on the compute threads
+        self._running_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,9 +99,23 @@ class EmbeddingEngine:
             self._compute.shutdown(wait=False)
             self._compute = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed")
 
+    def begin_drain(self, timeout_s: float) -> None:
+        """Refuse new requests from now on (503 draining); accepted ones have until the deadline."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout_s
+        if self.state is not EngineState.UNHEALTHY:
+            self.state = EngineState.DRAINING
+
+    @property
+    def idle(self) -> bool:
+        """No accepted request is still being served."""
+        return self._active_requests == 0 and self.queued_requests == 0
+
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting work, then wait for accepted work to finish. True when it all finished in time."""
-        self.state = EngineState.DRAINING
+        self.begin_drain(timeout_s)
+        assert self._drain_deadline is not None
+        timeout_s = max(0.0, min(timeout_s, self._drain_deadline - time.monotonic()))
         if self._batcher is None:
             return True
         try:
@@ -134,6 +155,13 @@ class EmbeddingEngine:
     # --- serving -------------------------------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         info = self.check_ready()
+        self._active_requests += 1
+        try:
+            return await self._embed_accepted(request, info)
+        finally:
+            self._active_requests -= 1
+
+    async def _embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
         self._check_dimensions(request.dimensions, info)
         count = request.count
         if count > self.options.max_inputs_per_request:
@@ -152,15 +180,29 @@ class EmbeddingEngine:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"request has {total} tokens in all; at most {self.options.max_request_tokens} "
                                "per request: split it", param="input")
+        if request.admit is not None:
+            request.admit(total)
         log.info("Processing %d texts for embedding", count)
         started = time.perf_counter()
         assert self._batcher is not None
+        if self.state is EngineState.UNHEALTHY:  # died while this request was being tokenised
+            self.check_ready()
         try:
             vectors, queued, compute = await asyncio.wait_for(self._batcher.submit(seqs),
                                                               self.options.request_timeout_s)
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None
+        except ServiceError:
+            raise
+        except BackendDeadError:
+            raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died while serving this request",
+                               code="engine_unhealthy") from None
+        except Exception as exc:  # the backend failed this request's batch; other batches go on
+            name = type(exc).__name__
+            log.error("embedding request failed with its batch: %s: %s", name, exc)  # the log adds the request id
+            raise ServiceError(ErrorKind.INTERNAL, f"embedding failed ({name}); the error is in the server log",
+                               code="backend_error") from None
         elapsed = time.perf_counter() - started
         log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
         vectors = truncate_dimensions(vectors, request.dimensions)
@@ -170,11 +212,16 @@ class EmbeddingEngine:
         return [len(s) for s in await self._tokenize(texts)]
 
     def _embed_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        with self._running_lock:
+            self.batches_running += 1
         try:
             return self.backend.embed(seqs)
         except BackendDeadError:
             self._mark_dead()
             raise
+        finally:
+            with self._running_lock:
+                self.batches_running -= 1
 
     def _mark_dead(self) -> None:
         if self.state is not EngineState.UNHEALTHY:
@@ -184,7 +231,11 @@ class EmbeddingEngine:
             batcher = self._batcher
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(batcher.fail_all,
-                                          ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died"))
+                                          ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died",
+                                                             code="engine_unhealthy"))
+        if self.on_dead is not None and self._loop is not None:
+            callback, self.on_dead = self.on_dead, None  # once
+            self._loop.call_soon_threadsafe(callback, BackendDeadError("the embedding backend died"))
 
     def _batch_done(self, size: int, tokens: int, seconds: float) -> None:
         if self.on_batch is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -29,6 +30,8 @@ class EmbedRequest:
     truncate: bool | None = None
     request_id: str | None = None
     token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
+    # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.
+    admit: Callable[[int], None] | None = None
 
     @property
     def count(self) -> int:

@@ -1,0 +1,177 @@
+"""API keys: `Authorization: Bearer KEY`, checked as a small pure ASGI middleware.
+
+Only SHA-256 digests of the keys are kept in memory. A presented key is hashed and compared with
+`hmac.compare_digest` against *every* configured digest, with no early exit, so the time taken depends
+neither on how much of a key is right nor on which key matched. Keys are never logged; a key is known
+to the rest of the service (rate limits, logs) only by a short prefix of its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..config import EmbeddingConfig
+from ..errors import ErrorKind, ServiceError
+
+__all__ = [
+    "CLIENT_ID_KEY",
+    "ApiKeyMiddleware",
+    "ApiKeyVerifier",
+    "install_security",
+    "is_exempt",
+    "key_digest",
+    "load_key_digests",
+    "send_error",
+]
+
+log = logging.getLogger("embedding_service")
+
+# Set in the ASGI scope by the auth middleware: "key-<digest prefix>" of the caller's key.
+CLIENT_ID_KEY = "embedding_service.client_id"
+_REALM = 'Bearer realm="embedding-service"'
+_HASH_PREFIX = "sha256:"
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def load_key_digests(keys: Iterable[str], key_file: str | None) -> list[bytes]:
+    """Digests of the configured keys: plain keys from `keys`, plain keys or `sha256:HEX` lines from the file.
+
+    A hash must carry the `sha256:` prefix: a bare 64-hex-digit line is a key (`openssl rand -hex 32`
+    makes exactly such keys), so there is no guessing which one a line is.
+    """
+    digests = [key_digest(key.strip()) for key in keys if key.strip()]
+    if key_file:
+        text = Path(key_file).read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if entry.lower().startswith(_HASH_PREFIX):
+                digests.append(_parse_hex_digest(entry[len(_HASH_PREFIX):].strip(), key_file, number))
+            else:
+                digests.append(key_digest(entry))
+    return list(dict.fromkeys(digests))  # drop duplicates, keep order
+
+
+def _parse_hex_digest(text: str, key_file: str, number: int) -> bytes:
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError(f"{key_file}:{number}: '{_HASH_PREFIX}' must be followed by 64 hex digits "
+                         "(the SHA-256 of a key, e.g. `printf %s KEY | sha256sum`)")
+    return digest
+
+
+class ApiKeyVerifier:
+    """Matches a presented key against the configured digests in constant time (per number of keys)."""
+
+    def __init__(self, digests: Sequence[bytes]) -> None:
+        if not digests:
+            raise ValueError("ApiKeyVerifier needs at least one key")
+        self._digests = tuple(digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def identify(self, presented: str) -> str | None:
+        """The caller's id ("key-" + digest prefix) when the key is known, else None."""
+        digest = key_digest(presented)
+        found = -1
+        for index, known in enumerate(self._digests):
+            # Every digest is compared, match or not: no early exit.
+            matched = hmac.compare_digest(digest, known)
+            found = index if matched else found
+        return None if found < 0 else "key-" + self._digests[found].hex()[:12]
+
+
+def is_exempt(path: str, exempt: Sequence[str]) -> bool:
+    """Exact paths, or prefixes written with a trailing '*' ("/docs*")."""
+    for pattern in exempt:
+        if pattern.endswith("*"):
+            if path.startswith(pattern[:-1]):
+                return True
+        elif path == pattern:
+            return True
+    return False
+
+
+async def send_error(send: Send, error: ServiceError) -> None:
+    """An OpenAI error envelope straight from ASGI middleware (before any route runs)."""
+    body = orjson.dumps(error.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _bearer_token(scope: Scope) -> tuple[str | None, ServiceError | None]:
+    """The token of the Authorization header, or the 401 to answer."""
+    raw = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
+    if raw is None:
+        return None, ServiceError(ErrorKind.AUTHENTICATION,
+                                  "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                                  code="missing_api_key", headers={"WWW-Authenticate": _REALM})
+    scheme, _, token = raw.decode("latin-1").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None, ServiceError(ErrorKind.AUTHENTICATION,
+                                  "malformed Authorization header: expected 'Bearer YOUR_KEY'",
+                                  code="invalid_authorization_header",
+                                  headers={"WWW-Authenticate": _REALM + ', error="invalid_request"'})
+    return token, None
+
+
+class ApiKeyMiddleware:
+    """401 unless the request carries a configured key; exempt paths (health, metrics) pass freely."""
+
+    def __init__(self, app: ASGIApp, verifier: ApiKeyVerifier, exempt_paths: Sequence[str]) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.exempt_paths = tuple(exempt_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_exempt(scope["path"], self.exempt_paths):
+            await self.app(scope, receive, send)
+            return
+        token, error = _bearer_token(scope)
+        if error is None:
+            assert token is not None
+            client_id = self.verifier.identify(token)
+            if client_id is None:
+                error = ServiceError(ErrorKind.AUTHENTICATION, "invalid API key", code="invalid_api_key",
+                                     headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'})
+        if error is not None:
+            client = scope.get("client") or ("?", 0)
+            log.info("refused %s %s from %s: %s", scope.get("method"), scope["path"], client[0], error.code)
+            await send_error(send, error)
+            return
+        scope[CLIENT_ID_KEY] = client_id
+        await self.app(scope, receive, send)
+
+
+def install_security(app: ASGIApp, settings: EmbeddingConfig) -> None:
+    """Add the rate-limit (inner) and API-key (outer) middleware that `settings` ask for."""
+    from .ratelimit import RateLimiter, RateLimitMiddleware
+
+    add = app.add_middleware  # type: ignore[attr-defined]
+    if settings.rate_limit_rpm or settings.rate_limit_tpm:
+        limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        add(RateLimitMiddleware, limiter=limiter, exempt_paths=settings.auth_exempt_paths)
+    digests = load_key_digests(settings.api_keys, settings.api_key_file)
+    if digests:
+        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=settings.auth_exempt_paths)
+        log.info("API keys required (%d configured); open paths: %s", len(digests),
+                 ", ".join(settings.auth_exempt_paths) or "none")

@@ -1,0 +1,186 @@
+"""Fuzzing: schemathesis against the server's own OpenAPI schema, hypothesis-made bodies, and hostile input.
+
+Every request must get an answer that is not a server error: a 200 of the right shape, or a 4xx in the
+OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from embedding_service.api.app import create_app
+from embedding_service.backends.fake import FakeBackend
+from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+
+from .conftest import ServerProcess, make_settings
+
+MAX_BODY = 64 * 1024
+
+
+def assert_clean(response: httpx.Response, sent: Any = None) -> None:
+    assert response.status_code < 500, (sent, response.status_code, response.text[:500])
+    body = response.json()
+    if response.status_code == 200:
+        if isinstance(body.get("data"), list):
+            assert body["object"] == "list"
+            assert [item["index"] for item in body["data"]] == list(range(len(body["data"])))
+    else:
+        assert 400 <= response.status_code < 500
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# --- schemathesis against a real server's /openapi.json ------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[ServerProcess]:
+    server = ServerProcess(["--engine", "fake", "--max-model-len", "64", "--max-body-bytes", str(MAX_BODY),
+                            "--batch-timeout-ms", "0", "--log-level", "WARNING"])
+    try:
+        server.wait_healthy(60)
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_errors(mode: str, fuzz_server: ServerProcess) -> None:
+    """Every operation of /openapi.json, with valid (positive) and invalid (negative) data: no 5xx, and
+    responses conform to the schema (content types, documented response bodies)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    seen: set[str] = set()
+
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case: Any) -> None:
+        response = case.call(base_url=fuzz_server.url, timeout=10)
+        seen.add(f"{case.method} {case.path}")
+        case.validate_response(response, checks=[not_a_server_error, content_type_conformance,
+                                                 response_schema_conformance])
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert {"POST /v1/embeddings", "POST /embeddings"} <= seen, seen
+
+
+# --- hypothesis-made bodies, in process ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(fuzz_loop: asyncio.AbstractEventLoop) -> Iterator[httpx.AsyncClient]:
+    engine = EmbeddingEngine(FakeBackend(dimension=16, max_model_len=64),
+                             EngineOptions(max_model_len=64, batch_timeout_ms=0, max_inputs_per_request=64))
+    fuzz_loop.run_until_complete(engine.start())
+    app = create_app(make_settings(engine="fake", served_model_name="fake-model", max_body_bytes=MAX_BODY), engine)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    yield client
+    fuzz_loop.run_until_complete(client.aclose())
+    fuzz_loop.run_until_complete(engine.stop())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+texts = st.text(min_size=0, max_size=40)
+inputs = (texts | st.lists(texts, max_size=5) | st.lists(st.integers(-2**70, 2**70), max_size=6)
+          | st.lists(st.lists(st.integers(-5, 40000), max_size=5), max_size=3) | json_values)
+bodies = st.fixed_dictionaries(
+    {"input": inputs},
+    optional={
+        "model": json_values,
+        "encoding_format": st.sampled_from(["float", "base64", "", "FLOAT", None, 1]),
+        "dimensions": st.integers(-2**65, 2**65) | json_values,
+        "instruction": texts | json_values,
+        "truncate": st.booleans() | json_values,
+        "user": texts,
+    },
+) | json_values
+
+
+def post(client: httpx.AsyncClient, loop: asyncio.AbstractEventLoop, content: bytes) -> httpx.Response:
+    request = client.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+    return loop.run_until_complete(asyncio.wait_for(request, 10))
+
+
+@given(body=bodies)
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_bodies_get_a_clean_answer(body: Any, fuzz_client: httpx.AsyncClient,
+                                             fuzz_loop: asyncio.AbstractEventLoop) -> None:
+    content = json.dumps(body, allow_nan=False).encode("utf-8", "surrogatepass")
+    response = post(fuzz_client, fuzz_loop, content)
+    assert_clean(response, body)
+    if response.status_code == 200:
+        data = response.json()["data"]
+        raw = body["input"]
+        expected = 1 if isinstance(raw, str) or (raw and not isinstance(raw[0], list | str)) else len(raw)
+        assert len(data) == expected
+
+
+@given(raw=st.binary(max_size=300))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_arbitrary_bytes_get_a_clean_answer(raw: bytes, fuzz_client: httpx.AsyncClient,
+                                            fuzz_loop: asyncio.AbstractEventLoop) -> None:
+    assert_clean(post(fuzz_client, fuzz_loop, raw), raw)
+
+
+HOSTILE: dict[str, bytes] = {
+    "malformed json": b'{"input": ["a", }',
+    "truncated": b'{"input": "abc',
+    "not an object": b'["input"]',
+    "deep nesting": b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "deep nesting in options": b'{"input": "a", "user": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}",
+    "lone surrogate": b'{"input": "abc \\ud800 def"}',
+    "lone surrogate in list": b'{"input": ["fine", "\\udfff"]}',
+    "raw invalid utf-8": b'{"input": "\xff\xfe"}',
+    "nul escaped": b'{"input": "a\\u0000b"}',
+    "nul raw": b'{"input": "a\x00b"}',
+    "wrong type input": b'{"input": 12.5}',
+    "wrong type dimensions": b'{"input": "a", "dimensions": "8"}',
+    "negative dimensions": b'{"input": "a", "dimensions": -1}',
+    "huge dimensions": b'{"input": "a", "dimensions": 99999999999999999999999999}',
+    "negative token id": b'{"input": [[1, -5, 3]]}',
+    "huge token id": b'{"input": [18446744073709551616]}',
+    "float token id": b'{"input": [1.5, 2]}',
+    "bool token": b'{"input": [true, false]}',
+    "mixed list": b'{"input": ["a", 1]}',
+    "empty list": b'{"input": []}',
+    "empty string": b'{"input": ""}',
+    "null input": b'{"input": null}',
+    "nan": b'{"input": "a", "dimensions": NaN}',
+    "infinity": b'{"input": "a", "dimensions": 1e999}',
+    "too many inputs": json.dumps({"input": ["x"] * 65}).encode(),
+    "too long input": json.dumps({"input": "word " * 500}).encode(),
+    "huge body": b'{"input": "' + b"a" * (MAX_BODY + 10) + b'"}',
+    "empty body": b"",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_input_gets_a_clean_4xx(name: str, fuzz_client: httpx.AsyncClient,
+                                        fuzz_loop: asyncio.AbstractEventLoop) -> None:
+    response = post(fuzz_client, fuzz_loop, HOSTILE[name])
+    assert_clean(response, name)
+    assert 400 <= response.status_code < 500, (name, response.status_code)
+    if name == "huge body":
+        assert response.status_code == 413
