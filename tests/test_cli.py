@@ -69,4 +69,4 @@ def test_spec_entry_script_serves() -> None:
         assert response.status_code == 200 and len(response.json()["data"]) == 1
     finally:
         proc.terminate()
-        assert proc.wait(30) in (0, -15)  # ended cleanly by SIGTERM
+        assert proc.wait(30) == 0  # a graceful drain on SIGTERM exits 0
