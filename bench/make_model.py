@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     "shape": QWEN3_0_6B_SHAPE,
                     "tokenizer_vocab_learned": learned,
                     "config_vocab_size": REAL_VOCAB,
-                    "note": "random weights; embedding rows padded to the real vocab: weights and compute match",
+                    "note": "random weights; embedding padded to the real vocab",
                 }
             )
         )

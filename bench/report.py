@@ -26,7 +26,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[str]) -> list[str]:
     rate = {(r["target"], r["workload"]): r["texts_per_s"] for r in rows if r.get("requests")}
     ours = [t for t in targets if t.startswith("ours-") and t != "ours-fake"]
-    peers = [t for t in ("vllm-serve", "infinity") if t in targets]
+    peers = [t for t in ("vllm-offline", "vllm-serve", "infinity") if t in targets]
     ratio_cols: list[tuple[str, str, str]] = []
     for name in ours:
         engine = name.removeprefix("ours-")
@@ -35,6 +35,8 @@ def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[
     for peer in peers:
         for name in ours:
             ratio_cols.append((f"{name} / {peer}", name, peer))
+    if "ours-vllm" in targets and "ours-torch" in targets:
+        ratio_cols.append(("ours-vllm / ours-torch", "ours-vllm", "ours-torch"))
     head = ["workload", *targets, *(c[0] for c in ratio_cols)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workloads:

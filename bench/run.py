@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from bench.report import markdown
 from bench.workloads import TextMaker, Workload, select_workloads
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TARGETS = ["inproc", "ours-torch", "ours-vllm", "vllm-serve", "infinity"]
+DEFAULT_TARGETS = ["inproc", "vllm-offline", "ours-torch", "ours-vllm", "vllm-serve", "infinity"]
 OVERHEAD_WORKLOADS = ["short-c1", "short-c16", "short-c64", "short-c64-b64"]
 # Texts generated per workload (more than any run sends within its duration on a small machine).
 TEXT_BUDGET = {"short": 40_000, "long": 1_200, "mixed": 12_000}
@@ -195,9 +196,10 @@ def _inprocess(
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", "/tmp/bench-vllm-cache"),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
+        module = "bench.vllm_offline" if engine == "vllm-offline" else "bench.inprocess"
         with open(out_dir / f"inproc-{engine}-{model['name']}.log", "ab") as log:
             proc = subprocess.run(
-                [sys.executable, "-m", "bench.inprocess", str(spec_path), str(out_path)],
+                [sys.executable, "-m", module, str(spec_path), str(out_path)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -237,7 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--models", default="minilm,qwen3", help="comma list: minilm, qwen3")
     parser.add_argument(
-        "--targets", default=",".join(DEFAULT_TARGETS), help=f"comma list of: inproc, {', '.join(PEERS)}"
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma list of: inproc, vllm-offline, {', '.join(PEERS)}",
     )
     parser.add_argument("--workloads", default="", help="comma list (default all): see bench/workloads.py")
     parser.add_argument(
@@ -261,19 +265,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--infinity-venv", default="/tmp/v-infinity")
     parser.add_argument("--server-args", default="", help="extra flags for our server (quoted string)")
     parser.add_argument("--fma-pipes", type=int, default=2, help="FMA pipes per core for the peak estimate")
+    parser.add_argument(
+        "--src", default=None, help="source tree our server runs (default: this checkout's src)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<time>)")
     return parser.parse_args(argv)
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # so that `finally` blocks stop the servers this run started
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["PYTHONPATH"] = (
-        os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-        if (ROOT / "src").is_dir() and str(ROOT / "src") not in os.environ.get("PYTHONPATH", "")
-        else os.environ.get("PYTHONPATH", "")
-    )
+    # Our server and the in-process engine run this source tree (or --src, to compare branches).
+    src = Path(args.src).resolve() if args.src else ROOT / "src"
+    if src.is_dir():
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(src), os.environ.get("PYTHONPATH", "")] if p
+        )
     machine = cpu_peak(args.fma_pipes)
     if args.dtype is None:
         args.dtype = "bfloat16" if machine["avx512_bf16"] or machine["amx_bf16"] else "float32"
@@ -334,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== model {model['name']}: {model['dir']}", flush=True)
                 maker = _text_maker(model["dir"], args.seed)
                 rows: list[dict[str, Any]] = []
-                if "inproc" in targets:
-                    engines = ["torch"]
-                    if "ours-vllm" in targets:
+                if "inproc" in targets or "vllm-offline" in targets:
+                    engines = ["torch"] if "inproc" in targets else []
+                    if "vllm-offline" in targets:
+                        engines.append("vllm-offline")
+                    if "ours-vllm" in targets and "inproc" in targets:
                         if _vllm_backend_present():
                             engines.append("vllm")
                         else:
@@ -348,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                             result["skipped"].append(f"{model['name']}: inproc-{engine}: {exc}")
                             print(f"  skipped inproc-{engine}: {exc}", flush=True)
                 rows += _run_servers(
-                    [t for t in targets if t != "inproc"], model, works, maker, args, out_dir, result
+                    [t for t in targets if t not in ("inproc", "vllm-offline")],
+                    model,
+                    works,
+                    maker,
+                    args,
+                    out_dir,
+                    result,
                 )
                 if model["name"] == "qwen3":
                     peak = (
