@@ -19,9 +19,7 @@ from bench.loadgen import RunResult
 __all__ = ["run_engine_workload", "run_raw_workload"]
 
 
-async def run_engine_workload(
-    engine: Any, requests: list[list[str]], concurrency: int, duration_s: float
-) -> RunResult:
+async def run_engine_workload(engine: Any, requests: list[list[str]], concurrency: int, duration_s: float) -> RunResult:
     """Closed loop like the HTTP client, but calling engine.embed directly."""
     from embedding_service.engine.types import EmbedRequest
 
@@ -53,9 +51,7 @@ async def run_engine_workload(
     return result
 
 
-def run_raw_workload(
-    backend: Any, requests: list[list[str]], batch_size: int, duration_s: float
-) -> RunResult:
+def run_raw_workload(backend: Any, requests: list[list[str]], batch_size: int, duration_s: float) -> RunResult:
     """Model only: texts tokenised up front (not timed), then backend.embed on full batches in order."""
     texts = [t for request in requests for t in request]
     result = RunResult()
@@ -112,9 +108,7 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
             work = item["workload"]
             if "engine" in spec["modes"]:
                 await run_engine_workload(engine, item["warmup"], work["concurrency"], spec["duration_s"])
-                res = await run_engine_workload(
-                    engine, item["requests"], work["concurrency"], spec["duration_s"]
-                )
+                res = await run_engine_workload(engine, item["requests"], work["concurrency"], spec["duration_s"])
                 rows.append(
                     {
                         "target": f"inproc-engine-{label}",
@@ -129,13 +123,9 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
                 )
             if "raw" in spec["modes"]:
                 # The engine is idle between awaits: calling its backend from here is safe.
-                res = run_raw_workload(
-                    engine.backend, item["requests"], spec["max_batch_size"], spec["duration_s"]
-                )
+                res = run_raw_workload(engine.backend, item["requests"], spec["max_batch_size"], spec["duration_s"])
                 rows.append({"target": f"inproc-raw-{label}", "workload": work["name"], **res.summary()})
-                print(
-                    f"  inproc-raw-{label} {work['name']}: {res.summary()['texts_per_s']} texts/s", flush=True
-                )
+                print(f"  inproc-raw-{label} {work['name']}: {res.summary()['texts_per_s']} texts/s", flush=True)
     finally:
         await engine.drain(5)
         await engine.stop()

@@ -67,13 +67,9 @@ def st_copy(model_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/bench-models")
-    parser.add_argument(
-        "--tokenizer-vocab", type=int, default=65536, help="BPE size to train (what it reaches)"
-    )
+    parser.add_argument("--tokenizer-vocab", type=int, default=65536, help="BPE size to train (what it reaches)")
     parser.add_argument("--force", action="store_true", help="rebuild even when present")
     args = parser.parse_args(argv)
     from embedding_service.testing import QWEN3_0_6B_SHAPE, build_random_qwen3

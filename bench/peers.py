@@ -160,9 +160,7 @@ class Server:
         self.port = free_port()
         cmd, env = self.command()
         if self.peer.kind == "infinity" and not Path(cmd[0]).exists():
-            raise RuntimeError(
-                f"Infinity is not installed at {self.infinity_venv} (run bench/setup_infinity.sh)"
-            )
+            raise RuntimeError(f"Infinity is not installed at {self.infinity_venv} (run bench/setup_infinity.sh)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{self.peer.name}.log", "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())

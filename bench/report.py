@@ -100,8 +100,7 @@ def markdown(result: dict[str, Any]) -> str:
         f" ({machine['fp32_flops_per_cycle_core']} FLOP/cycle/core, {machine['fma_pipes_assumed']} FMA "
         f"pipes assumed); bf16: {machine['peak_bf16_gflops'] or 'no native bf16'}",
         f"- Command: `{result['command']}`",
-        f"- Duration per workload: {result['duration_s']} s; threads: {result['threads']}; "
-        f"dtype: {result['dtype']}",
+        f"- Duration per workload: {result['duration_s']} s; threads: {result['threads']}; dtype: {result['dtype']}",
         "",
     ]
     for model in result["models"]:

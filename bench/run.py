@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,14 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import cpu_peak, model_flops_per_token
-from bench.loadgen import drive, wait_ready
-from bench.peers import PEERS, SERVED_NAME, Server
+from bench.measure import inprocess, measure_url, run_servers, text_maker
+from bench.peers import PEERS
 from bench.report import markdown
-from bench.workloads import TextMaker, Workload, select_workloads
+from bench.workloads import TextMaker, select_workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGETS = ["inproc", "vllm-offline", "ours-torch", "ours-vllm", "vllm-serve", "infinity"]
 OVERHEAD_WORKLOADS = ["short-c1", "short-c16", "short-c64", "short-c64-b64"]
-# Texts generated per workload (more than any run sends within its duration on a small machine).
-TEXT_BUDGET = {"short": 40_000, "long": 1_200, "mixed": 12_000}
 
 
 def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
@@ -62,11 +59,7 @@ def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
                     [sys.executable, str(ROOT / "bench" / "make_model.py"), "--out", str(models_dir)],
                     check=True,
                 )
-            meta = (
-                json.loads((path / "BENCH_MODEL.json").read_text())
-                if (path / "BENCH_MODEL.json").is_file()
-                else {}
-            )
+            meta = json.loads((path / "BENCH_MODEL.json").read_text()) if (path / "BENCH_MODEL.json").is_file() else {}
             out.append(
                 {
                     "name": "qwen3",
@@ -80,142 +73,6 @@ def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
         else:
             raise SystemExit(f"unknown model {name!r}: choose minilm, qwen3")
     return out
-
-
-def _max_len(model_dir: str, cap: int = 3072) -> int:
-    """The window every peer can serve: config positions, and sentence-transformers' max_seq_length (vLLM
-    refuses more than that; MiniLM reads 256 tokens although its position table has 512)."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    limit = min(cap, int(cfg.get("max_position_embeddings") or cap))
-    st_path = Path(model_dir) / "sentence_bert_config.json"
-    if st_path.is_file():
-        limit = min(limit, int(json.loads(st_path.read_text()).get("max_seq_length") or limit))
-    return limit
-
-
-def _text_maker(model_dir: str | None, seed: int) -> TextMaker:
-    maker = TextMaker(seed)
-    if model_dir and Path(model_dir, "config.json").is_file():
-        # ~500-token texts, but inside the model's window even at +15% (MiniLM reads 512 tokens at most).
-        maker.TARGETS = {**maker.TARGETS, "long": min(500, int(_max_len(model_dir) * 0.8))}
-    tok_file = Path(model_dir) / "tokenizer.json" if model_dir else None
-    if tok_file is not None and tok_file.is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(tok_file))
-        tokenizer.no_truncation()  # MiniLM's tokenizer.json truncates at 128: count the real length
-        tokenizer.no_padding()
-        maker.calibrate(lambda texts: [len(e.ids) for e in tokenizer.encode_batch(texts)])
-    return maker
-
-
-def _requests(maker: TextMaker, work: Workload, salt: int = 0) -> list[list[str]]:
-    budget = TEXT_BUDGET[work.kind]
-    per = (work.per_request + 1) // 2 if work.mixed_batch else work.per_request
-    return maker.requests(work, max(4 * work.concurrency, budget // per), salt)
-
-
-def _warmup(maker: TextMaker, work: Workload) -> list[list[str]]:
-    return maker.requests(work, min(work.concurrency * 2, 8) if work.per_request == 1 else 1, salt=1)
-
-
-async def _measure_url(
-    url: str,
-    model: str | None,
-    works: list[Workload],
-    maker: TextMaker,
-    duration: float,
-    server: Server | None,
-    tag: dict[str, Any],
-) -> list[dict[str, Any]]:
-    rows = []
-    for work in works:
-        await drive(
-            url,
-            _warmup(maker, work),
-            concurrency=work.concurrency,
-            duration_s=duration,
-            model=model,
-            encoding=work.encoding,
-        )
-        requests = _requests(maker, work)
-        cpu0 = server.cpu_seconds() if server else None
-        res = await drive(
-            url,
-            requests,
-            concurrency=work.concurrency,
-            duration_s=duration,
-            model=model,
-            encoding=work.encoding,
-        )
-        cpu1 = server.cpu_seconds() if server else None
-        if cpu0 is not None and cpu1 is not None:
-            res.server_cpu_s = cpu1 - cpu0
-        summary = res.summary()
-        rows.append({**tag, "workload": work.name, **summary})
-        print(
-            f"  {tag['target']:<20} {work.name:<14} {summary['texts_per_s']:>9.1f} texts/s  "
-            f"p50 {summary['p50_ms']:>8.1f} ms  p99 {summary['p99_ms']:>8.1f} ms  "
-            f"errors {summary['errors']}  "
-            f"client CPU {summary['client_cpu_pct']:.0f}%",
-            flush=True,
-        )
-    return rows
-
-
-def _inprocess(
-    engine: str,
-    model: dict[str, Any],
-    works: list[Workload],
-    maker: TextMaker,
-    args: argparse.Namespace,
-    out_dir: Path,
-) -> list[dict[str, Any]]:
-    spec = {
-        "engine": engine,
-        "model_dir": model["dir"],
-        "dtype": args.dtype,
-        "duration_s": args.duration,
-        "max_batch_size": 32,
-        "max_model_len": _max_len(model["dir"]),
-        "modes": ["engine", "raw"],
-        "workloads": [
-            {"workload": w.describe(), "requests": _requests(maker, w), "warmup": _warmup(maker, w)}
-            for w in works
-        ],
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.threads),
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", "/tmp/bench-vllm-cache"),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        module = "bench.vllm_offline" if engine == "vllm-offline" else "bench.inprocess"
-        with open(out_dir / f"inproc-{engine}-{model['name']}.log", "ab") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", module, str(spec_path), str(out_path)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=3600,
-            )
-        rows = json.loads(out_path.read_text()) if out_path.is_file() else []
-        if proc.returncode != 0 and not rows:
-            raise RuntimeError(
-                f"in-process {engine} failed (exit {proc.returncode}); see "
-                f"{out_dir}/inproc-{engine}-{model['name']}.log"
-            )
-        for row in rows:
-            print(
-                f"  {row['target']:<20} {row['workload']:<14} {row['texts_per_s']:>9.1f} texts/s", flush=True
-            )
-    return [{"model": model["name"], **row} for row in rows]
 
 
 def _vllm_backend_present() -> bool:
@@ -244,9 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list of: inproc, vllm-offline, {', '.join(PEERS)}",
     )
     parser.add_argument("--workloads", default="", help="comma list (default all): see bench/workloads.py")
-    parser.add_argument(
-        "--duration", type=float, default=10.0, help="seconds of load per workload and target"
-    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per workload and target")
     parser.add_argument(
         "--overhead",
         action="store_true",
@@ -254,20 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--url", help="measure this OpenAI-compatible /v1/embeddings URL only (no peers)")
     parser.add_argument("--model-name", default=None, help="'model' to send with --url")
-    parser.add_argument(
-        "--tokenizer-dir", default=None, help="with --url: model dir to calibrate text lengths"
-    )
+    parser.add_argument("--tokenizer-dir", default=None, help="with --url: model dir to calibrate text lengths")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument(
-        "--dtype", default=None, help="default: bfloat16 where the CPU has it natively, else float32"
-    )
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 where the CPU has it natively, else float32")
     parser.add_argument("--models-dir", default="/tmp/bench-models", help="where make_model.py builds Qwen3")
     parser.add_argument("--infinity-venv", default="/tmp/v-infinity")
     parser.add_argument("--server-args", default="", help="extra flags for our server (quoted string)")
     parser.add_argument("--fma-pipes", type=int, default=2, help="FMA pipes per core for the peak estimate")
-    parser.add_argument(
-        "--src", default=None, help="source tree our server runs (default: this checkout's src)"
-    )
+    parser.add_argument("--src", default=None, help="source tree our server runs (default: this checkout's src)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<time>)")
     return parser.parse_args(argv)
@@ -284,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our server and the in-process engine run this source tree (or --src, to compare branches).
     src = Path(args.src).resolve() if args.src else ROOT / "src"
     if src.is_dir():
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in [str(src), os.environ.get("PYTHONPATH", "")] if p
-        )
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(src), os.environ.get("PYTHONPATH", "")] if p)
     machine = cpu_peak(args.fma_pipes)
     if args.dtype is None:
         args.dtype = "bfloat16" if machine["avx512_bf16"] or machine["amx_bf16"] else "float32"
@@ -307,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "skipped": [],
         "models": [],
-        "command": "python -m bench "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
     print(
         f"CPU {machine['model_name']}: {machine['cores']} cores, {machine['isa']}, peak fp32 "
@@ -317,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.url:
-            maker = _text_maker(args.tokenizer_dir, args.seed)
+            maker = text_maker(args.tokenizer_dir, args.seed)
             model = {"name": args.model_name or "url", "dir": args.url}
             result["models"].append(model)
             result["rows"] += asyncio.run(
-                _measure_url(
+                measure_url(
                     args.url,
                     args.model_name,
                     works,
@@ -340,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                 "encode. c1 latency is the per-request overhead; c64 texts/s its inverse cost.",
             }
             result["models"].append(model)
-            result["rows"] += _run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
+            result["rows"] += run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
         else:
             for model in _models([m for m in args.models.split(",") if m], Path(args.models_dir)):
                 result["models"].append(model)
                 print(f"== model {model['name']}: {model['dir']}", flush=True)
-                maker = _text_maker(model["dir"], args.seed)
+                maker = text_maker(model["dir"], args.seed)
                 rows: list[dict[str, Any]] = []
                 if "inproc" in targets or "vllm-offline" in targets:
                     engines = ["torch"] if "inproc" in targets else []
@@ -358,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                             result["skipped"].append(f"{model['name']}: inproc-vllm (no vLLM backend here)")
                     for engine in engines:
                         try:
-                            rows += _inprocess(engine, model, works, maker, args, out_dir)
+                            rows += inprocess(engine, model, works, maker, args, out_dir)
                         except Exception as exc:
                             result["skipped"].append(f"{model['name']}: inproc-{engine}: {exc}")
                             print(f"  skipped inproc-{engine}: {exc}", flush=True)
-                rows += _run_servers(
+                rows += run_servers(
                     [t for t in targets if t not in ("inproc", "vllm-offline")],
                     model,
                     works,
@@ -372,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     result,
                 )
                 if model["name"] == "qwen3":
-                    peak = (
-                        machine["peak_bf16_gflops"]
-                        if args.dtype == "bfloat16"
-                        else machine["peak_fp32_gflops"]
-                    )
+                    peak = machine["peak_bf16_gflops"] if args.dtype == "bfloat16" else machine["peak_fp32_gflops"]
                     _add_flops(rows, model, peak or 0.0)
                 result["rows"] += rows
     finally:
@@ -385,53 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out_dir}/results.json and results.md", flush=True)
     print(markdown(result))
     return 0
-
-
-def _run_servers(
-    names: list[str],
-    model: dict[str, Any],
-    works: list[Workload],
-    maker: TextMaker,
-    args: argparse.Namespace,
-    out_dir: Path,
-    result: dict[str, Any],
-) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        if name not in PEERS:
-            raise SystemExit(f"unknown target {name!r}; choose from inproc, {', '.join(PEERS)}")
-        max_len = _max_len(model["dir"]) if Path(model["dir"], "config.json").is_file() else 512
-        server = Server(
-            PEERS[name],
-            model["dir"],
-            model.get("st_dir", model["dir"]),
-            args.threads,
-            args.dtype,
-            out_dir / f"logs-{model['name']}",
-            max_len,
-            infinity_venv=args.infinity_venv,
-            extra_args=shlex.split(args.server_args) if PEERS[name].kind == "ours" else [],
-        )
-        try:
-            server.start()
-            asyncio.run(
-                wait_ready(
-                    server.url, model=SERVED_NAME, timeout_s=PEERS[name].ready_timeout_s, alive=server.alive
-                )
-            )
-            load_s = time.perf_counter() - server.started_at
-            print(f"  {name} ready in {load_s:.0f}s on port {server.port}", flush=True)
-            tag = {"model": model["name"], "target": name, "load_s": round(load_s, 1)}
-            rows += asyncio.run(
-                _measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag)
-            )
-        except Exception as exc:
-            reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"
-            result["skipped"].append(reason)
-            print(f"  skipped {reason}\n{server.log_tail()}", flush=True)
-        finally:
-            server.stop()
-    return rows
 
 
 if __name__ == "__main__":
