@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,7 +155,12 @@ class Server:
                 "--log-level",
                 "warning",
             ]
-        return cmd + self.extra_args, env
+        cmd += self.extra_args
+        cpus = sorted(os.sched_getaffinity(0))
+        if self.threads < len(cpus) and shutil.which("taskset"):
+            # Fewer threads than CPUs: pin every peer to the same CPUs so none can use more.
+            cmd = ["taskset", "-c", ",".join(str(c) for c in cpus[: self.threads]), *cmd]
+        return cmd, env
 
     def start(self) -> None:
         self.port = free_port()

@@ -76,9 +76,12 @@ def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
 
 
 def _vllm_backend_present() -> bool:
-    return (
-        importlib.util.find_spec("vllm") is not None
-        and importlib.util.find_spec("embedding_service.backends.vllm_backend") is not None
+    """vllm importable here, and a vLLM backend in the source tree our servers run (PYTHONPATH, see --src)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    roots = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return any(Path(r, "embedding_service", "backends", "vllm_backend.py").is_file() for r in roots) or (
+        importlib.util.find_spec("embedding_service.backends.vllm_backend") is not None
     )
 
 
