@@ -196,7 +196,8 @@ def run_servers(
             rows += asyncio.run(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag))
         except Exception as exc:
             reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"
-            result["skipped"].append(reason)
+            last = server.log_tail(1).strip()
+            result["skipped"].append(f"{reason} — server log: {last[:300]}" if last else reason)
             print(f"  skipped {reason}\n{server.log_tail()}", flush=True)
         finally:
             server.stop()
