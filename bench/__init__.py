@@ -1,0 +1,1 @@
+"""Benchmark harness for embedding-service and its peers (vllm serve, Infinity). See docs/bench.md."""

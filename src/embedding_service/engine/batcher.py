@@ -91,6 +91,7 @@ class Batcher:
         self._queued_tokens = 0
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._running = 0  # batches between dispatch and the release of their slot
         self._closed_error: ServiceError | None = None
         self.stats = BatchStats()
 
@@ -205,12 +206,16 @@ class Batcher:
                 while not self._items:
                     self._arrived.clear()
                     await self._arrived.wait()
-                if self._timeout > 0:
+                # Wait to fill a batch only while other batches are running: an idle backend gains
+                # nothing from waiting (the wait is pure latency), and while it is busy new work
+                # queues up on its own and goes out together once a slot frees.
+                if self._timeout > 0 and self._running > 0:
                     await self._wait_to_fill()
                 batch = self._take_batch()
                 if not batch:
                     self._slots.release()
                     continue
+                self._running += 1
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
@@ -242,6 +247,7 @@ class Batcher:
                 raise
             return
         finally:
+            self._running -= 1
             self._slots.release()
         elapsed = time.perf_counter() - started
         tokens = sum(len(item.ids) for item in batch)

@@ -1,0 +1,55 @@
+"""The batcher's wait policy: dispatch at once when the backend is idle, gather while it is busy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from embedding_service.engine.batcher import Batcher
+
+
+class GatedEmbed:
+    """An embed function whose calls block until released, recording each batch's size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.entered = threading.Semaphore(0)
+        self.gate = threading.Event()
+
+    def __call__(self, seqs):  # type: ignore[no-untyped-def]
+        self.sizes.append(len(seqs))
+        self.entered.release()
+        self.gate.wait(30)
+        return np.ones((len(seqs), 4), dtype=np.float32)
+
+
+async def test_idle_backend_gets_a_lone_request_without_waiting_for_the_timeout() -> None:
+    embed = GatedEmbed()
+    embed.gate.set()
+    with ThreadPoolExecutor(1) as pool:
+        # A 10-minute fill window: if the idle batcher waited for it, wait_for would time out.
+        batcher = Batcher(embed, pool, max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=600.0)
+        batcher.start()
+        vectors, _queued, _compute = await asyncio.wait_for(batcher.submit([[1, 2, 3]]), 30)
+        assert vectors.shape == (1, 4)
+        assert embed.sizes == [1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_requests_arriving_while_busy_go_out_together() -> None:
+    embed = GatedEmbed()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=0.005)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([[1, 2]]))
+        await asyncio.get_running_loop().run_in_executor(None, embed.entered.acquire)  # backend now busy
+        rest = [asyncio.ensure_future(batcher.submit([[3, i]])) for i in range(5)]
+        await asyncio.sleep(0)
+        embed.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        assert [r[0].shape for r in results] == [(1, 4)] * 6
+        assert embed.sizes == [1, 5]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]

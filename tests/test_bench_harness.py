@@ -1,0 +1,99 @@
+"""The benchmark harness's own logic: distinct deterministic texts, FLOP arithmetic, tables, a smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.flops import cpu_peak, model_flops_per_token
+from bench.loadgen import RunResult, percentile
+from bench.report import markdown
+from bench.workloads import WORKLOADS, TextMaker, select_workloads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_texts_are_distinct_within_and_across_workloads_and_repeatable() -> None:
+    maker = TextMaker(seed=7)
+    seen: set[str] = set()
+    for work in WORKLOADS:
+        texts = [t for request in maker.requests(work, 50) for t in request]
+        assert len(set(texts)) == len(texts)
+        assert not seen & set(texts), f"{work.name} repeats texts of another workload"
+        seen |= set(texts)
+    again = TextMaker(seed=7).requests(WORKLOADS[0], 50)
+    assert again == maker.requests(WORKLOADS[0], 50)
+    assert maker.requests(WORKLOADS[0], 50, salt=1) != again  # warm-up texts differ from measured ones
+
+
+def test_calibration_scales_words_to_the_token_target() -> None:
+    maker = TextMaker()
+    maker.calibrate(lambda texts: [3 * len(t.split()) for t in texts])  # a tokenizer of 3 tokens per word
+    short = maker.requests(select_workloads(["short-c1"])[0], 200)
+    mean_tokens = sum(3 * len(r[0].split()) for r in short) / len(short)
+    assert 12 <= mean_tokens <= 18
+
+
+def test_request_shapes_follow_the_workload() -> None:
+    maker = TextMaker()
+    batch = maker.requests(select_workloads(["batch32"])[0], 3)
+    assert [len(r) for r in batch] == [32, 32, 32]
+    mixed = maker.requests(select_workloads(["mixed-c16"])[0], 200)
+    assert {len(r) for r in mixed} <= set(range(1, 9)) and len({len(r) for r in mixed}) > 3
+    with pytest.raises(SystemExit):
+        select_workloads(["no-such-workload"])
+
+
+def test_qwen3_flops_per_token_match_the_model_card(tmp_path: Path) -> None:
+    config = {"model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    flops = model_flops_per_token(str(tmp_path), mean_len=1)
+    assert flops["matmul_params"] == pytest.approx(0.44e9, rel=0.01)
+    longer = model_flops_per_token(str(tmp_path), mean_len=501)
+    # causal attention: each token sees (L+1)/2 keys; 2 matmuls x 2 FLOPs x 16 heads x 128 x 28 layers
+    assert longer["attention_flops_per_token"] == pytest.approx(251 * 4 * 16 * 128 * 28)
+
+
+def test_cpu_peak_is_derived_from_flags() -> None:
+    peak = cpu_peak(fma_pipes=2, cores=1)
+    lanes = {"AVX-512": 16, "AVX2": 8, "AVX": 8, "SSE": 4}[peak["isa"]]
+    assert peak["fp32_flops_per_cycle_core"] == 2 * lanes * (2 if peak["fma"] else 1)
+
+
+def test_percentiles_and_summary() -> None:
+    assert percentile([5.0, 1.0, 3.0], 50) == 3.0
+    result = RunResult(requests=4, texts=8, tokens=80, wall_s=2.0, latencies_ms=[1.0, 2.0, 3.0, 4.0],
+                       server_cpu_s=0.4)
+    summary = result.summary()
+    assert summary["texts_per_s"] == 4.0 and summary["tokens_per_s"] == 40.0
+    assert summary["server_cpu_ms_per_req"] == 100.0
+
+
+def test_markdown_has_ratios_against_the_ceiling_and_peers() -> None:
+    machine = cpu_peak()
+    rows = [{"model": "m", "target": t, "workload": "short-c16", "requests": 1, "texts_per_s": v}
+            for t, v in [("inproc-engine-torch", 100.0), ("ours-torch", 90.0), ("vllm-serve", 60.0)]]
+    text = markdown({"started": "now", "machine": machine, "command": "python -m bench", "duration_s": 1,
+                     "threads": 2, "dtype": "float32", "models": [{"name": "m", "dir": "/m"}], "rows": rows,
+                     "skipped": ["m: infinity: not installed"]})
+    assert "| short-c16 | 100.0 | 90.0 | 60.0 | 0.90x | 1.50x |" in text
+    assert "infinity: not installed" in text
+
+
+@pytest.mark.slow
+def test_overhead_mode_runs_end_to_end(tmp_path: Path) -> None:
+    """Starts our server on the fake engine, drives it briefly, writes both reports."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--workloads", "short-c1,short-c16",
+                           "--duration", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["workload"]: r for r in result["rows"]}
+    assert set(rows) == {"short-c1", "short-c16"}
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows.values())
+    assert "ours-fake" in (tmp_path / "results.md").read_text()
