@@ -87,13 +87,3 @@ async def test_minilm_equals_sentence_transformers(minilm_dir: Path) -> None:
         assert ours[0] @ ours[1] > ours[0] @ ours[2]
     finally:
         await engine.stop()
-
-
-def test_float16_on_cpu_runs_as_bf16_or_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedding_service.backends import device
-
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert device.resolve_cpu_dtype("float16") == "bfloat16"
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert device.resolve_cpu_dtype("float16") == "float32"
-    assert device.resolve_cpu_dtype("float32") == "float32"

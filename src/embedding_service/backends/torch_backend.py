@@ -47,8 +47,8 @@ class TorchBackend:
             raise BackendLoadError("device 'cuda' was requested but torch sees no CUDA GPU (use --device cpu)")
         dtype_name = resolve_cpu_dtype(self._requested_dtype) if device == "cpu" else self._requested_dtype
         torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-        if device == "cpu" and os.cpu_count():
-            torch.set_num_threads(os.cpu_count() or 1)
+        if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)  # the cores this process may use
         try:
             config = AutoConfig.from_pretrained(self._model_dir)
             tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
