@@ -46,7 +46,10 @@ class EmbeddingConfig(BaseSettings):
     port: int = Field(8890, ge=1, le=65535, description="listen port")
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own engine")
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch, in texts")
-    batch_timeout_ms: float = Field(10.0, ge=0.0, le=10_000.0, description="longest wait to fill a batch while the engine is busy (an idle engine starts at once)")
+    batch_timeout_ms: float = Field(
+        10.0, ge=0.0, le=10_000.0,
+        description="longest wait to fill a batch while the engine is busy (an idle engine starts at once)",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     # --- engine selection ----------------------------------------------------------------------------
