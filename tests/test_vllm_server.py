@@ -3,6 +3,7 @@ no process left behind after SIGTERM, and a load failure that ends the server wi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import signal
@@ -109,21 +110,30 @@ def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_q
 
 
 def test_a_model_vllm_cannot_load_ends_the_server(server_factory, tiny_qwen_dir, tmp_path: Path) -> None:
-    """Weights that fail to load in vLLM's worker: the server exits non-zero, says why, and leaves nothing."""
+    """Weights that fail to load in vLLM's worker process (a tensor of the wrong shape): the server exits
+    non-zero, says why, and leaves none of the processes vLLM started."""
+    from safetensors.numpy import load_file, save_file
+
     broken = tmp_path / "broken-qwen3"
     shutil.copytree(tiny_qwen_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    weights = load_file(broken / "model.safetensors")
+    weights["norm.weight"] = weights["norm.weight"][: weights["norm.weight"].shape[0] // 2].copy()
+    save_file(weights, broken / "model.safetensors")
     server = server_factory(["--model-path", str(broken), *VLLM_ARGS])
     seen: set[int] = set()
     children: list = []
+    names: dict[int, str] = {}
     deadline = time.monotonic() + 240
     while server.proc.poll() is None and time.monotonic() < deadline:
         for proc in _descendants(server.proc.pid):  # remember every helper process it starts
             if proc.pid not in seen:
                 seen.add(proc.pid)
                 children.append(proc)
+            with contextlib.suppress(psutil.Error):  # vLLM renames its processes after they start
+                names[proc.pid] = proc.name()
         time.sleep(0.1)
     assert server.proc.poll() is not None, "the server did not exit after a failed load"
+    assert any("EngineCore" in name for name in names.values()), f"vLLM never started its engine: {names}"
     assert server.proc.returncode != 0
     log = server.log()
     assert "model load failed" in log and "vLLM could not load" in log, log
