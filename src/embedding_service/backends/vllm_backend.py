@@ -40,7 +40,7 @@ CPU_ENV_DEFAULTS = {
 _POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
 # Batches our batcher may have in flight at once; vLLM schedules their sequences together.
 _CONCURRENT_BATCHES = 4
-_SHUTDOWN_GRACE_S = 10.0
+_SHUTDOWN_GRACE_S = 5.0  # vLLM force-kills its engine core after this; nothing there needs saving
 
 
 class VllmBackend:
@@ -138,8 +138,7 @@ class VllmBackend:
             enforce_eager=self._enforce_eager,
             # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
             hf_overrides={"is_matryoshka": True} if matryoshka else {},
-            # The same pooling as the torch backend (from the sentence-transformers config); always unit norm.
-            pooler_config=PoolerConfig(seq_pooling_type=pooling, use_activation=True),  # type: ignore[arg-type]
+            pooler_config=_pooler_config(PoolerConfig, pooling),
         )
         self._driver = _EngineDriver(llm.llm_engine, llm.model_config)
 
@@ -275,6 +274,14 @@ class _EngineDriver:
         for job in jobs.values():
             if not job.future.done():
                 job.future.set_exception(error)
+
+
+def _pooler_config(cls: Any, pooling: str) -> Any:
+    """The same pooling as the torch backend (from the sentence-transformers config), always unit norm."""
+    try:
+        return cls(seq_pooling_type=pooling, use_activation=True)
+    except (TypeError, ValueError):  # vLLM before the sequence/token pooling split (tested: 0.32)
+        return cls(pooling_type=pooling, normalize=True)
 
 
 def _read_config(model_dir: str) -> dict[str, Any]:
