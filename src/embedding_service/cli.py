@@ -151,7 +151,10 @@ def serve(settings: EmbeddingConfig) -> int:
     app = create_app(settings, engine, on_fatal=fatal)
     server = uvicorn.Server(uvicorn.Config(app, **common))
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly
+        return 130
     if failures:
         return _fail(f"model load failed: {failures[0]}")
     return 0
