@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
 
 from embedding_service.api import app as app_module
 from embedding_service.backends import choice
+
+from .conftest import make_settings
 
 
 def _model(tmp_path: Path, model_type: str) -> str:

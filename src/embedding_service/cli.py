@@ -11,11 +11,14 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from .config import EmbeddingConfig
+from .logging_config import LogFormat
+from .logging_config import configure_logging as setup_logging
 
 __all__ = ["app_from_env", "build_parser", "load_settings", "main"]
 
@@ -40,10 +43,47 @@ def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argpars
                                help=help_text)
         else:
             serve.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+    _add_embed_command(commands)
     return parser
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _add_embed_command(commands: Any) -> None:
+    bulk = commands.add_parser("embed", help="embed a file of texts through a running server",
+                               description="Embed a .txt (one text per line) or .jsonl file through any "
+                                           "OpenAI-compatible server, with a progress bar.")
+    bulk.add_argument("input", type=Path, help=".txt or .jsonl file")
+    bulk.add_argument("-o", "--output", type=Path, required=True, help=".npy or .jsonl file to write")
+    bulk.add_argument("--url", default=os.environ.get("EMBEDDING_URL", "http://127.0.0.1:8890/v1"),
+                      help="server base URL [env EMBEDDING_URL]")
+    bulk.add_argument("--api-key", default=os.environ.get("EMBEDDING_API_KEY"), help="[env EMBEDDING_API_KEY]")
+    bulk.add_argument("--model", default=None)
+    bulk.add_argument("--instruction", default=None, help="Qwen3 query instruction")
+    bulk.add_argument("--dimensions", type=int, default=None)
+    bulk.add_argument("--field", default="text", help="the text field of .jsonl lines")
+    bulk.add_argument("--batch-size", type=int, default=64)
+    bulk.add_argument("--concurrency", type=int, default=4)
+    bulk.add_argument("--no-progress", action="store_true")
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .bulk import embed_file, read_texts, write_vectors
+
+    try:
+        texts = read_texts(args.input, args.field)
+        vectors = asyncio.run(embed_file(texts, url=args.url, api_key=args.api_key, model=args.model,
+                                         instruction=args.instruction, batch_size=args.batch_size,
+                                         concurrency=args.concurrency, dimensions=args.dimensions,
+                                         progress=not args.no_progress))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        return _fail(f"embed failed: {exc}")
+    write_vectors(args.output, vectors)
+    print(f"wrote {len(vectors)} embeddings to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _describe(error: Any) -> str:
     field = str(error["loc"][0]) if error.get("loc") else "config"
     return (f"invalid configuration: {field} ({_flag(field)} / EMBEDDING_{field.upper()}) = "
             f"{error.get('input')!r}: {error['msg']}")
@@ -58,9 +98,9 @@ def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] =
         raise SystemExit(2) from None
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("embedding_service").setLevel(level)
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Root logging in the chosen format, each line with its request id (see logging_config)."""
+    setup_logging(level, log_format)
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -98,7 +138,7 @@ def app_from_env() -> Any:
     from .api.app import create_app
 
     settings = EmbeddingConfig()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     def fatal(_exc: BaseException) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # a worker that cannot load takes the whole server down
@@ -113,7 +153,7 @@ def serve(settings: EmbeddingConfig) -> int:
     from .backends.base import BackendLoadError
     from .backends.resolve import resolve_model_dir
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if _port_in_use(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
@@ -148,7 +188,10 @@ def serve(settings: EmbeddingConfig) -> int:
         engine = build_engine(settings, model_dir or None)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    app = create_app(settings, engine, on_fatal=fatal)
+    try:
+        app = create_app(settings, engine, on_fatal=fatal)
+    except RuntimeError as exc:  # a setting that cannot be honoured (e.g. token_ids_tiktoken offline)
+        return _fail(str(exc))
     server = uvicorn.Server(uvicorn.Config(app, **common))
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
     try:
@@ -162,9 +205,11 @@ def serve(settings: EmbeddingConfig) -> int:
 
 def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"):
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
         args_list.insert(0, "serve")  # `embedding-service --demo` means serve
     args = build_parser(config_cls).parse_args(args_list)
+    if args.command == "embed":
+        return run_embed(args)
     if args.command != "serve":
         build_parser(config_cls).print_help()
         return 2

@@ -78,6 +78,10 @@ class EmbeddingConfig(BaseSettings):
         default_factory=lambda: ["Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"],
         description="models that accept `dimensions` (comma-separated); Qwen3 configs are detected too",
     )
+    token_ids_tiktoken: str | None = Field(
+        None, description="read token-id inputs as ids of this tiktoken encoding (cl100k_base: what LangChain "
+        "sends by default) and embed their text; default: ids of the served model's own tokenizer",
+    )
 
     # --- robustness ----------------------------------------------------------------------------------
     max_queue_requests: int = Field(1024, ge=1, le=1_000_000, description="queued requests before 503")
@@ -86,6 +90,11 @@ class EmbeddingConfig(BaseSettings):
     )
     request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
     shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
+
+    # --- operations ------------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log line format: text, or json (one object per line, for log shippers)"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -110,8 +119,30 @@ class EmbeddingConfig(BaseSettings):
         return self.model_path or self.model_name
 
     @property
+    def matryoshka_listed(self) -> bool:
+        """Whether `matryoshka_models` names the served model (hub id, served name, or a local dir's name).
+
+        A `--model-path` directory counts by its folder name only, so that the default model_name does not
+        switch Matryoshka on for some other local model. (The torch backend also detects Qwen3 configs.)
+        """
+        names = {self.served_model_name} if self.served_model_name else set()
+        if self.demo:
+            names.add(DEMO_MODEL_NAME)
+        elif self.model_path:
+            names.add(self.model_path.rstrip("/").rsplit("/", 1)[-1])
+        else:
+            names.add(self.model_name)
+        listed = set(self.matryoshka_models) | {name.rsplit("/", 1)[-1] for name in self.matryoshka_models}
+        return bool(names & listed)
+
+    @property
     def public_model_name(self) -> str:
         """The name clients see in responses and /v1/models."""
         if self.served_model_name:
             return self.served_model_name
-        return DEMO_MODEL_NAME if self.demo else self.model_name
+        if self.demo:
+            return DEMO_MODEL_NAME
+        if self.model_path and self.model_name == DEFAULT_MODEL:
+            # A local directory with no name given: its folder name, not the default hub id it may not be.
+            return self.model_path.rstrip("/").rsplit("/", 1)[-1] or self.model_name
+        return self.model_name

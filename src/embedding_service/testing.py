@@ -84,13 +84,12 @@ def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = No
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         padding_side="left", model_max_length=max_position_embeddings)
     tokenizer.save_pretrained(out)
-    dims = {**TINY_QWEN3_SHAPE, **(shape or {})}
+    dims: dict[str, Any] = {**TINY_QWEN3_SHAPE, **(shape or {})}
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         architectures=["Qwen3ForCausalLM"],

@@ -19,10 +19,12 @@ from ..backends.choice import vllm_fit
 from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
-from ..errors import ErrorKind, ServiceError, error_body
+from ..errors import ErrorKind, ServiceError
 from .middleware import ErrorEnvelopeMiddleware
+from .observability import install_observability
 from .protocol import EmbeddingRequest
 from .routes import ServiceContext, build_router
+from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["build_engine", "choose_engine", "create_app", "engine_options"]
 
@@ -77,7 +79,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         device=settings.device,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        matryoshka=settings.public_model_name in settings.matryoshka_models,
+        matryoshka=settings.matryoshka_listed,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
@@ -138,6 +140,8 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         requested_device=settings.device,
     )
+    if settings.token_ids_tiktoken:
+        ctx.token_ids_decoder = TiktokenDecoder(settings.token_ids_tiktoken)
 
     async def load() -> None:
         try:
@@ -164,6 +168,7 @@ def create_app(
     app.state.engine = engine
     app.state.context = ctx
     app.include_router(build_router(ctx))
+    install_observability(app, engine)
     _install_error_handlers(app)
     _add_request_schema(app)
     return app

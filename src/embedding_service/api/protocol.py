@@ -51,11 +51,22 @@ class _Options(BaseModel):
 
 def parse_json_body(body: bytes) -> Any:
     if not body:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "request body is empty; send a JSON object with 'input'")
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           "request body is empty; send a JSON object with 'input'")
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]  # a UTF-8 byte order mark (files saved by some editors): RFC 8259 lets us ignore it
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+        detail = str(exc)
+        if "UTF-8" in detail:
+            message = "request body is not valid UTF-8; send JSON encoded as UTF-8"
+        elif "surrogate" in detail:
+            message = (f"request body holds a lone surrogate escape such as \\ud800 ({detail}); "
+                       "strings must be valid Unicode")
+        else:
+            message = f"request body is not valid JSON: {detail}"
+        raise ServiceError(ErrorKind.INVALID_REQUEST, message) from None
 
 
 def _is_int(value: Any) -> bool:
@@ -69,8 +80,8 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         return [value], None
     if not isinstance(value, list):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
-                           f"'input' must be a string, a list of strings, or token ids; got {type(value).__name__}",
-                           param="input")
+                           "'input' must be a string, a list of strings, or token ids; "
+                           f"got {type(value).__name__}", param="input")
     if not value:
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is an empty list", param="input")
     first = value[0]
@@ -81,7 +92,8 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
                                    f"input[{index}] is {type(item).__name__}; all items must be strings",
                                    param="input")
             if not item:
-                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty string", param="input")
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is an empty string",
+                                   param="input")
         return list(value), None
     if _is_int(first):
         if not all(_is_int(item) for item in value):
@@ -104,16 +116,30 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
 def _check_text(texts: list[str]) -> None:
     for index, text in enumerate(texts):
         if "\x00" in text:
-            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character", param="input")
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character",
+                               param="input")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"input[{index}] is not valid Unicode (lone surrogate)", param="input") from None
+                               f"input[{index}] is not valid Unicode (lone surrogate)",
+                               param="input") from None
 
 
-def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
-    """Validate a decoded JSON body. Returns the engine request and the encoding format."""
+def _check_token_id_options(options: _Options) -> None:
+    # A prompt is text; prepending its tokens to ids would not match how the text tokenizes. Say so.
+    for name in ("instruction", "prompt_name"):
+        if getattr(options, name) is not None:
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"'{name}' applies to text input only; send the text instead of token ids",
+                               param=name)
+
+
+def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> tuple[EmbedRequest, str]:
+    """Validate a decoded JSON body. Returns the engine request and the encoding format.
+
+    `token_ids_are_text`: token ids will be decoded to text (tiktoken mode), so prompts may apply to them.
+    """
     if not isinstance(data, dict):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
                            f"request body must be a JSON object, got {type(data).__name__}")
@@ -124,16 +150,21 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err.get("loc") else None
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"'{field}': {err['msg']}", param=field) from None
-    fmt = options.encoding_format or "float"
+        got = orjson.dumps(err.get("input")).decode()[:80]
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}, got {got}",
+                           param=field) from None
+    fmt = "float" if options.encoding_format is None else options.encoding_format  # null means the default
     if fmt not in ("float", "base64"):
         raise ServiceError(ErrorKind.INVALID_REQUEST,
-                           f"encoding_format must be 'float' or 'base64', got '{fmt}'", param="encoding_format")
+                           f"encoding_format must be 'float' or 'base64', got '{fmt}'",
+                           param="encoding_format")
     if options.instruction is not None and not options.instruction.strip():
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' is empty", param="instruction")
     texts, token_ids = _parse_input(data["input"])
     if texts is not None:
         _check_text(texts)
+    elif not token_ids_are_text:
+        _check_token_id_options(options)
     request = EmbedRequest(
         texts=texts,
         token_ids=token_ids,
@@ -141,9 +172,12 @@ def parse_embedding_request(data: Any) -> tuple[EmbedRequest, str]:
         prompt_name=options.prompt_name,
         dimensions=options.dimensions,
         truncate=options.truncate,
+        token_ids_flat=token_ids is not None and _is_int(data["input"][0]),
     )
     if options.dimensions is not None and options.dimensions < 1:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "dimensions must be a positive integer", param="dimensions")
+        raise ServiceError(ErrorKind.INVALID_REQUEST,
+                           f"dimensions must be a positive integer, got {options.dimensions}",
+                           param="dimensions")
     return request, fmt
 
 

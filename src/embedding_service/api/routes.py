@@ -14,6 +14,7 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["ServiceContext", "build_router"]
 
@@ -32,6 +33,7 @@ class ServiceContext:
         self.max_body_bytes = max_body_bytes
         self.requested_device = requested_device
         self.created = int(time.time())
+        self.token_ids_decoder: TiktokenDecoder | None = None  # set when token_ids_tiktoken is configured
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -45,21 +47,23 @@ def _check_content_type(request: Request) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != _JSON and not media.endswith("+json"):
         raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-                           f"Content-Type must be application/json, got '{media}'", code="unsupported_media_type")
+                           f"Content-Type must be application/json, got '{media}' "
+                           "(curl: add -H 'Content-Type: application/json')", code="unsupported_media_type")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
-                           f"request body is {declared} bytes; the limit is {limit}", code="payload_too_large")
+                           f"request body is {declared} bytes; the limit is {limit}",
+                           code="payload_too_large")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
-                               code="payload_too_large")
+            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
+                               f"request body exceeds the limit of {limit} bytes", code="payload_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -111,14 +115,18 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     async def model(model_id: str) -> Response:
         if model_id != ctx.model_name:
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
-                               f"this server serves '{ctx.model_name}'", param="model", code="model_not_found")
+                               f"this server serves '{ctx.model_name}'", param="model",
+                               code="model_not_found")
         return _json(_model_card(ctx))
 
     async def embeddings(request: Request) -> Response:
         ctx.engine.check_ready()
         _check_content_type(request)
         data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
-        embed_request, encoding = parse_embedding_request(data)
+        decoder = ctx.token_ids_decoder
+        embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
+        if decoder is not None:
+            embed_request = decoder.to_text(embed_request)
         embed_request.request_id = request.headers.get("x-request-id")
         result = await ctx.engine.embed(embed_request)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)

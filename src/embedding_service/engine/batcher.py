@@ -7,6 +7,7 @@ the first batch that failed it. The queue is bounded; past its bounds `submit` r
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -126,7 +127,7 @@ class Batcher:
                    remaining=len(seqs))
         self._jobs.add(job)
         self._queued_tokens += tokens
-        job.future.add_done_callback(lambda _f, j=job: self._forget(j))
+        job.future.add_done_callback(functools.partial(self._forget_job, job))
         self._items.extend(_Item(job, i, ids) for i, ids in enumerate(seqs))
         self._arrived.set()
         vectors = await job.future  # cancellation (client gone, timeout) cancels the future: items are skipped
@@ -154,7 +155,7 @@ class Batcher:
         self._items.clear()
 
     # --- internals ---------------------------------------------------------------------------------------
-    def _forget(self, job: _Job) -> None:
+    def _forget_job(self, job: _Job, _future: object) -> None:
         if job in self._jobs:
             self._jobs.discard(job)
             self._queued_tokens -= job.tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -145,7 +145,7 @@ class EmbeddingEngine:
                                  prompts=info.prompts, default_prompt_name=info.default_prompt_name)
             seqs = await self._tokenize(texts)
         else:
-            seqs = self._prepare_ids(request.token_ids or [], info)
+            seqs = self._prepare_ids(request.token_ids or [], info, flat=request.token_ids_flat)
         seqs = self._enforce_lengths(seqs, info, request.truncate)
         total = sum(len(s) for s in seqs)
         if total > self.options.max_request_tokens:
@@ -169,7 +169,7 @@ class EmbeddingEngine:
     async def tokenize_count(self, texts: list[str]) -> list[int]:
         return [len(s) for s in await self._tokenize(texts)]
 
-    def _embed_batch(self, seqs: list[list[int]]) -> np.ndarray:
+    def _embed_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         try:
             return self.backend.embed(seqs)
         except BackendDeadError:
@@ -198,14 +198,19 @@ class EmbeddingEngine:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
                                param="input") from None
 
-    def _prepare_ids(self, token_ids: list[list[int]], info: BackendInfo) -> list[list[int]]:
+    def _prepare_ids(self, token_ids: list[list[int]], info: BackendInfo, *, flat: bool = False
+                     ) -> list[list[int]]:
         out: list[list[int]] = []
         for index, ids in enumerate(token_ids):
-            for value in ids:
+            for pos, value in enumerate(ids):
                 if not 0 <= value < info.vocab_size:
+                    where = f"input[{pos}]" if flat else f"input[{index}][{pos}]"
+                    # LangChain's OpenAIEmbeddings sends OpenAI (tiktoken) ids by default: the usual cause.
                     raise ServiceError(ErrorKind.INVALID_REQUEST,
-                                       f"input[{index}] has token id {value}, outside this model's vocabulary "
-                                       f"(0..{info.vocab_size - 1})", param="input")
+                                       f"{where} is token id {value}, outside this model's vocabulary "
+                                       f"(0..{info.vocab_size - 1}); token ids must come from this model's "
+                                       "tokenizer (LangChain: set check_embedding_ctx_length=False to send "
+                                       "text)", param="input", code="invalid_token_id")
             out.append(with_special_tokens(ids, info.special_prefix, info.special_suffix))
         return out
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 __all__ = ["EmbedRequest", "EmbedResult", "EngineState"]
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     LOADING = "loading"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
@@ -28,6 +28,7 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     request_id: str | None = None
+    token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
 
     @property
     def count(self) -> int:

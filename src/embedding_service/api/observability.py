@@ -1,0 +1,28 @@
+"""Wires metrics and request context into the app: the middleware, the engine hook and `GET /metrics`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import Response
+
+from ..engine.engine import EmbeddingEngine
+from ..metrics import CONTENT_TYPE, ServiceMetrics
+from .request_context import RequestContextMiddleware
+
+__all__ = ["install_observability"]
+
+
+def install_observability(app: FastAPI, engine: EmbeddingEngine) -> ServiceMetrics:
+    """Add request ids, timing headers and Prometheus metrics to `app`. Call after the other middleware,
+    so that this one is outermost and also sees (and counts) the error middleware's 500s."""
+    metrics = ServiceMetrics(engine)
+    app.state.metrics = metrics
+    app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request)
+    router = APIRouter()
+
+    @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(router)
+    return metrics

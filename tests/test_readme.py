@@ -1,0 +1,25 @@
+"""The README stays true: its configuration table is EmbeddingConfig's, its commands exist."""
+
+from __future__ import annotations
+
+import sys
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from config_table import BEGIN, END, config_table
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_configuration_table_matches_the_config_class() -> None:
+    table = README.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert table == config_table(), "run: python scripts/update_readme.py"
+
+
+def test_the_two_commands_are_there_and_point_at_real_files() -> None:
+    assert "make test" in README
+    assert 'pip install -r requirements/cpu.txt -e ".[torch,demo]" && embedding-service serve --demo' in README
+    assert (ROOT / "requirements" / "cpu.txt").is_file()
+    assert "test:" in (ROOT / "Makefile").read_text()
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
