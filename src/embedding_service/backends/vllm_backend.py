@@ -195,6 +195,14 @@ class VllmBackend:
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes and our loop; kill what outlives a grace period."""
         engine, self._engine = self._engine, None
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            # Stop vLLM's output handler and any request first: else the handler logs the engine's
+            # shutdown as an "EngineDeadError" traceback, and callers would wait on a stopped loop.
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(timeout=_SHUTDOWN_GRACE_S)
+            except Exception as exc:
+                log.debug("cancelling vLLM tasks: %s", exc)
         if engine is not None:
             try:
                 engine.shutdown(timeout=_SHUTDOWN_GRACE_S)
@@ -210,6 +218,13 @@ class VllmBackend:
         if leftovers:
             log.warning("killed %d vLLM process(es) that outlived shutdown: %s", len(leftovers), leftovers)
         self._children.clear()
+
+
+async def _cancel_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _token_input(ids: Sequence[int]) -> Any:
