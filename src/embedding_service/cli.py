@@ -212,7 +212,10 @@ def serve(settings: EmbeddingConfig) -> int:
 
     server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly
+        return 130
     if failures:
         what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
         return _fail(f"{what}: {failures[0]}")

@@ -62,6 +62,9 @@ class EmbeddingConfig(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=16, le=10_000_000, description="token budget of one batch (padded length x texts)"
     )
+    enforce_eager: bool = Field(
+        False, description="vLLM: skip torch.compile and CUDA graphs (loads faster, runs slower)"
+    )
 
     # --- request limits --------------------------------------------------------------------------------
     max_inputs_per_request: int = Field(2048, ge=1, le=100_000, description="most inputs in one request")

@@ -14,7 +14,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..backends import create_backend, vllm_available
+from ..backends import create_backend
+from ..backends.choice import vllm_fit
 from ..backends.resolve import resolve_model_dir
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
@@ -60,22 +61,20 @@ def engine_options(settings: EmbeddingConfig) -> EngineOptions:
     )
 
 
-def choose_engine(settings: EmbeddingConfig) -> str:
-    """The engine to run: as configured, or for `auto` vLLM where installed, else torch (logged)."""
+def choose_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> str:
+    """The engine to run: as configured, or for `auto` vLLM where installed and a fit, else torch (logged)."""
     if settings.engine != "auto":
         return settings.engine
-    if vllm_available():
-        log.info("engine auto: vLLM is installed, using it")
-        return "vllm"
-    log.info("engine auto: vLLM is not installed, using the transformers/torch engine")
-    return "torch"
+    use_vllm, why = vllm_fit(model_dir, settings.device)
+    log.info("engine auto: %s: using %s", why, "vLLM" if use_vllm else "the transformers/torch engine")
+    return "vllm" if use_vllm else "torch"
 
 
 def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> EmbeddingEngine:
     """The engine `settings` describe. Resolves (and if needed downloads) the model unless given a dir."""
-    kind = choose_engine(settings)
-    if model_dir is None and kind != "fake":
+    if model_dir is None and settings.engine != "fake":
         model_dir = resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
+    kind = choose_engine(settings, model_dir)
     backend = create_backend(
         kind,
         model_dir or settings.model_source,
@@ -87,6 +86,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         fake_options=_fake_options(settings) if kind == "fake" else None,
+        enforce_eager=settings.enforce_eager,
     )
     return EmbeddingEngine(backend, engine_options(settings))
 

