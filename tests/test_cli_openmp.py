@@ -7,28 +7,32 @@ import os
 import pytest
 
 from embedding_service.cli import _passive_openmp_for_torch
-from tests.conftest import make_settings
+
+from .conftest import make_settings
 
 
 def test_torch_engine_gets_passive_openmp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    _passive_openmp_for_torch(make_settings(engine="torch"))
-
-
+    _passive_openmp_for_torch(make_settings(engine="torch"), None)
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_user_choice_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    _passive_openmp_for_torch(make_settings(engine="torch"))
-
-
+    _passive_openmp_for_torch(make_settings(engine="torch"), None)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_vllm_engine_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    _passive_openmp_for_torch(make_settings(engine="vllm"))
-
-
+    _passive_openmp_for_torch(make_settings(engine="vllm"), None)
     assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_auto_follows_the_engine_auto_picks(monkeypatch: pytest.MonkeyPatch, minilm_dir) -> None:
+    from embedding_service.backends.choice import vllm_fit
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    _passive_openmp_for_torch(make_settings(engine="auto"), str(minilm_dir))
+    picks_torch = not vllm_fit(str(minilm_dir), "auto")[0]
+    assert ("OMP_WAIT_POLICY" in os.environ) == picks_torch

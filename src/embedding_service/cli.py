@@ -146,7 +146,7 @@ def app_from_env() -> Any:
     return create_app(settings, on_fatal=fatal)
 
 
-def _passive_openmp_for_torch(settings: EmbeddingConfig) -> None:
+def _passive_openmp_for_torch(settings: EmbeddingConfig, model_dir: str | None) -> None:
     """Let torch's idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
 
     The server's event loop and tokenizer thread share the CPUs with torch's OpenMP team; spinning workers
@@ -154,9 +154,10 @@ def _passive_openmp_for_torch(settings: EmbeddingConfig) -> None:
     descheduled thread. Measured on 2 busy cores (bench/RESULTS.md): MiniLM 3-5x the texts/s at 1 and 16
     clients. Read once when OpenMP loads, so it is set before torch is imported. vLLM manages its own.
     """
-    from .backends import vllm_available
+    from .backends.choice import vllm_fit
 
-    torch_engine = settings.engine == "torch" or (settings.engine == "auto" and not vllm_available())
+    torch_engine = settings.engine == "torch" or (
+        settings.engine == "auto" and not vllm_fit(model_dir or None, settings.device)[0])
     if torch_engine and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
@@ -169,7 +170,6 @@ def serve(settings: EmbeddingConfig) -> int:
     from .backends.resolve import resolve_model_dir
 
     configure_logging(settings.log_level, settings.log_format)
-    _passive_openmp_for_torch(settings)
     if _port_in_use(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
@@ -178,6 +178,7 @@ def serve(settings: EmbeddingConfig) -> int:
             settings.model_name, settings.model_path, settings.demo)
     except BackendLoadError as exc:
         return _fail(str(exc))
+    _passive_openmp_for_torch(settings, model_dir)
     uvicorn_level = settings.log_level.lower() if settings.log_level != "INFO" else "warning"
     common: dict[str, Any] = {
         "host": settings.host,
