@@ -68,5 +68,5 @@ def test_choose_engine_respects_an_explicit_engine_and_logs_auto(build, tmp_path
     assert app_module.choose_engine(make_settings(engine="vllm"), bert) == "vllm"
     with caplog.at_level("INFO", logger="embedding_service"):
         assert app_module.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
-        assert app_module.choose_engine(make_settings(engine="auto"), bert) == "torch"
+        assert app_module.choose_engine(make_settings(engine="auto"), _model(tmp_path, "t5")) == "torch"
     assert sum("engine auto" in record.message for record in caplog.records) == 2
