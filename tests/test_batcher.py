@@ -101,3 +101,19 @@ async def test_close_fails_waiting_requests_instead_of_leaving_them_hanging() ->
     await batcher.close(ServiceError(ErrorKind.DRAINING, "shutting down"))
     outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     assert any(isinstance(o, ServiceError) for o in outcomes)
+
+
+async def test_padded_batches_group_similar_lengths_oldest_first() -> None:
+    backend = FakeBackend(delay_s=0.05)
+    batcher = make(backend, max_batch_size=4, padded=True, batch_timeout_s=0.0)
+    blocker = asyncio.ensure_future(batcher.submit([[7] * 3]))  # keeps the backend busy while the rest queue
+    await asyncio.sleep(0.01)
+    lengths = [100, 3, 100, 3, 100, 3, 100, 3]
+    requests = [[[i + 10] * n] for i, n in enumerate(lengths)]
+    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    await blocker
+    assert backend.batches[1:] == [4, 4]
+    seen = backend.seen_lengths[1:]
+    assert sorted(seen[0]) == [100, 100, 100, 100] and sorted(seen[1]) == [3, 3, 3, 3]
+    for request, (vectors, _q, _c) in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(vectors, backend.embed(request))

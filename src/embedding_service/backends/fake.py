@@ -50,6 +50,7 @@ class FakeBackend:
         self.matryoshka = matryoshka
         self.eos_token_id = eos_token_id
         self.batches: list[int] = []  # sizes of the batches embedded, for tests of the batcher
+        self.seen_lengths: list[list[int]] = []  # sequence lengths of each batch
         self._lock = threading.Lock()
 
     def load(self) -> BackendInfo:
@@ -78,6 +79,7 @@ class FakeBackend:
         with self._lock:
             number = len(self.batches)
             self.batches.append(len(batch))
+            self.seen_lengths.append([len(ids) for ids in batch])
         log.debug("fake backend: batch %d embeds %d sequences", number, len(batch))
         if self.die_after is not None and number >= self.die_after:
             raise BackendDeadError("fake backend died")

@@ -168,6 +168,8 @@ class Batcher:
         return count * longest if self._padded else total
 
     def _take_batch(self) -> list[_Item]:
+        if self._padded:
+            return self._take_similar_lengths()
         batch: list[_Item] = []
         longest = total = 0
         while self._items and len(batch) < self._max_size:
@@ -182,6 +184,32 @@ class Batcher:
             batch.append(item)
             longest, total = max(longest, n), total + n
         return batch
+
+    def _take_similar_lengths(self) -> list[_Item]:
+        """Padded backends pay (longest x count): batch the oldest item with the queued items nearest its
+        length, looking a few batches deep. The oldest always goes first, so nothing starves."""
+        window: list[_Item] = []
+        while self._items and len(window) < 4 * self._max_size:
+            item = self._items.popleft()
+            if not item.job.done:
+                window.append(item)
+        if not window:
+            return []
+        anchor = len(window[0].ids)
+        order = [0, *sorted(range(1, len(window)), key=lambda i: (abs(len(window[i].ids) - anchor), i))]
+        chosen: list[int] = []
+        longest = 0
+        for index in order:
+            if len(chosen) == self._max_size:
+                break
+            n = len(window[index].ids)
+            if chosen and max(longest, n) * (len(chosen) + 1) > self._max_tokens:
+                continue
+            chosen.append(index)
+            longest = max(longest, n)
+        picked = set(chosen)
+        self._items.extendleft(reversed([item for i, item in enumerate(window) if i not in picked]))
+        return [window[i] for i in sorted(chosen)]
 
     def _pending_count(self) -> int:
         return len(self._items)
