@@ -135,21 +135,9 @@ class EmbeddingConfig(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("matryoshka_models", mode="before")
+    @field_validator("matryoshka_models", "api_keys", "auth_exempt_paths", "fake_fail_batches", mode="before")
     @classmethod
-    def _split_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
-
-    @field_validator("api_keys", "auth_exempt_paths", "fake_fail_batches", mode="before")
-    @classmethod
-    def _split_reliability_lists(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         return _split_json_or_csv(value)
 
     @field_validator("api_key_file")
@@ -177,7 +165,7 @@ class EmbeddingConfig(BaseSettings):
         if self.demo:
             names.add(DEMO_MODEL_NAME)
         elif self.model_path:
-            names.add(self.model_path.rstrip("/").rsplit("/", 1)[-1])
+            names.add(self._model_path_name)
         else:
             names.add(self.model_name)
         listed = set(self.matryoshka_models) | {name.rsplit("/", 1)[-1] for name in self.matryoshka_models}
@@ -192,8 +180,13 @@ class EmbeddingConfig(BaseSettings):
             return DEMO_MODEL_NAME
         if self.model_path and self.model_name == DEFAULT_MODEL:
             # A local directory with no name given: its folder name, not the default hub id it may not be.
-            return self.model_path.rstrip("/").rsplit("/", 1)[-1] or self.model_name
+            return self._model_path_name or self.model_name
         return self.model_name
+
+    @property
+    def _model_path_name(self) -> str:
+        """The folder name of `model_path` ("" when unset)."""
+        return (self.model_path or "").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _split_json_or_csv(value: object) -> object:
