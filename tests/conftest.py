@@ -73,10 +73,33 @@ async def client(fake_engine: EmbeddingEngine) -> AsyncIterator[httpx.AsyncClien
         yield http
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port that is free now, never handed out before in this session, and outside the kernel's
+    ephemeral range: a port from bind(0) can be taken by any outgoing connection (nginx to its upstreams,
+    the test clients) before the server binds it, or be handed out twice."""
+    ephemeral = _ephemeral_range()
+    unused = [port for port in range(20000 + os.getpid() % 5000, 65535) if port not in _HANDED_OUT]
+    candidates = [port for port in unused if port not in ephemeral] or unused  # a range set to cover all
+    for port in candidates[:2000]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 class ServerProcess:

@@ -104,10 +104,11 @@ async def test_close_fails_waiting_requests_instead_of_leaving_them_hanging() ->
 
 
 async def test_padded_batches_group_similar_lengths_oldest_first() -> None:
-    backend = FakeBackend(delay_s=0.05)
+    backend = FakeBackend(delay_s=0.3)
     batcher = make(backend, max_batch_size=4, padded=True, batch_timeout_s=0.0)
     blocker = asyncio.ensure_future(batcher.submit([[7] * 3]))  # keeps the backend busy while the rest queue
-    await asyncio.sleep(0.01)
+    while not backend.batches:
+        await asyncio.sleep(0.005)
     lengths = [100, 3, 100, 3, 100, 3, 100, 3]
     requests = [[[i + 10] * n] for i, n in enumerate(lengths)]
     results = await asyncio.gather(*(batcher.submit(r) for r in requests))

@@ -51,13 +51,18 @@ async def post(http: httpx.AsyncClient, text: str) -> httpx.Response:
 
 
 async def test_a_failing_batch_fails_only_its_requests(recorder: Recorder) -> None:
-    backend = FakeBackend(dimension=16, max_model_len=64, fail_batches=[1])
+    # Batch 0 is slow (0.5 s) so that the next three requests queue behind it and form batch 1 together:
+    # an idle backend takes a lone request at once, so without a busy batch 0 the grouping would be a race.
+    backend = FakeBackend(dimension=16, max_model_len=64, delay_s=0.5, fail_batches=[1])
     fatal: list[BaseException] = []
-    engine, http = await serve(backend, fatal, max_batch_size=3, batch_timeout_ms=200)
+    engine, http = await serve(backend, fatal, max_batch_size=3, batch_timeout_ms=0)
     try:
-        assert (await post(http, "first")).status_code == 200  # batch 0, alone (waits out the timeout)
+        first = asyncio.ensure_future(post(http, "first"))
+        while not backend.batches:  # wait until batch 0 is running
+            await asyncio.sleep(0.005)
         # Three concurrent requests fill batch 1, which raises: all three get the 500 envelope.
         failed = await asyncio.gather(*(post(http, f"text {i}") for i in range(3)))
+        assert (await first).status_code == 200
         assert backend.batches == [1, 3]
         for response in failed:
             assert response.status_code == 500
