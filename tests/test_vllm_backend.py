@@ -1,7 +1,8 @@
 """The vLLM backend against the torch backend on the tiny random Qwen3 (fp32): the same vectors, same ids.
 
-One vLLM engine is loaded for the whole module (loading costs about a minute on 2 CPU cores). The test that
-kills the engine runs last, on that same engine.
+Every test runs against both ways of driving vLLM's engine core: in this process (the CPU default) and in its
+own process (the GPU default). One engine of each kind is loaded for the module (about 20-40 s each on 2 CPU
+cores). The test that kills the engine runs last, on that same engine.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def torch_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
     backend.close()
 
 
-@pytest.fixture(scope="module")
-def vllm_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
+@pytest.fixture(scope="module", params=["in-process", "separate"])
+def vllm_backend(tiny_qwen_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[object, BackendInfo]]:
     from embedding_service.backends.vllm_backend import VllmBackend
 
     backend = VllmBackend(str(tiny_qwen_dir), model_label="tiny-qwen3", device="auto", dtype="float32",
-                          max_model_len=MAX_LEN, matryoshka=False, enforce_eager=True)
+                          max_model_len=MAX_LEN, matryoshka=False, enforce_eager=True,
+                          engine_core=request.param)
     info = backend.load()
     yield backend, info
     backend.close()
@@ -74,7 +76,11 @@ def test_info_reports_the_real_device_and_qwen3_matryoshka(vllm_backend, torch_b
     assert info.dtype == "float32"
     assert info.dimension == torch_info.dimension == 128
     assert info.matryoshka  # a qwen3 config is Matryoshka even when not listed in matryoshka_models
-    assert info.padded is False and info.max_concurrent_batches > 1
+    assert info.padded is False
+    # In-process, one batch runs at a time (our batcher builds the next meanwhile); in its own process, vLLM
+    # schedules several in-flight batches together.
+    in_process = _backend._in_process  # type: ignore[attr-defined]
+    assert (info.max_concurrent_batches == 1) if in_process else (info.max_concurrent_batches > 1)
     assert info.special_suffix == torch_info.special_suffix and info.special_suffix  # <|endoftext|>
     assert info.vocab_size == torch_info.vocab_size
     assert info.max_model_len == MAX_LEN
@@ -153,17 +159,25 @@ def test_a_request_vllm_refuses_fails_only_its_batch(vllm_backend) -> None:
     assert backend.embed(good).shape == (1, info.dimension)  # still serving
 
 
-def test_a_dead_engine_raises_backend_dead_error(vllm_backend) -> None:
-    """Runs last in this module: it kills the module's engine core process."""
+def test_a_dead_engine_raises_backend_dead_error(vllm_backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs last for each engine: it kills the engine core process, or breaks the in-process engine's step."""
     import psutil
 
     backend = vllm_backend[0]
     children = psutil.Process().children(recursive=True)
     cores = [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
-    assert cores, [p.name() for p in children]
-    for proc in cores:
-        os.kill(proc.pid, 9)
-    psutil.wait_procs(cores, timeout=10)
+    if backend._in_process:  # type: ignore[attr-defined]
+        assert cores == []  # no engine process to lose: a failing step is how this engine dies
+
+        def broken_step() -> None:  # the in-process client runs the engine step here
+            raise RuntimeError("simulated failure inside the model forward")
+
+        monkeypatch.setattr(backend._llm.llm_engine.engine_core, "get_output", broken_step)  # type: ignore[attr-defined]
+    else:
+        assert cores, [p.name() for p in children]
+        for proc in cores:
+            os.kill(proc.pid, 9)
+        psutil.wait_procs(cores, timeout=10)
     deadline = time.monotonic() + 30
     with pytest.raises(BackendDeadError):  # vLLM notices the death at once or within moments
         while time.monotonic() < deadline:

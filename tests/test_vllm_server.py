@@ -51,9 +51,19 @@ def _wait_gone(procs: list, timeout: float) -> list[str]:
     return _still_running(procs)
 
 
-def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_qwen_dir: Path) -> None:
+# Both ways to run vLLM's engine core: in the server's process (the CPU default) and in its own (the GPU one).
+ENGINE_CORES = pytest.mark.parametrize("engine_core", ["in-process", "separate"])
+
+
+def _is_engine_core(name: str) -> bool:
+    return "EngineCor" in name  # vLLM renames its process; names are cut at 15 characters
+
+
+@ENGINE_CORES
+def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_qwen_dir: Path,
+                                                          engine_core: str) -> None:
     openai = pytest.importorskip("openai")
-    server = server_factory(["--model-path", str(tiny_qwen_dir), *VLLM_ARGS])
+    server = server_factory(["--model-path", str(tiny_qwen_dir), *VLLM_ARGS, "--vllm-engine-core", engine_core])
     # Loading: /health answers 503 "loading" while vLLM starts (it takes tens of seconds here).
     seen_loading = False
     deadline = time.monotonic() + 240
@@ -100,7 +110,8 @@ def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_q
     assert float(np.min(np.sum(short_vectors * want, axis=1))) >= 0.9999
 
     children = _descendants(server.proc.pid)
-    assert any("EngineCore" in " ".join([p.name(), *p.cmdline()]) for p in children), children
+    cores = [p for p in children if _is_engine_core(" ".join([p.name(), *p.cmdline()]))]
+    assert cores if engine_core == "separate" else not cores, children
     server.proc.send_signal(signal.SIGTERM)
     # uvicorn re-raises the SIGTERM after its graceful shutdown, so -15 is a clean exit too.
     assert server.proc.wait(60) in (0, -signal.SIGTERM), server.log()
@@ -109,7 +120,9 @@ def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_q
     assert not left, f"processes outlived the server: {left}\n{server.log()}"
 
 
-def test_a_model_vllm_cannot_load_ends_the_server(server_factory, tiny_qwen_dir, tmp_path: Path) -> None:
+@ENGINE_CORES
+def test_a_model_vllm_cannot_load_ends_the_server(server_factory, tiny_qwen_dir, tmp_path: Path,
+                                                  engine_core: str) -> None:
     """Weights that fail to load in vLLM's worker process (a tensor of the wrong shape): the server exits
     non-zero, says why, and leaves none of the processes vLLM started."""
     from safetensors.numpy import load_file, save_file
@@ -119,7 +132,7 @@ def test_a_model_vllm_cannot_load_ends_the_server(server_factory, tiny_qwen_dir,
     weights = load_file(broken / "model.safetensors")
     weights["norm.weight"] = weights["norm.weight"][: weights["norm.weight"].shape[0] // 2].copy()
     save_file(weights, broken / "model.safetensors")
-    server = server_factory(["--model-path", str(broken), *VLLM_ARGS])
+    server = server_factory(["--model-path", str(broken), *VLLM_ARGS, "--vllm-engine-core", engine_core])
     seen: set[int] = set()
     children: list = []
     names: dict[int, str] = {}
@@ -133,7 +146,8 @@ def test_a_model_vllm_cannot_load_ends_the_server(server_factory, tiny_qwen_dir,
                 names[proc.pid] = proc.name()
         time.sleep(0.1)
     assert server.proc.poll() is not None, "the server did not exit after a failed load"
-    assert any("EngineCor" in name for name in names.values()), f"vLLM never started its engine: {names}"
+    if engine_core == "separate":
+        assert any(_is_engine_core(name) for name in names.values()), f"vLLM never started its engine: {names}"
     assert server.proc.returncode != 0
     log = server.log()
     assert "model load failed" in log and "vLLM could not load" in log, log

@@ -65,6 +65,9 @@ class EmbeddingConfig(BaseSettings):
     enforce_eager: bool = Field(
         False, description="vLLM: skip torch.compile and CUDA graphs (loads faster, runs slower)"
     )
+    vllm_engine_core: Literal["auto", "in-process", "separate"] = Field(
+        "auto", description="vLLM: engine core in this process (fastest on CPU) or its own (GPU); auto: by device"
+    )
 
     # --- request limits --------------------------------------------------------------------------------
     max_inputs_per_request: int = Field(2048, ge=1, le=100_000, description="most inputs in one request")

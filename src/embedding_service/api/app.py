@@ -87,6 +87,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         tensor_parallel_size=settings.tensor_parallel_size,
         fake_options=_fake_options(settings) if kind == "fake" else None,
         enforce_eager=settings.enforce_eager,
+        vllm_engine_core=settings.vllm_engine_core,
     )
     return EmbeddingEngine(backend, engine_options(settings))
 

@@ -30,6 +30,7 @@ def create_backend(
     tensor_parallel_size: int = 1,
     fake_options: Mapping[str, Any] | None = None,
     enforce_eager: bool = False,
+    vllm_engine_core: str = "auto",
 ) -> Backend:
     """Build (not load) the backend for `engine` ("torch", "vllm" or "fake")."""
     if engine == "fake":
@@ -50,6 +51,7 @@ def create_backend(
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
+            engine_core=vllm_engine_core,
         )
     from .torch_backend import TorchBackend
 
