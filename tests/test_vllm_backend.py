@@ -185,3 +185,23 @@ def test_a_dead_engine_raises_backend_dead_error(vllm_backend, monkeypatch: pyte
             time.sleep(0.2)
     with pytest.raises(BackendDeadError):  # and stays dead
         backend.embed(backend.tokenize(["and now?"]))
+
+
+def test_the_demo_model_loads_at_its_sentence_transformers_length(minilm_dir: Path) -> None:
+    """all-MiniLM-L6-v2 has 512 positions but sentence-transformers serves it at 256 (sentence_bert_config);
+    vLLM refuses a longer max_model_len, so `serve --demo` on vLLM must cap at 256, not fail to start."""
+    from embedding_service.backends.torch_backend import TorchBackend
+    from embedding_service.backends.vllm_backend import VllmBackend
+    from embedding_service.config import EmbeddingConfig
+
+    default_len = EmbeddingConfig.model_fields["max_model_len"].default
+    backend = VllmBackend(str(minilm_dir), dtype="float32", max_model_len=default_len, enforce_eager=True)
+    info = backend.load()
+    try:
+        assert info.max_model_len == 256 and info.dimension == 384
+        reference = TorchBackend(str(minilm_dir), device="cpu", dtype="float32", max_model_len=default_len)
+        assert reference.load().max_model_len == 256  # both engines take the same inputs
+        ids = reference.tokenize(["a short sentence", " ".join(["word"] * 200)])
+        assert _cosines(backend.embed(ids), reference.embed(ids)).min() >= 0.9999
+    finally:
+        backend.close()

@@ -37,6 +37,14 @@ class SentenceTransformersConfig:
     normalize: bool
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    # sentence_bert_config.json's max_seq_length: the length the model was trained and is served at by
+    # sentence-transformers (all-MiniLM-L6-v2: 256 of its 512 positions). vLLM refuses a longer max_model_len.
+    max_seq_length: int | None = None
+
+    def length_limit(self, max_position_embeddings: int | None) -> int | None:
+        """The longest input the model takes: its positions, capped by sentence-transformers' length."""
+        limits = [n for n in (max_position_embeddings, self.max_seq_length) if n]
+        return min(limits) if limits else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -75,11 +83,13 @@ def read_st_config(model_dir: str | Path, model_type: str | None) -> SentenceTra
     st = _read_json(root / "config_sentence_transformers.json")
     prompts = st.get("prompts") if isinstance(st.get("prompts"), dict) else {}
     default_prompt = st.get("default_prompt_name") if isinstance(st.get("default_prompt_name"), str) else None
+    max_seq = _read_json(root / "sentence_bert_config.json").get("max_seq_length")
     return SentenceTransformersConfig(
         pooling=pooling,
         normalize=normalize,
         prompts={str(k): str(v) for k, v in (prompts or {}).items()},
         default_prompt_name=default_prompt,
+        max_seq_length=max_seq if isinstance(max_seq, int) and max_seq > 0 else None,
     )
 
 

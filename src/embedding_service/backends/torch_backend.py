@@ -65,7 +65,7 @@ class TorchBackend:
         self._tokenizer, self._model, self._device = tokenizer, model, torch.device(device)
         prefix, suffix = special_tokens_added(tokenizer)
         hidden = int(getattr(config, "hidden_size", 0) or self.embed([[*prefix, 0, *suffix]]).shape[1])
-        limit = int(getattr(config, "max_position_embeddings", self._max_model_len) or self._max_model_len)
+        limit = self._st.length_limit(getattr(config, "max_position_embeddings", None)) or self._max_model_len
         info = BackendInfo(
             model=self._label,
             device=device,

@@ -94,7 +94,7 @@ class VllmBackend:
         config = _read_config(self._model_dir)
         model_type = str(config.get("model_type", ""))
         st = read_st_config(self._model_dir, model_type)
-        limit = int(config.get("max_position_embeddings") or self._max_model_len)
+        limit = st.length_limit(config.get("max_position_embeddings")) or self._max_model_len
         max_model_len = min(self._max_model_len, limit)
         matryoshka = self._matryoshka or model_type == "qwen3"
         try:
