@@ -198,44 +198,39 @@ class VllmBackend:
 
     def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
         """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
-        if self._in_process:
-            return self._embed_in_process(batch, dimensions)
-        loop = self._loop
-        if self._dead is not None or loop is None or self._engine is None:
+        running = self._llm is not None if self._in_process else self._engine is not None
+        if self._dead is not None or not running:
             raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
         try:
-            rows = asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), loop).result()
+            rows = self._run_in_process(batch, dimensions) if self._in_process else self._run_async(batch, dimensions)
         except Exception as exc:
-            if _is_engine_dead(exc) or getattr(self._engine, "errored", False):
-                self._dead = exc
-                log.error("the vLLM engine died: %s", _first_line(exc))
-                raise BackendDeadError(f"the vLLM engine died: {_first_line(exc)}") from exc
-            raise
-        return l2_normalize(np.stack(rows))
-
-    def _embed_in_process(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> np.ndarray:
-        runner, llm = self._runner, self._llm
-        if self._dead is not None or runner is None or llm is None:
-            raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
-        try:
-            rows = runner.submit(self._encode, llm, batch, dimensions).result()
-        except Exception as exc:
-            # vLLM checks every input before it runs any, and withdraws the batch when one is refused (too
-            # long, bad `dimensions`): the engine is still sound. A failure while it runs leaves it unsound.
-            if _is_refused_input(exc) and not _has_unfinished(llm):
+            if not self._broke_engine(exc):
                 raise
             self._dead = exc
-            log.error("the vLLM engine failed and is stopped: %s", _first_line(exc))
-            raise BackendDeadError(f"the vLLM engine failed: {_first_line(exc)}") from exc
+            log.error("the vLLM engine died: %s", _first_line(exc))
+            raise BackendDeadError(f"the vLLM engine died: {_first_line(exc)}") from exc
         return l2_normalize(np.stack(rows))
 
-    @staticmethod
-    def _encode(llm: Any, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+    def _broke_engine(self, exc: Exception) -> bool:
+        if self._in_process:
+            # vLLM checks every input before it runs any, and withdraws the batch when one is refused (too
+            # long, bad `dimensions`): the engine is still sound. A failure while it runs leaves it unsound.
+            return not (_is_refused_input(exc) and not _has_unfinished(self._llm))
+        return _is_engine_dead(exc) or bool(getattr(self._engine, "errored", False))
+
+    def _run_in_process(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
         from vllm import PoolingParams
 
-        outputs = llm.encode([_token_input(ids) for ids in batch], use_tqdm=False, pooling_task="embed",
-                             pooling_params=PoolingParams(task="embed", dimensions=dimensions))
-        return [np.asarray(output.outputs.data.float().numpy(), dtype=np.float32) for output in outputs]
+        assert self._runner is not None  # set together with self._llm
+        prompts = [_token_input(ids) for ids in batch]
+        params = PoolingParams(task="embed", dimensions=dimensions)
+        outputs = self._runner.submit(self._llm.encode, prompts, use_tqdm=False, pooling_task="embed",
+                                      pooling_params=params).result()
+        return [_vector(output) for output in outputs]
+
+    def _run_async(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+        assert self._loop is not None  # set together with self._engine
+        return asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), self._loop).result()
 
     async def _embed_batch(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
         results = await asyncio.gather(*(self._embed_one(ids, dimensions) for ids in batch),
@@ -254,7 +249,7 @@ class VllmBackend:
         request_id = f"emb-{next(self._ids)}"
         async for output in self._engine.encode(_token_input(ids), params, request_id=request_id):
             final = output
-        return np.asarray(final.outputs.data.float().numpy(), dtype=np.float32)
+        return _vector(final)
 
     # --- shutdown ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -320,6 +315,11 @@ def _has_unfinished(llm: Any) -> bool:
         return bool(llm.llm_engine.has_unfinished_requests())
     except Exception:  # cannot tell: assume the worst
         return True
+
+
+def _vector(output: Any) -> np.ndarray:
+    """A vLLM pooling output's vector as float32 numpy (vLLM returns a torch tensor)."""
+    return np.asarray(output.outputs.data.float().numpy(), dtype=np.float32)
 
 
 def _token_input(ids: Sequence[int]) -> Any:
