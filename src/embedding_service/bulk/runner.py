@@ -1,0 +1,225 @@
+"""A bulk job: plan the input, check the output path, embed chunk by chunk (resuming), join the parts.
+
+Memory is bounded by the chunks in flight (pipeline_depth x chunk_rows texts and vectors), not the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .local import BulkRowError
+from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, remove_tree, work_dir
+from .progress import Progress
+from .readers import BulkInputError, Chunk, ChunkReader, Plan, expand_inputs, scan
+from .writers import finalize, output_format, part_table, read_fingerprint, write_part
+
+__all__ = ["Embedder", "Job", "JobState", "Summary", "run_job"]
+
+log = logging.getLogger("embedding_service")
+
+
+class Embedder(Protocol):
+    pipeline_depth: int
+    dimension: int | None
+
+    def fingerprint(self) -> dict[str, Any]: ...
+    async def start(self) -> None: ...
+    async def embed(self, texts: list[str], on_progress: Any) -> tuple[np.ndarray, int]: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Job:
+    inputs: list[str]
+    output: Path
+    column: str = "text"
+    id_column: str | None = None
+    skip_empty: bool = False
+    chunk_rows: int = 8192
+    include_text: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    log_every_s: float = 30.0
+
+    def plan(self) -> tuple[Plan, str]:
+        """Cheap checks and the input plan, before any model is loaded."""
+        fmt = output_format(self.output)
+        if fmt == "npy" and self.skip_empty:
+            raise ValueError("--skip-empty with a .npy output would lose which rows were skipped; write .parquet "
+                             "or .jsonl (they keep ids)")
+        if not self.output.parent.is_dir():
+            raise ValueError(f"output folder {self.output.parent} does not exist")
+        paths = expand_inputs(self.inputs)
+        if self.output.resolve() in paths:
+            raise ValueError(f"output {self.output} is also an input")
+        plan = scan(paths, column=self.column, id_column=self.id_column, skip_empty=self.skip_empty,
+                    chunk_rows=self.chunk_rows)
+        if not plan.total_rows:
+            raise BulkInputError(f"no rows to embed in {', '.join(str(p) for p in paths[:3])}"
+                                 f"{' ...' if len(paths) > 3 else ''} (empty input)")
+        return plan, fmt
+
+
+@dataclass
+class Summary:
+    rows: int
+    skipped: int
+    tokens: int
+    seconds: float
+    new_rows: int  # embedded by this run (a resumed run did the rest before)
+    output: Path
+    already_done: bool = False
+
+    def line(self) -> str:
+        if self.already_done:
+            return f"embedding-service embed: {self.output} is already complete ({self.rows} rows); nothing to do"
+        rate = self.new_rows / max(self.seconds, 1e-9)
+        extra = f"; {self.skipped} empty rows skipped" if self.skipped else ""
+        if self.new_rows != self.rows:
+            extra += f"; {self.rows - self.new_rows} rows were done before (resumed)"
+        return (f"embedding-service embed: {self.rows} rows, {self.tokens} tokens in {self.seconds:.1f}s "
+                f"({rate:.1f} texts/s) -> {self.output}{extra}")
+
+
+class JobState:
+    """The output path: work folder, manifest and parts; shared by the in-process and Ray runners."""
+
+    def __init__(self, job: Job, fmt: str, fingerprint: dict[str, Any]) -> None:
+        self.job, self.fmt, self.fingerprint = job, fmt, fingerprint
+        self.folder = work_dir(job.output)
+        self.complete = False
+        if job.overwrite:
+            job.output.unlink(missing_ok=True)
+            remove_tree(self.folder)
+        manifest_path = self.folder / "manifest.json"
+        if manifest_path.is_file():
+            manifest = Manifest.load(manifest_path)
+            if manifest.fingerprint != fingerprint and not manifest.valid_parts(self.folder):
+                manifest = Manifest(fingerprint)  # nothing was done: nothing to mix, start afresh
+                remove_tree(self.folder)
+                self.folder.mkdir()
+                manifest.save(manifest_path)
+            if manifest.fingerprint != fingerprint:
+                changed = describe_mismatch(manifest.fingerprint, fingerprint)
+                raise FingerprintMismatch(
+                    f"{self.folder} holds a run with other settings ({changed}); "
+                    "rerun the original command to finish it, or pass --overwrite to start again")
+            manifest.parts = manifest.parts[: manifest.valid_parts(self.folder)]
+        elif job.output.exists():
+            if read_fingerprint(job.output) == fingerprint:
+                self.complete = True
+                manifest = Manifest(fingerprint)
+            else:
+                raise FingerprintMismatch(f"{job.output} already exists (from another job or other settings); "
+                                          "pass --overwrite to replace it, or choose another -o")
+        else:
+            self.folder.mkdir(exist_ok=True)
+            manifest = Manifest(fingerprint)
+            manifest.save(manifest_path)
+        self.manifest = manifest
+
+    @property
+    def parts_done(self) -> int:
+        return len(self.manifest.parts)
+
+    @property
+    def rows_in_done(self) -> int:
+        return sum(p.rows_in for p in self.manifest.parts)
+
+    def add_part(self, chunk: Chunk, vectors: np.ndarray, tokens: int) -> None:
+        """Write the next part, then record it (a kill between the two redoes this chunk)."""
+        manifest = self.manifest
+        if chunk.spec.index != len(manifest.parts):
+            raise AssertionError(f"chunk {chunk.spec.index} written out of order")
+        if len(chunk.texts):
+            dim, id_type = int(vectors.shape[1]), str(chunk.ids.type)
+            if manifest.dimension not in (None, dim):
+                raise BulkInputError(f"vectors changed dimension from {manifest.dimension} to {dim} mid-job")
+            if manifest.id_type not in (None, id_type):
+                raise BulkInputError(f"{self._where(chunk)}: ids are {id_type}, earlier rows' ids are "
+                                     f"{manifest.id_type}; ids must have one type")
+            manifest.dimension, manifest.id_type = dim, id_type
+        table = part_table(chunk.ids, vectors, chunk.texts if self.job.include_text else None)
+        size = write_part(self.folder, chunk.spec.index, table)
+        manifest.parts.append(PartRecord(rows_in=chunk.spec.stop - chunk.spec.start, rows_out=len(chunk.texts),
+                                         tokens=tokens, bytes=size))
+        manifest.save(self.folder / "manifest.json")
+
+    def _where(self, chunk: Chunk) -> str:
+        return f"chunk {chunk.spec.index} (rows {chunk.spec.start}-{chunk.spec.stop - 1})"
+
+    def finish(self) -> None:
+        finalize(self.folder, self.manifest, self.job.output, self.fmt, self.fingerprint)
+        remove_tree(self.folder)
+
+    def summary(self, seconds: float, new_rows: int) -> Summary:
+        parts = self.manifest.parts
+        if self.complete:
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(self.job.output).metadata.num_rows
+            return Summary(rows, 0, 0, seconds, 0, self.job.output, already_done=True)
+        return Summary(sum(p.rows_out for p in parts), sum(p.rows_in - p.rows_out for p in parts),
+                       sum(p.tokens for p in parts), seconds, new_rows, self.job.output)
+
+
+def row_error(chunk: Chunk, plan: Plan, error: BulkRowError) -> BulkInputError:
+    info = plan.files[chunk.spec.file]
+    name = info.row_name(chunk.rows[error.index]) if 0 <= error.index < len(chunk.rows) else str(info.path)
+    message = error.message.replace('send "truncate": true', "pass --truncate")
+    return BulkInputError(f"{name}: text {message}" if message.startswith(("has ", "is ")) else f"{name}: {message}")
+
+
+async def run_job(job: Job, embedder: Embedder) -> Summary:
+    started = time.monotonic()
+    plan, fmt = await asyncio.to_thread(job.plan)
+    fingerprint = {**plan.fingerprint(), **await asyncio.to_thread(embedder.fingerprint), "output": fmt,
+                   "include_text": job.include_text}
+    state = JobState(job, fmt, fingerprint)
+    if state.complete:
+        return state.summary(time.monotonic() - started, 0)
+    remaining = plan.chunks[state.parts_done:]
+    if state.parts_done:
+        log.info("resuming %s: %d of %d chunks already done", job.output, state.parts_done, len(plan.chunks))
+    new_rows = 0
+    if remaining:
+        await embedder.start()
+        progress = Progress(plan.total_rows, state.rows_in_done, bar=job.progress, log_every_s=job.log_every_s)
+        reader = ChunkReader(plan)
+        pending: deque[tuple[Chunk, asyncio.Task[tuple[np.ndarray, int]]]] = deque()
+
+        async def write_oldest() -> None:
+            chunk, task = pending.popleft()
+            try:
+                vectors, tokens = await task
+            except BulkRowError as exc:
+                raise row_error(chunk, plan, exc) from None
+            await asyncio.to_thread(state.add_part, chunk, vectors, tokens)
+
+        try:
+            for spec in remaining:
+                chunk = await asyncio.to_thread(reader.read, spec)
+                progress.update(chunk.skipped)
+                new_rows += len(chunk.texts)
+                pending.append((chunk, asyncio.create_task(embedder.embed(chunk.texts, progress.update))))
+                while len(pending) >= embedder.pipeline_depth:
+                    await write_oldest()
+            while pending:
+                await write_oldest()
+        finally:
+            for _, task in pending:
+                task.cancel()
+            await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+            reader.close()
+            progress.close()
+            await embedder.close()
+    await asyncio.to_thread(state.finish)
+    return state.summary(time.monotonic() - started, new_rows)

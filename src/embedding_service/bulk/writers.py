@@ -1,0 +1,166 @@
+"""Outputs of a bulk job: parts (parquet, one per chunk) and the final file they are joined into.
+
+Final formats, by the output's suffix:
+- .parquet: columns `id`, `text` (with --include-text) and `embedding`, a fixed-size list of float32 (the
+  layout vector databases load); one row group per chunk; the job's fingerprint in the schema metadata.
+- .npy: a float32 matrix, rows in input order (vectors only).
+- .jsonl: `{"id": ..., "text"?: ..., "embedding": [...]}` per line.
+The final file is written beside the output and renamed over it, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from .faults import fault_point
+from .manifest import Manifest, atomic_write, fsync_dir, part_name
+
+__all__ = [
+    "METADATA_KEY",
+    "OUTPUT_FORMATS",
+    "finalize",
+    "output_format",
+    "part_table",
+    "read_fingerprint",
+    "write_part",
+]
+
+OUTPUT_FORMATS = {".parquet": "parquet", ".npy": "npy", ".jsonl": "jsonl"}
+METADATA_KEY = b"embedding_service.bulk"
+
+
+def output_format(path: Path) -> str:
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"output {path}: unknown format {path.suffix or '(no suffix)'}; use .parquet, .npy or .jsonl")
+    return fmt
+
+
+def part_table(ids: pa.Array, vectors: np.ndarray, texts: list[str] | None) -> pa.Table:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    columns: dict[str, Any] = {"id": ids}
+    if texts is not None:
+        columns["text"] = pa.array(texts, pa.string())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.table(columns)
+
+
+def write_part(folder: Path, number: int, table: pa.Table) -> int:
+    """Write part `number` atomically; returns its size in bytes."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="none")  # temporary: CPU is for the model
+    data = buffer.getvalue()
+    atomic_write(folder / part_name(number), data, fault="part")
+    return len(data)
+
+
+def finalize(folder: Path, manifest: Manifest, output: Path, fmt: str, fingerprint: dict[str, Any]) -> None:
+    """Join the parts into `output` (atomically). Memory: one part at a time."""
+    tmp = folder / ("final" + output.suffix)  # inside the work folder: nothing lands beside the output
+    parts = [folder / part_name(n) for n in range(len(manifest.parts))]
+    if fmt == "parquet":
+        _join_parquet(parts, tmp, fingerprint)
+    elif fmt == "npy":
+        _join_npy(parts, tmp, sum(p.rows_out for p in manifest.parts), manifest.dimension or 0)
+    else:
+        _join_jsonl(parts, tmp)
+    os.replace(tmp, output)
+    fsync_dir(output.parent)
+    fault_point("final-renamed")
+
+
+def read_fingerprint(output: Path) -> dict[str, Any] | None:
+    """The fingerprint a finished parquet output was written with (None for other formats or files)."""
+    import pyarrow.parquet as pq
+
+    if output.suffix.lower() != ".parquet":
+        return None
+    try:
+        metadata = pq.read_schema(output).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    raw = metadata.get(METADATA_KEY)
+    return orjson.loads(raw) if raw else None
+
+
+def _read_part(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _join_parquet(parts: list[Path], tmp: Path, fingerprint: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    writer: pq.ParquetWriter | None = None
+    try:
+        for number, path in enumerate(parts):
+            table = _read_part(path)
+            if not table.num_rows:
+                continue  # a chunk whose rows were all skipped (its empty columns may lack the final types)
+            if writer is None:
+                schema = table.schema.with_metadata({METADATA_KEY: orjson.dumps(fingerprint)})
+                writer = pq.ParquetWriter(tmp, schema, compression="snappy")
+            writer.write_table(table.cast(writer.schema))
+            if number == len(parts) // 2:
+                fault_point("final-mid-write")
+        if writer is None:  # no rows at all: still a valid, empty file
+            schema = pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32(), 0))],
+                               metadata={METADATA_KEY: orjson.dumps(fingerprint)})
+            writer = pq.ParquetWriter(tmp, schema)
+    finally:
+        if writer is not None:
+            writer.close()
+    _fsync(tmp)
+
+
+def _join_npy(parts: list[Path], tmp: Path, rows: int, dim: int) -> None:
+    with tmp.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
+        for number, path in enumerate(parts):
+            column = _read_part(path).column("embedding").combine_chunks()
+            f.write(np.asarray(column.values.to_numpy(zero_copy_only=False), dtype="<f4").tobytes())
+            if number == len(parts) // 2:
+                f.flush()
+                fault_point("final-mid-write")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _join_jsonl(parts: list[Path], tmp: Path) -> None:
+    with tmp.open("wb") as f:
+        for number, path in enumerate(parts):
+            table = _read_part(path)
+            ids = table.column("id").to_pylist()
+            texts = table.column("text").to_pylist() if "text" in table.column_names else None
+            column = table.column("embedding").combine_chunks()
+            dim = column.type.list_size
+            matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(ids) else None
+            for row, ident in enumerate(ids):
+                item: dict[str, Any] = {"id": ident}
+                if texts is not None:
+                    item["text"] = texts[row]
+                assert matrix is not None
+                item["embedding"] = matrix[row]
+                f.write(orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+            if number == len(parts) // 2:
+                f.flush()
+                fault_point("final-mid-write")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
