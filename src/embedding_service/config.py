@@ -101,6 +101,9 @@ class EmbeddingConfig(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="log line format: text, or json (one object per line, for log shippers)"
     )
+    api_docs: bool = Field(
+        True, description="serve the API reference (/docs, /redoc, /openapi.json; open without an API key)"
+    )
 
     # --- security and rate limits (api/security.py) ------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -21,10 +21,11 @@ from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine, EngineOptions
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
+from .docs import DOCS_PATHS, install_docs
 from .lifecycle import CancelOnDisconnect, CloseConnectionsWhile
 from .middleware import ErrorEnvelopeMiddleware
 from .observability import install_observability
-from .protocol import EmbeddingRequest
+from .openapi import install_openapi
 from .routes import ServiceContext, build_router
 from .security import install_security
 from .tiktoken_ids import TiktokenDecoder
@@ -151,6 +152,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         requested_device=settings.device,
     )
+    ctx.api_docs = settings.api_docs
     if settings.token_ids_tiktoken:
         ctx.token_ids_decoder = TiktokenDecoder(settings.token_ids_tiktoken)
 
@@ -173,11 +175,12 @@ def create_app(
             await engine.drain(settings.shutdown_timeout)
             await engine.stop()
 
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: ours (api/docs.py) are served offline.
     app = FastAPI(title="Embedding Service", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible text embeddings")
+                  description="OpenAI-compatible text embeddings", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(ErrorEnvelopeMiddleware)
     app.add_middleware(CancelOnDisconnect)
-    install_security(app, settings)
+    install_security(app, settings, open_paths=DOCS_PATHS if settings.api_docs else ())
     app.add_middleware(CloseConnectionsWhile, condition=lambda: engine.state is EngineState.DRAINING)
     if on_fatal is not None:
         engine.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
@@ -186,21 +189,8 @@ def create_app(
     app.include_router(build_router(ctx))
     install_observability(app, engine)
     _install_error_handlers(app)
-    _add_request_schema(app)
+    install_openapi(app)
+    if settings.api_docs:
+        install_docs(app, title=app.title)
     return app
 
-
-def _add_request_schema(app: FastAPI) -> None:
-    """Publish EmbeddingRequest in the OpenAPI components (the route parses the body itself, for speed)."""
-    original = app.openapi
-
-    def openapi() -> dict:  # type: ignore[type-arg]
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = original()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["EmbeddingRequest"] = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

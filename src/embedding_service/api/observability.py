@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from ..engine.engine import EmbeddingEngine
 from ..metrics import CONTENT_TYPE, ServiceMetrics
+from .openapi import operation_doc
 from .request_context import RequestContextMiddleware
 
 __all__ = ["install_observability"]
@@ -20,7 +21,8 @@ def install_observability(app: FastAPI, engine: EmbeddingEngine) -> ServiceMetri
     app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request)
     router = APIRouter()
 
-    @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
+    @router.get("/metrics", response_class=Response, **operation_doc(
+        "Prometheus metrics of this process", media_type="text/plain", tags=["service"]))
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

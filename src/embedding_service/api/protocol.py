@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import sys
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -13,26 +13,51 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["EmbeddingRequest", "encode_embeddings", "parse_embedding_request", "parse_json_body"]
+__all__ = ["EMBEDDING_EXAMPLES", "EmbeddingRequest", "encode_embeddings", "parse_embedding_request", "parse_json_body"]
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class EmbeddingRequest(BaseModel):
-    """The body of POST /v1/embeddings. Unknown fields (`user`, ...) are accepted and ignored."""
+    """The body of POST /v1/embeddings, as documented. The route parses bodies itself (strict, and with
+    messages a person can act on); schemathesis checks that it rejects what this schema rules out.
+    Unknown fields (`user`, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="text, list of texts, token ids, or list of token-id lists"
-    )
+    input: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1)
+    ] = Field(..., description="text, list of texts, token ids, or list of token-id lists")
     model: str | None = Field(None, description="accepted, not used to select anything (one model is served)")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="Matryoshka models only: output size")
-    instruction: str | None = Field(None, description="Qwen3 task instruction for queries")
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="float: a JSON array; base64: little-endian float32 bytes (the OpenAI SDK's default)"
+    )
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka models only: output size")
+    instruction: str | None = Field(
+        None, pattern=r"\S", description="Qwen3 task instruction for queries (text input only)"
+    )
     prompt_name: str | None = Field(None, description="a sentence-transformers prompt of the model")
     truncate: bool | None = Field(None, description="truncate over-long inputs instead of failing")
     user: str | None = None
+
+
+# Request examples for the API reference, from the product spec (its quick start and client examples).
+EMBEDDING_EXAMPLES: dict[str, dict[str, Any]] = {
+    "single": {"summary": "one text", "value": {"input": "Hello, world!"}},
+    "batch": {"summary": "a batch of texts", "value": {
+        "input": ["Hello, world!", "Embeddings turn text into vectors.", "Batching on the client is faster."]}},
+    "instruction": {"summary": "a query with a Qwen3 task instruction", "value": {
+        "input": ["What is the capital of China?"],
+        "instruction": "Given a web search query, retrieve relevant passages"}},
+    "base64": {"summary": "base64-encoded float32 (what the OpenAI SDK asks for)", "value": {
+        "input": ["Hello, world!"], "encoding_format": "base64"}},
+    "dimensions": {"summary": "a shorter Matryoshka vector (Qwen3-Embedding)", "value": {
+        "input": "Hello, world!", "dimensions": 256}},
+}
 
 
 class _Options(BaseModel):

@@ -6,20 +6,29 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from .. import __version__
 from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
-from .protocol import EmbeddingRequest, encode_embeddings, parse_embedding_request, parse_json_body
+from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .protocol import (
+    EMBEDDING_EXAMPLES,
+    EmbeddingRequest,
+    encode_embeddings,
+    parse_embedding_request,
+    parse_json_body,
+)
 from .ratelimit import TOKEN_ADMISSION_KEY
+from .schemas import EmbeddingResponse, Health, ModelCard, ModelList, ServiceInfo
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["ServiceContext", "build_router"]
 
 _JSON = "application/json"
+_MS = r"^[0-9]+\.[0-9]{2}$"
 
 
 class ServiceContext:
@@ -35,6 +44,7 @@ class ServiceContext:
         self.requested_device = requested_device
         self.created = int(time.time())
         self.token_ids_decoder: TiktokenDecoder | None = None  # set when token_ids_tiktoken is configured
+        self.api_docs = True  # /docs and /redoc are served
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -71,14 +81,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def build_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter()
-    body_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}},
-        }
-    }
 
-    @router.get("/", summary="Service information")
+    @router.get("/", **operation_doc("Service information", response=ServiceInfo, tags=["service"]))
     async def info() -> Response:
         engine = ctx.engine
         return _json({
@@ -88,10 +92,14 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "status": engine.state.value,
             "engine": engine.info.engine if engine.info else None,
             "dimension": engine.info.dimension if engine.info else None,
-            "endpoints": ["/health", "/v1/embeddings", "/embeddings", "/v1/models", "/docs"],
+            "endpoints": ["/health", "/v1/embeddings", "/embeddings", "/v1/models",
+                          *(["/docs", "/redoc"] if ctx.api_docs else [])],
         })
 
-    @router.get("/health", summary="Health check: 200 when serving, 503 while loading, draining or failed")
+    @router.get("/health", **operation_doc(
+        "Health check: 200 when serving, 503 while loading, draining or failed", response=Health, tags=["service"],
+        responses={503: {"description": "not serving: loading, draining or unhealthy (the same body)",
+                         "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Health"}}}}}))
     async def health() -> Response:
         engine = ctx.engine
         info = engine.info
@@ -108,12 +116,14 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         status = 200 if engine.state is EngineState.HEALTHY else 503
         return _json(body, status)
 
-    @router.get("/v1/models", summary="Models served (OpenAI list shape)")
+    @router.get("/v1/models", **operation_doc("Models served (OpenAI list shape)", response=ModelList,
+                                              tags=["models"]))
     async def models() -> Response:
         return _json({"object": "list", "data": [_model_card(ctx)]})
 
-    @router.get("/v1/models/{model_id:path}", summary="One served model")
-    async def model(model_id: str) -> Response:
+    @router.get("/v1/models/{model_id:path}", **operation_doc("One served model", response=ModelCard,
+                                                              errors=[ErrorKind.NOT_FOUND], tags=["models"]))
+    async def model(model_id: str = Path(description="a model id", examples=[ctx.model_name])) -> Response:
         if model_id != ctx.model_name:
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
                                f"this server serves '{ctx.model_name}'", param="model",
@@ -138,15 +148,16 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         }
         return Response(body, media_type=_JSON, headers=headers)
 
-    for path in ("/v1/embeddings", "/embeddings"):
-        router.add_api_route(path, embeddings, methods=["POST"], summary="Create embeddings (OpenAI format)",
-                             openapi_extra=body_schema, response_class=Response)
+    timing = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
+              "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
+    for path, summary in (("/v1/embeddings", "Create embeddings (OpenAI format)"),
+                          ("/embeddings", "Create embeddings (the same, at the spec's short path)")):
+        router.add_api_route(path, embeddings, methods=["POST"], **operation_doc(
+            summary, response=EmbeddingResponse, errors=EMBEDDING_ERRORS, body=EmbeddingRequest,
+            body_examples=EMBEDDING_EXAMPLES, headers=timing, tags=["embeddings"]))
     return router
 
 
 def _model_card(ctx: ServiceContext) -> dict[str, Any]:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}
 
-
-# Referenced by the OpenAPI schema of the embeddings routes (see app.py).
-REQUEST_SCHEMA = EmbeddingRequest

@@ -162,16 +162,17 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def install_security(app: ASGIApp, settings: EmbeddingConfig) -> None:
-    """Add the rate-limit (inner) and API-key (outer) middleware that `settings` ask for."""
+def install_security(app: ASGIApp, settings: EmbeddingConfig, *, open_paths: Sequence[str] = ()) -> None:
+    """Add the rate-limit (inner) and API-key (outer) middleware that `settings` ask for. `open_paths`
+    (the API reference) are exempt as well as `auth_exempt_paths`."""
     from .ratelimit import RateLimiter, RateLimitMiddleware
 
     add = app.add_middleware  # type: ignore[attr-defined]
+    exempt = list(dict.fromkeys([*settings.auth_exempt_paths, *open_paths]))
     if settings.rate_limit_rpm or settings.rate_limit_tpm:
         limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
-        add(RateLimitMiddleware, limiter=limiter, exempt_paths=settings.auth_exempt_paths)
+        add(RateLimitMiddleware, limiter=limiter, exempt_paths=exempt)
     digests = load_key_digests(settings.api_keys, settings.api_key_file)
     if digests:
-        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=settings.auth_exempt_paths)
-        log.info("API keys required (%d configured); open paths: %s", len(digests),
-                 ", ".join(settings.auth_exempt_paths) or "none")
+        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=exempt)
+        log.info("API keys required (%d configured); open paths: %s", len(digests), ", ".join(exempt) or "none")
