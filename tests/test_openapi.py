@@ -4,6 +4,7 @@ an OpenAPI document that tells the truth (statuses from errors.py's table, examp
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -189,3 +190,33 @@ async def test_every_request_example_works(name: str, make_client: Factory) -> N
         assert isinstance(first, str) and len(first) > 100
     else:
         assert isinstance(first, list) and len(first) == sent.get("dimensions", 1024)
+
+
+def _assert_as_documented(document: dict[str, Any], method: str, path: str, response: httpx.Response) -> None:
+    documented = document["paths"][path][method]["responses"]
+    assert str(response.status_code) in documented, (method, path, response.status_code)
+    for name, spec in documented[str(response.status_code)].get("headers", {}).items():
+        value = response.headers.get(name)
+        if value is None:
+            assert not spec["required"], (method, path, response.status_code, name)
+            continue
+        assert re.search(spec["schema"]["pattern"], value), (name, value)
+    if response.status_code >= 400:
+        ErrorResponse.model_validate(response.json())
+
+
+async def test_real_401_and_429_answers_are_as_documented(make_client: Factory) -> None:
+    http = make_client(api_keys=[KEY], rate_limit_rpm=1)
+    document = (await http.get("/openapi.json")).json()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    refused = await http.post("/v1/embeddings", json={"input": "a"})
+    assert refused.status_code == 401
+    _assert_as_documented(document, "post", "/v1/embeddings", refused)
+    served = await http.post("/v1/embeddings", json={"input": "a"}, headers=auth)
+    assert served.status_code == 200
+    _assert_as_documented(document, "post", "/v1/embeddings", served)
+    limited = await http.get("/v1/models", headers=auth)
+    assert limited.status_code == 429 and "retry-after" in limited.headers
+    _assert_as_documented(document, "get", "/v1/models", limited)
+    for _ in range(3):  # the reference is not rate limited
+        assert (await http.get("/openapi.json")).status_code == 200

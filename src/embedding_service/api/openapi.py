@@ -178,13 +178,14 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        keys_exempt, limit_exempt = _middleware_exemptions(app)
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description=_description(app.description, keys_exempt))
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
         models: list[type[BaseModel]] = [ErrorResponse, *_BODY_MODELS.values()]
         for model in models:
             _add_model(schemas, model)
-        keys_exempt, limit_exempt = _middleware_exemptions(app)
         if keys_exempt is not None:
             components["securitySchemes"] = {BEARER_SCHEME: {
                 "type": "http", "scheme": "bearer",
@@ -202,6 +203,17 @@ def install_openapi(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _description(summary: str, keys_exempt: Sequence[str] | None) -> str:
+    text = (f"{summary}.\n\nEvery 4xx and 5xx answer has the OpenAI error envelope "
+            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` (schema `ErrorResponse`); each "
+            "operation lists the statuses it can answer, with an example of each cause.")
+    if keys_exempt is not None:
+        open_paths = ", ".join(f"`{path}`" for path in keys_exempt)
+        text += ("\n\nThis server requires an API key: `Authorization: Bearer KEY` (press **Authorize**). "
+                 f"Open without one: {open_paths}.")
+    return text
 
 
 def _middleware_exemptions(app: FastAPI) -> tuple[Sequence[str] | None, Sequence[str] | None]:
