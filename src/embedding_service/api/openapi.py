@@ -80,13 +80,14 @@ def header(description: str, *, required: bool = True, pattern: str | None = Non
 
 
 _RETRY_AFTER = header("seconds to wait before retrying", pattern=r"^[0-9]+$")
-# Headers an error kind's answers carry. At one status they are required when every kind there sends them.
+# Headers an error kind's answers carry ("required": always). At one status, a header is required when every
+# kind there always sends it. (Draining: not when the batcher is closed under a queued request.)
 _KIND_HEADERS: dict[ErrorKind, dict[str, dict[str, Any]]] = {
     ErrorKind.AUTHENTICATION: {"WWW-Authenticate": header("the Bearer challenge (RFC 6750)", pattern="^Bearer ")},
     ErrorKind.RATE_LIMITED: {"Retry-After": _RETRY_AFTER},
     ErrorKind.OVERLOADED: {"Retry-After": _RETRY_AFTER},
     ErrorKind.NOT_READY: {"Retry-After": _RETRY_AFTER},
-    ErrorKind.DRAINING: {"Retry-After": _RETRY_AFTER},
+    ErrorKind.DRAINING: {"Retry-After": {**_RETRY_AFTER, "required": False}},
 }
 # On every response (api/request_context.py).
 _COMMON_HEADERS = {
@@ -126,7 +127,8 @@ def _group_headers(group: Sequence[ErrorKind]) -> dict[str, dict[str, Any]]:
     for kind in group:
         for name, spec in _KIND_HEADERS.get(kind, {}).items():
             headers.setdefault(name, spec)
-    return {name: {**spec, "required": all(name in _KIND_HEADERS.get(kind, {}) for kind in group)}
+    return {name: {**spec, "required": all(_KIND_HEADERS.get(kind, {}).get(name, {}).get("required", False)
+                                           for kind in group)}
             for name, spec in headers.items()}
 
 
