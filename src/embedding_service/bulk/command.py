@@ -145,7 +145,8 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
                                           retries=args.retries, timeout_s=args.timeout)
                              if urls else LocalEmbedder(settings, options))
             summary = asyncio.run(run_job(job, embedder))
-    except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError) as exc:
+    except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
+            RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line
         return _fail(str(exc))
     except ServiceError as exc:
         return _fail(exc.message)

@@ -111,8 +111,8 @@ def _budget(engine: EmbeddingEngine) -> tuple[int, int, bool]:
     return opts.max_batch_size, max(opts.max_batch_tokens, limit), info.padded
 
 
-def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> tuple[np.ndarray, int]:
-    """One chunk, synchronously (the Ray actors' path): vectors in input order and the token count."""
+def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> tuple[np.ndarray, list[int]]:
+    """One chunk, synchronously (the Ray actors' path): vectors in input order and each text's tokens."""
     seqs = prepare_chunk(engine, texts, options)
     size, tokens, padded = _budget(engine)
     out: np.ndarray | None = None
@@ -121,7 +121,7 @@ def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions
         if out is None:
             out = np.empty((len(seqs), vectors.shape[1]), dtype=np.float32)
         out[batch] = vectors
-    return (out if out is not None else np.zeros((0, 0), np.float32)), sum(len(s) for s in seqs)
+    return (out if out is not None else np.zeros((0, 0), np.float32)), [len(s) for s in seqs]
 
 
 class LocalEmbedder:
