@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,14 +29,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     """The `ray start --block` process and everything it started share its process group: stop that group."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers (gcs_server, monitor) that outlive a slow shutdown
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 
@@ -67,8 +64,8 @@ def ray_cluster() -> Iterator[str]:
 
 
 def _nodes(address: str, env: dict[str, str]) -> int:
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else 0
 
@@ -94,8 +91,8 @@ def test_ray_output_equals_the_single_process_run(ray_cluster: str, tmp_path: Pa
     texts = [f"Ray row {i}: {'a longer sentence about distributed embedding ' * (i % 4)}end" for i in range(260)]
     texts[77] = None  # type: ignore[call-overload]
     pq.write_table(pa.table({"doc": [f"d{i}" for i in range(260)], "text": texts}), tmp_path / "a.parquet")
-    common = ["--id-column", "doc", "--chunk-rows", "40", "--skip-empty", "--demo", "--engine", "torch", "--dtype", "float32",
-              "--log-level", "WARNING"]
+    common = ["--id-column", "doc", "--chunk-rows", "40", "--skip-empty", "--demo", "--engine", "torch",
+              "--dtype", "float32", "--log-level", "WARNING"]
     single = embed(tmp_path / "a.parquet", "-o", tmp_path / "single.parquet", *common)
     assert single.returncode == 0, single.stderr
     on_ray = embed(tmp_path / "a.parquet", "-o", tmp_path / "ray.parquet", "--ray", ray_cluster, "--ray-actors", "2",
