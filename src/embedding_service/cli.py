@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from .config import EmbeddingConfig
 from .logging_config import LogFormat
 from .logging_config import configure_logging as setup_logging
 
-__all__ = ["app_from_env", "build_parser", "load_settings", "main"]
+__all__ = ["build_parser", "load_settings", "main"]
 
 log = logging.getLogger("embedding_service")
 
@@ -64,10 +63,12 @@ def run_embed(args: argparse.Namespace, config_cls: type[EmbeddingConfig] = Embe
     return run(args, lambda overrides: load_settings(overrides, config_cls))
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> str:
     field = str(error["loc"][0]) if error.get("loc") else "config"
+    info = config_cls.model_fields.get(field)
+    shown = "<hidden>" if info is not None and info.repr is False else repr(error.get("input"))  # keys
     return (f"invalid configuration: {field} ({_flag(field)} / EMBEDDING_{field.upper()}) = "
-            f"{error.get('input')!r}: {error['msg']}")
+            f"{shown}: {error['msg']}")
 
 
 def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> EmbeddingConfig:
@@ -75,7 +76,7 @@ def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] =
     try:
         return config_cls(**overrides)
     except ValidationError as exc:
-        print(f"embedding-service: {_describe(exc.errors()[0])}", file=sys.stderr)
+        print(f"embedding-service: {_describe(exc.errors()[0], config_cls)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -114,17 +115,12 @@ def _export_settings(settings: EmbeddingConfig, model_dir: str) -> None:
     os.environ["EMBEDDING_SERVED_MODEL_NAME"] = settings.public_model_name
 
 
-def app_from_env() -> Any:
-    """uvicorn factory for `workers > 1`: each worker process builds its own engine."""
-    from .api.app import create_app
-
+def _worker_main(sock: socket.socket) -> None:
+    """A `workers > 1` worker process: the settings the parent exported, one draining server on `sock`."""
+    os.setpgid(0, 0)  # the parent forwards signals: a terminal's Ctrl-C must not reach workers twice
     settings = EmbeddingConfig()
     configure_logging(settings.log_level, settings.log_format)
-
-    def fatal(_exc: BaseException) -> None:
-        os.kill(os.getppid(), signal.SIGTERM)  # a worker that cannot load takes the whole server down
-
-    return create_app(settings, on_fatal=fatal)
+    sys.exit(_serve_one(settings, settings.model_path or "", sock))
 
 
 def _passive_openmp_for_torch(settings: EmbeddingConfig, model_dir: str | None) -> None:
@@ -144,10 +140,7 @@ def _passive_openmp_for_torch(settings: EmbeddingConfig, model_dir: str | None) 
 
 
 def serve(settings: EmbeddingConfig) -> int:
-    import uvicorn
-
-    from .api.app import build_engine, create_app
-    from .backends.base import BackendDeadError, BackendLoadError
+    from .backends.base import BackendLoadError
     from .backends.resolve import resolve_model_dir
 
     configure_logging(settings.log_level, settings.log_format)
@@ -160,22 +153,25 @@ def serve(settings: EmbeddingConfig) -> int:
     except BackendLoadError as exc:
         return _fail(str(exc))
     _passive_openmp_for_torch(settings, model_dir)
-    uvicorn_level = settings.log_level.lower() if settings.log_level != "INFO" else "warning"
-    common: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": uvicorn_level,
-        "access_log": settings.log_level == "DEBUG",
-        "timeout_graceful_shutdown": int(settings.shutdown_timeout) or None,
-        "log_config": None,
-    }
     if settings.workers > 1:
+        from .server import listening_socket
+        from .supervisor import run_workers
+
         _export_settings(settings, model_dir)
         log.info("starting %d worker processes, each loading its own copy of the model", settings.workers)
-        uvicorn.run("embedding_service.cli:app_from_env", factory=True, workers=settings.workers, **common)
-        return 0
+        return run_workers(settings.workers, lambda: listening_socket(settings), _worker_main,
+                           settings.shutdown_timeout)
+    return _serve_one(settings, model_dir)
+
+
+def _serve_one(settings: EmbeddingConfig, model_dir: str, sock: socket.socket | None = None) -> int:
+    """One server process: build the engine and app, serve until drained (on `sock` when given)."""
+    from .api.app import build_engine, create_app
+    from .backends.base import BackendDeadError, BackendLoadError
+    from .server import DrainingServer, uvicorn_config
+
     failures: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def fatal(exc: BaseException) -> None:
         failures.append(exc)
@@ -190,12 +186,10 @@ def serve(settings: EmbeddingConfig) -> int:
         app = create_app(settings, engine, on_fatal=fatal)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
-    from .server import DrainingServer
-
-    server = DrainingServer(uvicorn.Config(app, **common), engine, settings.shutdown_timeout)
+    server = DrainingServer(uvicorn_config(app, settings), engine, settings.shutdown_timeout)
     log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
     try:
-        server.run()
+        server.run(None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly
         return 130
     if failures:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "EmbeddingConfig"]
+__all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "UNUSABLE_KEY", "EmbeddingConfig", "usable_api_key"]
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEMO_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -97,6 +97,31 @@ class EmbeddingConfig(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
     shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
 
+    # --- connections (transport.py; defaults for an internet-facing server behind a proxy) ----------------
+    keep_alive_timeout_s: float = Field(
+        75.0, gt=0.0, le=3600.0,
+        description="close a keep-alive connection idle this long (above a proxy's upstream idle timeout)",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="time a client has to send a request's headers (408 after)"
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="time a client has to send a request's body once its headers are in"
+    )
+    max_header_bytes: int = Field(
+        32768, ge=1024, le=1 << 24, description="largest request line plus headers in bytes (431 above)"
+    )
+    max_connections: int = Field(
+        4096, ge=16, le=1_000_000,
+        description="open connections per process (also kept below the open-file limit); the oldest idle "
+                    "or still-sending connection is closed to make room",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="proxy addresses whose X-Forwarded-For/-Proto are trusted (comma-separated, '*' = any); "
+                    "none = the headers are ignored",
+    )
+
     # --- operations ------------------------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(
         "text", description="log line format: text, or json (one object per line, for log shippers)"
@@ -129,6 +154,9 @@ class EmbeddingConfig(BaseSettings):
     fake_delay_ms: float = Field(
         0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds slept per batch"
     )
+    fake_load_delay_ms: float = Field(
+        0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds the model load takes"
+    )
     fake_fail_batches: Annotated[list[int], NoDecode] = Field(
         default_factory=list, description="engine fake: batch numbers (0-based) that raise an error"
     )
@@ -141,10 +169,29 @@ class EmbeddingConfig(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("matryoshka_models", "api_keys", "auth_exempt_paths", "fake_fail_batches", mode="before")
+    @field_validator("matryoshka_models", "auth_exempt_paths", "fake_fail_batches",
+                     "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split_json_or_csv(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_configured_means_keys(cls, value: object) -> object:
+        # Fail closed: a value that is not blank but holds no key (" , ", "[]" with spaces...) was meant to
+        # turn authentication on; serving everyone without a key would be the wrong way round.
+        items = _split_json_or_csv(value)
+        text = value.strip() if isinstance(value, str) else None
+        if isinstance(items, list) and not any(str(item).strip() for item in items) and text not in (None, "", "[]"):
+            raise ValueError("holds no API key; give keys, or leave it empty to serve without authentication")
+        return items
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_usable(cls, value: list[str]) -> list[str]:
+        if any(key.strip() and not usable_api_key(key.strip()) for key in value):
+            raise ValueError(UNUSABLE_KEY)
+        return value
 
     @field_validator("api_key_file")
     @classmethod
@@ -193,6 +240,14 @@ class EmbeddingConfig(BaseSettings):
     def _model_path_name(self) -> str:
         """The folder name of `model_path` ("" when unset)."""
         return (self.model_path or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+# What a client can send in `Authorization: Bearer KEY`: visible ASCII, no spaces (anything else never matches).
+UNUSABLE_KEY = "an API key must be visible ASCII characters without spaces (no client could ever send it)"
+
+
+def usable_api_key(key: str) -> bool:
+    return key.isascii() and key.isprintable() and " " not in key
 
 
 def _split_json_or_csv(value: object) -> object:

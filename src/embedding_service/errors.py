@@ -14,8 +14,10 @@ class ErrorKind(StrEnum):
     PERMISSION = "permission"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    HEADER_TOO_LARGE = "header_too_large"
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
@@ -32,8 +34,10 @@ _TABLE: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.PERMISSION: (403, "permission_error"),
     ErrorKind.NOT_FOUND: (404, "invalid_request_error"),
     ErrorKind.METHOD_NOT_ALLOWED: (405, "invalid_request_error"),
+    ErrorKind.REQUEST_TIMEOUT: (408, "invalid_request_error"),
     ErrorKind.PAYLOAD_TOO_LARGE: (413, "invalid_request_error"),
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: (415, "invalid_request_error"),
+    ErrorKind.HEADER_TOO_LARGE: (431, "invalid_request_error"),
     ErrorKind.RATE_LIMITED: (429, "rate_limit_error"),
     ErrorKind.OVERLOADED: (503, "service_unavailable_error"),
     ErrorKind.NOT_READY: (503, "service_unavailable_error"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Literal
@@ -19,6 +20,7 @@ __all__ = [
     "JsonFormatter",
     "LogFormat",
     "RequestIdFilter",
+    "TextFormatter",
     "configure_logging",
     "current_request_id",
     "request_id_var",
@@ -49,6 +51,24 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# Control characters (C0, DEL, C1) and Unicode line breaks: in a message they could forge or hide lines.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, with control characters in messages escaped (`\\n`, `\\x00`): a client's path or
+    header that reaches a log line cannot start a line of its own. Tracebacks keep their line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if _UNSAFE.search(record.message):
+            record.message = _UNSAFE.sub(_escape, record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers (Loki, Elasticsearch, CloudWatch...)."""
 
@@ -76,6 +96,6 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Replace the root handlers with one stderr handler in the chosen format, with request ids."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("embedding_service").setLevel(level)

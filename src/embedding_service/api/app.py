@@ -96,7 +96,7 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
 def _fake_options(settings: EmbeddingConfig) -> dict[str, object]:
     """Fault-injection knobs of the fake engine, so tests can drive a server process from its flags."""
     return {"delay_s": settings.fake_delay_ms / 1000.0, "fail_batches": settings.fake_fail_batches,
-            "die_after": settings.fake_die_after}
+            "die_after": settings.fake_die_after, "load_delay_s": settings.fake_load_delay_ms / 1000.0}
 
 
 def _error_response(exc: ServiceError) -> Response:

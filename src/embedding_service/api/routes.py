@@ -116,6 +116,9 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         status = 200 if engine.state is EngineState.HEALTHY else 503
         return _json(body, status)
 
+    # HEAD too (load balancers and uptime checkers probe with it): the same answer, the server drops the body.
+    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @router.get("/v1/models", **operation_doc("Models served (OpenAI list shape)", response=ModelList,
                                               tags=["models"]))
     async def models() -> Response:

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..config import EmbeddingConfig
+from ..config import UNUSABLE_KEY, EmbeddingConfig, usable_api_key
 from ..errors import ErrorKind, ServiceError
 
 __all__ = [
@@ -52,15 +52,23 @@ def load_key_digests(keys: Iterable[str], key_file: str | None) -> list[bytes]:
     digests = [key_digest(key.strip()) for key in keys if key.strip()]
     if key_file:
         text = Path(key_file).read_text(encoding="utf-8")
+        from_file = 0
         for number, line in enumerate(text.splitlines(), 1):
             entry = line.strip()
             if not entry or entry.startswith("#"):
                 continue
+            from_file += 1
             if entry.lower().startswith(_HASH_PREFIX):
                 digests.append(_parse_hex_digest(entry[len(_HASH_PREFIX):].strip(), key_file, number))
             else:
+                if not usable_api_key(entry):
+                    raise ValueError(f"api_key_file {key_file}:{number}: {UNUSABLE_KEY}")
                 digests.append(key_digest(entry))
+        if not from_file:  # fail closed: a key file was meant to turn authentication on
+            raise ValueError(f"api_key_file {key_file} holds no API key (only blank or '#' lines); "
+                             "add keys, or drop --api-key-file / EMBEDDING_API_KEY_FILE to serve without keys")
     return list(dict.fromkeys(digests))  # drop duplicates, keep order
+
 
 
 def _parse_hex_digest(text: str, key_file: str, number: int) -> bytes:
@@ -155,7 +163,8 @@ class ApiKeyMiddleware:
                                      headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'})
         if error is not None:
             client = scope.get("client") or ("?", 0)
-            log.info("refused %s %s from %s: %s", scope.get("method"), scope["path"], client[0], error.code)
+            path = scope["path"] if len(scope["path"]) <= 200 else scope["path"][:200] + "..."
+            log.info("refused %s %s from %s: %s", scope.get("method"), path, client[0], error.code)
             await send_error(send, error)
             return
         scope[CLIENT_ID_KEY] = client_id

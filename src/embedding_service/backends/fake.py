@@ -22,7 +22,8 @@ class FakeBackend:
     """Words hash to token ids; a sequence's vector is seeded by its ids, so equal inputs give equal vectors.
 
     `delay_s` (+ `delay_per_token_s` x tokens) is slept per batch to imitate compute. `fail_batches` lists
-    batch numbers (0-based) that raise; `die_after` makes every batch after that many raise BackendDeadError.
+    batch numbers (0-based) that raise; `die_after` makes every batch after that many raise BackendDeadError;
+    `load_delay_s` is slept in `load`.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class FakeBackend:
         model: str = "fake-embedding-model",
         matryoshka: bool = True,
         eos_token_id: int | None = 2,
+        load_delay_s: float = 0.0,
     ) -> None:
         self.dimension = dimension
         self.max_model_len = max_model_len
@@ -49,11 +51,14 @@ class FakeBackend:
         self.model = model
         self.matryoshka = matryoshka
         self.eos_token_id = eos_token_id
+        self.load_delay_s = load_delay_s
         self.batches: list[int] = []  # sizes of the batches embedded, for tests of the batcher
         self.seen_lengths: list[list[int]] = []  # sequence lengths of each batch
         self._lock = threading.Lock()
 
     def load(self) -> BackendInfo:
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)  # a model load, uninterruptible like a real one
         return BackendInfo(
             model=self.model,
             device="cpu",

@@ -60,6 +60,7 @@ class EmbeddingEngine:
         self._drain_deadline: float | None = None
         self.batches_running = 0  # inside backend.embed, on the compute threads
         self._running_lock = threading.Lock()
+        self._load_busy = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -67,8 +68,9 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         self._loop = loop
         started = time.perf_counter()
+        self._load_busy = True
         try:
-            info = await loop.run_in_executor(self._compute, self.backend.load)
+            info = await loop.run_in_executor(self._compute, self._load)
         except BaseException as exc:
             self.load_error = exc
             self.state = EngineState.UNHEALTHY
@@ -90,7 +92,8 @@ class EmbeddingEngine:
             on_batch=self._batch_done,
         )
         self._batcher.start()
-        self.state = EngineState.HEALTHY
+        if self.state is EngineState.LOADING:  # (a drain that began during the load stays a drain)
+            self.state = EngineState.HEALTHY
         log.info("model %s ready on %s (%s, dim %d) in %.1fs", info.model, info.device, info.dtype,
                  info.dimension, self.load_seconds)
 
@@ -105,6 +108,17 @@ class EmbeddingEngine:
             self._drain_deadline = time.monotonic() + timeout_s
         if self.state is not EngineState.UNHEALTHY:
             self.state = EngineState.DRAINING
+
+    @property
+    def loading(self) -> bool:
+        """The backend's load is running on its thread (even if `start()` was cancelled meanwhile)."""
+        return self._load_busy
+
+    def _load(self) -> BackendInfo:
+        try:
+            return self.backend.load()
+        finally:
+            self._load_busy = False
 
     @property
     def idle(self) -> bool:
