@@ -261,10 +261,21 @@ def test_drain_answers_every_accepted_connection_ten_runs_in_a_row(
     print(f"\n10 runs: {totals}")
 
 
+def wait_all_workers_healthy(url: str, timeout: float = 60) -> None:
+    """Until 20 probes in a row, each on a new connection (so any worker may take it), answer 200."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < 20 and time.monotonic() < deadline:
+        streak = streak + 1 if httpx.get(url + "/health", timeout=5).status_code == 200 else 0
+        if not streak:
+            time.sleep(0.2)
+    assert streak >= 20, "a worker never became healthy"
+
+
 def test_workers_drain_too(server_factory: type[ServerProcess]) -> None:
     server = server_factory([*FAKE, "--workers", "2", "--fake-delay-ms", "400", "--shutdown-timeout", "5"])
     server.wait_healthy(90)
-    time.sleep(1.0)  # both workers up (each loads its own engine)
+    wait_all_workers_healthy(server.url)
 
     async def scenario() -> tuple[list[int], dict[str, int], float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -291,6 +302,7 @@ def test_sub_second_shutdown_timeout_is_a_bound_with_workers(server_factory: typ
     # Before: uvicorn's workers got int(0.5) = 0 = no timeout, and waited for the 20 s batch.
     server = server_factory([*FAKE, "--workers", "2", "--fake-delay-ms", "20000", "--shutdown-timeout", "0.5"])
     server.wait_healthy(90)
+    wait_all_workers_healthy(server.url)
 
     async def scenario() -> float:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
@@ -306,3 +318,23 @@ def test_sub_second_shutdown_timeout_is_a_bound_with_workers(server_factory: typ
     exited_after = asyncio.run(scenario())
     print(f"\nworkers=2, shutdown_timeout 0.5 with a stuck batch: exit after {exited_after:.2f}s")
     assert server.proc.returncode == 0 and exited_after < 0.5 + 2.5
+
+
+def test_a_body_still_arriving_at_sigterm_is_served(server_factory: type[ServerProcess]) -> None:
+    server = server_factory([*FAKE, "--shutdown-timeout", "10"])
+    server.wait_healthy(60)
+    body = b'{"input": "accepted before the signal"}'
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+    time.sleep(0.3)  # the request is in: headers read, body under way
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sock.sendall(body[10:])
+    data, _after = read_response(sock, 10)
+    code = server.proc.wait(15)
+    print(f"\nbody finished 0.5 s after SIGTERM: {data[:15]!r}, exit {code} after "
+          f"{time.monotonic() - signalled:.2f}s")
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]  # before: 503 shutting_down
+    assert code == 0

@@ -142,6 +142,10 @@ class EmbeddingConfig(BaseSettings):
     auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["/health", "/metrics"], description="paths open without an API key"
     )
+    auth_failures_per_minute: int = Field(
+        30, ge=0, le=1_000_000,
+        description="failed API-key attempts per minute per address before it gets 429 (key or not); 0 = off",
+    )
     rate_limit_rpm: int = Field(
         0, ge=0, le=100_000_000, description="requests per minute per API key (per address without keys); 0 = off"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ErrorKind, error_body
@@ -36,6 +37,15 @@ class ErrorEnvelopeMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client went away while sending its body (or its body deadline passed): not a server error.
+            timed_out = bool((scope.get("state") or {}).get("read_timeout"))
+            client = scope.get("client") or ("?", 0)
+            log.info("client %s %s while sending the body of %s %s", client[0],
+                     "was too slow" if timed_out else "disconnected", scope.get("method"), scope.get("path"))
+            if not started:  # nobody reads it; metrics and the access log outside see 408/499, not 500
+                await send({"type": "http.response.start", "status": 408 if timed_out else 499, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
         except Exception as exc:
             log.error("internal error on %s %s: %s: %s", scope.get("method"), scope.get("path"),
                       type(exc).__name__, exc, exc_info=exc)

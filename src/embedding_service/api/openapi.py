@@ -241,7 +241,7 @@ def _complete(operation: dict[str, Any], method: str, *, needs_key: bool, rate_l
     if needs_key:
         kinds.append(ErrorKind.AUTHENTICATION)
         operation["security"] = [{BEARER_SCHEME: []}]
-    if rate_limited:
+    if rate_limited or needs_key:  # (with keys: too many failed attempts from one address, auth_failures_...)
         kinds.append(ErrorKind.RATE_LIMITED)
     for status, extra in error_responses(*kinds).items():
         _merge_response(responses, str(status), extra)

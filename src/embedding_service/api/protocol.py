@@ -94,6 +94,16 @@ def parse_json_body(body: bytes) -> Any:
         raise ServiceError(ErrorKind.INVALID_REQUEST, message) from None
 
 
+def _preview(value: Any) -> str:
+    """A short echo of a rejected option. Containers are named, not dumped: a value nested 300 deep made
+    orjson's serializer fail (a 500 with a traceback instead of this 400)."""
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON array"
+    return orjson.dumps(value).decode()[:80]
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -175,7 +185,7 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err.get("loc") else None
-        got = orjson.dumps(err.get("input")).decode()[:80]
+        got = _preview(err.get("input"))
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}, got {got}",
                            param=field) from None
     fmt = "float" if options.encoding_format is None else options.encoding_format  # null means the default

@@ -76,6 +76,14 @@ class RateLimiter:
             return 0.0
         return self._bucket(self._requests, client, self.requests_per_minute).take(1, self._clock())
 
+    def request_wait(self, client: str) -> float:
+        """Seconds until `client` could make a request, without charging one."""
+        bucket = self._requests.get(client)
+        if bucket is None or not self.requests_per_minute:
+            return 0.0
+        bucket._refill(self._clock())
+        return 0.0 if bucket.level >= 1 else (1 - bucket.level) / bucket.rate
+
     def charge_tokens(self, client: str, tokens: int) -> float:
         if not self.tokens_per_minute:
             return 0.0

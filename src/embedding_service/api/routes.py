@@ -134,16 +134,16 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         return _json(_model_card(ctx))
 
     async def embeddings(request: Request) -> Response:
-        ctx.engine.check_ready()
-        _check_content_type(request)
-        data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
-        decoder = ctx.token_ids_decoder
-        embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
-        if decoder is not None:
-            embed_request = decoder.to_text(embed_request)
-        embed_request.request_id = request.headers.get("x-request-id")
-        embed_request.admit = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
-        result = await ctx.engine.embed(embed_request)
+        with ctx.engine.accepted() as info:  # accepted from here: a drain waits for the body to arrive
+            _check_content_type(request)
+            data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
+            decoder = ctx.token_ids_decoder
+            embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
+            if decoder is not None:
+                embed_request = decoder.to_text(embed_request)
+            embed_request.request_id = request.headers.get("x-request-id")
+            embed_request.admit = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
+            result = await ctx.engine.embed_accepted(embed_request, info)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
         headers = {
             "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -145,15 +147,28 @@ def _bearer_token(scope: Scope) -> tuple[str | None, ServiceError | None]:
 class ApiKeyMiddleware:
     """401 unless the request carries a configured key; exempt paths (health, metrics) pass freely."""
 
-    def __init__(self, app: ASGIApp, verifier: ApiKeyVerifier, exempt_paths: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, verifier: ApiKeyVerifier, exempt_paths: Sequence[str],
+                 failures: Any = None) -> None:
         self.app = app
         self.verifier = verifier
         self.exempt_paths = tuple(exempt_paths)
+        self.failures = failures  # a RateLimiter of failed attempts per address, or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_exempt(scope["path"], self.exempt_paths):
             await self.app(scope, receive, send)
             return
+        address = str((scope.get("client") or ("?",))[0])
+        if self.failures is not None:
+            # Checked before the key, so a blocked address learns nothing from its guesses (a right key
+            # gets 429 too); only failures are charged, so a client with its key is never slowed.
+            wait_s = self.failures.request_wait("fail-" + address)
+            if wait_s > 0:
+                retry_after = max(1, math.ceil(wait_s))
+                await send_error(send, ServiceError(
+                    ErrorKind.RATE_LIMITED, f"too many failed API-key attempts from this address; retry after "
+                    f"{retry_after}s", code="too_many_auth_failures", headers={"Retry-After": str(retry_after)}))
+                return
         token, error = _bearer_token(scope)
         if error is None:
             assert token is not None
@@ -162,9 +177,10 @@ class ApiKeyMiddleware:
                 error = ServiceError(ErrorKind.AUTHENTICATION, "invalid API key", code="invalid_api_key",
                                      headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'})
         if error is not None:
-            client = scope.get("client") or ("?", 0)
+            if self.failures is not None:
+                self.failures.charge_request("fail-" + address)
             path = scope["path"] if len(scope["path"]) <= 200 else scope["path"][:200] + "..."
-            log.info("refused %s %s from %s: %s", scope.get("method"), path, client[0], error.code)
+            log.info("refused %s %s from %s: %s", scope.get("method"), path, address, error.code)
             await send_error(send, error)
             return
         scope[CLIENT_ID_KEY] = client_id
@@ -183,5 +199,6 @@ def install_security(app: ASGIApp, settings: EmbeddingConfig, *, open_paths: Seq
         add(RateLimitMiddleware, limiter=limiter, exempt_paths=exempt)
     digests = load_key_digests(settings.api_keys, settings.api_key_file)
     if digests:
-        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=exempt)
+        failures = RateLimiter(settings.auth_failures_per_minute, 0) if settings.auth_failures_per_minute else None
+        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=exempt, failures=failures)
         log.info("API keys required (%d configured); open paths: %s", len(digests), ", ".join(exempt) or "none")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -167,15 +168,23 @@ class EmbeddingEngine:
         raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine is unavailable", code="engine_unhealthy")
 
     # --- serving -------------------------------------------------------------------------------------
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    @contextlib.contextmanager
+    def accepted(self) -> Iterator[BackendInfo]:
+        """Accept a request now (503 unless serving); a drain waits for it until the block ends. The HTTP
+        layer enters it before reading the body, so a body still arriving at SIGTERM is served, not refused."""
         info = self.check_ready()
         self._active_requests += 1
         try:
-            return await self._embed_accepted(request, info)
+            yield info
         finally:
             self._active_requests -= 1
 
-    async def _embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        with self.accepted() as info:
+            return await self.embed_accepted(request, info)
+
+    async def embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
+        """`embed` for a request already inside `accepted()`."""
         self._check_dimensions(request.dimensions, info)
         count = request.count
         if count > self.options.max_inputs_per_request:
