@@ -232,3 +232,46 @@ async def test_a_right_key_is_never_slowed_by_the_failure_limit(client: httpx.As
         statuses = {(await http.get("/v1/models", headers={"Authorization": "Bearer sk-right"})).status_code
                     for _ in range(20)}
     assert statuses == {200}
+
+
+async def test_refused_over_limit_tokens_are_charged_to_the_token_bucket(client: httpx.AsyncClient) -> None:
+    # Before: a key limited to 1000 tokens a minute could send 4 M-token requests for ever (400, charged 0).
+    from embedding_service.api.app import create_app
+
+    engine = client._transport.app.state.engine  # type: ignore[attr-defined]
+    app = create_app(make_settings(engine="fake", rate_limit_tpm=1000), engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        huge = await http.post("/v1/embeddings", json={"input": "word " * 200_000})
+        assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+        after = await http.post("/v1/embeddings", json={"input": "small"})
+        again = await http.post("/v1/embeddings", json={"input": "word " * 200_000})
+    assert after.status_code == 429 and int(after.headers["retry-after"]) >= 1
+    assert again.status_code == 429  # refused before its texts are tokenised
+
+
+async def test_long_texts_are_counted_in_slices_and_stop_early() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.engine.tokenize import TokenLimitError, tokenize_bounded
+
+    backend = FakeBackend()
+    calls: list[int] = []
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        calls.append(sum(len(t) for t in texts))
+        return backend.tokenize(texts)
+
+    pool = ThreadPoolExecutor(1)
+    text = "word " * 1_000_000  # 5 MB
+    kwargs = {"limit": 512, "max_total": 10**9, "specials": 1, "deadline": time.monotonic() + 30}
+    with pytest.raises(TokenLimitError) as info:
+        await tokenize_bounded([text], tokenize, pool, truncate=False, **kwargs)  # type: ignore[arg-type]
+    assert info.value.tokens_at_least > 512 and sum(calls) < 40_000  # one slice read, not 5 MB
+    calls.clear()
+    [ids] = await tokenize_bounded([text], tokenize, pool, truncate=True, **kwargs)  # type: ignore[arg-type]
+    exact = backend.tokenize([text])[0]
+    assert ids[:512] == exact[:512] and sum(calls) < 60_000  # truncation: the same first tokens
+    short = ["a b c", "d e"]
+    assert await tokenize_bounded(short, tokenize, pool, truncate=False, **kwargs) == backend.tokenize(short)  # type: ignore[arg-type]
+    pool.shutdown()

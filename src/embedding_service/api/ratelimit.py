@@ -53,6 +53,16 @@ class TokenBucket:
             return 0.0
         return (needed - self.level) / self.rate
 
+    def charge(self, amount: float, now: float) -> None:
+        """Take `amount` whether or not it is there (the bucket may go into debt)."""
+        self._refill(now)
+        self.level -= amount
+
+    def wait(self, now: float) -> float:
+        """Seconds until the bucket is out of debt (0.0 when it is not in debt)."""
+        self._refill(now)
+        return 0.0 if self.level > 0 else (1 - self.level) / self.rate
+
     def full(self, now: float) -> bool:
         self._refill(now)
         return self.level >= self.capacity
@@ -126,6 +136,18 @@ class TokenAdmission:
         wait_s = self.limiter.charge_tokens(self.client, tokens)
         if wait_s > 0:
             raise _refusal("input tokens", self.limiter.tokens_per_minute, wait_s)
+
+    def check(self) -> None:
+        """Before any tokenising: 429 while this client's token bucket is in debt."""
+        wait_s = self.limiter._bucket(self.limiter._tokens, self.client, self.limiter.tokens_per_minute).wait(
+            self.limiter._clock())
+        if wait_s > 0:
+            raise _refusal("input tokens", self.limiter.tokens_per_minute, wait_s)
+
+    def charge(self, tokens: int) -> None:
+        """A request refused as too long still costs its tokens (a lower bound): refusals are not free."""
+        self.limiter._bucket(self.limiter._tokens, self.client, self.limiter.tokens_per_minute).charge(
+            tokens, self.limiter._clock())
 
 
 class RateLimitMiddleware:

@@ -142,7 +142,10 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if decoder is not None:
                 embed_request = decoder.to_text(embed_request)
             embed_request.request_id = request.headers.get("x-request-id")
-            embed_request.admit = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
+            admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
+            if admission is not None:
+                admission.check()  # a client in debt is refused before its texts are tokenised
+                embed_request.admit, embed_request.charge_refused = admission, admission.charge
             result = await ctx.engine.embed_accepted(embed_request, info)
         body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
         headers = {

@@ -18,6 +18,7 @@ from ..backends.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from .batcher import Batcher
 from .prompts import apply_prompt
+from .tokenize import TokenLimitError, tokenize_bounded
 from .types import EmbedRequest, EmbedResult, EngineState
 
 __all__ = ["EmbeddingEngine", "EngineOptions"]
@@ -191,14 +192,35 @@ class EmbeddingEngine:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"too many inputs: {count}; at most {self.options.max_inputs_per_request} "
                                "per request", param="input")
+        deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
         if request.texts is not None:
             texts = apply_prompt(request.texts, instruction=request.instruction, prompt_name=request.prompt_name,
                                  prompts=info.prompts, default_prompt_name=info.default_prompt_name)
-            seqs = await self._tokenize(texts)
+            try:
+                seqs = await tokenize_bounded(
+                    texts, self.backend.tokenize, self._tokenize_pool,
+                    limit=min(self.options.max_model_len, info.max_model_len),
+                    truncate=self.options.truncate if request.truncate is None else request.truncate,
+                    max_total=self.options.max_request_tokens,
+                    specials=len(info.special_prefix) + len(info.special_suffix), deadline=deadline)
+            except TokenLimitError as exc:
+                if request.charge_refused is not None:  # a refusal is not free: its tokens count (lower bound)
+                    request.charge_refused(exc.tokens_at_least)
+                raise
+            except UnicodeError as exc:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
+                                   param="input") from None
         else:
             seqs = self._prepare_ids(request.token_ids or [], info, flat=request.token_ids_flat)
-        seqs = self._enforce_lengths(seqs, info, request.truncate)
+        try:
+            seqs = self._enforce_lengths(seqs, info, request.truncate)
+        except ServiceError:
+            if request.charge_refused is not None:
+                request.charge_refused(sum(len(ids) for ids in seqs))
+            raise
         total = sum(len(s) for s in seqs)
+        if total > self.options.max_request_tokens and request.charge_refused is not None:
+            request.charge_refused(total)
         if total > self.options.max_request_tokens:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"request has {total} tokens in all; at most {self.options.max_request_tokens} "
@@ -212,7 +234,7 @@ class EmbeddingEngine:
             self.check_ready()
         try:
             vectors, queued, compute = await asyncio.wait_for(self._batcher.submit(seqs),
-                                                              self.options.request_timeout_s)
+                                                              max(0.001, deadline - time.monotonic()))
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None

@@ -32,6 +32,7 @@ class EmbedRequest:
     token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
     # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.
     admit: Callable[[int], None] | None = None
+    charge_refused: Callable[[int], None] | None = None  # tokens of a refused request, charged regardless
 
     @property
     def count(self) -> int:

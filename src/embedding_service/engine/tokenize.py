@@ -1,0 +1,126 @@
+"""Tokenisation that one request cannot monopolise, with limits checked as the tokens come in.
+
+Tokenising a whole request in one call on the tokenizer thread let one client stall everyone: a single
+15.6 MB input took 25 s to be refused as too long, and every other request waited behind it. Here:
+
+- a request is tokenised in chunks (at most `_CHUNK_TEXTS` texts and `_CHUNK_CHARS` characters each), one
+  chunk at a time on the shared thread, so requests take turns and a small one waits for at most one chunk;
+- a text longer than a chunk is first *counted* slice by slice (slices cut at whitespace, where tokenizers
+  split anyway, so the counts add up): once it is known to be over the limit it is refused (or, when
+  truncating, only the prefix that covers the limit is tokenised), without tokenising the rest;
+- the running total is checked after each chunk against `max_request_tokens`;
+- between chunks the request's deadline is checked and a cancelled request (its client hung up) stops.
+
+Refusals carry a lower bound of the request's tokens, which the caller charges to its token rate limit.
+The fast path (a request of short texts) is one tokenizer call, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+
+from ..errors import ErrorKind, ServiceError
+
+__all__ = ["TokenLimitError", "tokenize_bounded"]
+
+_CHUNK_TEXTS = 64
+_CHUNK_CHARS = 32_768  # about 10-40 ms of a fast tokenizer on one core
+_SLICE_CHARS = 16_384
+_WHITESPACE = (" ", "\n", "\t", "\r")
+
+Tokenize = Callable[[Sequence[str]], list[list[int]]]
+Runner = Callable[[Sequence[str]], Awaitable[list[list[int]]]]
+
+
+class TokenLimitError(ServiceError):
+    """A length refusal that knows at least how many tokens the request had (for the token bucket)."""
+
+    def __init__(self, message: str, *, tokens_at_least: int, code: str | None = None) -> None:
+        super().__init__(ErrorKind.INVALID_REQUEST, message, param="input", code=code)
+        self.tokens_at_least = tokens_at_least
+
+
+def _cut(text: str, start: int) -> int:
+    """End of the slice from `start`: at most _SLICE_CHARS on, just before a whitespace when there is one."""
+    end = start + _SLICE_CHARS
+    if end >= len(text):
+        return len(text)
+    cut = max(text.rfind(ch, start + 1, end) for ch in _WHITESPACE)
+    return cut if cut > start else end
+
+
+async def tokenize_bounded(
+    texts: Sequence[str], tokenize: Tokenize, pool: Executor, *, limit: int, truncate: bool,
+    max_total: int, specials: int, deadline: float,
+) -> list[list[int]]:
+    """Token ids of `texts`, refusing (TokenLimitError) as soon as a limit is known to be exceeded.
+
+    `limit`: tokens per text (with `truncate`, longer texts are cut later, by the engine); `specials`: how
+    many special tokens the tokenizer adds to each text (not counted twice when counting slices).
+    """
+    loop = asyncio.get_running_loop()
+
+    async def run(batch: Sequence[str]) -> list[list[int]]:
+        if time.monotonic() > deadline:
+            raise ServiceError(ErrorKind.TIMEOUT, "request did not finish within its time limit (tokenising)",
+                               code="timeout")
+        return await loop.run_in_executor(pool, tokenize, batch)
+
+    out: list[list[int]] = []
+    total = 0
+    index = 0
+    while index < len(texts):
+        text = texts[index]
+        if len(text) > _CHUNK_CHARS:
+            ids = await _long_text(text, index, run, limit=limit, truncate=truncate, specials=specials,
+                                   total=total)
+            chunk = [ids]
+        else:
+            end, chars = index, 0
+            while end < len(texts) and end - index < _CHUNK_TEXTS and len(texts[end]) <= _CHUNK_CHARS:
+                chars += len(texts[end])
+                if chars > _CHUNK_CHARS and end > index:
+                    break
+                end += 1
+            chunk = await run(texts[index:end])
+            if not truncate and end < len(texts):  # more to come: refuse now rather than after all of it
+                for offset, ids in enumerate(chunk):
+                    if len(ids) > limit:
+                        raise _too_long(index + offset, len(ids), limit, total + sum(len(s) for s in chunk),
+                                        exact=True)
+        out.extend(chunk)
+        total += sum(len(ids) for ids in chunk)
+        index += len(chunk)
+        if total > max_total and index < len(texts):  # (once all are in, the engine words the refusal)
+            raise TokenLimitError(f"request has more than {total - 1} tokens in all (counted so far); at most "
+                                  f"{max_total} per request: split it", tokens_at_least=total)
+    return out
+
+
+async def _long_text(text: str, index: int, run: Runner, *, limit: int,
+                     truncate: bool, specials: int, total: int) -> list[int]:
+    """One long text: count it slice by slice until it is over `limit`, else tokenise it whole."""
+    counted = 0
+    start = 0
+    while start < len(text):
+        end = _cut(text, start)
+        ids = await run([text[start:end]])
+        counted += max(0, len(ids[0]) - specials)
+        start = end
+        if counted + specials > limit + 2:  # (+2: a slice cut inside a word may split it differently)
+            if not truncate:
+                raise _too_long(index, counted + specials - 2, limit, total + counted, exact=False)
+            prefix = await run([text[:end]])  # covers the limit: the engine keeps its first `limit` tokens
+            return prefix[0]
+    whole = await run([text])
+    return whole[0]
+
+
+def _too_long(index: int, tokens: int, limit: int, request_tokens: int, *, exact: bool) -> TokenLimitError:
+    how_many = f"{tokens}" if exact else f"more than {tokens}"
+    return TokenLimitError(f"input[{index}] has {how_many} tokens, more than this model's limit of {limit}; "
+                           "shorten it or send \"truncate\": true", tokens_at_least=request_tokens,
+                           code="context_length_exceeded")
