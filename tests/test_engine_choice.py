@@ -70,3 +70,19 @@ def test_choose_engine_respects_an_explicit_engine_and_logs_auto(build, tmp_path
         assert app_module.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
         assert app_module.choose_engine(make_settings(engine="auto"), _model(tmp_path, "t5")) == "torch"
     assert sum("engine auto" in record.message for record in caplog.records) == 2
+
+
+def test_quantize_is_never_silent(build, tmp_path: Path, caplog) -> None:
+    """int8 only when asked: auto picks openvino for it (logged); engines without an int8 path refuse it."""
+    import pydantic
+
+    build("cpu")
+    bert = _model(tmp_path, "bert")
+    assert app_module.choose_engine(make_settings(engine="auto"), bert) == "vllm"  # no quantize: exact engine
+    with caplog.at_level("INFO", logger="embedding_service"):
+        assert app_module.choose_engine(make_settings(engine="auto", quantize="int8"), bert) == "openvino"
+    assert any("quantize=int8" in record.message for record in caplog.records)
+    assert app_module.choose_engine(make_settings(engine="openvino", quantize="int8"), bert) == "openvino"
+    for engine in ("torch", "vllm"):
+        with pytest.raises(pydantic.ValidationError, match="openvino engine"):
+            make_settings(engine=engine, quantize="int8")

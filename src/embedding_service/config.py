@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "UNUSABLE_KEY", "EmbeddingConfig", "usable_api_key"]
@@ -53,8 +53,8 @@ class EmbeddingConfig(BaseSettings):
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     # --- engine selection ----------------------------------------------------------------------------
-    engine: Literal["auto", "torch", "vllm", "fake"] = Field(
-        "auto", description="auto picks vLLM where installed and usable, else torch"
+    engine: Literal["auto", "torch", "vllm", "openvino", "fake"] = Field(
+        "auto", description="auto picks vLLM where installed and usable, else torch (openvino if quantize is set)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when available")
     served_model_name: str | None = Field(None, description="name reported to clients (default: model name)")
@@ -67,6 +67,13 @@ class EmbeddingConfig(BaseSettings):
     )
     vllm_engine_core: Literal["auto", "in-process", "separate"] = Field(
         "auto", description="vLLM: engine core in this process (fastest on CPU) or its own (GPU); auto: by device"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: int8 weights and activations on the openvino engine (faster, not exact; "
+        "see docs/openvino.md); none keeps exact vectors"
+    )
+    openvino_cache_dir: str | None = Field(
+        None, description="openvino: folder of exported models (default ~/.cache/embedding-service/openvino)"
     )
 
     # --- request limits --------------------------------------------------------------------------------
@@ -205,6 +212,14 @@ class EmbeddingConfig(BaseSettings):
         if value is not None and not os.access(value, os.R_OK):
             raise ValueError(f"API key file {value!r} does not exist or is not readable")
         return value
+
+    @model_validator(mode="after")
+    def _quantize_needs_openvino(self) -> EmbeddingConfig:
+        # Refused, not ignored: a user asking for int8 on an engine that cannot do it would get fp32 silently.
+        if self.quantize != "none" and self.engine in ("torch", "vllm"):
+            raise ValueError(f"quantize {self.quantize} runs on the openvino engine, not {self.engine} "
+                             "(use --engine openvino, or auto)")
+        return self
 
     @property
     def model_source(self) -> str:

@@ -63,9 +63,15 @@ def engine_options(settings: EmbeddingConfig) -> EngineOptions:
 
 
 def choose_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> str:
-    """The engine to run: as configured, or for `auto` vLLM where installed and a fit, else torch (logged)."""
+    """The engine to run: as configured, or for `auto` vLLM where installed and a fit, else torch (logged).
+
+    Quantised arithmetic is never chosen for the user: only `quantize` set makes `auto` pick openvino.
+    """
     if settings.engine != "auto":
         return settings.engine
+    if settings.quantize != "none":
+        log.info("engine auto: quantize=%s was asked for: using the openvino engine", settings.quantize)
+        return "openvino"
     use_vllm, why = vllm_fit(model_dir, settings.device)
     log.info("engine auto: %s: using %s", why, "vLLM" if use_vllm else "the transformers/torch engine")
     return "vllm" if use_vllm else "torch"
@@ -89,6 +95,8 @@ def build_engine(settings: EmbeddingConfig, model_dir: str | None = None) -> Emb
         fake_options=_fake_options(settings) if kind == "fake" else None,
         enforce_eager=settings.enforce_eager,
         vllm_engine_core=settings.vllm_engine_core,
+        quantize=settings.quantize,
+        openvino_cache_dir=settings.openvino_cache_dir,
     )
     return EmbeddingEngine(backend, engine_options(settings))
 

@@ -1,4 +1,4 @@
-"""Model runtimes behind one small contract. torch and vllm are imported only inside their modules."""
+"""Model runtimes behind one small contract. torch, vllm and openvino are imported only inside their modules."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def create_backend(
     fake_options: Mapping[str, Any] | None = None,
     enforce_eager: bool = False,
     vllm_engine_core: str = "auto",
+    quantize: str = "none",
+    openvino_cache_dir: str | None = None,
 ) -> Backend:
-    """Build (not load) the backend for `engine` ("torch", "vllm" or "fake")."""
+    """Build (not load) the backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
     if engine == "fake":
         from .fake import FakeBackend
 
@@ -53,6 +55,12 @@ def create_backend(
             enforce_eager=enforce_eager,
             engine_core=vllm_engine_core,
         )
+    if engine == "openvino":
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(model_dir, device=device, dtype=dtype, max_model_len=max_model_len,
+                               matryoshka=matryoshka, model_label=model_label, quantize=quantize,
+                               cache_dir=openvino_cache_dir)
     from .torch_backend import TorchBackend
 
     return TorchBackend(model_dir, device=device, dtype=dtype, max_model_len=max_model_len,

@@ -21,6 +21,7 @@ __all__ = [
     "last_token_pool",
     "mean_pool",
     "pool",
+    "pool_numpy",
     "read_st_config",
     "truncate_dimensions",
 ]
@@ -120,6 +121,19 @@ _POOLERS = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}
 
 def pool(mode: PoolingMode, hidden: Any, mask: Any) -> Any:
     return _POOLERS[mode](hidden, mask)
+
+
+def pool_numpy(mode: PoolingMode, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The same pooling on numpy arrays (runtimes that hand back numpy: OpenVINO), in float32."""
+    hidden = np.asarray(hidden, dtype=np.float32)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "last":
+        if bool(mask[:, -1].all()):
+            return hidden[:, -1]
+        return hidden[np.arange(hidden.shape[0]), mask.sum(axis=1) - 1]
+    weights = mask[..., None].astype(np.float32)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
