@@ -290,6 +290,21 @@ def test_dockerfile_contract(dockerfile: str) -> None:
             assert source not in ignored, f"{source} is excluded by .dockerignore"
 
 
+def test_serve_needs_no_optional_extra() -> None:
+    """The images install `.[torch]` only: the CLI must start without the bulk extra (pyarrow, ray) and the
+    test tools. (pyarrow imported by `embedding-service serve` once kept the CPU image from starting.)"""
+    blocked = ["pyarrow", "ray", "sentence_transformers", "vllm", "openvino"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "from embedding_service.cli import build_parser\n"
+            "args = build_parser().parse_args(['serve', '--demo'])\n"
+            "from embedding_service.server import DrainingServer\n"
+            "from embedding_service.api.app import create_app\n"
+            "print('ok', args.command)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok serve", result.stderr[-3000:]
+
+
 def test_compose_file() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
