@@ -60,7 +60,8 @@ def _add_embed_command(commands: Any, config_cls: type[EmbeddingConfig] = Embedd
 def run_embed(args: argparse.Namespace, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
     from .bulk.command import run_embed as run
 
-    return run(args, lambda overrides: load_settings(overrides, config_cls))
+    # In-process bulk runs torch like `serve` does: passive OpenMP (tokenising and I/O threads share the CPUs).
+    return run(args, lambda overrides: load_settings(overrides, config_cls), tune=_passive_openmp_for_torch)
 
 
 def _describe(error: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> str:

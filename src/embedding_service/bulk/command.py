@@ -112,7 +112,9 @@ def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--model names the model in requests to --url servers; for the model here use --model-name")
 
 
-def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]], Any]) -> int:
+def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]], Any],
+              tune: Callable[[Any, str | None], None] | None = None) -> int:
+    """`tune(settings, model_dir)` runs before the model's libraries are imported (serve's thread settings)."""
     from ..backends.base import BackendLoadError
     from ..errors import ServiceError
 
@@ -141,10 +143,15 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
             summary = run_on_ray(job, settings, options, RayOptions(args.ray, args.ray_actors,
                                                                     args.ray_cpus_per_actor, args.ray_gpus_per_actor))
         else:
-            embedder: Any = (HttpEmbedder(urls, options, api_key=args.api_key, model=args.model,
-                                          batch_size=args.batch_size, concurrency=args.concurrency,
-                                          retries=args.retries, timeout_s=args.timeout)
-                             if urls else LocalEmbedder(settings, options))
+            embedder: Any
+            if urls:
+                embedder = HttpEmbedder(urls, options, api_key=args.api_key, model=args.model,
+                                        batch_size=args.batch_size, concurrency=args.concurrency,
+                                        retries=args.retries, timeout_s=args.timeout)
+            else:
+                embedder = LocalEmbedder(settings, options)
+                if tune is not None:
+                    tune(settings, embedder.model_dir)
             summary = asyncio.run(run_job(job, embedder))
     except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
             RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line
