@@ -275,3 +275,34 @@ async def test_long_texts_are_counted_in_slices_and_stop_early() -> None:
     short = ["a b c", "d e"]
     assert await tokenize_bounded(short, tokenize, pool, truncate=False, **kwargs) == backend.tokenize(short)  # type: ignore[arg-type]
     pool.shutdown()
+
+
+def test_vllm_that_cannot_load_on_cuda_falls_back_to_torch_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    # Before: with device=auto a failed vLLM load on CUDA exited the server. (No GPU here: vLLM is stubbed.)
+    from embedding_service.backends import BackendLoadError, create_backend
+    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fallback import CpuFallback
+
+    class CudaVllmThatFails:
+        device_type = "cuda"
+
+        def load(self) -> object:
+            raise BackendLoadError("vLLM could not load m: CUDA error: no CUDA-capable device is detected")
+
+    fallback = FakeBackend()
+    backend = CpuFallback(CudaVllmThatFails(), lambda: fallback)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="embedding_service"):
+        info = backend.load()
+    assert backend.active is fallback and info.device == "cpu"
+    assert any("falling back to the torch engine on the CPU" in r.getMessage() and "CUDA error" in r.getMessage()
+               for r in caplog.records)
+    assert backend.embed(backend.tokenize(["x"])).shape == (1, 64)
+
+    class CpuVllmThatFails(CudaVllmThatFails):
+        device_type = "cpu"
+
+    with pytest.raises(BackendLoadError):  # a CPU build failing: torch on the same CPU is no other device
+        CpuFallback(CpuVllmThatFails(), lambda: fallback).load()  # type: ignore[arg-type]
+    common = {"model_label": "m", "dtype": "float32", "max_model_len": 64, "matryoshka": False}
+    assert isinstance(create_backend("vllm", "/nonexistent", device="auto", **common), CpuFallback)
+    assert not isinstance(create_backend("vllm", "/nonexistent", device="cuda", **common), CpuFallback)

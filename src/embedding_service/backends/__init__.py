@@ -43,7 +43,7 @@ def create_backend(
     if engine == "vllm":
         from .vllm_backend import VllmBackend
 
-        return VllmBackend(
+        vllm = VllmBackend(
             model_dir,
             model_label=model_label,
             device=device,
@@ -55,6 +55,13 @@ def create_backend(
             enforce_eager=enforce_eager,
             engine_core=vllm_engine_core,
         )
+        if device != "auto":
+            return vllm
+        from .fallback import CpuFallback
+
+        return CpuFallback(vllm, lambda: create_backend(
+            "torch", model_dir, model_label=model_label, device="cpu", dtype=dtype, max_model_len=max_model_len,
+            matryoshka=matryoshka))
     if engine == "openvino":
         from .openvino_backend import OpenVinoBackend
 

@@ -74,6 +74,7 @@ class VllmBackend:
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._children: set[Any] = set()
+        self.device_type: str | None = None  # vLLM's platform, once load() has looked
 
     # --- loading -------------------------------------------------------------------------------------
     def load(self) -> BackendInfo:
@@ -87,6 +88,7 @@ class VllmBackend:
         from .tokenization import HfTokenizer
 
         device = str(current_platform.device_type)
+        self.device_type = device  # (a CUDA failure with device=auto falls back to the CPU: fallback.py)
         if self._requested_device not in ("auto", device):
             raise BackendLoadError(f"device '{self._requested_device}' was requested but this vLLM build "
                                    f"runs on '{device}' (install the matching vllm, or use --engine torch)")
