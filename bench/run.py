@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
         (out_dir / "results.md").write_text(markdown(result))
         print(f"wrote {out_dir}/results.json and results.md", flush=True)
+        from bench.chart import write_chart
+
+        if write_chart(result, out_dir / "chart.png"):
+            print(f"wrote {out_dir}/chart.png", flush=True)
     print(markdown(result))
     return 0
 

@@ -97,3 +97,15 @@ def test_overhead_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert set(rows) == {"short-c1", "short-c16"}
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows.values())
     assert "ours-fake" in (tmp_path / "results.md").read_text()
+
+
+def test_chart_has_one_bar_per_target_and_ratio_labels(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.chart import write_chart
+
+    rows = [{"model": "minilm", "workload": w, "target": t, "texts_per_s": v}
+            for w, t, v in [("short-c16", "ours-vllm", 150.0), ("short-c16", "vllm-serve", 100.0),
+                            ("batch32", "ours-vllm", 90.0), ("batch32", "vllm-serve", 60.0)]]
+    out = write_chart({"rows": rows, "dtype": "float32", "threads": 2}, tmp_path / "chart.png")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_chart({"rows": []}, tmp_path / "none.png") is None
