@@ -141,29 +141,35 @@ async def test_a_storm_of_hang_ups_costs_the_event_loop_little() -> None:
     from embedding_service.backends.fake import FakeBackend
     from embedding_service.engine.batcher import Batcher
 
-    backend = FakeBackend(delay_s=0.5)
-    batcher = Batcher(backend.embed, ThreadPoolExecutor(1), max_batch_size=32, max_batch_tokens=100_000,
-                      batch_timeout_s=0.0, padded=False, max_queue_requests=10_000, max_queue_tokens=10**9)
-    batcher.start()
-    try:
-        blocker = asyncio.ensure_future(batcher.submit([[1, 2, 3]]))
-        await asyncio.sleep(0.05)  # the backend is busy: everything below queues
-        jobs = [asyncio.ensure_future(batcher.submit([[n, i, 7] for i in range(32)])) for n in range(240)]
-        await asyncio.sleep(0.01)
-        assert batcher.queued_requests == 241
-        started = time.perf_counter()
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        loop_time = time.perf_counter() - started
-        print(f"\n240 cancellations: {loop_time * 1000:.1f} ms of loop time")
-        assert loop_time < 0.050
-        assert batcher.queued_requests == 1 and batcher.queued_tokens == 3
-        await blocker
-        await asyncio.sleep(0.05)
-        assert sum(backend.batches) == 1  # none of the cancelled texts reached the model
-    finally:
-        await batcher.close(RuntimeError("done"))  # type: ignore[arg-type]
+    async def one_storm() -> float:
+        backend = FakeBackend(delay_s=0.5)
+        batcher = Batcher(backend.embed, ThreadPoolExecutor(1), max_batch_size=32, max_batch_tokens=100_000,
+                          batch_timeout_s=0.0, padded=False, max_queue_requests=10_000, max_queue_tokens=10**9)
+        batcher.start()
+        try:
+            blocker = asyncio.ensure_future(batcher.submit([[1, 2, 3]]))
+            await asyncio.sleep(0.05)  # the backend is busy: everything below queues
+            jobs = [asyncio.ensure_future(batcher.submit([[n, i, 7] for i in range(32)])) for n in range(240)]
+            await asyncio.sleep(0.01)
+            assert batcher.queued_requests == 241
+            started = time.perf_counter()
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            loop_time = time.perf_counter() - started
+            assert batcher.queued_requests == 1 and batcher.queued_tokens == 3
+            await blocker
+            await asyncio.sleep(0.05)
+            assert sum(backend.batches) == 1  # none of the cancelled texts reached the model
+            return loop_time
+        finally:
+            await batcher.close(RuntimeError("done"))  # type: ignore[arg-type]
+
+    # The best of three storms: another process on a busy 2-core machine can steal a few ms from any one
+    # measurement, but a quadratic queue costs 0.4 s or more every time.
+    times = [await one_storm() for _ in range(3)]
+    print(f"\n240 cancellations: {min(times) * 1000:.1f} ms of loop time (best of {[round(t * 1000) for t in times]})")
+    assert min(times) < 0.050
 
 
 def _nested(depth: int) -> object:
