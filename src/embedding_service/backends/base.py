@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendDeadError", "BackendInfo", "BackendLoadError"]
+__all__ = ["Backend", "BackendDeadError", "BackendInfo", "BackendLoadError", "first_line", "read_model_config"]
 
 
 class BackendLoadError(RuntimeError):
@@ -59,3 +61,19 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def read_model_config(model_dir: str) -> dict[str, Any]:
+    """A model folder's config.json, or BackendLoadError naming the file."""
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception in one line (runtimes raise multi-page messages), for a load error a user reads."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendInfo, BackendLoadError
+from .base import BackendInfo, BackendLoadError, first_line, read_model_config
 from .device import resolve_cpu_dtype
 from .pooling import SentenceTransformersConfig, l2_normalize, pool_numpy, read_st_config
 
@@ -93,7 +93,7 @@ class OpenVinoBackend:
             raise BackendLoadError(f"the openvino engine runs on the CPU; device '{self._requested_device}' "
                                    "was requested (use --engine torch or vllm for CUDA)")
         dtype = resolve_cpu_dtype(self._requested_dtype)
-        config = _read_config(self._model_dir)
+        config = read_model_config(self._model_dir)
         model_type = str(config.get("model_type", "")).lower()
         self._st = read_st_config(self._model_dir, model_type)
         try:
@@ -112,7 +112,7 @@ class OpenVinoBackend:
         try:
             compiled = ov.Core().compile_model(str(self.ir_path), "CPU", settings)
         except RuntimeError as exc:
-            raise BackendLoadError(f"OpenVINO cannot compile {self.ir_path}: {_first_line(exc)}") from exc
+            raise BackendLoadError(f"OpenVINO cannot compile {self.ir_path}: {first_line(exc)}") from exc
         self._request = compiled.create_infer_request()
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
         dimension = int(self.embed([probe]).shape[1])
@@ -164,7 +164,7 @@ class OpenVinoBackend:
         except BackendLoadError:
             raise
         except Exception as exc:
-            raise BackendLoadError(f"openvino: cannot export {self._model_dir}: {_first_line(exc)}") from exc
+            raise BackendLoadError(f"openvino: cannot export {self._model_dir}: {first_line(exc)}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -234,17 +234,3 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
 
         converted = nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
     ov.save_model(converted, str(target), compress_to_fp16=False)  # fp16 storage would break exactness
-
-
-def _read_config(model_dir: str) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

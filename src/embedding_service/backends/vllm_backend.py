@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import BackendDeadError, BackendInfo, BackendLoadError
+from .base import BackendDeadError, BackendInfo, BackendLoadError, first_line, read_model_config
 from .device import resolve_cpu_dtype
 from .pooling import l2_normalize, read_st_config
 from .processes import child_pids, reap
@@ -93,7 +91,7 @@ class VllmBackend:
             raise BackendLoadError(f"device '{self._requested_device}' was requested but this vLLM build "
                                    f"runs on '{device}' (install the matching vllm, or use --engine torch)")
         dtype = resolve_cpu_dtype(self._requested_dtype) if device == "cpu" else self._requested_dtype
-        config = _read_config(self._model_dir)
+        config = read_model_config(self._model_dir)
         model_type = str(config.get("model_type", ""))
         st = read_st_config(self._model_dir, model_type)
         limit = st.length_limit(config.get("max_position_embeddings")) or self._max_model_len
@@ -116,7 +114,7 @@ class VllmBackend:
         except BaseException as exc:
             self._children |= child_pids() - before
             self.close()
-            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {_first_line(exc)}") from exc
+            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {first_line(exc)}") from exc
         self._children |= child_pids() - before
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
         try:  # one tiny request: a warm-up, and the real output width (a model may project its hidden size)
@@ -124,7 +122,7 @@ class VllmBackend:
         except Exception as exc:
             self.close()
             raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot embed: "
-                                   f"{_first_line(exc)}") from exc
+                                   f"{first_line(exc)}") from exc
         log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s, "
                  "engine core %s", self._label, device, dtype, st.pooling, matryoshka, max_model_len,
                  self._enforce_eager, "in this process" if self._in_process else "in its own process")
@@ -209,8 +207,8 @@ class VllmBackend:
             if not self._broke_engine(exc):
                 raise
             self._dead = exc
-            log.error("the vLLM engine died: %s", _first_line(exc))
-            raise BackendDeadError(f"the vLLM engine died: {_first_line(exc)}") from exc
+            log.error("the vLLM engine died: %s", first_line(exc))
+            raise BackendDeadError(f"the vLLM engine died: {first_line(exc)}") from exc
         return l2_normalize(np.stack(rows))
 
     def _broke_engine(self, exc: Exception) -> bool:
@@ -347,17 +345,3 @@ def _pooler_config(cls: Any, pooling: str) -> Any:
         return cls(seq_pooling_type=pooling, use_activation=True)
     except (TypeError, ValueError):  # vLLM before the sequence/token pooling split (tested: 0.32)
         return cls(pooling_type=pooling, normalize=True)
-
-
-def _read_config(model_dir: str) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
