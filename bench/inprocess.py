@@ -75,30 +75,29 @@ def run_raw_workload(backend: Any, requests: list[list[str]], batch_size: int, d
     return result
 
 
-def _build(spec: dict[str, Any]) -> Any:
-    from embedding_service.backends import create_backend
+def _settings(spec: dict[str, Any]) -> Any:
+    """The settings a bench run uses: isolated from the environment, the defaults except what `spec` says."""
+    from embedding_service.config import EmbeddingConfig
 
-    return create_backend(
-        spec["engine"],
-        spec["model_dir"],
-        model_label="bench-model",
-        device="cpu",
-        dtype=spec.get("dtype", "float32"),
-        max_model_len=spec.get("max_model_len", 3072),
-        matryoshka=False,
-    )
+    extra = {"max_model_len": spec["max_model_len"]} if "max_model_len" in spec else {}
+    return EmbeddingConfig(_env_file=None, device="cpu", dtype=spec.get("dtype", "float32"),  # type: ignore[call-arg]
+                           max_batch_size=spec["max_batch_size"], **extra, **spec.get("engine_options", {}))
+
+
+def _build(spec: dict[str, Any]) -> Any:
+    import dataclasses
+
+    from embedding_service.backends import BackendOptions, create_backend
+
+    options = BackendOptions.from_config(_settings(spec), spec["model_dir"])
+    return create_backend(spec["engine"], dataclasses.replace(options, model_label="bench-model", matryoshka=False))
 
 
 async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Engine workloads, then raw backend.embed on the same loaded backend (one load: vLLM's is slow)."""
     from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 
-    options = EngineOptions(
-        max_batch_size=spec["max_batch_size"],
-        max_model_len=spec.get("max_model_len", 3072),
-        **spec.get("engine_options", {}),
-    )
-    engine = EmbeddingEngine(_build(spec), options)
+    engine = EmbeddingEngine(_build(spec), EngineOptions.from_config(_settings(spec)))
     started = time.perf_counter()
     await engine.start()
     load_s = time.perf_counter() - started

@@ -138,7 +138,7 @@ def inprocess(
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", "/tmp/bench-vllm-cache"),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        if engine == "torch":  # as `serve` sets it for the torch engine (cli._passive_openmp_for_torch)
+        if engine == "torch":  # as `serve` sets it for the torch engine (service.passive_openmp_for)
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         module = "bench.vllm_offline" if engine == "vllm-offline" else "bench.inprocess"
         with open(out_dir / f"inproc-{engine}-{model['name']}.log", "ab") as log:

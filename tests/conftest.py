@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from embedding_service.api.app import create_app
+from embedding_service.backends.base import BackendOptions
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.config import EmbeddingConfig
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
@@ -52,6 +54,19 @@ def make_settings(**overrides: object) -> EmbeddingConfig:
     return EmbeddingConfig(_env_file=None, **overrides)  # type: ignore[call-arg]
 
 
+def engine_options(**settings: object) -> EngineOptions:
+    """Engine options from isolated settings: the settings' defaults, with `settings` changed."""
+    return EngineOptions.from_config(make_settings(**settings))
+
+
+def backend_options(model_dir: object, *, model_label: str | None = None, matryoshka: bool = False,
+                    **settings: object) -> BackendOptions:
+    """Backend options for a model folder from isolated settings, labelled by the folder unless told, and
+    not listed as Matryoshka unless told (the backends still detect Qwen3 configs)."""
+    options = BackendOptions.from_config(make_settings(**settings), str(model_dir))
+    return dataclasses.replace(options, model_label=model_label or str(model_dir), matryoshka=matryoshka)
+
+
 @pytest.fixture
 def fake_backend() -> FakeBackend:
     return FakeBackend(dimension=64, max_model_len=64)
@@ -59,7 +74,7 @@ def fake_backend() -> FakeBackend:
 
 @pytest.fixture
 async def fake_engine(fake_backend: FakeBackend) -> AsyncIterator[EmbeddingEngine]:
-    engine = EmbeddingEngine(fake_backend, EngineOptions(max_model_len=64, batch_timeout_ms=2))
+    engine = EmbeddingEngine(fake_backend, engine_options(max_model_len=64, batch_timeout_ms=2))
     await engine.start()
     yield engine
     await engine.stop()

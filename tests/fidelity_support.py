@@ -11,9 +11,9 @@ import pytest
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import make_settings
+from .conftest import engine_options, make_settings
 
 MAX_LEN = 64  # the fake model's token limit
 DIM = 64  # the fake model's dimension (Matryoshka: 32..64)
@@ -32,7 +32,7 @@ async def fake_client(
     *, matryoshka: bool = True, name: str = "fake-model", **settings: object
 ) -> AsyncIterator[httpx.AsyncClient]:
     backend = FakeBackend(dimension=DIM, max_model_len=MAX_LEN, matryoshka=matryoshka)
-    options = EngineOptions(max_model_len=MAX_LEN, max_request_tokens=MAX_TOKENS, batch_timeout_ms=1)
+    options = engine_options(max_model_len=MAX_LEN, max_request_tokens=MAX_TOKENS, batch_timeout_ms=1)
     engine = EmbeddingEngine(backend, options)
     await engine.start()
     config = make_settings(engine="fake", served_model_name=name, max_body_bytes=MAX_BODY, **settings)

@@ -10,9 +10,9 @@ import pytest
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import make_settings
+from .conftest import engine_options, make_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -132,7 +132,7 @@ async def test_routing_errors_use_the_envelope(client: httpx.AsyncClient) -> Non
 
 
 async def test_loading_engine_answers_503() -> None:
-    engine = EmbeddingEngine(FakeBackend(), EngineOptions())  # never started: still "loading"
+    engine = EmbeddingEngine(FakeBackend(), engine_options())  # never started: still "loading"
     app = create_app(make_settings(engine="fake"), engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         health = await http.get("/health")
@@ -143,7 +143,7 @@ async def test_loading_engine_answers_503() -> None:
 
 async def test_backend_failure_is_a_clean_500_and_the_server_recovers() -> None:
     backend = FakeBackend(fail_batches=[0])
-    engine = EmbeddingEngine(backend, EngineOptions(batch_timeout_ms=0))
+    engine = EmbeddingEngine(backend, engine_options(batch_timeout_ms=0))
     await engine.start()
     app = create_app(make_settings(engine="fake"), engine)
     try:

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.batcher import Batcher
+from embedding_service.engine.batcher import Batcher, BatchPolicy
 from embedding_service.errors import ErrorKind, ServiceError
 
 pytestmark = pytest.mark.asyncio
 
 
 def make(backend: FakeBackend, **kwargs: object) -> Batcher:
-    options: dict = {"max_batch_size": 8, "max_batch_tokens": 10_000, "batch_timeout_s": 0.02, "padded": False}
+    options: dict = {"max_batch_size": 8, "max_batch_tokens": 10_000, "batch_timeout_s": 0.02, "padded": False,
+                     "max_concurrent_batches": 1, "max_queue_requests": 1024, "max_queue_tokens": 1_000_000}
     options.update(kwargs)
-    batcher = Batcher(backend.embed, ThreadPoolExecutor(1), **options)
+    batcher = Batcher(backend.embed, ThreadPoolExecutor(1), BatchPolicy(**options))
     batcher.start()
     return batcher
 
@@ -74,7 +75,7 @@ async def test_queue_bound_refuses_at_once_with_retry_after() -> None:
     await asyncio.sleep(0.01)
     with pytest.raises(ServiceError) as refused:
         await batcher.submit(seqs(9, 1))
-    assert refused.value.kind is ErrorKind.OVERLOADED and refused.value.headers["Retry-After"]
+    assert refused.value.kind is ErrorKind.OVERLOADED and refused.value.retry_after_s
     await asyncio.gather(*running)
     await batcher.submit(seqs(9, 1))  # room again
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from embedding_service.engine.batcher import Batcher
+from embedding_service.engine.batcher import Batcher, BatchPolicy
 
 
 class GatedEmbed:
@@ -26,12 +26,17 @@ class GatedEmbed:
         return np.ones((len(seqs), 4), dtype=np.float32)
 
 
+def _policy(batch_timeout_s: float) -> BatchPolicy:
+    return BatchPolicy(max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=batch_timeout_s, padded=True,
+                       max_concurrent_batches=1, max_queue_requests=1024, max_queue_tokens=1_000_000)
+
+
 async def test_idle_backend_gets_a_lone_request_without_waiting_for_the_timeout() -> None:
     embed = GatedEmbed()
     embed.gate.set()
     with ThreadPoolExecutor(1) as pool:
         # A 10-minute fill window: if the idle batcher waited for it, wait_for would time out.
-        batcher = Batcher(embed, pool, max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=600.0)
+        batcher = Batcher(embed, pool, _policy(600.0))
         batcher.start()
         vectors, _queued, _compute = await asyncio.wait_for(batcher.submit([[1, 2, 3]]), 30)
         assert vectors.shape == (1, 4)
@@ -42,7 +47,7 @@ async def test_idle_backend_gets_a_lone_request_without_waiting_for_the_timeout(
 async def test_requests_arriving_while_busy_go_out_together() -> None:
     embed = GatedEmbed()
     with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(embed, pool, max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=0.005)
+        batcher = Batcher(embed, pool, _policy(0.005))
         batcher.start()
         first = asyncio.ensure_future(batcher.submit([[1, 2]]))
         await asyncio.get_running_loop().run_in_executor(None, embed.entered.acquire)  # backend now busy

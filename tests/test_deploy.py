@@ -23,7 +23,7 @@ import yaml
 
 from embedding_service.config import EmbeddingConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, engine_options
 
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "embedding-service"
@@ -161,7 +161,7 @@ def test_gpu_and_autoscaling(helm: Any) -> None:
     from embedding_service.engine.engine import EmbeddingEngine
     from embedding_service.metrics import ServiceMetrics
 
-    exported = ServiceMetrics(EmbeddingEngine(FakeBackend())).render().decode()
+    exported = ServiceMetrics(EmbeddingEngine(FakeBackend(), engine_options())).render().decode()
     assert re.search(rf"^{queue_metric} ", exported, re.MULTILINE)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.api import app as app_module
+from embedding_service import service
 from embedding_service.backends import choice
 
 from .conftest import make_settings
@@ -64,11 +64,11 @@ def test_vllm_build_matches_what_is_installed() -> None:
 def test_choose_engine_respects_an_explicit_engine_and_logs_auto(build, tmp_path: Path, caplog) -> None:
     build("cpu")
     qwen, bert = _model(tmp_path, "qwen3"), _model(tmp_path, "bert")
-    assert app_module.choose_engine(make_settings(engine="torch"), qwen) == "torch"
-    assert app_module.choose_engine(make_settings(engine="vllm"), bert) == "vllm"
+    assert service.choose_engine(make_settings(engine="torch"), qwen) == "torch"
+    assert service.choose_engine(make_settings(engine="vllm"), bert) == "vllm"
     with caplog.at_level("INFO", logger="embedding_service"):
-        assert app_module.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
-        assert app_module.choose_engine(make_settings(engine="auto"), _model(tmp_path, "t5")) == "torch"
+        assert service.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
+        assert service.choose_engine(make_settings(engine="auto"), _model(tmp_path, "t5")) == "torch"
     assert sum("engine auto" in record.message for record in caplog.records) == 2
 
 
@@ -78,11 +78,11 @@ def test_quantize_is_never_silent(build, tmp_path: Path, caplog) -> None:
 
     build("cpu")
     bert = _model(tmp_path, "bert")
-    assert app_module.choose_engine(make_settings(engine="auto"), bert) == "vllm"  # no quantize: exact engine
+    assert service.choose_engine(make_settings(engine="auto"), bert) == "vllm"  # no quantize: exact engine
     with caplog.at_level("INFO", logger="embedding_service"):
-        assert app_module.choose_engine(make_settings(engine="auto", quantize="int8"), bert) == "openvino"
+        assert service.choose_engine(make_settings(engine="auto", quantize="int8"), bert) == "openvino"
     assert any("quantize=int8" in record.message for record in caplog.records)
-    assert app_module.choose_engine(make_settings(engine="openvino", quantize="int8"), bert) == "openvino"
+    assert service.choose_engine(make_settings(engine="openvino", quantize="int8"), bert) == "openvino"
     for engine in ("torch", "vllm"):
         with pytest.raises(pydantic.ValidationError, match="openvino engine"):
             make_settings(engine=engine, quantize="int8")

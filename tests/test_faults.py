@@ -11,10 +11,10 @@ import pytest
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.logging_config import RequestIdFilter
 
-from .conftest import make_settings
+from .conftest import engine_options, make_settings
 
 NO_HANG_S = 10.0  # every call below must finish well within this, or the test fails (no hangs)
 
@@ -40,7 +40,7 @@ def recorder() -> Iterator[Recorder]:
 
 async def serve(backend: FakeBackend, fatal: list[BaseException], **options: object) -> tuple[
         EmbeddingEngine, httpx.AsyncClient]:
-    engine = EmbeddingEngine(backend, EngineOptions(max_model_len=64, **options))  # type: ignore[arg-type]
+    engine = EmbeddingEngine(backend, engine_options(max_model_len=64, **options))  # type: ignore[arg-type]
     await engine.start()
     app = create_app(make_settings(engine="fake", served_model_name="fake-model"), engine, on_fatal=fatal.append)
     return engine, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import ServerProcess, make_settings
+from .conftest import ServerProcess, engine_options, make_settings
 
 MAX_BODY = 64 * 1024
 
@@ -118,7 +118,7 @@ def fuzz_loop() -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.fixture(scope="module")
 def fuzz_client(fuzz_loop: asyncio.AbstractEventLoop) -> Iterator[httpx.AsyncClient]:
     engine = EmbeddingEngine(FakeBackend(dimension=16, max_model_len=64),
-                             EngineOptions(max_model_len=64, batch_timeout_ms=0, max_inputs_per_request=64))
+                             engine_options(max_model_len=64, batch_timeout_ms=0, max_inputs_per_request=64))
     fuzz_loop.run_until_complete(engine.start())
     app = create_app(make_settings(engine="fake", served_model_name="fake-model", max_body_bytes=MAX_BODY), engine)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

@@ -10,9 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import make_settings
+from .conftest import engine_options, make_settings
 
 EMBED = "/v1/embeddings"
 
@@ -104,7 +104,7 @@ async def test_counters_move_with_traffic(client: httpx.AsyncClient) -> None:
 
 async def test_queue_depth_is_read_live() -> None:
     backend = FakeBackend(dimension=8, max_model_len=64, delay_s=0.3)
-    engine = EmbeddingEngine(backend, EngineOptions(max_model_len=64, batch_timeout_ms=0, max_batch_size=1))
+    engine = EmbeddingEngine(backend, engine_options(max_model_len=64, batch_timeout_ms=0, max_batch_size=1))
     await engine.start()
     app = create_app(make_settings(engine="fake"), engine)
     try:
@@ -129,7 +129,7 @@ async def test_queue_depth_is_read_live() -> None:
 
 
 async def test_apps_in_one_process_have_separate_registries() -> None:
-    engines = [EmbeddingEngine(FakeBackend(dimension=8), EngineOptions(batch_timeout_ms=0)) for _ in range(2)]
+    engines = [EmbeddingEngine(FakeBackend(dimension=8), engine_options(batch_timeout_ms=0)) for _ in range(2)]
     for engine in engines:
         await engine.start()
     apps = [create_app(make_settings(engine="fake"), engine) for engine in engines]  # no duplicate-name error
@@ -147,7 +147,7 @@ async def test_apps_in_one_process_have_separate_registries() -> None:
 
 
 async def test_existing_batch_hook_keeps_working() -> None:
-    engine = EmbeddingEngine(FakeBackend(dimension=8), EngineOptions(batch_timeout_ms=0))
+    engine = EmbeddingEngine(FakeBackend(dimension=8), engine_options(batch_timeout_ms=0))
     seen: list[tuple[int, int]] = []
     engine.on_batch = lambda size, tokens, _seconds: seen.append((size, tokens))
     await engine.start()
@@ -163,7 +163,7 @@ async def test_existing_batch_hook_keeps_working() -> None:
 
 
 async def test_loading_engine_reports_state_and_no_load_time() -> None:
-    engine = EmbeddingEngine(FakeBackend(dimension=8))  # never started: still loading
+    engine = EmbeddingEngine(FakeBackend(dimension=8), engine_options())  # never started: still loading
     app = create_app(make_settings(engine="fake"), engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         samples = await scrape(http)
@@ -181,7 +181,7 @@ async def test_metrics_route_counts_itself(client: httpx.AsyncClient) -> None:
 
 async def test_internal_errors_are_counted_and_carry_the_request_id() -> None:
     """A backend failure becomes the error middleware's 500; the outer request middleware still sees it."""
-    engine = EmbeddingEngine(FakeBackend(dimension=8, fail_batches=[0]), EngineOptions(batch_timeout_ms=0))
+    engine = EmbeddingEngine(FakeBackend(dimension=8, fail_batches=[0]), engine_options(batch_timeout_ms=0))
     await engine.start()
     app = create_app(make_settings(engine="fake"), engine)
     try:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from embedding_service.api.app import build_engine, create_app
+from embedding_service.api.app import create_app
+from embedding_service.service import build_engine, plan_model
 
 from .conftest import make_settings
 
@@ -53,9 +54,10 @@ async def _serve(name: str, model_dir: Path, **settings: Any) -> AsyncIterator[S
     from transformers import AutoTokenizer
 
     config = make_settings(
-        engine="torch", served_model_name=name, max_model_len=LIMIT, batch_timeout_ms=0, **settings
+        engine="torch", model_path=str(model_dir), served_model_name=name, max_model_len=LIMIT, batch_timeout_ms=0,
+        **settings,
     )
-    engine = build_engine(config, model_dir=str(model_dir))
+    engine = build_engine(plan_model(config))
     await engine.start()
     app = create_app(config, engine)
     assert engine.info is not None

@@ -12,8 +12,10 @@ import pytest
 
 from embedding_service.backends import openvino_backend
 from embedding_service.backends.openvino_backend import OpenVinoBackend, export_key
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
+
+from .conftest import backend_options, engine_options
 
 pytestmark = [pytest.mark.slow]
 pytest.importorskip("openvino")
@@ -86,8 +88,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _load(model_dir: Path, cache: Path, quantize: str = "none", **kwargs: object) -> OpenVinoBackend:
-    backend = OpenVinoBackend(str(model_dir), device="cpu", dtype="float32", max_model_len=512,
-                              quantize=quantize, cache_dir=str(cache), **kwargs)  # type: ignore[arg-type]
+    backend = OpenVinoBackend(backend_options(model_dir, device="cpu", dtype="float32", max_model_len=512,
+                                              quantize=quantize, openvino_cache_dir=str(cache), **kwargs))
     backend.load()
     return backend
 
@@ -151,9 +153,10 @@ def test_tiny_qwen3_fp32_equals_the_model_card_recipe(tiny_qwen_dir: Path, cache
 async def test_engine_serves_openvino_through_create_backend(minilm_dir: Path, cache_dir: Path) -> None:
     from embedding_service.backends import create_backend
 
-    backend = create_backend("openvino", str(minilm_dir), model_label="minilm", device="cpu", dtype="float32",
-                             max_model_len=512, matryoshka=False, openvino_cache_dir=str(cache_dir))
-    engine = EmbeddingEngine(backend, EngineOptions(max_model_len=512, batch_timeout_ms=1))
+    backend = create_backend("openvino", backend_options(minilm_dir, model_label="minilm", device="cpu",
+                                                         dtype="float32", max_model_len=512,
+                                                         openvino_cache_dir=str(cache_dir)))
+    engine = EmbeddingEngine(backend, engine_options(max_model_len=512, batch_timeout_ms=1))
     await engine.start()
     try:
         out = await engine.embed(EmbedRequest(texts=TEXTS[:3]))

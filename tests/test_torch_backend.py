@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from embedding_service.backends.torch_backend import TorchBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
+
+from .conftest import backend_options, engine_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 torch = pytest.importorskip("torch")
@@ -39,8 +41,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def qwen_engine_factory(tiny_qwen_dir: Path):
     async def make() -> EmbeddingEngine:
-        backend = TorchBackend(str(tiny_qwen_dir), device="cpu", dtype="float32", max_model_len=2048)
-        engine = EmbeddingEngine(backend, EngineOptions(max_model_len=2048, batch_timeout_ms=1))
+        backend = TorchBackend(backend_options(tiny_qwen_dir, device="cpu", dtype="float32", max_model_len=2048))
+        engine = EmbeddingEngine(backend, engine_options(max_model_len=2048, batch_timeout_ms=1))
         await engine.start()
         return engine
     return make
@@ -76,8 +78,8 @@ async def test_minilm_equals_sentence_transformers(minilm_dir: Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     texts = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome", "x"]
     reference = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, normalize_embeddings=True)
-    engine = EmbeddingEngine(TorchBackend(str(minilm_dir), device="cpu", dtype="float32", max_model_len=512),
-                             EngineOptions(max_model_len=512))
+    backend = TorchBackend(backend_options(minilm_dir, device="cpu", dtype="float32", max_model_len=512))
+    engine = EmbeddingEngine(backend, engine_options(max_model_len=512))
     await engine.start()
     try:
         ours = (await engine.embed(EmbedRequest(texts=texts))).vectors

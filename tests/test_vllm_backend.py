@@ -21,6 +21,8 @@ from embedding_service.backends.base import BackendDeadError, BackendInfo
 from embedding_service.backends.pooling import truncate_dimensions
 from embedding_service.engine.prompts import format_instruction
 
+from .conftest import backend_options
+
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
@@ -35,7 +37,7 @@ INSTRUCTION = "Given a web search query, retrieve relevant passages that answer 
 def torch_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
     from embedding_service.backends.torch_backend import TorchBackend
 
-    backend = TorchBackend(str(tiny_qwen_dir), device="cpu", dtype="float32", max_model_len=MAX_LEN)
+    backend = TorchBackend(backend_options(tiny_qwen_dir, device="cpu", dtype="float32", max_model_len=MAX_LEN))
     info = backend.load()
     yield backend, info
     backend.close()
@@ -45,9 +47,9 @@ def torch_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
 def vllm_backend(tiny_qwen_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[object, BackendInfo]]:
     from embedding_service.backends.vllm_backend import VllmBackend
 
-    backend = VllmBackend(str(tiny_qwen_dir), model_label="tiny-qwen3", device="auto", dtype="float32",
-                          max_model_len=MAX_LEN, matryoshka=False, enforce_eager=True,
-                          engine_core=request.param)
+    backend = VllmBackend(backend_options(tiny_qwen_dir, model_label="tiny-qwen3", device="auto", dtype="float32",
+                                          max_model_len=MAX_LEN, enforce_eager=True,
+                                          vllm_engine_core=request.param))
     info = backend.load()
     yield backend, info
     backend.close()
@@ -195,11 +197,12 @@ def test_the_demo_model_loads_at_its_sentence_transformers_length(minilm_dir: Pa
     from embedding_service.config import EmbeddingConfig
 
     default_len = EmbeddingConfig.model_fields["max_model_len"].default
-    backend = VllmBackend(str(minilm_dir), dtype="float32", max_model_len=default_len, enforce_eager=True)
+    backend = VllmBackend(backend_options(minilm_dir, dtype="float32", max_model_len=default_len, enforce_eager=True))
     info = backend.load()
     try:
         assert info.max_model_len == 256 and info.dimension == 384
-        reference = TorchBackend(str(minilm_dir), device="cpu", dtype="float32", max_model_len=default_len)
+        reference = TorchBackend(backend_options(minilm_dir, device="cpu", dtype="float32",
+                                                 max_model_len=default_len))
         assert reference.load().max_model_len == 256  # both engines take the same inputs
         ids = reference.tokenize(["a short sentence", " ".join(["word"] * 200)])
         assert _cosines(backend.embed(ids), reference.embed(ids)).min() >= 0.9999

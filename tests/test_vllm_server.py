@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from .conftest import backend_options
+
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
@@ -98,7 +100,7 @@ def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_q
     # The same vectors as the torch engine computes in this process.
     from embedding_service.backends.torch_backend import TorchBackend
 
-    torch_backend = TorchBackend(str(tiny_qwen_dir), device="cpu", dtype="float32", max_model_len=1024)
+    torch_backend = TorchBackend(backend_options(tiny_qwen_dir, device="cpu", dtype="float32", max_model_len=1024))
     torch_backend.load()
     expected = torch_backend.embed(torch_backend.tokenize(texts))
     assert float(np.min(np.sum(vectors * expected, axis=1))) >= 0.9999

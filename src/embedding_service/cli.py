@@ -1,4 +1,7 @@
-"""Command line: `embedding-service serve [--flag value ...]`, one flag per EmbeddingConfig field."""
+"""Command line: `embedding-service serve [--flag value ...]`, one flag per EmbeddingConfig field.
+
+The CLI parses and serves; what runs (model folder, engine, options) is decided in service.py.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from .config import EmbeddingConfig
-from .logging_config import LogFormat
-from .logging_config import configure_logging as setup_logging
+from .logging_config import configure_logging
+
+if TYPE_CHECKING:
+    from .service import ModelPlan
 
 __all__ = ["build_parser", "load_settings", "main"]
 
@@ -61,7 +66,9 @@ def run_embed(args: argparse.Namespace, config_cls: type[EmbeddingConfig] = Embe
     from .bulk.command import run_embed as run
 
     # In-process bulk runs torch like `serve` does: passive OpenMP (tokenising and I/O threads share the CPUs).
-    return run(args, lambda overrides: load_settings(overrides, config_cls), tune=_passive_openmp_for_torch)
+    from .service import passive_openmp_for
+
+    return run(args, lambda overrides: load_settings(overrides, config_cls), tune=passive_openmp_for)
 
 
 def _describe(error: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> str:
@@ -81,11 +88,6 @@ def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] =
         raise SystemExit(2) from None
 
 
-def configure_logging(level: str, log_format: LogFormat = "text") -> None:
-    """Root logging in the chosen format, each line with its request id (see logging_config)."""
-    setup_logging(level, log_format)
-
-
 def _port_in_use(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -102,8 +104,8 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _export_settings(settings: EmbeddingConfig, model_dir: str) -> None:
-    """Worker processes rebuild the same settings from the environment."""
+def _export_settings(settings: EmbeddingConfig, model_dir: str, engine: str) -> None:
+    """Worker processes rebuild the same settings from the environment, with the plan's decisions in it."""
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if value is None:
@@ -111,65 +113,58 @@ def _export_settings(settings: EmbeddingConfig, model_dir: str) -> None:
             continue
         text = json.dumps(value) if isinstance(value, list) else str(value)
         os.environ[f"EMBEDDING_{name.upper()}"] = text
-    os.environ["EMBEDDING_MODEL_PATH"] = model_dir
+    if model_dir:
+        os.environ["EMBEDDING_MODEL_PATH"] = model_dir
     os.environ["EMBEDDING_DEMO"] = "false"
     os.environ["EMBEDDING_SERVED_MODEL_NAME"] = settings.public_model_name
+    os.environ["EMBEDDING_ENGINE"] = engine  # `auto` decided once, in the parent
 
 
 def _worker_main(sock: socket.socket) -> None:
     """A `workers > 1` worker process: the settings the parent exported, one draining server on `sock`."""
     os.setpgid(0, 0)  # the parent forwards signals: a terminal's Ctrl-C must not reach workers twice
+    from .backends.base import BackendLoadError
+    from .service import plan_service
+
     settings = EmbeddingConfig()
     configure_logging(settings.log_level, settings.log_format)
-    sys.exit(_serve_one(settings, settings.model_path or "", sock))
-
-
-def _passive_openmp_for_torch(settings: EmbeddingConfig, model_dir: str | None) -> None:
-    """Let torch's idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
-
-    The server's event loop and tokenizer thread share the CPUs with torch's OpenMP team; spinning workers
-    take those CPUs from them, and on a shared or small machine every op's barrier then waits for a
-    descheduled thread. Measured on 2 busy cores (bench/RESULTS.md): MiniLM 3-5x the texts/s at 1 and 16
-    clients. Read once when OpenMP loads, so it is set before torch is imported. vLLM manages its own.
-    """
-    from .backends.choice import vllm_fit
-
-    torch_engine = settings.engine == "torch" or (
-        settings.engine == "auto" and not vllm_fit(model_dir or None, settings.device)[0])
-    if torch_engine and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        model = plan_service(settings).embed  # the exported folder and engine: nothing is decided again
+    except BackendLoadError as exc:
+        sys.exit(_fail(str(exc)))
+    sys.exit(_serve_one(settings, model, sock))
 
 
 def serve(settings: EmbeddingConfig) -> int:
     from .backends.base import BackendLoadError
-    from .backends.resolve import resolve_model_dir
+    from .service import passive_openmp_for, plan_service
 
     configure_logging(settings.log_level, settings.log_format)
     if _port_in_use(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
     try:
-        model_dir = "" if settings.engine == "fake" else resolve_model_dir(
-            settings.model_name, settings.model_path, settings.demo)
+        model = plan_service(settings).embed
     except BackendLoadError as exc:
         return _fail(str(exc))
-    _passive_openmp_for_torch(settings, model_dir)
+    passive_openmp_for(model.engine)  # before torch is imported
     if settings.workers > 1:
         from .server import listening_socket
         from .supervisor import run_workers
 
-        _export_settings(settings, model_dir)
+        _export_settings(settings, model.model_dir, model.engine)
         log.info("starting %d worker processes, each loading its own copy of the model", settings.workers)
         return run_workers(settings.workers, lambda: listening_socket(settings), _worker_main,
                            settings.shutdown_timeout)
-    return _serve_one(settings, model_dir)
+    return _serve_one(settings, model)
 
 
-def _serve_one(settings: EmbeddingConfig, model_dir: str, sock: socket.socket | None = None) -> int:
-    """One server process: build the engine and app, serve until drained (on `sock` when given)."""
-    from .api.app import build_engine, create_app
+def _serve_one(settings: EmbeddingConfig, model: ModelPlan, sock: socket.socket | None = None) -> int:
+    """One server process: build the planned engine and the app, serve until drained (on `sock` when given)."""
+    from .api.app import create_app
     from .backends.base import BackendDeadError, BackendLoadError
     from .server import DrainingServer, uvicorn_config
+    from .service import build_engine
 
     failures: list[BaseException] = []
     server: DrainingServer | None = None
@@ -180,7 +175,7 @@ def _serve_one(settings: EmbeddingConfig, model_dir: str, sock: socket.socket | 
             server.should_exit = True
 
     try:
-        engine = build_engine(settings, model_dir or None)
+        engine = build_engine(model)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
     try:

@@ -1,11 +1,34 @@
-"""Error kinds, the one table that maps them to HTTP statuses, and the OpenAI error envelope."""
+"""Error kinds, the one table that maps them to HTTP statuses, and the one renderer of the OpenAI envelope.
+
+Every layer raises `ServiceError` with a kind and, when a retry makes sense, `retry_after_s`: nothing below
+the API layer names a status or a header. The API layer turns an error into bytes here, either as a
+Starlette `Response` (handlers), straight onto an ASGI `send` (middleware that answers before a route runs), or
+as raw HTTP/1.1 bytes (the transport, for a connection no app is serving).
+"""
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import Any
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ErrorKind", "ServiceError", "error_body", "status_for"]
+import orjson
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+    from starlette.types import Send
+
+__all__ = [
+    "ErrorKind",
+    "ServiceError",
+    "error_body",
+    "error_response",
+    "http_error_bytes",
+    "kind_for_status",
+    "send_error",
+    "status_for",
+]
 
 
 class ErrorKind(StrEnum):
@@ -25,9 +48,12 @@ class ErrorKind(StrEnum):
     DRAINING = "draining"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    # The client hung up first (nginx's 499). Nobody reads the answer; the metrics and logs outside do.
+    CLIENT_CLOSED = "client_closed"
 
 
-# kind -> (HTTP status, OpenAI `error.type`). The only place statuses are decided.
+# kind -> (HTTP status, OpenAI `error.type`). The only place statuses are decided. Where several kinds
+# share a status, the first listed is the one an HTTP status maps back to (kind_for_status).
 _TABLE: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.INVALID_REQUEST: (400, "invalid_request_error"),
     ErrorKind.AUTHENTICATION: (401, "authentication_error"),
@@ -39,21 +65,34 @@ _TABLE: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: (415, "invalid_request_error"),
     ErrorKind.HEADER_TOO_LARGE: (431, "invalid_request_error"),
     ErrorKind.RATE_LIMITED: (429, "rate_limit_error"),
+    ErrorKind.CLIENT_CLOSED: (499, "invalid_request_error"),
+    ErrorKind.INTERNAL: (500, "server_error"),
     ErrorKind.OVERLOADED: (503, "service_unavailable_error"),
     ErrorKind.NOT_READY: (503, "service_unavailable_error"),
     ErrorKind.UNHEALTHY: (503, "service_unavailable_error"),
     ErrorKind.DRAINING: (503, "service_unavailable_error"),
     ErrorKind.TIMEOUT: (504, "timeout_error"),
-    ErrorKind.INTERNAL: (500, "server_error"),
 }
+_BY_STATUS: dict[int, ErrorKind] = {}
+for _kind, (_status, _type) in _TABLE.items():
+    _BY_STATUS.setdefault(_status, _kind)
 
 
 def status_for(kind: ErrorKind) -> int:
     return _TABLE[kind][0]
 
 
+def kind_for_status(status: int) -> ErrorKind:
+    """The kind of an HTTP status raised by the framework (404, 405...): the table read backwards."""
+    return _BY_STATUS.get(status, ErrorKind.INTERNAL if status >= 500 else ErrorKind.INVALID_REQUEST)
+
+
 class ServiceError(Exception):
-    """An error a client should see: a kind (hence a status), a message a person can act on, a param."""
+    """An error a client should see: a kind (hence a status), a message a person can act on, a param.
+
+    `retry_after_s`: when the client may retry (overload, loading, draining, rate limits); rendered as the
+    Retry-After header. `headers`: other headers, for the API layer only (WWW-Authenticate).
+    """
 
     def __init__(
         self,
@@ -62,23 +101,65 @@ class ServiceError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
         self.headers = headers or {}
+        # Only for a framework error whose status is not in the table (kind_for_status): kept as raised.
+        self._status = status
 
     @property
     def status(self) -> int:
-        return status_for(self.kind)
+        return self._status if self._status is not None else status_for(self.kind)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.kind, self.message, param=self.param, code=self.code)
+
+    def http_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return headers
 
 
 def error_body(kind: ErrorKind, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """The OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": _TABLE[kind][1], "param": param, "code": code or kind.value}}
+
+
+def error_response(error: ServiceError) -> Response:
+    """The error as a Starlette response (exception handlers)."""
+    from starlette.responses import Response
+
+    return Response(orjson.dumps(error.body()), status_code=error.status, media_type="application/json",
+                    headers=error.http_headers() or None)
+
+
+async def send_error(send: Send, error: ServiceError) -> None:
+    """The error straight onto an ASGI connection (middleware answering before or instead of a route)."""
+    body = orjson.dumps(error.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in error.http_headers().items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def http_error_bytes(error: ServiceError) -> bytes:
+    """A complete HTTP/1.1 error response with `Connection: close`, for a connection no app is serving."""
+    body = orjson.dumps(error.body())
+    try:
+        phrase = HTTPStatus(error.status).phrase.encode("latin-1")
+    except ValueError:  # 499 and other statuses outside the standard
+        phrase = b"Error"
+    headers = b"".join(b"%s: %s\r\n" % (name.lower().encode("latin-1"), value.encode("latin-1"))
+                       for name, value in error.http_headers().items())
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+            % (error.status, phrase, len(body), headers)) + body

@@ -22,7 +22,6 @@ __all__ = [
     "RequestIdFilter",
     "TextFormatter",
     "configure_logging",
-    "current_request_id",
     "request_id_var",
 ]
 
@@ -34,11 +33,6 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON line.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-def current_request_id() -> str | None:
-    """The id of the request being handled by this task, or None outside a request."""
-    return request_id_var.get()
 
 
 class RequestIdFilter(logging.Filter):

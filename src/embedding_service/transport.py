@@ -27,10 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import ErrorKind, error_body, status_for
+from .errors import ErrorKind, ServiceError, http_error_bytes
 
 __all__ = ["ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "raise_file_limit"]
 
@@ -66,16 +65,6 @@ def raise_file_limit(max_connections: int) -> int:
         log.warning("max_connections %d lowered to %d to stay under the open-file limit (%d; raise it with "
                     "ulimit -n or systemd's LimitNOFILE)", max_connections, fits, soft)
     return min(max_connections, fits)
-
-
-def raw_response(kind: ErrorKind, message: str, code: str) -> bytes:
-    """A complete HTTP/1.1 error response with `Connection: close`, for a connection no app is serving."""
-    status = status_for(kind)
-    body = orjson.dumps(error_body(kind, message, code=code))
-    phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-              503: b"Service Unavailable"}.get(status, b"Error")
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, phrase, len(body))) + body
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -148,7 +137,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is None or not cycle.response_started or cycle.response_complete:
-            self.transport.write(raw_response(kind, message, code))
+            self.transport.write(http_error_bytes(ServiceError(kind, message, code=code)))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's own late response is dropped
             cycle.message_event.set()

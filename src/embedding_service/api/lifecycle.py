@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ErrorKind, ServiceError
-from .security import send_error
+from ..errors import ErrorKind, ServiceError, send_error
 
 __all__ = ["CancelOnDisconnect", "CloseConnectionsWhile"]
 
@@ -76,8 +75,7 @@ class CancelOnDisconnect:
                 if not started:
                     # Nobody will read it (servers drop sends after a disconnect), but the metrics and access
                     # middleware outside see the request end as 499 "client closed request", not as a 500.
-                    await send({"type": "http.response.start", "status": 499, "headers": []})
-                    await send({"type": "http.response.body", "body": b""})
+                    await send_error(send, ServiceError(ErrorKind.CLIENT_CLOSED, "client closed the request"))
                 return
             if started or request_task.cancelling() > 1:
                 raise
@@ -87,7 +85,7 @@ class CancelOnDisconnect:
                         scope.get("method"), scope.get("path"))
             await send_error(send, ServiceError(ErrorKind.DRAINING, "the server shut down before this request "
                                                 "finished; retry it", code="shutting_down",
-                                                headers={"Retry-After": "1"}))
+                                                retry_after_s=1))
             request_task.uncancel()
         finally:
             if watcher is not None:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ErrorKind, error_body
+from ..errors import ErrorKind, ServiceError, send_error
 
 __all__ = ["ErrorEnvelopeMiddleware"]
 
 log = logging.getLogger("embedding_service")
-
-_BODY = orjson.dumps(error_body(ErrorKind.INTERNAL, "internal server error; see the server log"))
 
 
 class ErrorEnvelopeMiddleware:
@@ -44,14 +41,11 @@ class ErrorEnvelopeMiddleware:
             log.info("client %s %s while sending the body of %s %s", client[0],
                      "was too slow" if timed_out else "disconnected", scope.get("method"), scope.get("path"))
             if not started:  # nobody reads it; metrics and the access log outside see 408/499, not 500
-                await send({"type": "http.response.start", "status": 408 if timed_out else 499, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
+                await send_error(send, ServiceError(ErrorKind.REQUEST_TIMEOUT, "the request body came too slowly")
+                                 if timed_out else ServiceError(ErrorKind.CLIENT_CLOSED, "client closed the request"))
         except Exception as exc:
             log.error("internal error on %s %s: %s: %s", scope.get("method"), scope.get("path"),
                       type(exc).__name__, exc, exc_info=exc)
             if started:
                 return  # headers already sent: nothing sane left to say to this client
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(_BODY)).encode())]})
-            await send({"type": "http.response.body", "body": _BODY})
+            await send_error(send, ServiceError(ErrorKind.INTERNAL, "internal server error; see the server log"))

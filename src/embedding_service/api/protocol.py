@@ -8,7 +8,17 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
@@ -20,29 +30,41 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+_DocumentedInput = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1)
+]
+
+
+def _documents(doc_type: Any) -> WithJsonSchema:
+    """Publish `doc_type`'s schema for a field validated only for its type here: the rest of the rule is
+    checked by hand below, with a message a person can act on."""
+    return WithJsonSchema(TypeAdapter(doc_type).json_schema())
 
 
 class EmbeddingRequest(BaseModel):
-    """The body of POST /v1/embeddings, as documented. The route parses bodies itself (strict, and with
-    messages a person can act on); schemathesis checks that it rejects what this schema rules out.
+    """The body of POST /v1/embeddings: the documented schema, and strict validation of the option types (no
+    silent coercion of "5" to 5). `input` and the options' ranges are checked by hand (parse_embedding_request);
+    schemathesis checks that the route rejects what this schema rules out.
     Unknown fields (`user`, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
-    input: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)
-    ] = Field(..., description="text, list of texts, token ids, or list of token-id lists")
-    model: str | None = Field(None, description="accepted, not used to select anything (one model is served)")
-    encoding_format: Literal["float", "base64"] | None = Field(
+    input: Annotated[Any, _documents(_DocumentedInput)] = Field(
+        ..., description="text, list of texts, token ids, or list of token-id lists"
+    )
+    model: StrictStr | None = Field(None, description="accepted, not used to select anything (one model is served)")
+    encoding_format: Annotated[StrictStr | None, _documents(Literal["float", "base64"] | None)] = Field(
         "float", description="float: a JSON array; base64: little-endian float32 bytes (the OpenAI SDK's default)"
     )
-    dimensions: int | None = Field(None, ge=1, description="Matryoshka models only: output size")
-    instruction: str | None = Field(
-        None, pattern=r"\S", description="Qwen3 task instruction for queries (text input only)"
+    dimensions: Annotated[StrictInt | None, _documents(Annotated[int, Field(ge=1)] | None)] = Field(
+        None, description="Matryoshka models only: output size"
     )
-    prompt_name: str | None = Field(None, description="a sentence-transformers prompt of the model")
-    truncate: bool | None = Field(None, description="truncate over-long inputs instead of failing")
-    user: str | None = None
+    instruction: Annotated[StrictStr | None, _documents(Annotated[str, Field(pattern=r"\S")] | None)] = Field(
+        None, description="Qwen3 task instruction for queries (text input only)"
+    )
+    prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
+    truncate: StrictBool | None = Field(None, description="truncate over-long inputs instead of failing")
+    user: StrictStr | None = None
 
 
 # Request examples for the API reference, from the product spec (its quick start and client examples).
@@ -58,20 +80,6 @@ EMBEDDING_EXAMPLES: dict[str, dict[str, Any]] = {
     "dimensions": {"summary": "a shorter Matryoshka vector (Qwen3-Embedding)", "value": {
         "input": "Hello, world!", "dimensions": 256}},
 }
-
-
-class _Options(BaseModel):
-    """Strict validation of the scalar options (no silent coercion of "5" to 5)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: StrictStr | None = None
-    encoding_format: StrictStr | None = "float"
-    dimensions: StrictInt | None = None
-    instruction: StrictStr | None = None
-    prompt_name: StrictStr | None = None
-    truncate: StrictBool | None = None
-    user: StrictStr | None = None
 
 
 def parse_json_body(body: bytes) -> Any:
@@ -161,7 +169,7 @@ def _check_text(texts: list[str]) -> None:
                                param="input") from None
 
 
-def _check_token_id_options(options: _Options) -> None:
+def _check_token_id_options(options: EmbeddingRequest) -> None:
     # A prompt is text; prepending its tokens to ids would not match how the text tokenizes. Say so.
     for name in ("instruction", "prompt_name"):
         if getattr(options, name) is not None:
@@ -181,7 +189,7 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
     if "input" not in data or data["input"] is None:
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'input' is required", param="input")
     try:
-        options = _Options.model_validate(data)
+        options = EmbeddingRequest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err.get("loc") else None

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ErrorKind, ServiceError
-from .security import CLIENT_ID_KEY, is_exempt, send_error
+from ..errors import ErrorKind, ServiceError, send_error
+from .security import CLIENT_ID_KEY, is_exempt
 
 __all__ = ["TOKEN_ADMISSION_KEY", "RateLimitMiddleware", "RateLimiter", "TokenAdmission", "TokenBucket"]
 
@@ -122,7 +122,7 @@ def _refusal(what: str, limit: int, wait_s: float) -> ServiceError:
     return ServiceError(ErrorKind.RATE_LIMITED,
                         f"rate limit reached: {limit} {what} per minute for this client; "
                         f"retry after {retry_after}s",
-                        code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
+                        code="rate_limit_exceeded", retry_after_s=retry_after)
 
 
 class TokenAdmission:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from .. import __version__
+from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
@@ -25,26 +27,40 @@ from .ratelimit import TOKEN_ADMISSION_KEY
 from .schemas import EmbeddingResponse, Health, ModelCard, ModelList, ServiceInfo
 from .tiktoken_ids import TiktokenDecoder
 
-__all__ = ["ServiceContext", "build_router"]
+__all__ = ["RouteOptions", "ServiceContext", "build_router"]
 
 _JSON = "application/json"
 _MS = r"^[0-9]+\.[0-9]{2}$"
 
 
-class ServiceContext:
-    """What the handlers need: the engine and a few public settings."""
+@dataclass(frozen=True)
+class RouteOptions:
+    """The settings the handlers read (defaults live in EmbeddingConfig only)."""
 
-    def __init__(self, engine: EmbeddingEngine, *, model_name: str, gpu_memory_utilization: float,
-                 max_model_len: int, max_body_bytes: int, requested_device: str) -> None:
+    model_name: str  # the public name (served_model_name, or derived from the model)
+    gpu_memory_utilization: float  # reported by /health, as the spec's example shows
+    max_model_len: int  # reported by /health until the model has loaded
+    max_body_bytes: int
+    requested_device: str
+    api_docs: bool  # /docs and /redoc are served
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> RouteOptions:
+        return cls(model_name=settings.public_model_name, gpu_memory_utilization=settings.gpu_memory_utilization,
+                   max_model_len=settings.max_model_len, max_body_bytes=settings.max_body_bytes,
+                   requested_device=settings.device, api_docs=settings.api_docs)
+
+
+class ServiceContext:
+    """What the handlers need: the engine, the options, and the token-id decoder when configured."""
+
+    def __init__(self, engine: EmbeddingEngine, options: RouteOptions,
+                 token_ids_decoder: TiktokenDecoder | None = None) -> None:
         self.engine = engine
-        self.model_name = model_name
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.max_model_len = max_model_len
-        self.max_body_bytes = max_body_bytes
-        self.requested_device = requested_device
+        self.options = options
+        self.model_name = options.model_name
         self.created = int(time.time())
-        self.token_ids_decoder: TiktokenDecoder | None = None  # set when token_ids_tiktoken is configured
-        self.api_docs = True  # /docs and /redoc are served
+        self.token_ids_decoder = token_ids_decoder
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -93,7 +109,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "engine": engine.info.engine if engine.info else None,
             "dimension": engine.info.dimension if engine.info else None,
             "endpoints": ["/health", "/v1/embeddings", "/embeddings", "/v1/models",
-                          *(["/docs", "/redoc"] if ctx.api_docs else [])],
+                          *(["/docs", "/redoc"] if ctx.options.api_docs else [])],
         })
 
     @router.get("/health", **operation_doc(
@@ -101,14 +117,14 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         responses={503: {"description": "not serving: loading, draining or unhealthy (the same body)",
                          "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Health"}}}}}))
     async def health() -> Response:
-        engine = ctx.engine
+        engine, opts = ctx.engine, ctx.options
         info = engine.info
         body = {
             "status": engine.state.value,
             "model": ctx.model_name,
-            "gpu_memory_utilization": ctx.gpu_memory_utilization,
-            "max_model_len": info.max_model_len if info else ctx.max_model_len,
-            "device": info.device if info else (None if ctx.requested_device == "auto" else ctx.requested_device),
+            "gpu_memory_utilization": opts.gpu_memory_utilization,
+            "max_model_len": info.max_model_len if info else opts.max_model_len,
+            "device": info.device if info else (None if opts.requested_device == "auto" else opts.requested_device),
             "engine": info.engine if info else None,
             "dtype": info.dtype if info else None,
             "dimension": info.dimension if info else None,
@@ -136,7 +152,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     async def embeddings(request: Request) -> Response:
         with ctx.engine.accepted() as info:  # accepted from here: a drain waits for the body to arrive
             _check_content_type(request)
-            data = parse_json_body(await _read_body(request, ctx.max_body_bytes))
+            data = parse_json_body(await _read_body(request, ctx.options.max_body_bytes))
             decoder = ctx.token_ids_decoder
             embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
             if decoder is not None:
@@ -166,4 +182,3 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
 def _model_card(ctx: ServiceContext) -> dict[str, Any]:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}
-

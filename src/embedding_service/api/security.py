@@ -13,24 +13,26 @@ import hmac
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import UNUSABLE_KEY, EmbeddingConfig, usable_api_key
-from ..errors import ErrorKind, ServiceError
+from ..errors import ErrorKind, ServiceError, send_error
+
+if TYPE_CHECKING:  # ratelimit.py imports this module: a type-only import, no circle at run time
+    from .ratelimit import RateLimiter
 
 __all__ = [
     "CLIENT_ID_KEY",
     "ApiKeyMiddleware",
     "ApiKeyVerifier",
-    "install_security",
+    "GuardOptions",
     "is_exempt",
     "key_digest",
     "load_key_digests",
-    "send_error",
 ]
 
 log = logging.getLogger("embedding_service")
@@ -39,6 +41,24 @@ log = logging.getLogger("embedding_service")
 CLIENT_ID_KEY = "embedding_service.client_id"
 _REALM = 'Bearer realm="embedding-service"'
 _HASH_PREFIX = "sha256:"
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """API keys and rate limits, from the settings (defaults live in EmbeddingConfig only)."""
+
+    api_keys: tuple[str, ...]
+    api_key_file: str | None
+    exempt_paths: tuple[str, ...]
+    rate_limit_rpm: int
+    rate_limit_tpm: int
+    auth_failures_per_minute: int
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> GuardOptions:
+        return cls(api_keys=tuple(settings.api_keys), api_key_file=settings.api_key_file,
+                   exempt_paths=tuple(settings.auth_exempt_paths), rate_limit_rpm=settings.rate_limit_rpm,
+                   rate_limit_tpm=settings.rate_limit_tpm, auth_failures_per_minute=settings.auth_failures_per_minute)
 
 
 def key_digest(key: str) -> bytes:
@@ -70,7 +90,6 @@ def load_key_digests(keys: Iterable[str], key_file: str | None) -> list[bytes]:
             raise ValueError(f"api_key_file {key_file} holds no API key (only blank or '#' lines); "
                              "add keys, or drop --api-key-file / EMBEDDING_API_KEY_FILE to serve without keys")
     return list(dict.fromkeys(digests))  # drop duplicates, keep order
-
 
 
 def _parse_hex_digest(text: str, key_file: str, number: int) -> bytes:
@@ -117,16 +136,6 @@ def is_exempt(path: str, exempt: Sequence[str]) -> bool:
     return False
 
 
-async def send_error(send: Send, error: ServiceError) -> None:
-    """An OpenAI error envelope straight from ASGI middleware (before any route runs)."""
-    body = orjson.dumps(error.body())
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                for name, value in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 def _bearer_token(scope: Scope) -> tuple[str | None, ServiceError | None]:
     """The token of the Authorization header, or the 401 to answer."""
     raw = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
@@ -148,7 +157,7 @@ class ApiKeyMiddleware:
     """401 unless the request carries a configured key; exempt paths (health, metrics) pass freely."""
 
     def __init__(self, app: ASGIApp, verifier: ApiKeyVerifier, exempt_paths: Sequence[str],
-                 failures: Any = None) -> None:
+                 failures: RateLimiter | None = None) -> None:
         self.app = app
         self.verifier = verifier
         self.exempt_paths = tuple(exempt_paths)
@@ -167,7 +176,7 @@ class ApiKeyMiddleware:
                 retry_after = max(1, math.ceil(wait_s))
                 await send_error(send, ServiceError(
                     ErrorKind.RATE_LIMITED, f"too many failed API-key attempts from this address; retry after "
-                    f"{retry_after}s", code="too_many_auth_failures", headers={"Retry-After": str(retry_after)}))
+                    f"{retry_after}s", code="too_many_auth_failures", retry_after_s=wait_s))
                 return
         token, error = _bearer_token(scope)
         if error is None:
@@ -185,20 +194,3 @@ class ApiKeyMiddleware:
             return
         scope[CLIENT_ID_KEY] = client_id
         await self.app(scope, receive, send)
-
-
-def install_security(app: ASGIApp, settings: EmbeddingConfig, *, open_paths: Sequence[str] = ()) -> None:
-    """Add the rate-limit (inner) and API-key (outer) middleware that `settings` ask for. `open_paths`
-    (the API reference) are exempt as well as `auth_exempt_paths`."""
-    from .ratelimit import RateLimiter, RateLimitMiddleware
-
-    add = app.add_middleware  # type: ignore[attr-defined]
-    exempt = list(dict.fromkeys([*settings.auth_exempt_paths, *open_paths]))
-    if settings.rate_limit_rpm or settings.rate_limit_tpm:
-        limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
-        add(RateLimitMiddleware, limiter=limiter, exempt_paths=exempt)
-    digests = load_key_digests(settings.api_keys, settings.api_key_file)
-    if digests:
-        failures = RateLimiter(settings.auth_failures_per_minute, 0) if settings.auth_failures_per_minute else None
-        add(ApiKeyMiddleware, verifier=ApiKeyVerifier(digests), exempt_paths=exempt, failures=failures)
-        log.info("API keys required (%d configured); open paths: %s", len(digests), ", ".join(exempt) or "none")

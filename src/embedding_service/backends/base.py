@@ -6,11 +6,22 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendDeadError", "BackendInfo", "BackendLoadError", "first_line", "read_model_config"]
+if TYPE_CHECKING:
+    from ..config import EmbeddingConfig
+
+__all__ = [
+    "Backend",
+    "BackendDeadError",
+    "BackendInfo",
+    "BackendLoadError",
+    "BackendOptions",
+    "first_line",
+    "read_model_config",
+]
 
 
 class BackendLoadError(RuntimeError):
@@ -19,6 +30,45 @@ class BackendLoadError(RuntimeError):
 
 class BackendDeadError(RuntimeError):
     """The backend can no longer serve (its worker process died); the engine turns unhealthy."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a model runtime is asked to load, from the settings (defaults live in EmbeddingConfig only).
+
+    `max_model_len` is a ceiling: the backend lowers it to what the model itself takes, and reports the
+    result in BackendInfo. The vLLM-only fields are ignored by the other backends.
+    """
+
+    model_dir: str  # a local folder (the fake backend takes any string)
+    model_label: str  # the name logs and BackendInfo.model carry
+    device: str  # auto, cpu or cuda
+    dtype: str  # float16, bfloat16 or float32, as requested
+    max_model_len: int
+    matryoshka: bool  # the settings list this model as Matryoshka (Qwen3 configs are detected too)
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    enforce_eager: bool
+    vllm_engine_core: str  # auto, in-process or separate
+    quantize: str  # openvino: none or int8
+    openvino_cache_dir: str | None  # openvino: folder of exported models (None: its default)
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig, model_dir: str) -> BackendOptions:
+        return cls(
+            model_dir=model_dir,
+            model_label=settings.public_model_name,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            matryoshka=settings.matryoshka_listed,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            enforce_eager=settings.enforce_eager,
+            vllm_engine_core=settings.vllm_engine_core,
+            quantize=settings.quantize,
+            openvino_cache_dir=settings.openvino_cache_dir,
+        )
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,35 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import BackendDeadError, BackendInfo
 from .pooling import l2_normalize
 
-__all__ = ["FakeBackend"]
+if TYPE_CHECKING:
+    from ..config import EmbeddingConfig
+
+__all__ = ["FakeBackend", "FakeOptions"]
 
 log = logging.getLogger("embedding_service")
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    """Fault-injection knobs of the fake engine, so tests can drive a server process from its flags."""
+
+    delay_s: float
+    fail_batches: tuple[int, ...]
+    die_after: int | None
+    load_delay_s: float
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> FakeOptions:
+        return cls(delay_s=settings.fake_delay_ms / 1000.0, fail_batches=tuple(settings.fake_fail_batches),
+                   die_after=settings.fake_die_after, load_delay_s=settings.fake_load_delay_ms / 1000.0)
 
 
 class FakeBackend:

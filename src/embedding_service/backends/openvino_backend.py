@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendInfo, BackendLoadError, first_line, read_model_config
+from .base import BackendInfo, BackendLoadError, BackendOptions, first_line, read_model_config
 from .device import resolve_cpu_dtype
 from .pooling import SentenceTransformersConfig, l2_normalize, pool_numpy, read_st_config
 
@@ -61,18 +61,18 @@ def export_key(model_dir: str, quantize: str, runtime_version: str) -> str:
 class OpenVinoBackend:
     """Any Hugging Face encoder (and, where OpenVINO converts it, decoder) embedding model on OpenVINO."""
 
-    def __init__(self, model_dir: str, *, device: str = "auto", dtype: str = "float16", max_model_len: int = 3072,
-                 matryoshka: bool = False, model_label: str | None = None, quantize: str = "none",
-                 cache_dir: str | None = None) -> None:
-        if quantize not in QUANTIZE_MODES:
-            raise BackendLoadError(f"unknown quantize mode '{quantize}' (choose from {', '.join(QUANTIZE_MODES)})")
-        self._model_dir = model_dir
-        self._requested_device = device
-        self._requested_dtype = dtype
-        self._max_model_len = max_model_len
-        self._matryoshka = matryoshka
-        self._label = model_label or model_dir
-        self._quantize = quantize
+    def __init__(self, options: BackendOptions) -> None:
+        if options.quantize not in QUANTIZE_MODES:
+            raise BackendLoadError(f"unknown quantize mode '{options.quantize}' "
+                                   f"(choose from {', '.join(QUANTIZE_MODES)})")
+        self._model_dir = options.model_dir
+        self._requested_device = options.device
+        self._requested_dtype = options.dtype
+        self._max_model_len = options.max_model_len
+        self._matryoshka = options.matryoshka
+        self._label = options.model_label
+        self._quantize = options.quantize
+        cache_dir = options.openvino_cache_dir
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._tokenizer: Any = None
         self._request: Any = None

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendInfo, BackendLoadError
+from .base import BackendInfo, BackendLoadError, BackendOptions
 from .device import resolve_cpu_dtype
 from .pooling import SentenceTransformersConfig, pool, read_st_config
 from .tokenization import special_tokens_added
@@ -22,14 +22,13 @@ log = logging.getLogger("embedding_service")
 class TorchBackend:
     """Runs any Hugging Face encoder or decoder embedding model with plain PyTorch."""
 
-    def __init__(self, model_dir: str, *, device: str = "auto", dtype: str = "float16", max_model_len: int = 3072,
-                 matryoshka: bool = False, model_label: str | None = None) -> None:
-        self._model_dir = model_dir
-        self._requested_device = device
-        self._requested_dtype = dtype
-        self._max_model_len = max_model_len
-        self._matryoshka = matryoshka
-        self._label = model_label or model_dir
+    def __init__(self, options: BackendOptions) -> None:
+        self._model_dir = options.model_dir
+        self._requested_device = options.device
+        self._requested_dtype = options.dtype
+        self._max_model_len = options.max_model_len
+        self._matryoshka = options.matryoshka
+        self._label = options.model_label
         self._model: Any = None
         self._tokenizer: Any = None
         self._st: SentenceTransformersConfig | None = None

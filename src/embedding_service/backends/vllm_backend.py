@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendDeadError, BackendInfo, BackendLoadError, first_line, read_model_config
+from .base import BackendDeadError, BackendInfo, BackendLoadError, BackendOptions, first_line, read_model_config
 from .device import resolve_cpu_dtype
 from .pooling import l2_normalize, read_st_config
 from .processes import child_pids, reap
@@ -48,20 +48,16 @@ _SHUTDOWN_GRACE_S = 5.0  # vLLM force-kills its engine core after this; nothing 
 class VllmBackend:
     """Qwen3-Embedding (and the other pooling models vLLM supports) through vLLM's engine."""
 
-    def __init__(self, model_dir: str, *, model_label: str | None = None, device: str = "auto",
-                 dtype: str = "float16", max_model_len: int = 3072, matryoshka: bool = False,
-                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = False, engine_core: str = "auto") -> None:
-        self._model_dir = model_dir
-        self._label = model_label or model_dir
-        self._requested_device = device
-        self._requested_dtype = dtype
-        self._max_model_len = max_model_len
-        self._matryoshka = matryoshka
-        self._gpu_memory_utilization = gpu_memory_utilization
-        self._tensor_parallel_size = tensor_parallel_size
-        self._enforce_eager = enforce_eager
-        self._engine_core = engine_core
+    def __init__(self, options: BackendOptions) -> None:
+        self._options = options
+        self._model_dir = options.model_dir
+        self._label = options.model_label
+        self._requested_device = options.device
+        self._requested_dtype = options.dtype
+        self._max_model_len = options.max_model_len
+        self._matryoshka = options.matryoshka
+        self._enforce_eager = options.enforce_eager
+        self._engine_core = options.vllm_engine_core
         self._in_process = False
         self._llm: Any = None  # in-process: vLLM's offline engine, used only on the _runner thread
         self._runner: ThreadPoolExecutor | None = None
@@ -152,8 +148,8 @@ class VllmBackend:
             runner="pooling",
             dtype=dtype,  # type: ignore[arg-type]
             max_model_len=max_model_len,
-            gpu_memory_utilization=self._gpu_memory_utilization,
-            tensor_parallel_size=self._tensor_parallel_size,
+            gpu_memory_utilization=self._options.gpu_memory_utilization,
+            tensor_parallel_size=self._options.tensor_parallel_size,
             enforce_eager=self._enforce_eager,
             # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
             hf_overrides={"is_matryoshka": True} if matryoshka else {},

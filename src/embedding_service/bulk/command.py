@@ -113,8 +113,8 @@ def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]], Any],
-              tune: Callable[[Any, str | None], None] | None = None) -> int:
-    """`tune(settings, model_dir)` runs before the model's libraries are imported (serve's thread settings)."""
+              tune: Callable[[Any], None] | None = None) -> int:
+    """`tune(engine_kind)` runs before the model's libraries are imported (serve's thread settings)."""
     from ..backends.base import BackendLoadError
     from ..errors import ServiceError
 
@@ -151,7 +151,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
             else:
                 embedder = LocalEmbedder(settings, options)
                 if tune is not None:
-                    tune(settings, embedder.model_dir)
+                    tune(embedder.engine_kind)
             summary = asyncio.run(run_job(job, embedder))
     except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
             RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine
 from ..errors import ServiceError
+from ..service import choose_engine as choose_engine_kind
 
 __all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "build_local_engine", "embed_texts",
            "local_fingerprint", "plan_batches"]
@@ -133,6 +134,7 @@ class LocalEmbedder:
         self.settings = settings
         self.options = options
         self.model_dir = resolve_model(settings)
+        self.engine_kind = choose_engine_kind(settings, self.model_dir)
         self.engine: EmbeddingEngine | None = None
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bulk-tokenize")
         self._compute: ThreadPoolExecutor | None = None

@@ -1,7 +1,7 @@
 """The engine layer: batching and request handling over a backend."""
 
-from .batcher import Batcher
+from .batcher import Batcher, BatchPolicy
 from .engine import EmbeddingEngine, EngineOptions
 from .types import EmbedRequest, EmbedResult, EngineState
 
-__all__ = ["Batcher", "EmbedRequest", "EmbedResult", "EmbeddingEngine", "EngineOptions", "EngineState"]
+__all__ = ["BatchPolicy", "Batcher", "EmbedRequest", "EmbedResult", "EmbeddingEngine", "EngineOptions", "EngineState"]

@@ -13,13 +13,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["BatchStats", "Batcher"]
+__all__ = ["BatchPolicy", "Batcher"]
 
 log = logging.getLogger("embedding_service")
 
@@ -50,15 +50,17 @@ class _Item:
     ids: Sequence[int]
 
 
-@dataclass
-class BatchStats:
-    """Counters the metrics module and tests read."""
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How batches are formed and how much may queue: the engine's options plus the backend's cost model."""
 
-    batches: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    failures: int = 0
-    sizes: list[int] = field(default_factory=list)
+    max_batch_size: int  # texts per batch
+    max_batch_tokens: int  # budget per batch: padded length x texts (padded), else the sum of lengths
+    batch_timeout_s: float  # longest wait to fill a batch while other batches run
+    padded: bool
+    max_concurrent_batches: int
+    max_queue_requests: int
+    max_queue_tokens: int
 
 
 class Batcher:
@@ -66,25 +68,19 @@ class Batcher:
         self,
         embed: EmbedFn,
         executor: Executor,
+        policy: BatchPolicy,
         *,
-        max_batch_size: int,
-        max_batch_tokens: int,
-        batch_timeout_s: float,
-        padded: bool = True,
-        max_concurrent_batches: int = 1,
-        max_queue_requests: int = 1024,
-        max_queue_tokens: int = 1_000_000,
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
         self._embed = embed
         self._executor = executor
-        self._max_size = max_batch_size
-        self._max_tokens = max_batch_tokens
-        self._timeout = batch_timeout_s
-        self._padded = padded
-        self._slots = asyncio.Semaphore(max_concurrent_batches)
-        self._max_queue_requests = max_queue_requests
-        self._max_queue_tokens = max_queue_tokens
+        self._max_size = policy.max_batch_size
+        self._max_tokens = policy.max_batch_tokens
+        self._timeout = policy.batch_timeout_s
+        self._padded = policy.padded
+        self._slots = asyncio.Semaphore(policy.max_concurrent_batches)
+        self._max_queue_requests = policy.max_queue_requests
+        self._max_queue_tokens = policy.max_queue_tokens
         self._on_batch = on_batch
         self._items: deque[_Item] = deque()  # may hold items of cancelled jobs: skipped when reached
         self._live = 0  # items in `_items` whose job still wants them
@@ -95,7 +91,6 @@ class Batcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._running = 0  # batches between dispatch and the release of their slot
         self._closed_error: ServiceError | None = None
-        self.stats = BatchStats()
 
     # --- public ----------------------------------------------------------------------------------------
     @property
@@ -123,7 +118,7 @@ class Batcher:
                 f"server is at capacity ({len(self._jobs)} requests, {self._queued_tokens} tokens queued); "
                 "retry shortly",
                 code="overloaded",
-                headers={"Retry-After": "1"},
+                retry_after_s=1,
             )
         loop = asyncio.get_running_loop()
         job = _Job(seqs=seqs, future=loop.create_future(), tokens=tokens, enqueued_at=time.perf_counter(),
@@ -281,7 +276,6 @@ class Batcher:
             loop = asyncio.get_running_loop()
             vectors = await loop.run_in_executor(self._executor, self._embed, ids)
         except BaseException as exc:
-            self.stats.failures += 1
             if not isinstance(exc, asyncio.CancelledError):
                 log.error("a batch of %d sequences failed; its requests get an error", len(batch),
                           exc_info=exc)
@@ -296,10 +290,6 @@ class Batcher:
             self._slots.release()
         elapsed = time.perf_counter() - started
         tokens = sum(len(item.ids) for item in batch)
-        self.stats.batches += 1
-        self.stats.sequences += len(batch)
-        self.stats.tokens += tokens
-        self.stats.sizes.append(len(batch))
         if self._on_batch is not None:
             self._on_batch(len(batch), tokens, elapsed)
         counted: set[int] = set()

@@ -15,38 +15,51 @@ import numpy as np
 
 from ..backends.base import Backend, BackendDeadError, BackendInfo
 from ..backends.pooling import truncate_dimensions
+from ..config import EmbeddingConfig
 from ..errors import ErrorKind, ServiceError
-from .batcher import Batcher
+from .batcher import Batcher, BatchPolicy
 from .prompts import apply_prompt
 from .tokenize import TokenLimitError, tokenize_bounded
 from .types import EmbedRequest, EmbedResult, EngineState
 
-__all__ = ["EmbeddingEngine", "EngineOptions"]
+__all__ = ["MIN_DIMENSIONS", "EmbeddingEngine", "EngineOptions"]
 
 log = logging.getLogger("embedding_service")
 
 
+# The smallest Matryoshka `dimensions` accepted (below it the vectors lose too much to be worth serving).
+MIN_DIMENSIONS = 32
+
+
 @dataclass(frozen=True)
 class EngineOptions:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 16384
-    batch_timeout_ms: float = 10.0
-    max_model_len: int = 3072
-    max_inputs_per_request: int = 2048
-    max_request_tokens: int = 300_000
-    truncate: bool = False
-    max_queue_requests: int = 1024
-    max_queue_tokens: int = 1_000_000
-    request_timeout_s: float = 120.0
-    min_dimensions: int = 32
+    """What the engine reads from the settings (defaults live in EmbeddingConfig only)."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    batch_timeout_ms: float
+    max_model_len: int
+    max_inputs_per_request: int
+    max_request_tokens: int
+    truncate: bool
+    max_queue_requests: int
+    max_queue_tokens: int
+    request_timeout_s: float
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> EngineOptions:
+        return cls(**{name: getattr(settings, name) for name in _ENGINE_FIELDS})
+
+
+_ENGINE_FIELDS = tuple(EngineOptions.__dataclass_fields__)
 
 
 class EmbeddingEngine:
     """Owns a backend. `start()` loads it in the background; `embed()` serves requests once healthy."""
 
-    def __init__(self, backend: Backend, options: EngineOptions | None = None) -> None:
+    def __init__(self, backend: Backend, options: EngineOptions) -> None:
         self.backend = backend
-        self.options = options or EngineOptions()
+        self.options = options
         self.state = EngineState.LOADING
         self.info: BackendInfo | None = None
         self.load_error: BaseException | None = None
@@ -80,24 +93,31 @@ class EmbeddingEngine:
         self.load_seconds = time.perf_counter() - started
         self.info = info
         self._replace_compute_pool(info.max_concurrent_batches)
-        opts = self.options
-        self._batcher = Batcher(
-            self._embed_batch,
-            self._compute,
-            max_batch_size=opts.max_batch_size,
-            max_batch_tokens=max(opts.max_batch_tokens, min(opts.max_model_len, info.max_model_len)),
-            batch_timeout_s=opts.batch_timeout_ms / 1000.0,
-            padded=info.padded,
-            max_concurrent_batches=info.max_concurrent_batches,
-            max_queue_requests=opts.max_queue_requests,
-            max_queue_tokens=opts.max_queue_tokens,
-            on_batch=self._batch_done,
-        )
+        self._batcher = Batcher(self._embed_batch, self._compute, self._batch_policy(info),
+                                on_batch=self._batch_done)
         self._batcher.start()
         if self.state is EngineState.LOADING:  # (a drain that began during the load stays a drain)
             self.state = EngineState.HEALTHY
         log.info("model %s ready on %s (%s, dim %d) in %.1fs", info.model, info.device, info.dtype,
                  info.dimension, self.load_seconds)
+
+    def _batch_policy(self, info: BackendInfo) -> BatchPolicy:
+        opts = self.options
+        longest = min(opts.max_model_len, info.max_model_len)
+        budget = opts.max_batch_tokens
+        if budget < longest:  # one input of the longest accepted length must fit in a batch
+            log.warning("max_batch_tokens %d is below the longest input accepted (%d tokens): using %d",
+                        budget, longest, longest)
+            budget = longest
+        return BatchPolicy(
+            max_batch_size=opts.max_batch_size,
+            max_batch_tokens=budget,
+            batch_timeout_s=opts.batch_timeout_ms / 1000.0,
+            padded=info.padded,
+            max_concurrent_batches=info.max_concurrent_batches,
+            max_queue_requests=opts.max_queue_requests,
+            max_queue_tokens=opts.max_queue_tokens,
+        )
 
     def _replace_compute_pool(self, workers: int) -> None:
         if workers > 1:
@@ -162,10 +182,10 @@ class EmbeddingEngine:
             return self.info
         if self.state is EngineState.LOADING:
             raise ServiceError(ErrorKind.NOT_READY, "the model is still loading; retry shortly",
-                               code="model_not_ready", headers={"Retry-After": "5"})
+                               code="model_not_ready", retry_after_s=5)
         if self.state is EngineState.DRAINING:
             raise ServiceError(ErrorKind.DRAINING, "server is shutting down; retry on another instance",
-                               code="shutting_down", headers={"Retry-After": "1"})
+                               code="shutting_down", retry_after_s=1)
         raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine is unavailable", code="engine_unhealthy")
 
     # --- serving -------------------------------------------------------------------------------------
@@ -357,7 +377,7 @@ class EmbeddingEngine:
     def _check_dimensions(self, dimensions: int | None, info: BackendInfo) -> None:
         if dimensions is None or dimensions == info.dimension:
             return
-        low = min(self.options.min_dimensions, info.dimension)
+        low = min(MIN_DIMENSIONS, info.dimension)
         if not info.matryoshka:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model {info.model} does not support 'dimensions' (it is not a Matryoshka "
