@@ -151,7 +151,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
             else:
                 embedder = LocalEmbedder(settings, options)
                 if tune is not None:
-                    tune(embedder.engine_kind)
+                    tune(embedder.plan.engine)
             summary = asyncio.run(run_job(job, embedder))
     except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
             RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line

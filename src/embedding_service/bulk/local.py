@@ -19,10 +19,9 @@ import numpy as np
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine
 from ..errors import ServiceError
-from ..service import choose_engine as choose_engine_kind
+from ..service import ModelPlan, build_engine, plan_model
 
-__all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "build_local_engine", "embed_texts",
-           "local_fingerprint", "plan_batches"]
+__all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "embed_texts", "local_fingerprint", "plan_batches"]
 
 
 class BulkRowError(ValueError):
@@ -41,30 +40,10 @@ class EmbedOptions:
     dimensions: int | None = None
 
 
-def resolve_model(settings: EmbeddingConfig) -> str | None:
-    from ..backends.resolve import resolve_model_dir
-
-    if settings.engine == "fake":
-        return None
-    return resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
-
-
-def build_local_engine(settings: EmbeddingConfig, model_dir: str | None) -> EmbeddingEngine:
-    """The one place bulk turns settings into an engine: the same builder `serve` uses.
-
-    (When the composition root `service.py` lands, this is the call to switch to it.)
-    """
-    from ..api.app import build_engine
-
-    return build_engine(settings, model_dir)
-
-
-def local_fingerprint(settings: EmbeddingConfig, model_dir: str | None, options: EmbedOptions) -> dict[str, Any]:
+def local_fingerprint(settings: EmbeddingConfig, model: ModelPlan, options: EmbedOptions) -> dict[str, Any]:
     """What the vectors depend on, computed without loading the model (so a refusal is instant)."""
-    from ..api.app import choose_engine
-
-    return {"mode": "in-process", "model": settings.public_model_name, "model_dir": model_dir,
-            "engine": choose_engine(settings, model_dir), "dtype": settings.dtype, "device": settings.device,
+    return {"mode": "in-process", "model": settings.public_model_name, "model_dir": model.model_dir or None,
+            "engine": model.engine, "dtype": settings.dtype, "device": settings.device,
             "max_model_len": settings.max_model_len, "truncate": settings.truncate,
             "max_batch_size": settings.max_batch_size, "max_batch_tokens": settings.max_batch_tokens,
             "instruction": options.instruction, "prompt_name": options.prompt_name,
@@ -106,10 +85,10 @@ def prepare_chunk(engine: EmbeddingEngine, texts: list[str], options: EmbedOptio
 
 
 def _budget(engine: EmbeddingEngine) -> tuple[int, int, bool]:
-    info = engine.check_ready()
-    opts = engine.options
-    limit = min(opts.max_model_len, info.max_model_len)
-    return opts.max_batch_size, max(opts.max_batch_tokens, limit), info.padded
+    engine.check_ready()
+    policy = engine.batch_policy  # the same budgets the server's batcher uses
+    assert policy is not None
+    return policy.max_batch_size, policy.max_batch_tokens, policy.padded
 
 
 def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> tuple[np.ndarray, list[int]]:
@@ -133,14 +112,13 @@ class LocalEmbedder:
     def __init__(self, settings: EmbeddingConfig, options: EmbedOptions) -> None:
         self.settings = settings
         self.options = options
-        self.model_dir = resolve_model(settings)
-        self.engine_kind = choose_engine_kind(settings, self.model_dir)
+        self.plan = plan_model(settings)  # the model folder and engine, decided once (service.py)
         self.engine: EmbeddingEngine | None = None
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bulk-tokenize")
         self._compute: ThreadPoolExecutor | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        return local_fingerprint(self.settings, self.model_dir, self.options)
+        return local_fingerprint(self.settings, self.plan, self.options)
 
     @property
     def dimension(self) -> int | None:
@@ -149,7 +127,7 @@ class LocalEmbedder:
         return self.options.dimensions or self.engine.info.dimension
 
     async def start(self) -> None:
-        self.engine = build_local_engine(self.settings, self.model_dir)
+        self.engine = build_engine(self.plan)
         await self.engine.start()
         assert self.engine.info is not None
         self._compute = ThreadPoolExecutor(self.engine.info.max_concurrent_batches, thread_name_prefix="bulk-embed")

@@ -67,6 +67,7 @@ class EmbeddingEngine:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batcher: Batcher | None = None
+        self.batch_policy: BatchPolicy | None = None  # set by start(), from the options and the loaded model
         self.on_batch: Callable[[int, int, float], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called (on the event loop) once when the backend dies: the server exits for its supervisor.
@@ -93,8 +94,8 @@ class EmbeddingEngine:
         self.load_seconds = time.perf_counter() - started
         self.info = info
         self._replace_compute_pool(info.max_concurrent_batches)
-        self._batcher = Batcher(self._embed_batch, self._compute, self._batch_policy(info),
-                                on_batch=self._batch_done)
+        self.batch_policy = self._batch_policy(info)
+        self._batcher = Batcher(self._embed_batch, self._compute, self.batch_policy, on_batch=self._batch_done)
         self._batcher.start()
         if self.state is EngineState.LOADING:  # (a drain that began during the load stays a drain)
             self.state = EngineState.HEALTHY
