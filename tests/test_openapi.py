@@ -17,10 +17,10 @@ from embedding_service.api.openapi import BEARER_SCHEME
 from embedding_service.api.protocol import EMBEDDING_EXAMPLES
 from embedding_service.api.schemas import EmbeddingResponse, ErrorResponse, Health, ModelCard, ModelList, ServiceInfo
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.errors import ErrorKind, error_body, status_for
 
-from .conftest import make_settings
+from .conftest import engine_options, make_settings
 
 KEY = "sk-docs-0123456789"
 Factory = Callable[..., httpx.AsyncClient]
@@ -30,7 +30,7 @@ Factory = Callable[..., httpx.AsyncClient]
 async def engine() -> AsyncIterator[EmbeddingEngine]:
     # 1024 dimensions, Matryoshka: the spec's model, so that the `dimensions` example applies.
     engine = EmbeddingEngine(FakeBackend(dimension=1024, max_model_len=64),
-                             EngineOptions(max_model_len=64, batch_timeout_ms=0))
+                             engine_options(max_model_len=64, batch_timeout_ms=0))
     await engine.start()
     yield engine
     await engine.stop()
