@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import EmbeddingConfig
-from .local import BulkRowError, EmbedOptions, build_local_engine, embed_texts, resolve_model
+from ..service import build_engine, plan_model
+from .local import BulkRowError, EmbedOptions, embed_texts
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, ChunkSpec, Plan
 from .runner import Job, JobState, Summary
@@ -99,7 +100,7 @@ class EmbedActor:
 
         settings = EmbeddingConfig.model_validate_json(settings_json)
         self.options, self.plan = options, plan
-        self.engine = build_local_engine(settings, resolve_model(settings))
+        self.engine = build_engine(plan_model(settings))  # resolved here: the driver may not hold the model
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.engine.start())
 
