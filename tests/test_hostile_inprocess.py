@@ -18,7 +18,7 @@ from embedding_service.cli import load_settings
 from embedding_service.logging_config import RequestIdFilter, TextFormatter
 from embedding_service.server import accept_backlog, refuse_new_handshakes
 
-from .conftest import make_settings
+from .conftest import backend_options, make_settings
 
 
 @pytest.mark.parametrize("value", [" , ", ",", "[\" \"]", " ,, , "])
@@ -310,6 +310,7 @@ def test_vllm_that_cannot_load_on_cuda_falls_back_to_torch_on_the_cpu(caplog: py
 
     with pytest.raises(BackendLoadError):  # a CPU build failing: torch on the same CPU is no other device
         CpuFallback(CpuVllmThatFails(), lambda: fallback).load()  # type: ignore[arg-type]
-    common = {"model_label": "m", "dtype": "float32", "max_model_len": 64, "matryoshka": False}
-    assert isinstance(create_backend("vllm", "/nonexistent", device="auto", **common), CpuFallback)
-    assert not isinstance(create_backend("vllm", "/nonexistent", device="cuda", **common), CpuFallback)
+    common = {"model_label": "m", "dtype": "float32", "max_model_len": 64}
+    assert isinstance(create_backend("vllm", backend_options("/nonexistent", device="auto", **common)), CpuFallback)
+    assert not isinstance(create_backend("vllm", backend_options("/nonexistent", device="cuda", **common)),
+                          CpuFallback)
