@@ -87,10 +87,13 @@ def _settings(spec: dict[str, Any]) -> Any:
 def _build(spec: dict[str, Any]) -> Any:
     import dataclasses
 
-    from embedding_service.backends import BackendOptions, create_backend
+    from embedding_service.backends import BackendOptions, create_backend, read_model_facts
 
-    options = BackendOptions.from_config(_settings(spec), spec["model_dir"])
-    return create_backend(spec["engine"], dataclasses.replace(options, model_label="bench-model", matryoshka=False))
+    facts = read_model_facts(spec["model_dir"])
+    options = BackendOptions.from_config(_settings(spec), spec["model_dir"], facts)
+    # Matryoshka as detected (Qwen3), not because the default model_name is listed.
+    return create_backend(spec["engine"], dataclasses.replace(options, model_label="bench-model",
+                                                              matryoshka=facts.matryoshka))
 
 
 async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:

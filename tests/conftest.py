@@ -17,6 +17,7 @@ import pytest
 from embedding_service.api.app import create_app
 from embedding_service.backends.base import BackendOptions
 from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.model_facts import read_model_facts
 from embedding_service.config import EmbeddingConfig
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 
@@ -59,12 +60,12 @@ def engine_options(**settings: object) -> EngineOptions:
     return EngineOptions.from_config(make_settings(**settings))
 
 
-def backend_options(model_dir: object, *, model_label: str | None = None, matryoshka: bool = False,
-                    **settings: object) -> BackendOptions:
+def backend_options(model_dir: object, *, model_label: str | None = None, **settings: object) -> BackendOptions:
     """Backend options for a model folder from isolated settings, labelled by the folder unless told, and
-    not listed as Matryoshka unless told (the backends still detect Qwen3 configs)."""
-    options = BackendOptions.from_config(make_settings(**settings), str(model_dir))
-    return dataclasses.replace(options, model_label=model_label or str(model_dir), matryoshka=matryoshka)
+    Matryoshka only where its facts say so (Qwen3), not because the default model_name is listed."""
+    facts = read_model_facts(str(model_dir))
+    options = BackendOptions.from_config(make_settings(**settings), str(model_dir), facts)
+    return dataclasses.replace(options, model_label=model_label or str(model_dir), matryoshka=facts.matryoshka)
 
 
 @pytest.fixture

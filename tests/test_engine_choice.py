@@ -9,6 +9,7 @@ import pytest
 
 from embedding_service import service
 from embedding_service.backends import choice
+from embedding_service.backends.model_facts import read_model_facts
 
 from .conftest import make_settings
 
@@ -44,15 +45,15 @@ def build(monkeypatch: pytest.MonkeyPatch):
 def test_vllm_fit(build, tmp_path: Path, installed: str | None, model_type: str, device: str,
                   expected: bool) -> None:
     build(installed)
-    use, why = choice.vllm_fit(_model(tmp_path, model_type), device)
+    use, why = choice.vllm_fit(read_model_facts(_model(tmp_path, model_type)), device)
     assert use is expected
     assert why  # always a reason to log
 
 
 def test_unknown_model_type_goes_to_vllm_when_installed(build) -> None:
     build("cpu")
-    assert choice.vllm_fit(None)[0] is True
-    assert choice.vllm_fit("/nonexistent/model")[0] is True
+    assert choice.vllm_fit(read_model_facts(None))[0] is True
+    assert choice.vllm_fit(read_model_facts("/nonexistent/model"))[0] is True
 
 
 def test_vllm_build_matches_what_is_installed() -> None:
@@ -63,12 +64,12 @@ def test_vllm_build_matches_what_is_installed() -> None:
 
 def test_choose_engine_respects_an_explicit_engine_and_logs_auto(build, tmp_path: Path, caplog) -> None:
     build("cpu")
-    qwen, bert = _model(tmp_path, "qwen3"), _model(tmp_path, "bert")
+    qwen, bert = read_model_facts(_model(tmp_path, "qwen3")), read_model_facts(_model(tmp_path, "bert"))
     assert service.choose_engine(make_settings(engine="torch"), qwen) == "torch"
     assert service.choose_engine(make_settings(engine="vllm"), bert) == "vllm"
     with caplog.at_level("INFO", logger="embedding_service"):
         assert service.choose_engine(make_settings(engine="auto"), qwen) == "vllm"
-        assert service.choose_engine(make_settings(engine="auto"), _model(tmp_path, "t5")) == "torch"
+        assert service.choose_engine(make_settings(engine="auto"), read_model_facts(_model(tmp_path, "t5"))) == "torch"
     assert sum("engine auto" in record.message for record in caplog.records) == 2
 
 
@@ -77,7 +78,7 @@ def test_quantize_is_never_silent(build, tmp_path: Path, caplog) -> None:
     import pydantic
 
     build("cpu")
-    bert = _model(tmp_path, "bert")
+    bert = read_model_facts(_model(tmp_path, "bert"))
     assert service.choose_engine(make_settings(engine="auto"), bert) == "vllm"  # no quantize: exact engine
     with caplog.at_level("INFO", logger="embedding_service"):
         assert service.choose_engine(make_settings(engine="auto", quantize="int8"), bert) == "openvino"

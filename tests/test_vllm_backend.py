@@ -81,7 +81,7 @@ def test_info_reports_the_real_device_and_qwen3_matryoshka(vllm_backend, torch_b
     assert info.padded is False
     # In-process, one batch runs at a time (our batcher builds the next meanwhile); in its own process, vLLM
     # schedules several in-flight batches together.
-    in_process = _backend._in_process  # type: ignore[attr-defined]
+    in_process = _backend._core.mode == "in-process"  # type: ignore[attr-defined]
     assert (info.max_concurrent_batches == 1) if in_process else (info.max_concurrent_batches > 1)
     assert info.special_suffix == torch_info.special_suffix and info.special_suffix  # <|endoftext|>
     assert info.vocab_size == torch_info.vocab_size
@@ -168,13 +168,13 @@ def test_a_dead_engine_raises_backend_dead_error(vllm_backend, monkeypatch: pyte
     backend = vllm_backend[0]
     children = psutil.Process().children(recursive=True)
     cores = [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
-    if backend._in_process:  # type: ignore[attr-defined]
+    if backend._core.mode == "in-process":  # type: ignore[attr-defined]
         assert cores == []  # no engine process to lose: a failing step is how this engine dies
 
         def broken_step() -> None:  # the in-process client runs the engine step here
             raise RuntimeError("simulated failure inside the model forward")
 
-        monkeypatch.setattr(backend._llm.llm_engine.engine_core, "get_output", broken_step)  # type: ignore[attr-defined]
+        monkeypatch.setattr(backend._core._llm.llm_engine.engine_core, "get_output", broken_step)  # type: ignore[attr-defined]
     else:
         assert cores, [p.name() for p in children]
         for proc in cores:

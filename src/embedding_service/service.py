@@ -18,6 +18,7 @@ from typing import Literal
 
 from .backends import BackendOptions, FakeOptions, create_backend
 from .backends.choice import vllm_fit
+from .backends.model_facts import ModelFacts, read_model_facts
 from .backends.resolve import resolve_model_dir
 from .config import EmbeddingConfig
 from .engine.engine import EmbeddingEngine, EngineOptions
@@ -47,6 +48,7 @@ class ModelPlan:
 
     role: str
     model_dir: str  # the local folder ("" for the fake engine, which loads nothing)
+    facts: ModelFacts  # what the folder says about the model (also in backend.facts)
     engine: EngineKind  # `auto` already resolved
     backend: BackendOptions
     engine_options: EngineOptions
@@ -64,7 +66,7 @@ class ServicePlan:
         return self.models[EMBED]
 
 
-def choose_engine(settings: EmbeddingConfig, model_dir: str | None) -> EngineKind:
+def choose_engine(settings: EmbeddingConfig, facts: ModelFacts) -> EngineKind:
     """The engine to run: as configured, or for `auto` vLLM where installed and a fit, else torch (logged).
 
     Quantised arithmetic is never chosen for the user: only `quantize` set makes `auto` pick openvino.
@@ -74,24 +76,26 @@ def choose_engine(settings: EmbeddingConfig, model_dir: str | None) -> EngineKin
     if settings.quantize != "none":
         log.info("engine auto: quantize=%s was asked for: using the openvino engine", settings.quantize)
         return "openvino"
-    use_vllm, why = vllm_fit(model_dir, settings.device)
+    use_vllm, why = vllm_fit(facts, settings.device)
     log.info("engine auto: %s: using %s", why, "vLLM" if use_vllm else "the transformers/torch engine")
     return "vllm" if use_vllm else "torch"
 
 
 def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
-    """Resolve the model folder (downloading only if not cached) and choose its engine, once.
+    """Resolve the model folder (downloading only if not cached), read its facts and choose its engine, once.
 
     Raises BackendLoadError when the model cannot be found.
     """
     model_dir = "" if settings.engine == "fake" else resolve_model_dir(
         settings.model_name, settings.model_path, settings.demo)
-    kind = choose_engine(settings, model_dir or None)
+    facts = read_model_facts(model_dir or None)
+    kind = choose_engine(settings, facts)
     return ModelPlan(
         role=role,
         model_dir=model_dir,
+        facts=facts,
         engine=kind,
-        backend=BackendOptions.from_config(settings, model_dir or settings.model_source),
+        backend=BackendOptions.from_config(settings, model_dir or settings.model_source, facts),
         engine_options=EngineOptions.from_config(settings),
         fake=FakeOptions.from_config(settings) if kind == "fake" else None,
     )

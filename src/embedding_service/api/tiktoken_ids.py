@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..engine.token_ids import check_token_ids
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 
@@ -42,15 +43,9 @@ class TiktokenDecoder:
         """The same request with its token ids replaced by the text they decode to."""
         if request.token_ids is None:
             return request
-        vocab = self._encoding.n_vocab
+        check_token_ids(request.token_ids, self._encoding.n_vocab, flat=request.token_ids_flat, vocabulary=self.name)
         texts: list[str] = []
         for index, ids in enumerate(request.token_ids):
-            for pos, value in enumerate(ids):
-                if not 0 <= value < vocab:
-                    where = f"input[{pos}]" if request.token_ids_flat else f"input[{index}][{pos}]"
-                    raise ServiceError(ErrorKind.INVALID_REQUEST,
-                                       f"{where} is token id {value}, outside {self.name} (0..{vocab - 1})",
-                                       param="input", code="invalid_token_id")
             try:
                 text = self._encoding.decode(ids, errors="replace")
             except Exception:  # ids inside n_vocab that the encoding does not define

@@ -6,6 +6,7 @@ import dataclasses
 
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, BackendOptions
 from .fake import FakeOptions
+from .model_facts import ModelFacts, read_model_facts
 
 __all__ = [
     "Backend",
@@ -14,7 +15,9 @@ __all__ = [
     "BackendLoadError",
     "BackendOptions",
     "FakeOptions",
+    "ModelFacts",
     "create_backend",
+    "read_model_facts",
 ]
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+from .model_facts import ModelFacts
 
 if TYPE_CHECKING:
     from ..config import EmbeddingConfig
@@ -20,7 +20,6 @@ __all__ = [
     "BackendLoadError",
     "BackendOptions",
     "first_line",
-    "read_model_config",
 ]
 
 
@@ -36,16 +35,17 @@ class BackendDeadError(RuntimeError):
 class BackendOptions:
     """What a model runtime is asked to load, from the settings (defaults live in EmbeddingConfig only).
 
-    `max_model_len` is a ceiling: the backend lowers it to what the model itself takes, and reports the
-    result in BackendInfo. The vLLM-only fields are ignored by the other backends.
+    `max_model_len` is a ceiling: the backend lowers it to what the model itself takes (facts.length_limit),
+    and reports the result in BackendInfo. The vLLM-only fields are ignored by the other backends.
     """
 
     model_dir: str  # a local folder (the fake backend takes any string)
+    facts: ModelFacts  # what the folder says about the model, read once (model_facts.py)
     model_label: str  # the name logs and BackendInfo.model carry
     device: str  # auto, cpu or cuda
     dtype: str  # float16, bfloat16 or float32, as requested
     max_model_len: int
-    matryoshka: bool  # the settings list this model as Matryoshka (Qwen3 configs are detected too)
+    matryoshka: bool  # accepts `dimensions`: listed in matryoshka_models, or detected (Qwen3)
     gpu_memory_utilization: float
     tensor_parallel_size: int
     enforce_eager: bool
@@ -54,14 +54,15 @@ class BackendOptions:
     openvino_cache_dir: str | None  # openvino: folder of exported models (None: its default)
 
     @classmethod
-    def from_config(cls, settings: EmbeddingConfig, model_dir: str) -> BackendOptions:
+    def from_config(cls, settings: EmbeddingConfig, model_dir: str, facts: ModelFacts) -> BackendOptions:
         return cls(
             model_dir=model_dir,
+            facts=facts,
             model_label=settings.public_model_name,
             device=settings.device,
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
-            matryoshka=settings.matryoshka_listed,
+            matryoshka=settings.matryoshka_listed or facts.matryoshka,  # the one Matryoshka rule
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,
@@ -111,16 +112,6 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def read_model_config(model_dir: str) -> dict[str, Any]:
-    """A model folder's config.json, or BackendLoadError naming the file."""
-    path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
 
 
 def first_line(exc: BaseException) -> str:

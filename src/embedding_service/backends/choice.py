@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
-from pathlib import Path
 
-__all__ = ["VLLM_DECODER_TYPES", "VLLM_ENCODER_TYPES", "vllm_build", "vllm_fit"]
+from .model_facts import ModelFacts
 
-# model_type values whose architectures vLLM runs as pooling (embedding) models.
-VLLM_DECODER_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3"})
-VLLM_ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "nomic_bert", "modernbert"})
+__all__ = ["vllm_build", "vllm_fit"]
 
 
 def vllm_build() -> str | None:
@@ -35,28 +31,19 @@ def vllm_build() -> str | None:
         return "cuda"
 
 
-def _model_type(model_dir: str) -> str | None:
-    try:
-        data = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = data.get("model_type") if isinstance(data, dict) else None
-    return str(value).lower() if value else None
-
-
-def vllm_fit(model_dir: str | None, device: str = "auto") -> tuple[bool, str]:
-    """(use vLLM?, why) for `engine=auto`."""
+def vllm_fit(facts: ModelFacts, device: str = "auto") -> tuple[bool, str]:
+    """(use vLLM?, why) for `engine=auto`, from the model folder's facts (model_facts.FAMILIES)."""
     build = vllm_build()
     if build is None:
         return False, "vLLM is not installed"
     if device not in ("auto", build):
         return False, f"device {device} was requested but the installed vLLM build runs on {build}"
-    model_type = _model_type(model_dir) if model_dir else None
+    model_type, family = facts.model_type, facts.family
     if model_type is None:
         return True, f"vLLM ({build} build) is installed; model type unknown until load"
-    if model_type in VLLM_DECODER_TYPES:
+    if family is not None and family.vllm and family.decoder:
         return True, f"vLLM ({build} build) serves {model_type} embedding models"
-    if model_type in VLLM_ENCODER_TYPES:
+    if family is not None and family.vllm:
         return True, (f"vLLM ({build} build) serves {model_type} encoder models, faster than the torch engine "
                       "as measured (use --engine torch for a faster start)")
     return False, f"model type {model_type} is not one vLLM is known to serve as an embedding model here"

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendInfo, BackendLoadError, BackendOptions, first_line, read_model_config
+from .base import BackendInfo, BackendLoadError, BackendOptions, first_line
 from .device import resolve_cpu_dtype
-from .pooling import SentenceTransformersConfig, l2_normalize, pool_numpy, read_st_config
+from .pooling import l2_normalize, pool_numpy
 
 __all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "default_cache_dir", "export_key"]
 
@@ -65,18 +65,13 @@ class OpenVinoBackend:
         if options.quantize not in QUANTIZE_MODES:
             raise BackendLoadError(f"unknown quantize mode '{options.quantize}' "
                                    f"(choose from {', '.join(QUANTIZE_MODES)})")
+        self._options = options
         self._model_dir = options.model_dir
-        self._requested_device = options.device
-        self._requested_dtype = options.dtype
-        self._max_model_len = options.max_model_len
-        self._matryoshka = options.matryoshka
-        self._label = options.model_label
         self._quantize = options.quantize
         cache_dir = options.openvino_cache_dir
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._tokenizer: Any = None
         self._request: Any = None
-        self._st: SentenceTransformersConfig | None = None
         self._pad_id = 0
         self._lock = threading.Lock()  # one InferRequest: one batch at a time
         self.ir_path: Path | None = None
@@ -89,13 +84,13 @@ class OpenVinoBackend:
                                    f"(pip install 'embedding-service[openvino]'): {exc}") from exc
         from .tokenization import HfTokenizer
 
-        if self._requested_device not in ("auto", "cpu"):
-            raise BackendLoadError(f"the openvino engine runs on the CPU; device '{self._requested_device}' "
+        opts, facts = self._options, self._options.facts
+        if opts.device not in ("auto", "cpu"):
+            raise BackendLoadError(f"the openvino engine runs on the CPU; device '{opts.device}' "
                                    "was requested (use --engine torch or vllm for CUDA)")
-        dtype = resolve_cpu_dtype(self._requested_dtype)
-        config = read_model_config(self._model_dir)
-        model_type = str(config.get("model_type", "")).lower()
-        self._st = read_st_config(self._model_dir, model_type)
+        if not facts.config_found:
+            raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
+        dtype = resolve_cpu_dtype(opts.dtype)
         try:
             self._tokenizer = HfTokenizer(self._model_dir)
         except (OSError, ValueError, KeyError) as exc:
@@ -116,21 +111,20 @@ class OpenVinoBackend:
         self._request = compiled.create_infer_request()
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
         dimension = int(self.embed([probe]).shape[1])
-        limit = self._st.length_limit(config.get("max_position_embeddings")) or self._max_model_len
         log.info("openvino backend: %s on cpu (%s, quantize=%s, %d threads), pooling=%s, dim=%d, IR %s",
-                 self._label, dtype, self._quantize, threads, self._st.pooling, dimension, self.ir_path)
+                 opts.model_label, dtype, self._quantize, threads, facts.pooling, dimension, self.ir_path)
         return BackendInfo(
-            model=self._label,
+            model=opts.model_label,
             device="cpu",
             dtype=dtype if self._quantize == "none" else f"{dtype}+int8",
             dimension=dimension,
-            max_model_len=min(self._max_model_len, limit),
+            max_model_len=facts.length_limit(opts.max_model_len),
             vocab_size=self._tokenizer.vocab_size,
             special_prefix=self._tokenizer.special_prefix,
             special_suffix=self._tokenizer.special_suffix,
-            matryoshka=self._matryoshka or model_type == "qwen3",
-            prompts=self._st.prompts,
-            default_prompt_name=self._st.default_prompt_name,
+            matryoshka=opts.matryoshka,
+            prompts=facts.prompts,
+            default_prompt_name=facts.default_prompt_name,
             padded=True,
             max_concurrent_batches=1,
             engine="openvino",
@@ -174,14 +168,14 @@ class OpenVinoBackend:
         return self._tokenizer(texts)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        assert self._st is not None and self._request is not None, "load() first"
+        assert self._request is not None, "load() first"
         # Right padding for every model, decoders too (last-token pooling reads each row's last real token):
         # left-padded rows of a causal model have pad positions that see nothing, and their NaN states
         # leak into the real tokens in OpenVINO's attention (0 x NaN); right padding has no such row.
         ids, mask = pad_batch(batch, self._pad_id)
         with self._lock:
             hidden = self._request.infer({"input_ids": ids, "attention_mask": mask})[0]
-        return l2_normalize(pool_numpy(self._st.pooling, hidden, mask))
+        return l2_normalize(pool_numpy(self._options.facts.pooling, hidden, mask))
 
     def close(self) -> None:
         self._request = None

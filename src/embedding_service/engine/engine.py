@@ -19,6 +19,7 @@ from ..config import EmbeddingConfig
 from ..errors import ErrorKind, ServiceError
 from .batcher import Batcher, BatchPolicy
 from .prompts import apply_prompt
+from .token_ids import check_token_ids, with_special_tokens
 from .tokenize import TokenLimitError, tokenize_bounded
 from .types import EmbedRequest, EmbedResult, EngineState
 
@@ -341,19 +342,11 @@ class EmbeddingEngine:
 
     def _prepare_ids(self, token_ids: list[list[int]], info: BackendInfo, *, flat: bool = False
                      ) -> list[list[int]]:
-        out: list[list[int]] = []
-        for index, ids in enumerate(token_ids):
-            for pos, value in enumerate(ids):
-                if not 0 <= value < info.vocab_size:
-                    where = f"input[{pos}]" if flat else f"input[{index}][{pos}]"
-                    # LangChain's OpenAIEmbeddings sends OpenAI (tiktoken) ids by default: the usual cause.
-                    raise ServiceError(ErrorKind.INVALID_REQUEST,
-                                       f"{where} is token id {value}, outside this model's vocabulary "
-                                       f"(0..{info.vocab_size - 1}); token ids must come from this model's "
-                                       "tokenizer (LangChain: set check_embedding_ctx_length=False to send "
-                                       "text)", param="input", code="invalid_token_id")
-            out.append(with_special_tokens(ids, info.special_prefix, info.special_suffix))
-        return out
+        # LangChain's OpenAIEmbeddings sends OpenAI (tiktoken) ids by default: the usual cause of a bad id.
+        check_token_ids(token_ids, info.vocab_size, flat=flat, vocabulary="this model's vocabulary",
+                        hint="; token ids must come from this model's tokenizer (LangChain: set "
+                             "check_embedding_ctx_length=False to send text)")
+        return [with_special_tokens(ids, info.special_prefix, info.special_suffix) for ids in token_ids]
 
     def _enforce_lengths(self, seqs: list[list[int]], info: BackendInfo, truncate: bool | None) -> list[list[int]]:
         limit = min(self.options.max_model_len, info.max_model_len)
@@ -388,12 +381,3 @@ class EmbeddingEngine:
                                f"dimensions must be between {low} and {info.dimension}, got {dimensions}",
                                param="dimensions")
 
-
-def with_special_tokens(ids: list[int], prefix: tuple[int, ...], suffix: tuple[int, ...]) -> list[int]:
-    """Token-id input as the tokenizer would have produced it: add missing leading/trailing specials."""
-    out = list(ids)
-    if prefix and tuple(out[: len(prefix)]) != prefix:
-        out = [*prefix, *out]
-    if suffix and tuple(out[-len(suffix):]) != suffix:
-        out = [*out, *suffix]
-    return out
