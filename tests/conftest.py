@@ -8,11 +8,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.base import BackendOptions
@@ -68,6 +72,52 @@ def backend_options(model_dir: object, *, model_label: str | None = None, **sett
     return dataclasses.replace(options, model_label=model_label or str(model_dir), matryoshka=facts.matryoshka)
 
 
+@dataclass
+class FakeApp:
+    http: httpx.AsyncClient  # in-process: requests go straight into the ASGI app
+    app: FastAPI
+    engine: EmbeddingEngine
+
+
+def fake_app_over(engine: EmbeddingEngine, *, on_fatal: Callable[[BaseException], None] | None = None,
+                  **settings: object) -> FastAPI:
+    """The app over `engine` with isolated settings: the fake engine, served as "fake-model" unless told."""
+    return create_app(make_settings(**{"engine": "fake", "served_model_name": "fake-model", **settings}), engine,
+                      on_fatal=on_fatal)
+
+
+def in_process_client(app: FastAPI, root_path: str = "") -> httpx.AsyncClient:
+    """A client whose requests go straight into `app` (close it, or use it as `async with`)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path=root_path), base_url="http://test")
+
+
+@asynccontextmanager
+async def fake_app(*, engine: EmbeddingEngine | None = None, backend: FakeBackend | None = None,
+                   options: Mapping[str, Any] | None = None, start: bool = True,
+                   on_fatal: Callable[[BaseException], None] | None = None, root_path: str = "",
+                   **settings: object) -> AsyncIterator[FakeApp]:
+    """The one builder of API test apps: the real app over a fake engine, with an in-process client.
+
+    `engine`: serve this one (several apps may share it; the caller starts and stops it). Otherwise an
+    engine over `backend` (default: 64 dimensions, 64 tokens) with engine `options` (setting names; default
+    max_model_len 64) is built, started unless `start=False` (it then stays "loading"), and stopped after.
+    `settings` are the app's (served_model_name defaults to "fake-model").
+    """
+    owned = engine is None
+    if engine is None:
+        engine = EmbeddingEngine(backend or FakeBackend(dimension=64, max_model_len=64),
+                                 engine_options(**{"max_model_len": 64, **(options or {})}))
+        if start:
+            await engine.start()
+    app = fake_app_over(engine, on_fatal=on_fatal, **settings)
+    try:
+        async with in_process_client(app, root_path) as http:
+            yield FakeApp(http, app, engine)
+    finally:
+        if owned and start:
+            await engine.stop()
+
+
 @pytest.fixture
 def fake_backend() -> FakeBackend:
     return FakeBackend(dimension=64, max_model_len=64)
@@ -83,10 +133,8 @@ async def fake_engine(fake_backend: FakeBackend) -> AsyncIterator[EmbeddingEngin
 
 @pytest.fixture
 async def client(fake_engine: EmbeddingEngine) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(engine="fake", served_model_name="fake-model"), fake_engine)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        yield http
+    async with fake_app(engine=fake_engine) as served:
+        yield served.http
 
 
 _HANDED_OUT: set[int] = set()

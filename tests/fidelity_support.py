@@ -9,11 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import engine_options, make_settings
+from .conftest import fake_app
 
 MAX_LEN = 64  # the fake model's token limit
 DIM = 64  # the fake model's dimension (Matryoshka: 32..64)
@@ -31,17 +29,12 @@ def words(n: int) -> str:
 async def fake_client(
     *, matryoshka: bool = True, name: str = "fake-model", **settings: object
 ) -> AsyncIterator[httpx.AsyncClient]:
+    """conftest.fake_app with these tests' small limits."""
     backend = FakeBackend(dimension=DIM, max_model_len=MAX_LEN, matryoshka=matryoshka)
-    options = engine_options(max_model_len=MAX_LEN, max_request_tokens=MAX_TOKENS, batch_timeout_ms=1)
-    engine = EmbeddingEngine(backend, options)
-    await engine.start()
-    config = make_settings(engine="fake", served_model_name=name, max_body_bytes=MAX_BODY, **settings)
-    app = create_app(config, engine)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            yield http
-    finally:
-        await engine.stop()
+    options = {"max_model_len": MAX_LEN, "max_request_tokens": MAX_TOKENS, "batch_timeout_ms": 1}
+    async with fake_app(backend=backend, options=options, served_model_name=name, max_body_bytes=MAX_BODY,
+                        **settings) as served:
+        yield served.http
 
 
 def offline_tiktoken_dir() -> Path:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-
 import httpx
 import numpy as np
 import pytest
 
-from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import engine_options, make_settings
+from .conftest import engine_options, fake_app_over, in_process_client
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,14 +56,6 @@ async def test_batch_keeps_order_and_matches_single_requests(client: httpx.Async
     assert len({row.tobytes() for row in batch}) == len(texts)
 
 
-async def test_base64_decodes_to_the_float_vectors(client: httpx.AsyncClient) -> None:
-    texts = ["alpha beta", "gamma"]
-    floats = vectors_of((await client.post("/v1/embeddings", json={"input": texts})).json())
-    body = (await client.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"})).json()
-    decoded = np.array([np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in body["data"]])
-    np.testing.assert_array_equal(decoded, floats)
-
-
 async def test_short_route_is_identical(client: httpx.AsyncClient) -> None:
     payload = {"input": ["same text"], "model": "anything-at-all"}
     long_route = (await client.post("/v1/embeddings", json=payload)).json()
@@ -97,44 +86,10 @@ async def test_info_health_and_models(client: httpx.AsyncClient) -> None:
     assert models["data"][0]["object"] == "model"
 
 
-@pytest.mark.parametrize(
-    ("payload", "param", "fragment"),
-    [
-        ({}, "input", "required"),
-        ({"input": ""}, "input", "empty"),
-        ({"input": []}, "input", "empty"),
-        ({"input": 42}, "input", "must be"),
-        ({"input": ["ok", 3]}, "input", "input[1]"),
-        ({"input": "x", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
-        ({"input": "x", "dimensions": "8"}, "dimensions", None),
-        ({"input": "x", "instruction": 5}, "instruction", None),
-    ],
-)
-async def test_bad_requests_get_400_envelopes(client: httpx.AsyncClient, payload: dict, param: str,
-                                              fragment: str | None) -> None:
-    error = assert_envelope(await client.post("/v1/embeddings", json=payload), 400, param)
-    if fragment:
-        assert fragment in error["message"]
-    assert (await client.post("/v1/embeddings", json={"input": "still serving"})).status_code == 200
-
-
-async def test_malformed_json_and_wrong_content_type(client: httpx.AsyncClient) -> None:
-    headers = {"content-type": "application/json"}
-    error = assert_envelope(await client.post("/v1/embeddings", content=b'{"input": [', headers=headers), 400)
-    assert "JSON" in error["message"]
-    assert_envelope(await client.post("/v1/embeddings", content=b"input=x",
-                                      headers={"content-type": "application/x-www-form-urlencoded"}), 415)
-
-
-async def test_routing_errors_use_the_envelope(client: httpx.AsyncClient) -> None:
-    assert_envelope(await client.get("/v1/nope"), 404)
-    assert_envelope(await client.get("/v1/embeddings"), 405)
-
-
 async def test_loading_engine_answers_503() -> None:
     engine = EmbeddingEngine(FakeBackend(), engine_options())  # never started: still "loading"
-    app = create_app(make_settings(engine="fake"), engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+    app = fake_app_over(engine)
+    async with in_process_client(app) as http:
         health = await http.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         error = assert_envelope(await http.post("/v1/embeddings", json={"input": "x"}), 503)
@@ -145,9 +100,9 @@ async def test_backend_failure_is_a_clean_500_and_the_server_recovers() -> None:
     backend = FakeBackend(fail_batches=[0])
     engine = EmbeddingEngine(backend, engine_options(batch_timeout_ms=0))
     await engine.start()
-    app = create_app(make_settings(engine="fake"), engine)
+    app = fake_app_over(engine)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with in_process_client(app) as http:
             error = assert_envelope(await http.post("/v1/embeddings", json={"input": "boom"}), 500)
             assert "fake backend failure" not in error["message"]  # internals stay in the log
             assert (await http.post("/v1/embeddings", json={"input": "fine"})).status_code == 200

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("aiohttp", reason="bench/'s load generator needs aiohttp (the test extra)")
+
 from bench.flops import cpu_peak, model_flops_per_token
 from bench.loadgen import RunResult, percentile
 from bench.report import markdown

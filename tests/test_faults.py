@@ -9,12 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.logging_config import RequestIdFilter
 
-from .conftest import engine_options, make_settings
+from .conftest import fake_app
 
 NO_HANG_S = 10.0  # every call below must finish well within this, or the test fails (no hangs)
 
@@ -38,14 +36,6 @@ def recorder() -> Iterator[Recorder]:
     logger.removeHandler(handler)
 
 
-async def serve(backend: FakeBackend, fatal: list[BaseException], **options: object) -> tuple[
-        EmbeddingEngine, httpx.AsyncClient]:
-    engine = EmbeddingEngine(backend, engine_options(max_model_len=64, **options))  # type: ignore[arg-type]
-    await engine.start()
-    app = create_app(make_settings(engine="fake", served_model_name="fake-model"), engine, on_fatal=fatal.append)
-    return engine, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
 async def post(http: httpx.AsyncClient, text: str) -> httpx.Response:
     return await asyncio.wait_for(http.post("/v1/embeddings", json={"input": text}), NO_HANG_S)
 
@@ -55,8 +45,9 @@ async def test_a_failing_batch_fails_only_its_requests(recorder: Recorder) -> No
     # an idle backend takes a lone request at once, so without a busy batch 0 the grouping would be a race.
     backend = FakeBackend(dimension=16, max_model_len=64, delay_s=0.5, fail_batches=[1])
     fatal: list[BaseException] = []
-    engine, http = await serve(backend, fatal, max_batch_size=3, batch_timeout_ms=0)
-    try:
+    options = {"max_batch_size": 3, "batch_timeout_ms": 0}
+    async with fake_app(backend=backend, options=options, on_fatal=fatal.append) as served:
+        http = served.http
         first = asyncio.ensure_future(post(http, "first"))
         while not backend.batches:  # wait until batch 0 is running
             await asyncio.sleep(0.005)
@@ -76,17 +67,15 @@ async def test_a_failing_batch_fails_only_its_requests(recorder: Recorder) -> No
         # Each failed request is logged with its request id.
         logged = {r.request_id for r in recorder.records if "failed with its batch" in r.getMessage()}  # type: ignore[attr-defined]
         assert logged == {r.headers["x-request-id"] for r in failed}
-    finally:
-        await http.aclose()
-        await engine.stop()
 
 
 async def test_a_dead_engine_fails_in_flight_and_queued_requests_at_once() -> None:
     # Batch 0 is slow (0.3 s) so the others queue behind it; batch 1 dies.
     backend = FakeBackend(dimension=16, max_model_len=64, delay_s=0.3, die_after=1)
     fatal: list[BaseException] = []
-    engine, http = await serve(backend, fatal, max_batch_size=1, batch_timeout_ms=0)
-    try:
+    options = {"max_batch_size": 1, "batch_timeout_ms": 0}
+    async with fake_app(backend=backend, options=options, on_fatal=fatal.append) as served:
+        http = served.http
         first = asyncio.ensure_future(post(http, "first"))
         await asyncio.sleep(0.1)  # batch 0 is running
         rest = await asyncio.gather(*(post(http, f"queued {i}") for i in range(4)))
@@ -100,6 +89,3 @@ async def test_a_dead_engine_fails_in_flight_and_queued_requests_at_once() -> No
         assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unhealthy"
         await asyncio.sleep(0.05)
         assert len(fatal) == 1  # the server is told once, to exit for its supervisor
-    finally:
-        await http.aclose()
-        await engine.stop()

@@ -20,11 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import ServerProcess, engine_options, make_settings
+from .conftest import ServerProcess, engine_options, fake_app_over, in_process_client
 
 MAX_BODY = 64 * 1024
 
@@ -120,8 +119,8 @@ def fuzz_client(fuzz_loop: asyncio.AbstractEventLoop) -> Iterator[httpx.AsyncCli
     engine = EmbeddingEngine(FakeBackend(dimension=16, max_model_len=64),
                              engine_options(max_model_len=64, batch_timeout_ms=0, max_inputs_per_request=64))
     fuzz_loop.run_until_complete(engine.start())
-    app = create_app(make_settings(engine="fake", served_model_name="fake-model", max_body_bytes=MAX_BODY), engine)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    app = fake_app_over(engine, max_body_bytes=MAX_BODY)
+    client = in_process_client(app)
     yield client
     fuzz_loop.run_until_complete(client.aclose())
     fuzz_loop.run_until_complete(engine.stop())

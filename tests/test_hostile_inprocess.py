@@ -18,7 +18,7 @@ from embedding_service.cli import load_settings
 from embedding_service.logging_config import RequestIdFilter, TextFormatter
 from embedding_service.server import accept_backlog, refuse_new_handshakes
 
-from .conftest import backend_options, make_settings
+from .conftest import backend_options, fake_app_over, in_process_client, make_settings
 
 
 @pytest.mark.parametrize("value", [" , ", ",", "[\" \"]", " ,, , "])
@@ -75,12 +75,11 @@ async def test_refused_path_cannot_forge_log_lines(client: httpx.AsyncClient) ->
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        from embedding_service.api.app import create_app
         from embedding_service.engine.engine import EmbeddingEngine
 
         engine: EmbeddingEngine = client._transport.app.state.engine  # type: ignore[attr-defined]
-        app = create_app(make_settings(engine="fake", api_keys="sk-right"), engine)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        app = fake_app_over(engine, api_keys="sk-right")
+        async with in_process_client(app) as http:
             response = await http.get("/v1/models%0AINFO%20[-]:%20forged%20line%00%E2%80%A8x")
         assert response.status_code == 401
     finally:

@@ -8,11 +8,10 @@ import math
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedding_service.api.app import create_app
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import engine_options, make_settings
+from .conftest import engine_options, fake_app_over, in_process_client
 
 EMBED = "/v1/embeddings"
 
@@ -106,9 +105,9 @@ async def test_queue_depth_is_read_live() -> None:
     backend = FakeBackend(dimension=8, max_model_len=64, delay_s=0.3)
     engine = EmbeddingEngine(backend, engine_options(max_model_len=64, batch_timeout_ms=0, max_batch_size=1))
     await engine.start()
-    app = create_app(make_settings(engine="fake"), engine)
+    app = fake_app_over(engine)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with in_process_client(app) as http:
             requests = [asyncio.create_task(http.post(EMBED, json={"input": ["a b c"]})) for _ in range(3)]
             seen_requests = seen_tokens = 0.0
             for _ in range(200):  # bounded poll: stop once the queue shows or the requests finish
@@ -132,7 +131,7 @@ async def test_apps_in_one_process_have_separate_registries() -> None:
     engines = [EmbeddingEngine(FakeBackend(dimension=8), engine_options(batch_timeout_ms=0)) for _ in range(2)]
     for engine in engines:
         await engine.start()
-    apps = [create_app(make_settings(engine="fake"), engine) for engine in engines]  # no duplicate-name error
+    apps = [fake_app_over(engine) for engine in engines]  # no duplicate-name error
     try:
         transports = [httpx.ASGITransport(app=app) for app in apps]
         async with httpx.AsyncClient(transport=transports[0], base_url="http://a") as first, \
@@ -151,9 +150,9 @@ async def test_existing_batch_hook_keeps_working() -> None:
     seen: list[tuple[int, int]] = []
     engine.on_batch = lambda size, tokens, _seconds: seen.append((size, tokens))
     await engine.start()
-    app = create_app(make_settings(engine="fake"), engine)
+    app = fake_app_over(engine)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with in_process_client(app) as http:
             assert (await http.post(EMBED, json={"input": ["a b"]})).status_code == 200
             samples = await scrape(http)
         assert seen == [(1, 3)]
@@ -164,8 +163,8 @@ async def test_existing_batch_hook_keeps_working() -> None:
 
 async def test_loading_engine_reports_state_and_no_load_time() -> None:
     engine = EmbeddingEngine(FakeBackend(dimension=8), engine_options())  # never started: still loading
-    app = create_app(make_settings(engine="fake"), engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+    app = fake_app_over(engine)
+    async with in_process_client(app) as http:
         samples = await scrape(http)
     assert value(samples, "embedding_engine_state", state="loading") == 1.0
     assert ("embedding_model_load_seconds", frozenset()) not in samples
@@ -183,9 +182,9 @@ async def test_internal_errors_are_counted_and_carry_the_request_id() -> None:
     """A backend failure becomes the error middleware's 500; the outer request middleware still sees it."""
     engine = EmbeddingEngine(FakeBackend(dimension=8, fail_batches=[0]), engine_options(batch_timeout_ms=0))
     await engine.start()
-    app = create_app(make_settings(engine="fake"), engine)
+    app = fake_app_over(engine)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with in_process_client(app) as http:
             failed = await http.post(EMBED, json={"input": ["a"]}, headers={"X-Request-Id": "boom-1"})
             ok = await http.post(EMBED, json={"input": ["a"]})
             samples = await scrape(http)

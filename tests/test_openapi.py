@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from embedding_service.api.app import create_app
 from embedding_service.api.docs import CSP, REDOC_CSP, asset_dir
 from embedding_service.api.openapi import BEARER_SCHEME
 from embedding_service.api.protocol import EMBEDDING_EXAMPLES
@@ -20,7 +19,7 @@ from embedding_service.backends.fake import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.errors import ErrorKind, error_body, status_for
 
-from .conftest import engine_options, make_settings
+from .conftest import engine_options, fake_app_over, in_process_client
 
 KEY = "sk-docs-0123456789"
 Factory = Callable[..., httpx.AsyncClient]
@@ -41,10 +40,8 @@ async def make_client(engine: EmbeddingEngine) -> AsyncIterator[Factory]:
     opened: list[httpx.AsyncClient] = []
 
     def factory(root_path: str = "", **settings: object) -> httpx.AsyncClient:
-        app = create_app(make_settings(engine="fake", served_model_name="fake-model", **settings), engine)
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path=root_path), base_url="http://test")
-        opened.append(http)
-        return http
+        opened.append(in_process_client(fake_app_over(engine, **settings), root_path))
+        return opened[-1]
 
     yield factory
     for http in opened:

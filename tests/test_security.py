@@ -12,12 +12,11 @@ import httpx
 import pytest
 
 from embedding_service.api import security
-from embedding_service.api.app import create_app
 from embedding_service.api.ratelimit import RateLimiter, TokenBucket
 from embedding_service.api.security import ApiKeyVerifier, key_digest, load_key_digests
 from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import make_settings
+from .conftest import fake_app_over, in_process_client, make_settings
 
 KEY_A = "sk-test-alpha-0123456789"
 KEY_B = "sk-test-bravo-9876543210"
@@ -31,10 +30,8 @@ async def make_client(fake_engine: EmbeddingEngine) -> AsyncIterator[ClientFacto
     opened: list[httpx.AsyncClient] = []
 
     def factory(**settings: object) -> httpx.AsyncClient:
-        app = create_app(make_settings(engine="fake", served_model_name="fake-model", **settings), fake_engine)
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-        opened.append(http)
-        return http
+        opened.append(in_process_client(fake_app_over(fake_engine, **settings)))
+        return opened[-1]
 
     yield factory
     for http in opened:
