@@ -215,11 +215,10 @@ async def test_a_client_that_hangs_up_mid_body_is_499_not_500(client: httpx.Asyn
 
 
 async def test_failed_api_key_attempts_are_rate_limited_per_address(client: httpx.AsyncClient) -> None:
-    from embedding_service.api.app import create_app
 
     engine = client._transport.app.state.engine  # type: ignore[attr-defined]
-    app = create_app(make_settings(engine="fake", api_keys="sk-right", auth_failures_per_minute=5), engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+    app = fake_app_over(engine, api_keys="sk-right", auth_failures_per_minute=5)
+    async with in_process_client(app) as http:
         wrong = [(await http.get("/v1/models", headers={"Authorization": f"Bearer sk-guess-{n}"})).status_code
                  for n in range(8)]
         right = await http.get("/v1/models", headers={"Authorization": "Bearer sk-right"})
@@ -230,11 +229,10 @@ async def test_failed_api_key_attempts_are_rate_limited_per_address(client: http
 
 
 async def test_a_right_key_is_never_slowed_by_the_failure_limit(client: httpx.AsyncClient) -> None:
-    from embedding_service.api.app import create_app
 
     engine = client._transport.app.state.engine  # type: ignore[attr-defined]
-    app = create_app(make_settings(engine="fake", api_keys="sk-right", auth_failures_per_minute=2), engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+    app = fake_app_over(engine, api_keys="sk-right", auth_failures_per_minute=2)
+    async with in_process_client(app) as http:
         statuses = {(await http.get("/v1/models", headers={"Authorization": "Bearer sk-right"})).status_code
                     for _ in range(20)}
     assert statuses == {200}
