@@ -4,6 +4,7 @@ Examples:
     python -m bench                                   # both models, all peers, all workloads
     python -m bench --models minilm --targets ours-torch,vllm-serve --duration 5
     python -m bench --overhead                        # fake engine: pure server overhead per request
+    python -m bench --rerank --targets ours-torch,ours-vllm,vllm-serve   # Qwen3-Reranker, 1 query x 20 docs
     python -m bench --url http://host:8890/v1/embeddings --model-name my-model   # any OpenAI server
 """
 
@@ -110,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="fake engine only: the server's own cost per request (no model)",
     )
+    parser.add_argument("--rerank", action="store_true",
+                        help="the rerank workload (bench/rerank.py) instead of the embedding ones")
+    parser.add_argument("--rerank-shape", default="small", help="reranker model shape: small or 0.6b")
     parser.add_argument("--url", help="measure this OpenAI-compatible /v1/embeddings URL only (no peers)")
     parser.add_argument("--model-name", default=None, help="'model' to send with --url")
     parser.add_argument("--tokenizer-dir", default=None, help="with --url: model dir to calibrate text lengths")
@@ -164,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['peak_fp32_gflops']} GFLOP/s (est.); dtype {args.dtype}; results in {out_dir}",
         flush=True,
     )
+    if args.rerank:
+        from bench.rerank import run_rerank
+
+        rerank = {"started": started, "machine": machine, "dtype": args.dtype, "duration_s": args.duration,
+                  "command": result["command"], **run_rerank(args, out_dir)}
+        (out_dir / "rerank.json").write_text(json.dumps(rerank, indent=1))
+        print(json.dumps(rerank["rows"], indent=1))
+        return 0
     try:
         if args.url:
             maker = text_maker(args.tokenizer_dir, args.seed)

@@ -222,3 +222,21 @@ def server_factory() -> Iterator[type[ServerProcess]]:
     yield Tracked
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Qwen3-Reranker look-alike (Qwen3 causal LM, chat tokens, "yes"/"no")."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_qwen3_reranker
+
+    return build_random_qwen3_reranker(tmp_path_factory.mktemp("tiny-qwen3-reranker"))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A random-weight BERT cross-encoder (one label) on all-MiniLM-L6-v2's vocabulary."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_cross_encoder
+
+    return build_random_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"), minilm_dir)

@@ -21,7 +21,7 @@ from .config import EmbeddingConfig
 from .logging_config import configure_logging
 
 if TYPE_CHECKING:
-    from .service import ModelPlan
+    from .service import ServicePlan
 
 __all__ = ["build_parser", "load_settings", "main"]
 
@@ -104,7 +104,7 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _export_settings(settings: EmbeddingConfig, model_dir: str, engine: str) -> None:
+def _export_settings(settings: EmbeddingConfig, plan: ServicePlan) -> None:
     """Worker processes rebuild the same settings from the environment, with the plan's decisions in it."""
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -113,11 +113,17 @@ def _export_settings(settings: EmbeddingConfig, model_dir: str, engine: str) -> 
             continue
         text = json.dumps(value) if isinstance(value, list) else str(value)
         os.environ[f"EMBEDDING_{name.upper()}"] = text
-    if model_dir:
-        os.environ["EMBEDDING_MODEL_PATH"] = model_dir
+    for role, variable in (("embed", "EMBEDDING_MODEL_PATH"), ("rerank", "EMBEDDING_RERANK_MODEL_PATH")):
+        model = plan.models.get(role)
+        if model is not None and model.model_dir:
+            os.environ[variable] = model.model_dir
     os.environ["EMBEDDING_DEMO"] = "false"
     os.environ["EMBEDDING_SERVED_MODEL_NAME"] = settings.public_model_name
-    os.environ["EMBEDDING_ENGINE"] = engine  # `auto` decided once, in the parent
+    if settings.public_rerank_model_name:
+        os.environ["EMBEDDING_SERVED_RERANK_MODEL_NAME"] = settings.public_rerank_model_name
+    kinds = {model.engine for model in plan.models.values()}
+    if len(kinds) == 1:  # `auto` decided once, in the parent (the choice is the same from the same files)
+        os.environ["EMBEDDING_ENGINE"] = kinds.pop()
 
 
 def _worker_main(sock: socket.socket) -> None:
@@ -129,10 +135,10 @@ def _worker_main(sock: socket.socket) -> None:
     settings = EmbeddingConfig()
     configure_logging(settings.log_level, settings.log_format)
     try:
-        model = plan_service(settings).embed  # the exported folder and engine: nothing is decided again
+        plan = plan_service(settings)  # the exported folders and engine: nothing is decided again
     except BackendLoadError as exc:
         sys.exit(_fail(str(exc)))
-    sys.exit(_serve_one(settings, model, sock))
+    sys.exit(_serve_one(settings, plan, sock))
 
 
 def serve(settings: EmbeddingConfig) -> int:
@@ -144,27 +150,29 @@ def serve(settings: EmbeddingConfig) -> int:
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
     try:
-        model = plan_service(settings).embed
+        plan = plan_service(settings)
     except BackendLoadError as exc:
         return _fail(str(exc))
-    passive_openmp_for(model.engine)  # before torch is imported
+    for model in plan.models.values():
+        passive_openmp_for(model.engine)  # before torch is imported
     if settings.workers > 1:
         from .server import listening_socket
         from .supervisor import run_workers
 
-        _export_settings(settings, model.model_dir, model.engine)
+        _export_settings(settings, plan)
         log.info("starting %d worker processes, each loading its own copy of the model", settings.workers)
         return run_workers(settings.workers, lambda: listening_socket(settings), _worker_main,
                            settings.shutdown_timeout)
-    return _serve_one(settings, model)
+    return _serve_one(settings, plan)
 
 
-def _serve_one(settings: EmbeddingConfig, model: ModelPlan, sock: socket.socket | None = None) -> int:
-    """One server process: build the planned engine and the app, serve until drained (on `sock` when given)."""
+def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None) -> int:
+    """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
     from .api.app import create_app
     from .backends.base import BackendDeadError, BackendLoadError
+    from .engine.rerank import RerankEngine
     from .server import DrainingServer, uvicorn_config
-    from .service import build_engine
+    from .service import EMBED, RERANK, build_engines
 
     failures: list[BaseException] = []
     server: DrainingServer | None = None
@@ -175,15 +183,18 @@ def _serve_one(settings: EmbeddingConfig, model: ModelPlan, sock: socket.socket 
             server.should_exit = True
 
     try:
-        engine = build_engine(model)
+        engines = build_engines(plan)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
+    engine, reranker = engines.get(EMBED), engines.get(RERANK)
+    assert reranker is None or isinstance(reranker, RerankEngine)  # service.build_engine of the rerank role
     try:
-        app = create_app(settings, engine, on_fatal=fatal)
+        app = create_app(settings, engine, reranker=reranker, on_fatal=fatal)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
-    server = DrainingServer(uvicorn_config(app, settings), engine, settings.shutdown_timeout)
-    log.info("serving %s on http://%s:%d", settings.public_model_name, settings.host, settings.port)
+    server = DrainingServer(uvicorn_config(app, settings), list(engines.values()), settings.shutdown_timeout)
+    names = [n for n in (settings.public_model_name if engine else None, settings.public_rerank_model_name) if n]
+    log.info("serving %s on http://%s:%d", " and ".join(names), settings.host, settings.port)
     try:
         server.run(None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly

@@ -76,6 +76,17 @@ class EmbeddingConfig(BaseSettings):
         None, description="openvino: folder of exported models (default ~/.cache/embedding-service/openvino)"
     )
 
+    # --- the reranker (served beside the embedding model, or alone; docs/rerank.md) ----------------------
+    rerank_model: str | None = Field(
+        None, description="Hugging Face id of a reranker to serve too (e.g. Qwen/Qwen3-Reranker-0.6B)"
+    )
+    rerank_model_path: str | None = Field(None, description="local reranker directory; wins over rerank_model")
+    served_rerank_model_name: str | None = Field(
+        None, description="name reported to clients for the reranker (default: its id or folder name)"
+    )
+    rerank_only: bool = Field(False, description="serve the reranker alone (no embedding model is loaded)")
+    max_rerank_documents: int = Field(1000, ge=1, le=100_000, description="most documents in one rerank request")
+
     # --- request limits --------------------------------------------------------------------------------
     max_inputs_per_request: int = Field(2048, ge=1, le=100_000, description="most inputs in one request")
     max_request_tokens: int = Field(
@@ -254,6 +265,25 @@ class EmbeddingConfig(BaseSettings):
             # A local directory with no name given: its folder name, not the default hub id it may not be.
             return self._model_path_name or self.model_name
         return self.model_name
+
+    @property
+    def serves_reranker(self) -> bool:
+        return bool(self.rerank_model or self.rerank_model_path)
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return not (self.rerank_only and self.serves_reranker)
+
+    @property
+    def public_rerank_model_name(self) -> str | None:
+        """The reranker's name for clients: served_rerank_model_name, its hub id, or its folder name."""
+        if not self.serves_reranker:
+            return None
+        if self.served_rerank_model_name:
+            return self.served_rerank_model_name
+        if self.rerank_model_path:
+            return self.rerank_model_path.rstrip("/").rsplit("/", 1)[-1] or self.rerank_model_path
+        return self.rerank_model
 
     @property
     def _model_path_name(self) -> str:

@@ -11,7 +11,7 @@ scraped on its own port (see docs/ops.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -44,27 +44,30 @@ BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 class _EngineCollector(Collector):
-    """Values read from the engine at scrape time: queue depth, limits, model load time, state, model info."""
+    """Values read from the engine at scrape time: queue depth, limits, model load time, state, model info.
+    `prefix` names the engine's metrics: "embedding" for the embedding model, "embedding_rerank" for the
+    reranker."""
 
-    def __init__(self, engine: EmbeddingEngine) -> None:
+    def __init__(self, engine: EmbeddingEngine, prefix: str = "embedding") -> None:
         self.engine = engine
+        self.prefix = prefix
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine = self.engine
-        yield GaugeMetricFamily("embedding_queue_requests", "Requests queued or running in the batcher",
+        engine, p = self.engine, self.prefix
+        yield GaugeMetricFamily(f"{p}_queue_requests", "Requests queued or running in the batcher",
                                 value=engine.queued_requests)
-        yield GaugeMetricFamily("embedding_queue_tokens", "Tokens of the requests queued or running",
+        yield GaugeMetricFamily(f"{p}_queue_tokens", "Tokens of the requests queued or running",
                                 value=engine.queued_tokens)
-        yield GaugeMetricFamily("embedding_queue_max_requests",
+        yield GaugeMetricFamily(f"{p}_queue_max_requests",
                                 "Queued requests at which new ones are refused with 503",
                                 value=engine.options.max_queue_requests)
-        yield GaugeMetricFamily("embedding_queue_max_tokens",
+        yield GaugeMetricFamily(f"{p}_queue_max_tokens",
                                 "Queued tokens at which new requests are refused with 503",
                                 value=engine.options.max_queue_tokens)
         if engine.load_seconds is not None:
-            yield GaugeMetricFamily("embedding_model_load_seconds", "Seconds the model took to load",
+            yield GaugeMetricFamily(f"{p}_model_load_seconds", "Seconds the model took to load",
                                     value=engine.load_seconds)
-        state = GaugeMetricFamily("embedding_engine_state", "1 for the engine's current state, else 0",
+        state = GaugeMetricFamily(f"{p}_engine_state", "1 for the engine's current state, else 0",
                                   labels=["state"])
         for candidate in EngineState:
             state.add_metric([candidate.value], 1.0 if engine.state is candidate else 0.0)
@@ -72,7 +75,7 @@ class _EngineCollector(Collector):
         info = engine.info
         if info is not None:
             labels = ["model", "engine", "device", "dtype", "dimension", "max_model_len"]
-            model = GaugeMetricFamily("embedding_model_info", "The model served (always 1)", labels=labels)
+            model = GaugeMetricFamily(f"{p}_model_info", "The model served (always 1)", labels=labels)
             model.add_metric([info.model, info.engine, info.device, info.dtype, str(info.dimension),
                               str(info.max_model_len)], 1.0)
             yield model
@@ -106,15 +109,39 @@ class ServiceMetrics:
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._chain_batch_hook(engine)
 
-    def _chain_batch_hook(self, engine: EmbeddingEngine) -> None:
+    def _chain_batch_hook(self, engine: EmbeddingEngine,
+                          observe: Callable[[int, int, float], None] | None = None) -> None:
         previous = engine.on_batch
+        observe = observe or self.observe_batch
 
         def on_batch(size: int, tokens: int, seconds: float) -> None:
-            self.observe_batch(size, tokens, seconds)
+            observe(size, tokens, seconds)
             if previous is not None:
                 previous(size, tokens, seconds)
 
         engine.on_batch = on_batch
+
+    def add_reranker(self, engine: EmbeddingEngine) -> None:
+        """The reranker's engine values and batches, as embedding_rerank_* (pairs instead of texts)."""
+        reg = self.registry
+        reg.register(_EngineCollector(engine, "embedding_rerank"))
+        size = Histogram("embedding_rerank_batch_size", "Pairs per batch run by the reranker",
+                         buckets=BATCH_SIZE_BUCKETS, registry=reg)
+        tokens = Histogram("embedding_rerank_batch_tokens", "Tokens per batch run by the reranker",
+                           buckets=BATCH_TOKEN_BUCKETS, registry=reg)
+        seconds = Histogram("embedding_rerank_batch_compute_seconds", "Reranker compute time per batch",
+                            buckets=COMPUTE_BUCKETS, registry=reg)
+        pairs = Counter("embedding_rerank_pairs", "(query, document) pairs scored", registry=reg)
+        pair_tokens = Counter("embedding_rerank_tokens", "Tokens of the pairs scored", registry=reg)
+
+        def observe(n: int, n_tokens: int, took: float) -> None:
+            size.observe(n)
+            tokens.observe(n_tokens)
+            seconds.observe(took)
+            pairs.inc(n)
+            pair_tokens.inc(n_tokens)
+
+        self._chain_batch_hook(engine, observe)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)

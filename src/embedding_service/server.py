@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -113,10 +113,34 @@ def listening_socket(settings: EmbeddingConfig) -> socket.socket:
     return config.bind_socket()
 
 
+class _Engines:
+    """The embedding engine and the reranker's, drained as one."""
+
+    def __init__(self, engines: Sequence[EmbeddingEngine]) -> None:
+        self.engines = list(engines)
+
+    @property
+    def loading(self) -> bool:
+        return any(engine.loading for engine in self.engines)
+
+    @property
+    def idle(self) -> bool:
+        return all(engine.idle for engine in self.engines)
+
+    @property
+    def batches_running(self) -> int:
+        return sum(engine.batches_running for engine in self.engines)
+
+    def begin_drain(self, timeout_s: float) -> None:
+        for engine in self.engines:
+            engine.begin_drain(timeout_s)
+
+
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: EmbeddingEngine, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EmbeddingEngine | Sequence[EmbeddingEngine],
+                 shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.engine = engine if isinstance(engine, EmbeddingEngine) else _Engines(engine)  # embed and/or rerank
         self.shutdown_timeout = shutdown_timeout
         self._drain_requested = False
         self._deadline: float | None = None

@@ -4,8 +4,8 @@ can build the same engines without HTTP.
 
     settings --plan_service--> ServicePlan(models: ModelPlan per role) --build_engine--> EmbeddingEngine
 
-A plan holds one ModelPlan per role ("embed" today); a second model (a reranker) is another role in the
-same plan, with its own engine and batcher. Nothing here imports torch or vllm: a plan is decided from
+A plan holds one ModelPlan per role: "embed" (the embedding model) and/or "rerank" (a reranker), each with
+its own engine and batcher. Nothing here imports torch or vllm: a plan is decided from
 files and installed packages, so it can set process-wide knobs (OpenMP) before either is imported.
 """
 
@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from .backends import BackendOptions, FakeOptions, create_backend
+from .backends import BackendLoadError, BackendOptions, FakeOptions, create_backend
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
 from .backends.resolve import resolve_model_dir
+from .backends.scoring import create_scoring_backend
 from .config import EmbeddingConfig
 from .engine.engine import EmbeddingEngine, EngineOptions
+from .engine.rerank import RerankEngine
 
 __all__ = [
     "EMBED",
+    "RERANK",
     "EngineKind",
     "ModelPlan",
     "ServicePlan",
@@ -40,6 +43,7 @@ log = logging.getLogger("embedding_service")
 
 EngineKind = Literal["torch", "vllm", "openvino", "fake"]
 EMBED = "embed"  # the role of the embedding model
+RERANK = "rerank"  # the role of the reranker
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class ModelPlan:
     backend: BackendOptions
     engine_options: EngineOptions
     fake: FakeOptions | None  # the fake engine's fault injection
+    max_documents: int | None = None  # the reranker: most documents in one request
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,14 @@ class ServicePlan:
 
     @property
     def embed(self) -> ModelPlan:
+        """The embedding model (bulk embedding and the embeddings API need one)."""
+        if EMBED not in self.models:
+            raise BackendLoadError("no embedding model is served (rerank_only is set)")
         return self.models[EMBED]
+
+    @property
+    def rerank(self) -> ModelPlan | None:
+        return self.models.get(RERANK)
 
 
 def choose_engine(settings: EmbeddingConfig, facts: ModelFacts) -> EngineKind:
@@ -82,31 +94,49 @@ def choose_engine(settings: EmbeddingConfig, facts: ModelFacts) -> EngineKind:
 
 
 def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
-    """Resolve the model folder (downloading only if not cached), read its facts and choose its engine, once.
+    """Resolve the model folder of `role` (downloading only if not cached), read its facts and choose its
+    engine, once. The reranker shares the engine choice, device, dtype and limits of the settings.
 
     Raises BackendLoadError when the model cannot be found.
     """
-    model_dir = "" if settings.engine == "fake" else resolve_model_dir(
-        settings.model_name, settings.model_path, settings.demo)
+    fake = settings.engine == "fake"
+    if role == RERANK:
+        model_dir = "" if fake else resolve_model_dir(settings.rerank_model or "", settings.rerank_model_path, False)
+    else:
+        model_dir = "" if fake else resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
     facts = read_model_facts(model_dir or None)
     kind = choose_engine(settings, facts)
+    backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)
+    if role == RERANK:
+        if kind == "openvino":  # int8 is for the embedding model; the reranker keeps exact scores
+            log.info("the openvino engine has no reranker path: the reranker runs on the torch engine")
+            kind = "torch"
+        backend = replace(backend, model_label=settings.public_rerank_model_name or "reranker", matryoshka=False)
     return ModelPlan(
         role=role,
         model_dir=model_dir,
         facts=facts,
         engine=kind,
-        backend=BackendOptions.from_config(settings, model_dir or settings.model_source, facts),
+        backend=backend,
         engine_options=EngineOptions.from_config(settings),
         fake=FakeOptions.from_config(settings) if kind == "fake" else None,
+        max_documents=settings.max_rerank_documents if role == RERANK else None,
     )
 
 
 def plan_service(settings: EmbeddingConfig) -> ServicePlan:
-    return ServicePlan(models={EMBED: plan_model(settings, EMBED)})
+    """The embedding model unless rerank_only, and the reranker when one is named."""
+    roles = [EMBED] if settings.serves_embeddings else []
+    roles += [RERANK] if settings.serves_reranker else []
+    return ServicePlan(models={role: plan_model(settings, role) for role in roles})
 
 
 def build_engine(model: ModelPlan) -> EmbeddingEngine:
     """The (not yet started) engine of one planned model. `await engine.start()` loads it."""
+    if model.role == RERANK:
+        assert model.max_documents is not None  # planned for the reranker's role
+        return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
+                            max_documents=model.max_documents)
     return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options)
 
 

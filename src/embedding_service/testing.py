@@ -11,7 +11,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QWEN3_0_6B_SHAPE", "TINY_QWEN3_SHAPE", "build_random_qwen3", "generated_corpus"]
+__all__ = [
+    "QWEN3_0_6B_SHAPE",
+    "TINY_QWEN3_SHAPE",
+    "build_random_cross_encoder",
+    "build_random_qwen3",
+    "build_random_qwen3_reranker",
+    "generated_corpus",
+]
 
 TINY_QWEN3_SHAPE: dict[str, int] = {
     "hidden_size": 128,
@@ -53,16 +60,22 @@ def generated_corpus(words: int = 300_000, seed: int = 0) -> list[str]:
     return lines
 
 
-def _train_tokenizer(vocab_size: int, seed: int) -> Any:
+def _train_tokenizer(vocab_size: int, seed: int, *, reranker: bool = False, words: int = 300_000) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    corpus = generated_corpus(words, seed=seed)
+    if reranker:  # Qwen3's chat/think tokens, and "yes"/"no" as the plain tokens the reranker scores
+        specials += ["<think>", "</think>"]
+        corpus += ["yes", "no", "yes no", "no yes"] * 500
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(generated_corpus(seed=seed), trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    if reranker:  # the real Qwen3-Reranker tokenizer adds nothing around a text
+        return tokenizer
     eot = tokenizer.token_to_id("<|endoftext|>")
     # As the real Qwen3-Embedding tokenizer: <|endoftext|> closes every text.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -127,3 +140,94 @@ def _write_st_files(out: Path) -> None:
                              "query\nQuery:", "document": ""},
         "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
+
+
+def build_random_qwen3_reranker(out_dir: str | Path, *, shape: dict[str, int] | None = None,
+                                vocab_size: int = 8192, max_position_embeddings: int = 32768, seed: int = 0,
+                                dtype: str = "float32", spread: float = 1.0, corpus_words: int = 100_000) -> Path:
+    """A random-weight Qwen3-Reranker look-alike: a Qwen3 causal LM (tied embeddings, as the 0.6B) whose
+    tokenizer has the chat tokens, <think>, and "yes"/"no" as single tokens; no sentence-transformers files.
+
+    Random weights give the same p(yes) for every document: `spread` scales the attention (so the last
+    position depends on the document) and the "yes"/"no" rows (so that dependence shows in the score).
+    """
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _train_tokenizer(vocab_size, seed, reranker=True, words=corpus_words)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        padding_side="left", model_max_length=max_position_embeddings)
+    tokenizer.save_pretrained(out)
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    assert tokenizer.unk_token_id not in (yes, no) and None not in (yes, no), "yes/no must be single tokens"
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), architectures=["Qwen3ForCausalLM"],
+        **{**TINY_QWEN3_SHAPE, **(shape or {})},  # type: ignore[arg-type]
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                         layer.self_attn.o_proj):
+                proj.weight.mul_(4.0 * spread)
+        model.model.embed_tokens.weight[[yes, no]] *= 3.0 * spread
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    return out
+
+
+def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, seed: int = 0,
+                               activation: str | None = None, hidden_size: int = 128,
+                               max_position_embeddings: int = 512, classifier_scale: float = 1.0) -> Path:
+    """A random-weight BERT cross-encoder (BertForSequenceClassification, one label) on the WordPiece
+    vocabulary in `vocab_dir` (all-MiniLM-L6-v2's). `activation` is written where sentence-transformers
+    reads it (config.json's sentence_transformers.activation_fn); None leaves its default (sigmoid).
+    """
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(vocab_dir) / name).is_file():
+            shutil.copy(Path(vocab_dir) / name, out / name)
+    vocab = sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=hidden_size * 2, max_position_embeddings=max_position_embeddings,
+                        architectures=["BertForSequenceClassification"])
+    config.num_labels = 1
+    if activation is not None:
+        config.sentence_transformers = {"activation_fn": activation}
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:  # sharper attention: the [CLS] state depends on the text
+            attention: Any = layer.attention
+            attention.self.query.weight.mul_(4.0)
+            attention.self.key.weight.mul_(4.0)
+        # The pooled [CLS] states of all texts share a large common part: take it out of the classifier and
+        # scale what is left, so that logits spread around 0 (scores differ by document) instead of all
+        # saturating at the same value.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        probes = tokenizer(["what is the capital of china", "gravity", "how do plants grow"] * 2,
+                           ["beijing is the capital", "an apple falls from the tree", "photosynthesis needs light",
+                            "the weather is nice today", "china has many cities", "leaves are green"],
+                           padding=True, return_tensors="pt")
+        pooled = model.eval().bert(**probes).pooler_output
+        weight, mean = model.classifier.weight[0], pooled.mean(0)
+        weight -= (weight @ mean) / (mean @ mean) * mean
+        weight *= classifier_scale / float((pooled @ weight).std())
+        model.classifier.bias.zero_()
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..config import EmbeddingConfig
 from ..engine.engine import EmbeddingEngine
+from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
 from .docs import DOCS_PATHS, install_docs
@@ -23,8 +24,10 @@ from .middleware import ErrorEnvelopeMiddleware
 from .observability import install_observability
 from .openapi import install_openapi
 from .ratelimit import RateLimiter, RateLimitMiddleware
-from .routes import RouteOptions, ServiceContext, build_router
+from .rerank_routes import build_rerank_router
+from .routes import RouteOptions, ServiceContext, build_router, read_json_body
 from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
+from .served import Served, ServedModels
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["create_app"]
@@ -75,26 +78,37 @@ def _install_guards(app: FastAPI, options: GuardOptions, *, open_paths: Sequence
 
 def create_app(
     settings: EmbeddingConfig,
-    engine: EmbeddingEngine,
+    engine: EmbeddingEngine | None,
     *,
+    reranker: RerankEngine | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """The HTTP application over an engine (built by service.py; tests pass a fake one). The app's lifespan
-    starts the engine in the background, and drains and stops it at shutdown.
+    """The HTTP application over the embedding engine and/or the reranker's (built by service.py; tests pass
+    fake ones). The app's lifespan starts the engines in the background, one after the other, and drains and
+    stops them at shutdown.
 
     Raises RuntimeError / ValueError for a setting it cannot honour (token_ids_tiktoken offline, a
     malformed API key file).
     """
+    engines = [e for e in (engine, reranker) if e is not None]
+    if not engines:
+        raise ValueError("a server serves at least one model")
+    served = ServedModels(
+        embed=Served(settings.public_model_name, engine, "embed") if engine is not None else None,
+        rerank=Served(settings.public_rerank_model_name or "reranker", reranker, "rerank") if reranker else None)
+    primary = engines[0]  # the embedding model, or the reranker served alone: what /health's top level shows
     decoder = TiktokenDecoder(settings.token_ids_tiktoken) if settings.token_ids_tiktoken else None
-    ctx = ServiceContext(engine, RouteOptions.from_config(settings), decoder)
+    ctx = ServiceContext(primary, RouteOptions.from_config(settings), decoder, served)
 
     async def load() -> None:
-        try:
-            await engine.start()
-        except Exception as exc:
-            log.error("model load failed: %s", exc)
-            if on_fatal is not None:
-                on_fatal(exc)
+        for each in engines:  # one after the other: loading is compute- and memory-bound
+            try:
+                await each.start()
+            except Exception as exc:
+                log.error("model load failed: %s", exc)
+                if on_fatal is not None:
+                    on_fatal(exc)
+                return
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -104,8 +118,9 @@ def create_app(
         finally:
             if not loader.done():
                 loader.cancel()
-            await engine.drain(settings.shutdown_timeout)
-            await engine.stop()
+            await asyncio.gather(*(each.drain(settings.shutdown_timeout) for each in engines))
+            for each in engines:
+                await each.stop()
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN: ours (api/docs.py) are served offline.
     app = FastAPI(title="Embedding Service", version=__version__, lifespan=lifespan,
@@ -113,13 +128,19 @@ def create_app(
     app.add_middleware(ErrorEnvelopeMiddleware)
     app.add_middleware(CancelOnDisconnect)
     _install_guards(app, GuardOptions.from_config(settings), open_paths=DOCS_PATHS if settings.api_docs else ())
-    app.add_middleware(CloseConnectionsWhile, condition=lambda: engine.state is EngineState.DRAINING)
+    app.add_middleware(CloseConnectionsWhile,
+                       condition=lambda: any(each.state is EngineState.DRAINING for each in engines))
     if on_fatal is not None:
-        engine.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
-    app.state.engine = engine
+        for each in engines:
+            each.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
+    app.state.engine = primary
+    app.state.engines = engines
     app.state.context = ctx
     app.include_router(build_router(ctx))
-    install_observability(app, engine)
+    app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
+    metrics = install_observability(app, primary)
+    if reranker is not None and reranker is not primary:
+        metrics.add_reranker(reranker)
     _install_error_handlers(app)
     install_openapi(app)
     if settings.api_docs:

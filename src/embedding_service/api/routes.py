@@ -25,9 +25,10 @@ from .protocol import (
 )
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .schemas import EmbeddingResponse, Health, ModelCard, ModelList, ServiceInfo
+from .served import ServedModels
 from .tiktoken_ids import TiktokenDecoder
 
-__all__ = ["RouteOptions", "ServiceContext", "build_router"]
+__all__ = ["RouteOptions", "ServiceContext", "build_router", "read_json_body"]
 
 _JSON = "application/json"
 _MS = r"^[0-9]+\.[0-9]{2}$"
@@ -55,12 +56,15 @@ class ServiceContext:
     """What the handlers need: the engine, the options, and the token-id decoder when configured."""
 
     def __init__(self, engine: EmbeddingEngine, options: RouteOptions,
-                 token_ids_decoder: TiktokenDecoder | None = None) -> None:
+                 token_ids_decoder: TiktokenDecoder | None = None, served: ServedModels | None = None) -> None:
         self.engine = engine
         self.options = options
         self.model_name = options.model_name
         self.created = int(time.time())
         self.token_ids_decoder = token_ids_decoder
+        self.served = served  # the models by name and task (an embedding model and/or a reranker)
+        if served is not None:
+            self.model_name = served.all[0].name  # the embedding model, or the reranker served alone
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -95,6 +99,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON POST, after the content-type and size checks."""
+    _check_content_type(request)
+    return await _read_body(request, limit)
+
+
+def _model_health(ctx: ServiceContext) -> list[dict[str, Any]] | None:
+    if ctx.served is None:
+        return None
+    out = []
+    for served in ctx.served.all:
+        info = served.engine.info
+        out.append({"model": served.name, "task": served.task, "status": served.engine.state.value,
+                    "engine": info.engine if info else None, "device": info.device if info else None,
+                    "dtype": info.dtype if info else None, "max_model_len": info.max_model_len if info else None})
+    return out
+
+
+def _worst_state(ctx: ServiceContext) -> EngineState:
+    """The service is healthy when every model is; else the first model's state that is not."""
+    engines = [s.engine for s in ctx.served.all] if ctx.served is not None else [ctx.engine]
+    return next((e.state for e in engines if e.state is not EngineState.HEALTHY), EngineState.HEALTHY)
+
+
 def build_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter()
 
@@ -119,7 +147,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     async def health() -> Response:
         engine, opts = ctx.engine, ctx.options
         info = engine.info
-        body = {
+        body: dict[str, Any] = {
             "status": engine.state.value,
             "model": ctx.model_name,
             "gpu_memory_utilization": opts.gpu_memory_utilization,
@@ -129,8 +157,12 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "dtype": info.dtype if info else None,
             "dimension": info.dimension if info else None,
         }
-        status = 200 if engine.state is EngineState.HEALTHY else 503
-        return _json(body, status)
+        models = _model_health(ctx)
+        if models is not None and len(models) > 1:
+            body["models"] = models
+        state = _worst_state(ctx)
+        body["status"] = state.value
+        return _json(body, 200 if state is EngineState.HEALTHY else 503)
 
     # HEAD too (load balancers and uptime checkers probe with it): the same answer, the server drops the body.
     router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
@@ -138,21 +170,26 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     @router.get("/v1/models", **operation_doc("Models served (OpenAI list shape)", response=ModelList,
                                               tags=["models"]))
     async def models() -> Response:
-        return _json({"object": "list", "data": [_model_card(ctx)]})
+        return _json({"object": "list", "data": _model_cards(ctx)})
 
     @router.get("/v1/models/{model_id:path}", **operation_doc("One served model", response=ModelCard,
                                                               errors=[ErrorKind.NOT_FOUND], tags=["models"]))
     async def model(model_id: str = Path(description="a model id", examples=[ctx.model_name])) -> Response:
-        if model_id != ctx.model_name:
+        cards = _model_cards(ctx)
+        card = next((c for c in cards if c["id"] == model_id), None)
+        if card is None:
+            names = "', '".join(c["id"] for c in cards)
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
-                               f"this server serves '{ctx.model_name}'", param="model",
-                               code="model_not_found")
-        return _json(_model_card(ctx))
+                               f"this server serves '{names}'", param="model", code="model_not_found")
+        return _json(card)
 
     async def embeddings(request: Request) -> Response:
         with ctx.engine.accepted() as info:  # accepted from here: a drain waits for the body to arrive
             _check_content_type(request)
             data = parse_json_body(await _read_body(request, ctx.options.max_body_bytes))
+            if ctx.served is not None:  # a reranker named (or served alone) cannot embed: 400 naming its task
+                named = data.get("model") if isinstance(data, dict) else None
+                ctx.served.for_embed(named if isinstance(named, str) else None)
             decoder = ctx.token_ids_decoder
             embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
             if decoder is not None:
@@ -180,5 +217,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     return router
 
 
-def _model_card(ctx: ServiceContext) -> dict[str, Any]:
-    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}
+def _model_cards(ctx: ServiceContext) -> list[dict[str, Any]]:
+    if ctx.served is None:
+        return [{"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}]
+    return [{"id": s.name, "object": "model", "created": ctx.created, "owned_by": "embedding-service",
+             "task": s.task} for s in ctx.served.all]

@@ -19,6 +19,7 @@ __all__ = [
     "ErrorResponse",
     "Health",
     "ModelCard",
+    "ModelHealth",
     "ModelList",
     "ServiceInfo",
     "Usage",
@@ -59,11 +60,22 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    task: Literal["embed", "rerank"] | None = Field(None, description="what the model serves")
 
 
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class ModelHealth(BaseModel):
+    model: str
+    task: Literal["embed", "rerank"]
+    status: EngineState
+    engine: str | None
+    device: str | None
+    dtype: str | None
+    max_model_len: int | None
 
 
 class Health(BaseModel):
@@ -82,6 +94,8 @@ class Health(BaseModel):
     engine: str | None
     dtype: str | None
     dimension: int | None
+    models: list[ModelHealth] | None = Field(
+        None, description="every model served (the embedding model and the reranker), each with its state")
 
 
 class ServiceInfo(BaseModel):

@@ -95,6 +95,8 @@ class BackendInfo:
     # How many batches may be in flight at once (vLLM schedules several itself; torch runs one).
     max_concurrent_batches: int = 1
     engine: str = "torch"
+    # "embed": rows are unit vectors; "rerank": one column, the score of a (query, document) pair.
+    task: str = "embed"
 
 
 @runtime_checkable

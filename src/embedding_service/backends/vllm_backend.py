@@ -59,7 +59,9 @@ class _Core(Protocol):
 
     def start(self, engine_args: dict[str, Any]) -> None: ...
 
-    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]: ...
+    def run(self, batch: Sequence[Sequence[int]], params: list[Any], task: str) -> list[np.ndarray]:
+        """The pooled output of each sequence of `batch`, each with its PoolingParams, for vLLM's `task`."""
+        ...
 
     def broken_by(self, exc: Exception) -> bool:
         """Whether `exc` (raised by run) left the engine unable to serve."""
@@ -99,13 +101,10 @@ class _InProcessCore:
     def running(self) -> bool:
         return self._llm is not None
 
-    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
-        from vllm import PoolingParams
-
+    def run(self, batch: Sequence[Sequence[int]], params: list[Any], task: str) -> list[np.ndarray]:
         assert self._thread is not None  # set together with self._llm
         prompts = [_token_input(ids) for ids in batch]
-        params = PoolingParams(task="embed", dimensions=dimensions)
-        outputs = self._thread.submit(self._llm.encode, prompts, use_tqdm=False, pooling_task="embed",
+        outputs = self._thread.submit(self._llm.encode, prompts, use_tqdm=False, pooling_task=task,
                                       pooling_params=params).result()
         return [_vector(output) for output in outputs]
 
@@ -158,25 +157,22 @@ class _SeparateCore:
     def running(self) -> bool:
         return self._engine is not None
 
-    def run(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
+    def run(self, batch: Sequence[Sequence[int]], params: list[Any], task: str) -> list[np.ndarray]:
         assert self._loop is not None  # set together with self._engine
-        return asyncio.run_coroutine_threadsafe(self._embed_batch(batch, dimensions), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self._run_batch(batch, params, task), self._loop).result()
 
-    async def _embed_batch(self, batch: Sequence[Sequence[int]], dimensions: int | None) -> list[np.ndarray]:
-        results = await asyncio.gather(*(self._embed_one(ids, dimensions) for ids in batch),
+    async def _run_batch(self, batch: Sequence[Sequence[int]], params: list[Any], task: str) -> list[np.ndarray]:
+        results = await asyncio.gather(*(self._run_one(ids, p, task) for ids, p in zip(batch, params, strict=True)),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return results  # type: ignore[return-value]
 
-    async def _embed_one(self, ids: Sequence[int], dimensions: int | None) -> np.ndarray:
-        from vllm import PoolingParams
-
-        params = PoolingParams(task="embed", dimensions=dimensions)
+    async def _run_one(self, ids: Sequence[int], params: Any, task: str) -> np.ndarray:
         params.verify(self._engine.model_config)  # fills defaults, rejects a bad `dimensions`
         final: Any = None
-        request_id = f"emb-{next(self._ids)}"
+        request_id = f"{task}-{next(self._ids)}"
         async for output in self._engine.encode(_token_input(ids), params, request_id=request_id):
             final = output
         return _vector(final)
@@ -221,8 +217,9 @@ class VllmBackend:
         self.device_type: str | None = None  # vLLM's platform, once load() has looked
 
     # --- loading -------------------------------------------------------------------------------------
-    def load(self) -> BackendInfo:
-        opts, facts = self._options, self._options.facts
+    def _platform(self) -> tuple[str, str]:
+        """(device, dtype) of this vLLM build; BackendLoadError when vLLM is missing or the device differs."""
+        opts = self._options
         for name, value in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:
@@ -230,41 +227,30 @@ class VllmBackend:
             from vllm.platforms import current_platform
         except ImportError as exc:
             raise BackendLoadError(f"--engine vllm needs vllm installed (see docs/vllm.md): {exc}") from exc
-        from .tokenization import HfTokenizer
-
         device = str(current_platform.device_type)
         self.device_type = device  # (a CUDA failure with device=auto falls back to the CPU: fallback.py)
         if opts.device not in ("auto", device):
             raise BackendLoadError(f"device '{opts.device}' was requested but this vLLM build "
                                    f"runs on '{device}' (install the matching vllm, or use --engine torch)")
+        return device, resolve_cpu_dtype(opts.dtype) if device == "cpu" else opts.dtype
+
+    def load(self) -> BackendInfo:
+        from .tokenization import HfTokenizer
+
+        opts, facts = self._options, self._options.facts
+        device, dtype = self._platform()
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
-        dtype = resolve_cpu_dtype(opts.dtype) if device == "cpu" else opts.dtype
         max_model_len = facts.length_limit(opts.max_model_len)
         try:
             self._tokenizer = HfTokenizer(self._model_dir)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
-        if opts.vllm_engine_core not in ("auto", "in-process", "separate"):
-            raise BackendLoadError(f"unknown vllm_engine_core '{opts.vllm_engine_core}'")
-        in_process = opts.vllm_engine_core == "in-process" or (opts.vllm_engine_core == "auto" and device == "cpu")
-        core: _Core = _InProcessCore() if in_process else _SeparateCore()
-        self._core = core
-        before = child_pids()
-        try:
-            core.start(self._engine_args(dtype, max_model_len))
-        except BaseException as exc:
-            self._children |= child_pids() - before
-            self.close()
-            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {first_line(exc)}") from exc
-        self._children |= child_pids() - before
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
-        try:  # one tiny request: a warm-up, and the real output width (a model may project its hidden size)
-            hidden = len(self.embed([probe])[0])
-        except Exception as exc:
-            self.close()
-            raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot embed: "
-                                   f"{first_line(exc)}") from exc
+        # One tiny request: a warm-up, and the real output width (a model may project its hidden size).
+        hidden = len(self._boot(self._engine_args(dtype, max_model_len), device, probe)[0])
+        core = self._core
+        assert core is not None  # set by _boot
         log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s, "
                  "engine core %s", opts.model_label, device, dtype, facts.pooling, opts.matryoshka, max_model_len,
                  opts.enforce_eager, core.where)
@@ -284,6 +270,40 @@ class VllmBackend:
             max_concurrent_batches=core.concurrent_batches,
             engine="vllm",
         )
+
+    def _boot(self, engine_args: dict[str, Any], device: str, probe: Sequence[int]) -> np.ndarray:
+        """Start vLLM's engine core as `vllm_engine_core` says and run `probe` through it (its output returned)."""
+        opts = self._options
+        if opts.vllm_engine_core not in ("auto", "in-process", "separate"):
+            raise BackendLoadError(f"unknown vllm_engine_core '{opts.vllm_engine_core}'")
+        in_process = opts.vllm_engine_core == "in-process" or (opts.vllm_engine_core == "auto" and device == "cpu")
+        core: _Core = _InProcessCore() if in_process else _SeparateCore()
+        self._core = core
+        before = child_pids()
+        try:
+            core.start(engine_args)
+        except BaseException as exc:
+            self._children |= child_pids() - before
+            self.close()
+            raise BackendLoadError(f"vLLM could not load {self._model_dir}: {first_line(exc)}") from exc
+        self._children |= child_pids() - before
+        try:
+            return self.embed([probe])
+        except Exception as exc:
+            self.close()
+            raise BackendLoadError(f"vLLM loaded {self._model_dir} but cannot run it: "
+                                   f"{first_line(exc)}") from exc
+
+    # Hooks a scoring backend overrides: the pooling task, one sequence's parameters, the batch's output.
+    _task: Any = "embed"  # vLLM's pooling task (a Literal there)
+
+    def _params(self, ids: Sequence[int], dimensions: int | None) -> Any:
+        from vllm import PoolingParams
+
+        return PoolingParams(task=self._task, dimensions=dimensions)
+
+    def _output(self, rows: list[np.ndarray]) -> np.ndarray:
+        return l2_normalize(np.stack(rows))
 
     def _engine_args(self, dtype: str, max_model_len: int) -> dict[str, Any]:
         from vllm.config import PoolerConfig
@@ -314,14 +334,14 @@ class VllmBackend:
         if self._dead is not None or core is None or not core.running:
             raise BackendDeadError(f"the vLLM engine is not running ({self._dead or 'not loaded'})")
         try:
-            rows = core.run(batch, dimensions)
+            rows = core.run(batch, [self._params(ids, dimensions) for ids in batch], self._task)
         except Exception as exc:
             if not core.broken_by(exc):
                 raise
             self._dead = exc
             log.error("the vLLM engine died: %s", first_line(exc))
             raise BackendDeadError(f"the vLLM engine died: {first_line(exc)}") from exc
-        return l2_normalize(np.stack(rows))
+        return self._output(rows)
 
     # --- shutdown ------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -251,29 +251,34 @@ class EmbeddingEngine:
             request.admit(total)
         log.info("Processing %d texts for embedding", count)
         started = time.perf_counter()
+        vectors, queued, compute = await self._submit(seqs, deadline)
+        elapsed = time.perf_counter() - started
+        log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
+        vectors = truncate_dimensions(vectors, request.dimensions)
+        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
+
+    async def _submit(self, seqs: Sequence[Sequence[int]], deadline: float | None = None
+                      ) -> tuple[np.ndarray, float, float]:
+        """Batch `seqs` with everyone else's: (rows, queue seconds, compute seconds), errors as ServiceError."""
         assert self._batcher is not None
         if self.state is EngineState.UNHEALTHY:  # died while this request was being tokenised
             self.check_ready()
         try:
-            vectors, queued, compute = await asyncio.wait_for(self._batcher.submit(seqs),
-                                                              max(0.001, deadline - time.monotonic()))
+            timeout = self.options.request_timeout_s if deadline is None else max(0.001, deadline - time.monotonic())
+            return await asyncio.wait_for(self._batcher.submit(seqs), timeout)
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None
         except ServiceError:
             raise
         except BackendDeadError:
-            raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine died while serving this request",
+            raise ServiceError(ErrorKind.UNHEALTHY, "the engine died while serving this request",
                                code="engine_unhealthy") from None
         except Exception as exc:  # the backend failed this request's batch; other batches go on
             name = type(exc).__name__
-            log.error("embedding request failed with its batch: %s: %s", name, exc)  # the log adds the request id
-            raise ServiceError(ErrorKind.INTERNAL, f"embedding failed ({name}); the error is in the server log",
+            log.error("request failed with its batch: %s: %s", name, exc)  # the log adds the request id
+            raise ServiceError(ErrorKind.INTERNAL, f"the model failed ({name}); the error is in the server log",
                                code="backend_error") from None
-        elapsed = time.perf_counter() - started
-        log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
-        vectors = truncate_dimensions(vectors, request.dimensions)
-        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
 
     # --- bulk jobs: their own deterministic batches, no queue ------------------------------------------
     def prepare(self, texts: list[str], *, instruction: str | None = None, prompt_name: str | None = None,

@@ -1,0 +1,111 @@
+"""The reranking engine: (query, document) pairs through the same lifecycle, limits and token-budget batcher
+as embeddings, over a scoring backend (one score per pair)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..backends.base import Backend, BackendInfo
+from ..backends.scoring import TokenPair
+from ..errors import ErrorKind, ServiceError
+from .engine import EmbeddingEngine, EngineOptions
+
+__all__ = ["PairBackend", "RerankEngine", "ScoreRequest", "ScoreResult"]
+
+log = logging.getLogger("embedding_service")
+
+
+class PairBackend(Backend, Protocol):
+    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
+                     instruction: str | None = None) -> list[TokenPair]: ...
+
+
+@dataclass
+class ScoreRequest:
+    """Pairs (queries[i], documents[i]); a rerank request repeats its one query."""
+
+    queries: list[str]
+    documents: list[str]
+    instruction: str | None = None
+    truncate: bool | None = None
+    param: str = "documents"  # the request field errors about a document name
+    admit: Callable[[int], None] | None = None  # token rate limit, called with the pairs' tokens
+
+
+@dataclass
+class ScoreResult:
+    scores: np.ndarray  # float32 (n,)
+    prompt_tokens: int
+    queue_time_s: float = 0.0
+    compute_time_s: float = 0.0
+
+
+class RerankEngine(EmbeddingEngine):
+    """An engine whose backend scores pairs. `embed()` is not for it: the API routes by `task`."""
+
+    def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int = 1000) -> None:
+        super().__init__(backend, options)
+        self.pair_backend = backend
+        self.max_documents = max_documents
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        info = self.check_ready()
+        self._active_requests += 1
+        try:
+            return await self._score_accepted(request, info)
+        finally:
+            self._active_requests -= 1
+
+    async def _score_accepted(self, request: ScoreRequest, info: BackendInfo) -> ScoreResult:
+        count = len(request.documents)
+        if count > self.max_documents:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"too many documents: {count}; at most "
+                               f"{self.max_documents} per request", param=request.param)
+        loop = asyncio.get_running_loop()
+        try:
+            pairs = await loop.run_in_executor(self._tokenize_pool, self.pair_backend.encode_pairs,
+                                               request.queries, request.documents, request.instruction)
+        except UnicodeError as exc:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
+                               param=request.param) from None
+        pairs = self._fit(pairs, info, request)
+        total = sum(len(p) for p in pairs)
+        if total > self.options.max_request_tokens:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"request has {total} tokens in all pairs; at most "
+                               f"{self.options.max_request_tokens} per request: split it", param=request.param)
+        if request.admit is not None:
+            request.admit(total)
+        started = time.perf_counter()
+        rows, queued, compute = await self._submit(pairs)
+        log.info("Scored %d pairs in %.3fs", count, time.perf_counter() - started)
+        return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), total, queued, compute)
+
+    def _fit(self, pairs: list[TokenPair], info: BackendInfo, request: ScoreRequest) -> list[TokenPair]:
+        """The length policy: refuse over-long pairs, or (truncate) cut the document and keep the query."""
+        limit = min(self.options.max_model_len, info.max_model_len)
+        cut = self.options.truncate if request.truncate is None else request.truncate
+        out = []
+        for index, pair in enumerate(pairs):
+            if len(pair) > limit:
+                where = f"{request.param}[{index}]"
+                if not cut:
+                    raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                       f"query + {where} is {len(pair)} tokens, more than this model's limit of "
+                                       f"{limit}; shorten it or send \"truncate\": true (cuts the document)",
+                                       param=request.param, code="context_length_exceeded")
+                shorter = pair.truncated(limit)
+                if shorter is None:
+                    raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                       f"the query (with instruction and template) is {pair.head + pair.tail} "
+                                       f"tokens, no room for {where} within this model's limit of {limit}",
+                                       param="query", code="context_length_exceeded")
+                pair = shorter
+            out.append(pair)
+        return out
