@@ -65,7 +65,8 @@ def test_killed_at_random_moments_then_rerun_gives_the_same_bytes(corpus: Path, 
     rng = random.Random(seed)
     for suffix in ("parquet", "jsonl"):
         output = tmp_path / f"out.{suffix}"
-        args = command(corpus, output, "--id-column", "id", "--fake-delay-ms", "50")
+        # 60 batches of 100 ms: a job longer than the longest wait below, so the first run is always killed.
+        args = command(corpus, output, "--id-column", "id", "--fake-delay-ms", "100")
         kills = 0
         for _attempt in range(25):
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

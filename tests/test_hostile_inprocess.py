@@ -141,7 +141,7 @@ async def test_a_storm_of_hang_ups_costs_the_event_loop_little() -> None:
     from embedding_service.engine.batcher import Batcher, BatchPolicy
 
     async def one_storm() -> float:
-        backend = FakeBackend(delay_s=0.5)
+        backend = FakeBackend(delay_s=2.0)  # the blocker outlasts the storm even on a loaded machine
         policy = BatchPolicy(max_batch_size=32, max_batch_tokens=100_000, batch_timeout_s=0.0, padded=False,
                              max_concurrent_batches=1, max_queue_requests=10_000, max_queue_tokens=10**9)
         batcher = Batcher(backend.embed, ThreadPoolExecutor(1), policy)
