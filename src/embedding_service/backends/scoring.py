@@ -25,6 +25,7 @@ __all__ = [
     "QWEN3_DEFAULT_INSTRUCTION",
     "QWEN3_PREFIX",
     "QWEN3_SUFFIX",
+    "PairMethods",
     "PairTokenizer",
     "RerankerFacts",
     "TokenPair",
@@ -222,6 +223,21 @@ class PairTokenizer:
         encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False,
                                  return_attention_mask=False, verbose=False)
         return [list(ids) for ids in encoded["input_ids"]]
+
+
+class PairMethods:
+    """The tokenising half of a scoring backend, shared by the torch and vLLM ones (set `pairs` in load)."""
+
+    pairs: PairTokenizer | None = None
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        assert self.pairs is not None, "load() first"
+        return self.pairs.texts(texts)
+
+    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
+                     instruction: str | None = None) -> list[TokenPair]:
+        assert self.pairs is not None, "load() first"
+        return self.pairs(queries, documents, instruction)
 
 
 def create_scoring_backend(engine: str, options: BackendOptions) -> Any:

@@ -14,7 +14,7 @@ from .device import resolve_cpu_dtype
 from .pooling import pool
 from .tokenization import HfTokenizer
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "torch_placement"]
 
 log = logging.getLogger("embedding_service")
 
@@ -37,15 +37,7 @@ class TorchBackend:
         from transformers import AutoModel
 
         opts, facts = self._options, self._options.facts
-        device = opts.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendLoadError("device 'cuda' was requested but torch sees no CUDA GPU (use --device cpu)")
-        dtype_name = resolve_cpu_dtype(opts.dtype) if device == "cpu" else opts.dtype
-        torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-        if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)  # the cores this process may use
+        device, dtype_name, torch_dtype = torch_placement(opts)
         try:
             tokenizer = HfTokenizer(self._model_dir)
             model = AutoModel.from_pretrained(self._model_dir, dtype=torch_dtype)
@@ -108,3 +100,21 @@ class TorchBackend:
         self._model = None
         self._tokenizer = None
 
+
+def torch_placement(options: BackendOptions) -> tuple[str, str, Any]:
+    """(device, dtype name, torch dtype) for `options` on this machine; sets torch's CPU threads.
+
+    BackendLoadError when CUDA is asked for and torch sees none.
+    """
+    import torch
+
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendLoadError("device 'cuda' was requested but torch sees no CUDA GPU (use --device cpu)")
+    dtype_name = resolve_cpu_dtype(options.dtype) if device == "cpu" else options.dtype
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)  # the cores this process may use
+    return device, dtype_name, torch_dtype

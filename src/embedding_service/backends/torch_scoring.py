@@ -8,28 +8,26 @@ returns the batch's scores as a (n, 1) float32 column.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .device import resolve_cpu_dtype
-from .scoring import PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts
+from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts
+from .torch_backend import torch_placement
 
 __all__ = ["TorchScoringBackend"]
 
 log = logging.getLogger("embedding_service")
 
 
-class TorchScoringBackend:
+class TorchScoringBackend(PairMethods):
     """A reranker run with plain PyTorch under inference_mode."""
 
     def __init__(self, options: BackendOptions) -> None:
+        self._options = options
         self._model_dir = options.model_dir
-        self._requested_device = options.device
-        self._requested_dtype = options.dtype
         self._max_model_len = options.max_model_len
         self._label = options.model_label
         self._model: Any = None
@@ -43,15 +41,7 @@ class TorchScoringBackend:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         facts = read_reranker_facts(self._model_dir)
-        device = self._requested_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendLoadError("device 'cuda' was requested but torch sees no CUDA GPU (use --device cpu)")
-        dtype_name = resolve_cpu_dtype(self._requested_dtype) if device == "cpu" else self._requested_dtype
-        torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-        if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)
+        device, dtype_name, torch_dtype = torch_placement(self._options)
         pairs = PairTokenizer(self._model_dir, facts)
         try:
             if facts.kind == "yes-no":
@@ -74,15 +64,6 @@ class TorchScoringBackend:
         return BackendInfo(model=self._label, device=device, dtype=dtype_name, dimension=1, max_model_len=limit,
                            vocab_size=pairs.vocab_size, padded=True, max_concurrent_batches=1, engine="torch",
                            task="rerank")
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs.texts(texts)
-
-    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
-                     instruction: str | None = None) -> list[TokenPair]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs(queries, documents, instruction)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Scores of a batch of TokenPairs, as a (n, 1) float32 column."""

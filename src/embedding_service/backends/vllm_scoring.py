@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendOptions
-from .scoring import PairTokenizer, RerankerFacts, TokenPair, read_reranker_facts
+from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, read_reranker_facts
 from .vllm_backend import VllmBackend
 
 __all__ = ["QWEN3_RERANKER_OVERRIDES", "VllmScoringBackend"]
@@ -31,7 +31,7 @@ QWEN3_RERANKER_OVERRIDES: dict[str, Any] = {
 }
 
 
-class VllmScoringBackend(VllmBackend):
+class VllmScoringBackend(PairMethods, VllmBackend):
     _task = "classify"
 
     def __init__(self, options: BackendOptions) -> None:
@@ -57,15 +57,6 @@ class VllmScoringBackend(VllmBackend):
         return BackendInfo(model=opts.model_label, device=device, dtype=dtype, dimension=1,
                            max_model_len=max_model_len, vocab_size=pairs.vocab_size, padded=False,
                            max_concurrent_batches=core.concurrent_batches, engine="vllm", task="rerank")
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs.texts(texts)
-
-    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
-                     instruction: str | None = None) -> list[TokenPair]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs(queries, documents, instruction)
 
     def _params(self, ids: Sequence[int], dimensions: int | None) -> Any:
         from vllm import PoolingParams
