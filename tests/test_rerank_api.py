@@ -200,6 +200,20 @@ async def test_over_long_pair_code_and_truncation(both: httpx.AsyncClient) -> No
     assert cut.json()["usage"]["prompt_tokens"] == 5 + 32  # "a" pair, and the long pair cut to the limit
 
 
+async def test_max_tokens_per_doc_cuts_each_document_as_cohere_does(both: httpx.AsyncClient) -> None:
+    docs = ["dog dog cat cat", "cat dog"]  # 4 and 2 tokens on the fake tokenizer
+    whole = (await both.post("/v1/rerank", json={"query": QUERY, "documents": docs})).json()
+    cut = await both.post("/v2/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 2})
+    assert cut.status_code == 200, cut.text
+    scores = {r["index"]: r["relevance_score"] for r in cut.json()["results"]}
+    assert scores == pytest.approx({0: 0.0, 1: 0.5})  # "dog dog" scored, not the whole first document
+    assert cut.json()["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] - 2
+    _error(await both.post("/v1/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 0}),
+           "max_tokens_per_doc")
+    _error(await both.post("/v1/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": "2"}),
+           "max_tokens_per_doc")
+
+
 async def test_too_many_documents_is_configurable() -> None:
     async for http in _client(max_documents=3):
         error = _error(await http.post("/v1/rerank", json={"query": "q", "documents": ["a"] * 4}), "documents")

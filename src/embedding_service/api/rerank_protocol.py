@@ -116,6 +116,7 @@ class RerankCall:
     return_documents: bool
     instruction: str | None
     truncate: bool | None
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass
@@ -193,16 +194,17 @@ def parse_rerank(data: Any) -> RerankCall:
                 raise _invalid(f"documents[{index}] is an object without 'text'", "documents")
             doc = doc["text"]
         texts.append(_text(doc, f"documents[{index}]"))
-    if data.get("max_tokens_per_doc") is not None:
-        raise _invalid("'max_tokens_per_doc' is not supported; send \"truncate\": true to cut documents "
-                       "to the model's limit", "max_tokens_per_doc")
+    max_tokens_per_doc = _optional(data, "max_tokens_per_doc", int)  # Cohere v2: cut each document, no error
+    if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
+        raise _invalid(f"max_tokens_per_doc must be at least 1, got {max_tokens_per_doc}", "max_tokens_per_doc")
     top_n = _optional(data, "top_n", int)
     if top_n is not None and not 1 <= top_n <= len(texts):
         raise _invalid(f"top_n must be between 1 and the number of documents ({len(texts)}), got {top_n}",
                        "top_n")
     return_documents = _optional(data, "return_documents", bool)
     model, instruction, truncate = _common(data)
-    return RerankCall(query, texts, model, top_n, bool(return_documents), instruction, truncate)
+    return RerankCall(query, texts, model, top_n, bool(return_documents), instruction, truncate,
+                      max_tokens_per_doc)
 
 
 def _texts(value: Any, name: str) -> list[str]:

@@ -64,7 +64,8 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         served, engine = models.for_rerank(call.model)
         result = await engine.score(ScoreRequest(
             queries=[call.query] * len(call.documents), documents=call.documents, instruction=call.instruction,
-            truncate=call.truncate, admit=request.scope.get(TOKEN_ADMISSION_KEY)))
+            truncate=call.truncate, max_tokens_per_doc=call.max_tokens_per_doc,
+            admit=request.scope.get(TOKEN_ADMISSION_KEY)))
         return Response(encode_rerank(call, result.scores, served.name, result.prompt_tokens), media_type=_JSON,
                         headers=_timing(result))
 

@@ -35,6 +35,7 @@ class ScoreRequest:
     documents: list[str]
     instruction: str | None = None
     truncate: bool | None = None
+    max_tokens_per_doc: int | None = None  # Cohere v2: each document cut to this many tokens first
     param: str = "documents"  # the request field errors about a document name
     admit: Callable[[int], None] | None = None  # token rate limit, called with the pairs' tokens
 
@@ -93,6 +94,8 @@ class RerankEngine(EmbeddingEngine):
         cut = self.options.truncate if request.truncate is None else request.truncate
         out = []
         for index, pair in enumerate(pairs):
+            if request.max_tokens_per_doc is not None:  # never None: the query's part is kept whole
+                pair = pair.truncated(pair.head + pair.tail + request.max_tokens_per_doc) or pair
             if len(pair) > limit:
                 where = f"{request.param}[{index}]"
                 if not cut:
