@@ -244,6 +244,16 @@ async def test_metrics_count_pairs(both: httpx.AsyncClient) -> None:
     assert "embedding_rerank_model_info{" in text and f'model="{RERANK}"' in text
 
 
+async def test_a_reranker_served_alone_reports_rerank_metrics_only() -> None:
+    async for http in _client(embed=False):
+        await http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+        text = (await http.get("/metrics")).text
+        assert "embedding_rerank_pairs_total 4.0" in text
+        assert 'embedding_rerank_engine_state{state="healthy"} 1.0' in text
+        assert "embedding_texts_total 0.0" in text  # nothing counted as embedded
+        assert "embedding_engine_state{" not in text and "embedding_model_info{" not in text
+
+
 async def test_request_id_is_echoed(both: httpx.AsyncClient) -> None:
     response = await both.post("/v1/rerank", json={"query": QUERY, "documents": DOCS},
                                headers={"X-Request-Id": "rr-1"})

@@ -85,12 +85,14 @@ class ServiceMetrics:
     """All metrics of one app. `observe_request` is the request middleware's observer; the engine's
     `on_batch` hook is chained (an existing hook keeps being called)."""
 
-    def __init__(self, engine: EmbeddingEngine) -> None:
+    def __init__(self, engine: EmbeddingEngine | None) -> None:
+        """`engine`: the embedding model's (None when a reranker is served alone: add_reranker)."""
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.registry.register(_EngineCollector(engine))
+        if engine is not None:
+            self.registry.register(_EngineCollector(engine))
         reg = self.registry
         self.requests = Counter("embedding_requests", "HTTP requests answered, by route, method and status",
                                 ["route", "method", "status"], registry=reg)
@@ -107,7 +109,8 @@ class ServiceMetrics:
         self.tokens = Counter("embedding_tokens", "Tokens embedded", registry=reg)
         # Bounded: routes are templates (or "unmatched"), methods and statuses are few.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._chain_batch_hook(engine)
+        if engine is not None:
+            self._chain_batch_hook(engine)
 
     def _chain_batch_hook(self, engine: EmbeddingEngine,
                           observe: Callable[[int, int, float], None] | None = None) -> None:

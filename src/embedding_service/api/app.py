@@ -138,8 +138,8 @@ def create_app(
     app.state.context = ctx
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
-    metrics = install_observability(app, primary)
-    if reranker is not None and reranker is not primary:
+    metrics = install_observability(app, engine)  # the reranker's metrics are embedding_rerank_*, even alone
+    if reranker is not None:
         metrics.add_reranker(reranker)
     _install_error_handlers(app)
     install_openapi(app)

@@ -13,7 +13,7 @@ from .request_context import RequestContextMiddleware
 __all__ = ["install_observability"]
 
 
-def install_observability(app: FastAPI, engine: EmbeddingEngine) -> ServiceMetrics:
+def install_observability(app: FastAPI, engine: EmbeddingEngine | None) -> ServiceMetrics:
     """Add request ids, timing headers and Prometheus metrics to `app`. Call after the other middleware,
     so that this one is outermost and also sees (and counts) the error middleware's 500s."""
     metrics = ServiceMetrics(engine)
