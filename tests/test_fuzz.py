@@ -46,8 +46,10 @@ FUZZ_KEY = "sk-fuzz-0123456789"
 
 
 def _fuzz_server(*extra: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess(["--engine", "fake", "--max-model-len", "64", "--max-body-bytes", str(MAX_BODY),
-                            "--batch-timeout-ms", "0", "--log-level", "WARNING", *extra], env=env)
+    # Both models served (the fake engine's embedder and reranker), so every operation has a positive path.
+    server = ServerProcess(["--engine", "fake", "--rerank-model", "fake-reranker", "--max-model-len", "64",
+                            "--max-body-bytes", str(MAX_BODY), "--batch-timeout-ms", "0", "--log-level", "WARNING",
+                            *extra], env=env)
     try:
         server.wait_healthy(60)
         yield server
@@ -87,7 +89,8 @@ def _run_schemathesis(server: ServerProcess, tmp_path: Path, *extra: str) -> dic
 
 
 _OPERATIONS = {"GET /", "GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}",
-               "POST /v1/embeddings", "POST /embeddings"}
+               "POST /v1/embeddings", "POST /embeddings", "POST /v1/rerank", "POST /rerank", "POST /v2/rerank",
+               "POST /v1/score"}
 
 
 @pytest.mark.slow

@@ -44,8 +44,10 @@ class RerankBody(BaseModel):
     query: str = Field(..., description="the search query")
     documents: list[str | RerankDocument] = Field(..., description="texts, or objects with a 'text' field")
     model: str | None = Field(None, description="selects the served model by name; other names use the reranker")
-    top_n: int | None = Field(None, description="return only the best top_n results (1..len(documents))")
-    return_documents: bool = Field(False, description="include each result's document text")
+    top_n: int | None = Field(None, ge=1, description="return only the best top_n results (1..len(documents))")
+    return_documents: bool | None = Field(None, description="include each result's document text (default false)")
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="Cohere v2: cut each document to this many "
+                                           "tokens before scoring")
     instruction: str | None = Field(None, description="Qwen3-Reranker task instruction (default: the card's)")
     truncate: bool | None = Field(None, description="cut over-long documents instead of failing")
 
