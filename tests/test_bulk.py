@@ -213,7 +213,7 @@ def test_summary_and_plain_progress_lines_when_not_a_terminal(tmp_path: Path,
     (tmp_path / "in.txt").write_text("\n".join(texts_of(40)) + "\n")
     assert main(["embed", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o.npy"), "--chunk-rows", "8",
                  "--log-every", "0.1", "--engine", "fake", "--fake-delay-ms", "60", "--max-batch-size", "4",
-                 "--log-level", "WARNING"]) == 0
+                 "--max-model-len", "32", "--max-batch-tokens", "32", "--log-level", "WARNING"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     progress = [line for line in err if "texts/s, elapsed" in line]
     assert progress and all("ETA" in line and "/40 rows" in line for line in progress)
@@ -232,6 +232,24 @@ def test_batches_are_sorted_by_length_and_within_budgets() -> None:
         assert len(batch) <= 3 and max(lengths[i] for i in batch) * len(batch) <= 100
     packed = plan_batches(lengths, max_batch_size=8, max_batch_tokens=100, padded=False)
     assert all(sum(lengths[i] for i in b) <= 100 for b in packed)
+
+
+async def test_bulk_batches_of_a_packed_engine_are_bounded_by_tokens_alone() -> None:
+    from embedding_service.bulk.local import batch_budget
+    from embedding_service.engine.engine import EmbeddingEngine
+
+    from .conftest import engine_options
+
+    packed = EmbeddingEngine(FakeBackend(), engine_options(max_batch_size=4, max_batch_tokens=1000))
+    padded = EmbeddingEngine(FakeBackend(padded=True), engine_options(max_batch_size=4, max_batch_tokens=1000))
+    for engine in (packed, padded):
+        await engine.start()
+    try:
+        assert batch_budget(packed) == (1000, 1000, False)  # vLLM-like: the scheduler takes what it is given
+        assert batch_budget(padded) == (4, 1000, True)  # torch: max_batch_size still bounds padding waste
+    finally:
+        for engine in (packed, padded):
+            await engine.stop()
 
 
 def test_chunks_of_a_line_file_start_where_the_plan_says(tmp_path: Path) -> None:

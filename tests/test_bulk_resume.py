@@ -18,9 +18,12 @@ ROWS = 240
 
 
 def command(source: Path, output: Path, *extra: str) -> list[str]:
-    # Small chunks and batches with a per-batch delay: a job of several seconds with many writes.
+    # Small chunks and batches with a per-batch delay: a job of several seconds with many writes. (The fake
+    # engine packs like vLLM, so bulk bounds its batches by tokens alone: 32, ~4 of these texts.)
     return [sys.executable, "-m", "embedding_service", "embed", str(source), "-o", str(output), "--chunk-rows", "16",
-            "--engine", "fake", "--max-batch-size", "4", "--log-level", "WARNING", *extra]
+            "--engine", "fake", "--max-batch-size", "4", "--max-model-len", "32", "--max-batch-tokens", "32",
+            "--log-level", "WARNING",
+            *extra]
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ class FakeBackend:
         matryoshka: bool = True,
         eos_token_id: int | None = 2,
         load_delay_s: float = 0.0,
+        padded: bool = False,  # the batch cost model it reports (False: packed, like vLLM)
     ) -> None:
         self.dimension = dimension
         self.max_model_len = max_model_len
@@ -72,6 +73,7 @@ class FakeBackend:
         self.matryoshka = matryoshka
         self.eos_token_id = eos_token_id
         self.load_delay_s = load_delay_s
+        self.padded = padded
         self.batches: list[int] = []  # sizes of the batches embedded, for tests of the batcher
         self.seen_lengths: list[list[int]] = []  # sequence lengths of each batch
         self._lock = threading.Lock()
@@ -88,7 +90,7 @@ class FakeBackend:
             vocab_size=self.vocab_size,
             special_suffix=(self.eos_token_id,) if self.eos_token_id is not None else (),
             matryoshka=self.matryoshka,
-            padded=False,
+            padded=self.padded,
             engine="fake",
         )
 
