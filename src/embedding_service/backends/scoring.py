@@ -67,6 +67,10 @@ class RerankerFacts:
     activation: str = "sigmoid"  # cross-encoder only: sigmoid, identity or tanh
     max_positions: int | None = None
 
+    def length_limit(self, configured: int) -> int:
+        """`configured` (max_model_len), lowered to the positions the model has."""
+        return min(configured, self.max_positions or configured)
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:

@@ -59,7 +59,7 @@ class TorchScoringBackend(PairMethods):
         else:
             self._model = model
         self._device, self.pairs, self.facts = torch.device(device), pairs, facts
-        limit = min(self._max_model_len, facts.max_positions or self._max_model_len)
+        limit = facts.length_limit(self._max_model_len)
         log.info("torch reranker: %s (%s) on %s (%s)", self._label, facts.kind, device, dtype_name)
         return BackendInfo(model=self._label, device=device, dtype=dtype_name, dimension=1, max_model_len=limit,
                            vocab_size=pairs.vocab_size, padded=True, max_concurrent_batches=1, engine="torch",

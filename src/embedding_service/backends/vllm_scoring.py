@@ -45,7 +45,7 @@ class VllmScoringBackend(PairMethods, VllmBackend):
         pairs = PairTokenizer(self._model_dir, facts)
         self.pairs, self.facts = pairs, facts
         opts = self._options
-        max_model_len = min(opts.max_model_len, facts.max_positions or opts.max_model_len)
+        max_model_len = facts.length_limit(opts.max_model_len)
         args = self._engine_args(dtype, max_model_len)
         args.pop("pooler_config")  # the classifier's own pooling (last token; BERT's pooler) and activation
         args["hf_overrides"] = dict(QWEN3_RERANKER_OVERRIDES) if facts.kind == "yes-no" else {}

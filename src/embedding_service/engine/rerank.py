@@ -51,7 +51,7 @@ class ScoreResult:
 class RerankEngine(EmbeddingEngine):
     """An engine whose backend scores pairs. `embed()` is not for it: the API routes by `task`."""
 
-    def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int = 1000) -> None:
+    def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int) -> None:
         super().__init__(backend, options)
         self.pair_backend = backend
         self.max_documents = max_documents
