@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import RunResult
+from bench.workloads import as_sent
 
 __all__ = ["run_engine_workload", "run_raw_workload"]
 
 
-async def run_engine_workload(engine: Any, requests: list[list[str]], concurrency: int, duration_s: float) -> RunResult:
-    """Closed loop like the HTTP client, but calling engine.embed directly."""
+async def run_engine_workload(engine: Any, requests: list[list[str]], concurrency: int, duration_s: float,
+                              instruction: str | None = None) -> RunResult:
+    """Closed loop like the HTTP client, but calling engine.embed directly (the instruction as a field)."""
     from embedding_service.engine.types import EmbedRequest
 
     result = RunResult()
@@ -34,7 +36,7 @@ async def run_engine_workload(engine: Any, requests: list[list[str]], concurrenc
             next_index += 1
             started = time.perf_counter()
             try:
-                out = await engine.embed(EmbedRequest(texts=texts))
+                out = await engine.embed(EmbedRequest(texts=texts, instruction=instruction))
             except Exception as exc:
                 result.errors += 1
                 result.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -108,9 +110,12 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
     try:
         for item in spec["workloads"]:
             work = item["workload"]
+            instruction = work.get("instruction")
             if "engine" in spec["modes"]:
-                await run_engine_workload(engine, item["warmup"], work["concurrency"], spec["duration_s"])
-                res = await run_engine_workload(engine, item["requests"], work["concurrency"], spec["duration_s"])
+                await run_engine_workload(engine, item["warmup"], work["concurrency"], spec["duration_s"],
+                                          instruction)
+                res = await run_engine_workload(engine, item["requests"], work["concurrency"], spec["duration_s"],
+                                                instruction)
                 rows.append(
                     {
                         "target": f"inproc-engine-{label}",
@@ -125,7 +130,8 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
                 )
             if "raw" in spec["modes"]:
                 # The engine is idle between awaits: calling its backend from here is safe.
-                res = run_raw_workload(engine.backend, item["requests"], spec["max_batch_size"], spec["duration_s"])
+                requests, _ = as_sent(item["requests"], instruction, server_formats=False)
+                res = run_raw_workload(engine.backend, requests, spec["max_batch_size"], spec["duration_s"])
                 rows.append({"target": f"inproc-raw-{label}", "workload": work["name"], **res.summary()})
                 print(f"  inproc-raw-{label} {work['name']}: {res.summary()['texts_per_s']} texts/s", flush=True)
     finally:

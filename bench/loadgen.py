@@ -64,10 +64,12 @@ class RunResult:
         }
 
 
-def _body(texts: list[str], model: str | None, encoding: str) -> bytes:
+def _body(texts: list[str], model: str | None, encoding: str, instruction: str | None = None) -> bytes:
     payload: dict[str, Any] = {"input": texts if len(texts) != 1 else texts[0], "encoding_format": encoding}
     if model:
         payload["model"] = model
+    if instruction is not None:  # our server's Qwen3 `instruction` field (peers get it formatted client-side)
+        payload["instruction"] = instruction
     return orjson.dumps(payload)
 
 
@@ -91,11 +93,12 @@ async def drive(
     duration_s: float,
     model: str | None = None,
     encoding: str = "float",
+    instruction: str | None = None,
     timeout_s: float = 300.0,
 ) -> RunResult:
     """Send `requests` in order with `concurrency` in flight until all are sent or `duration_s` passes."""
     result = RunResult()
-    bodies = [_body(texts, model, encoding) for texts in requests]  # encoded before the clock starts
+    bodies = [_body(texts, model, encoding, instruction) for texts in requests]  # encoded before the clock starts
     counts = [len(texts) for texts in requests]
     next_index = 0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.loadgen import drive, wait_ready
 from bench.peers import PEERS, SERVED_NAME, Server
-from bench.workloads import TextMaker, Workload
+from bench.workloads import TextMaker, Workload, as_sent
 
 __all__ = ["inprocess", "max_len", "measure_url", "run_servers", "text_maker"]
 
@@ -70,18 +70,22 @@ async def measure_url(
     duration: float,
     server: Server | None,
     tag: dict[str, Any],
+    server_formats: bool = False,
 ) -> list[dict[str, Any]]:
+    """`server_formats`: the server takes Qwen3's `instruction` field (ours); else queries go formatted."""
     rows = []
     for work in works:
+        warmup, instruction = as_sent(_warmup(maker, work), work.instruction, server_formats)
         await drive(
             url,
-            _warmup(maker, work),
+            warmup,
             concurrency=work.concurrency,
             duration_s=duration,
             model=model,
             encoding=work.encoding,
+            instruction=instruction,
         )
-        requests = _requests(maker, work)
+        requests, instruction = as_sent(_requests(maker, work), work.instruction, server_formats)
         cpu0 = server.cpu_seconds() if server else None
         res = await drive(
             url,
@@ -90,6 +94,7 @@ async def measure_url(
             duration_s=duration,
             model=model,
             encoding=work.encoding,
+            instruction=instruction,
         )
         cpu1 = server.cpu_seconds() if server else None
         if cpu0 is not None and cpu1 is not None:
@@ -193,7 +198,8 @@ def run_servers(
             load_s = time.perf_counter() - server.started_at
             print(f"  {name} ready in {load_s:.0f}s on port {server.port}", flush=True)
             tag = {"model": model["name"], "target": name, "load_s": round(load_s, 1)}
-            rows += asyncio.run(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag))
+            rows += asyncio.run(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag,
+                                            server_formats=PEERS[name].kind == "ours"))
         except Exception as exc:
             reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"
             last = server.log_tail(1).strip()

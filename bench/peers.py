@@ -35,7 +35,7 @@ class Peer:
     kind: str  # "ours", "vllm", "infinity"
     engine: str = ""  # ours only
     ready_timeout_s: float = 240.0
-    flags: tuple[str, ...] = ()  # ours only: extra serve flags
+    flags: tuple[str, ...] = ()  # extra server flags
 
 
 PEERS: dict[str, Peer] = {
@@ -45,7 +45,10 @@ PEERS: dict[str, Peer] = {
     # The first start of each exports the model (once, into the openvino cache): ready timeout covers it.
     "ours-openvino": Peer("ours-openvino", "ours", "openvino", 300),
     "ours-openvino-int8": Peer("ours-openvino-int8", "ours", "openvino", 300, flags=("--quantize", "int8")),
+    # Prefix caching: off for `vllm serve` unless named (distinct texts gain nothing); ours keeps vLLM's default.
+    "ours-vllm-nopc": Peer("ours-vllm-nopc", "ours", "vllm", 600, flags=("--no-prefix-caching",)),
     "vllm-serve": Peer("vllm-serve", "vllm", ready_timeout_s=600),
+    "vllm-serve-pc": Peer("vllm-serve-pc", "vllm", ready_timeout_s=600, flags=("--enable-prefix-caching",)),
     "infinity": Peer("infinity", "infinity", ready_timeout_s=600),
 }
 
@@ -127,13 +130,13 @@ class Server:
                 port,
                 "--served-model-name",
                 SERVED_NAME,
-                "--no-enable-prefix-caching",
                 "--max-model-len",
                 str(self.max_model_len),
                 "--uvicorn-log-level",
                 "warning",
                 "--disable-uvicorn-access-log",
             ]
+            cmd += list(peer.flags) if peer.flags else ["--no-enable-prefix-caching"]
         else:
             cmd = [
                 f"{self.infinity_venv}/bin/infinity_emb",

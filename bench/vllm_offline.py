@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import RunResult
+from bench.workloads import as_sent
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> int:
         load_s = time.perf_counter() - started
         for item in spec["workloads"]:
             work = item["workload"]
-            texts = [t for request in item["requests"] for t in request]
+            requests, _ = as_sent(item["requests"], work.get("instruction"), server_formats=False)
+            texts = [t for request in requests for t in request]
             llm.embed([t for request in item["warmup"] for t in request], use_tqdm=False)
             chunk = spec.get("chunk", 256)
             result = RunResult()

@@ -7,7 +7,27 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["WORKLOADS", "TextMaker", "Workload", "select_workloads"]
+__all__ = ["QWEN3_QUERY_INSTRUCTION", "WORKLOADS", "TextMaker", "Workload", "as_sent", "card_query",
+           "select_workloads"]
+
+# Qwen3-Embedding's model card: the instruction of its web-search example, and how a query is formatted with it.
+QWEN3_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def card_query(instruction: str, text: str) -> str:
+    """A query as the model card's `get_detailed_instruct` formats it client-side (for peers without
+    an `instruction` field; our server formats the same string itself)."""
+    return f"Instruct: {instruction}\nQuery:{text}"
+
+
+def as_sent(requests: list[list[str]], instruction: str | None, server_formats: bool
+            ) -> tuple[list[list[str]], str | None]:
+    """(texts, `instruction` field) as a client sends them: our server takes the instruction as a field and
+    formats it itself; to any other server the client sends the formatted query (the model card's way)."""
+    if instruction is None or server_formats:
+        return requests, instruction
+    return [[card_query(instruction, text) for text in request] for request in requests], None
+
 
 # Everyday English words, so that both WordPiece (MiniLM) and byte-level BPE give realistic token counts.
 _WORDS = """
@@ -41,6 +61,7 @@ class Workload:
     concurrency: int
     encoding: str = "float"
     mixed_batch: bool = False  # per-request count varies 1..per_request
+    instruction: str | None = None  # one instruction shared by every (distinct) text: query traffic
 
     def describe(self) -> dict[str, object]:
         return asdict(self)
@@ -55,6 +76,8 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("batch32-b64", "short", 32, 2, encoding="base64"),
     Workload("long-b8", "long", 8, 2),
     Workload("mixed-c16", "mixed", 8, 16, mixed_batch=True),
+    # Distinct short queries behind one shared instruction: what a prefix cache could reuse.
+    Workload("query-c16", "short", 1, 16, instruction=QWEN3_QUERY_INSTRUCTION),
 )
 
 

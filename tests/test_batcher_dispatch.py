@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -58,3 +59,64 @@ async def test_requests_arriving_while_busy_go_out_together() -> None:
         assert [r[0].shape for r in results] == [(1, 4)] * 6
         assert embed.sizes == [1, 5]
         await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_an_idle_backend_waits_for_requests_still_being_tokenised() -> None:
+    """Clients answered by one batch come back together: the first back must not go out alone."""
+    embed = GatedEmbed()
+    embed.gate.set()
+    incoming = [3]
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(600.0), incoming=lambda: incoming[0])
+        batcher.start()
+        jobs = []
+        for i in range(3):
+            incoming[0] -= 1  # tokenised: submitted next, as the engine does, without yielding in between
+            jobs.append(asyncio.ensure_future(batcher.submit([[i, 1]])))
+            await asyncio.sleep(0.02)  # the next one is still being tokenised
+        await asyncio.wait_for(asyncio.gather(*jobs), 30)
+        assert embed.sizes == [3]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_waiting_for_incoming_work_is_bounded_and_ends_when_it_is_refused() -> None:
+    embed = GatedEmbed()
+    embed.gate.set()
+    incoming = [1]  # never submitted: stuck, or refused
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(0.05), incoming=lambda: incoming[0])
+        batcher.start()
+        started = time.perf_counter()
+        await asyncio.wait_for(batcher.submit([[1]]), 30)  # goes out after batch_timeout at most
+        assert time.perf_counter() - started < 5 and embed.sizes == [1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(600.0), incoming=lambda: incoming[0])
+        batcher.start()
+        job = asyncio.ensure_future(batcher.submit([[2]]))
+        await asyncio.sleep(0.05)
+        assert not job.done()  # waiting for the incoming one
+        incoming[0] = 0
+        batcher.wake()  # the engine refused it
+        await asyncio.wait_for(job, 30)
+        assert embed.sizes == [1, 1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_concurrent_requests_to_an_idle_engine_share_one_batch() -> None:
+    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+    from embedding_service.engine.types import EmbedRequest
+
+    from .conftest import make_settings
+
+    settings = make_settings(engine="fake")
+    engine = EmbeddingEngine(FakeBackend(), EngineOptions.from_config(settings))
+    await engine.start()
+    sizes: list[int] = []
+    engine.on_batch = lambda size, _tokens, _seconds: sizes.append(size)
+    try:
+        await asyncio.gather(*(engine.embed(EmbedRequest(texts=[f"text {i}"])) for i in range(16)))
+        assert sizes == [16]
+    finally:
+        await engine.stop()

@@ -14,7 +14,7 @@ pytest.importorskip("aiohttp", reason="bench/'s load generator needs aiohttp (th
 from bench.flops import cpu_peak, model_flops_per_token
 from bench.loadgen import RunResult, percentile
 from bench.report import markdown
-from bench.workloads import WORKLOADS, TextMaker, select_workloads
+from bench.workloads import QWEN3_QUERY_INSTRUCTION, WORKLOADS, TextMaker, as_sent, select_workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,23 @@ def test_request_shapes_follow_the_workload() -> None:
     assert {len(r) for r in mixed} <= set(range(1, 9)) and len({len(r) for r in mixed}) > 3
     with pytest.raises(SystemExit):
         select_workloads(["no-such-workload"])
+
+
+def test_query_workload_sends_its_instruction_as_each_server_takes_it() -> None:
+    """Our server gets the `instruction` field; any other server the query formatted as our server would."""
+    from bench.loadgen import _body
+    from embedding_service.engine.prompts import format_instruction
+
+    work = select_workloads(["query-c16"])[0]
+    requests = TextMaker().requests(work, 3)
+    to_ours, field = as_sent(requests, work.instruction, server_formats=True)
+    assert to_ours == requests and field == QWEN3_QUERY_INSTRUCTION
+    assert json.loads(_body(to_ours[0], "m", "float", field))["instruction"] == QWEN3_QUERY_INSTRUCTION
+    to_peers, field = as_sent(requests, work.instruction, server_formats=False)
+    assert field is None and "instruction" not in json.loads(_body(to_peers[0], "m", "float", field))
+    assert [r[0] for r in to_peers] == [format_instruction(QWEN3_QUERY_INSTRUCTION, r[0]) for r in requests]
+    plain = select_workloads(["short-c16"])[0]
+    assert as_sent(requests, plain.instruction, server_formats=False) == (requests, None)
 
 
 def test_qwen3_flops_per_token_match_the_model_card(tmp_path: Path) -> None:

@@ -121,6 +121,27 @@ def test_vectors_equal_the_torch_backend(vllm_backend, torch_backend, case: str,
     assert cosines.min() >= 0.9999, cosines
 
 
+def test_a_cached_prompt_prefix_gives_the_vectors_of_a_whole_computation(vllm_backend, torch_backend) -> None:
+    """Prefix caching is on (vLLM's default for Qwen3): a shared instruction long enough to fill several KV
+    blocks (CPU blocks hold 128 tokens), computed by the first batch, is reused by the next ones; their
+    vectors still equal the torch backend's, which computes every prompt whole."""
+    instruction = " ".join(_texts(1, 400, seed=77))
+    for texts in (_texts(4, 12, seed=78), _texts(4, 12, seed=79), _texts(4, 12, seed=79)):
+        ids = torch_backend[0].tokenize([format_instruction(instruction, text) for text in texts])
+        assert min(len(seq) for seq in ids) > 3 * 128
+        got, expected = vllm_backend[0].embed(ids), torch_backend[0].embed(ids)
+        assert _cosines(got, expected).min() >= 0.9999
+        assert _cosines(got[:1], got[1:]).max() < 0.9999  # the queries still tell the vectors apart
+
+
+def test_prefix_caching_off_reaches_vllm(tiny_qwen_dir: Path) -> None:
+    from embedding_service.backends.vllm_backend import VllmBackend
+
+    for setting, sent in ((True, None), (False, False)):  # None: vLLM's own rule (on where it is supported)
+        backend = VllmBackend(backend_options(tiny_qwen_dir, dtype="float32", prefix_caching=setting))
+        assert backend._engine_args("float32", 256)["enable_prefix_caching"] is sent
+
+
 def test_batching_does_not_change_a_vector(vllm_backend) -> None:
     backend = vllm_backend[0]
     ids = backend.tokenize(_texts(5, 30, seed=3))

@@ -65,10 +65,7 @@ def _add_embed_command(commands: Any, config_cls: type[EmbeddingConfig] = Embedd
 def run_embed(args: argparse.Namespace, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
     from .bulk.command import run_embed as run
 
-    # In-process bulk runs torch like `serve` does: passive OpenMP (tokenising and I/O threads share the CPUs).
-    from .service import passive_openmp_for
-
-    return run(args, lambda overrides: load_settings(overrides, config_cls), tune=passive_openmp_for)
+    return run(args, lambda overrides: load_settings(overrides, config_cls))
 
 
 def _describe(error: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> str:

@@ -68,6 +68,10 @@ class EmbeddingConfig(BaseSettings):
     vllm_engine_core: Literal["auto", "in-process", "separate"] = Field(
         "auto", description="vLLM: engine core in this process (fastest on CPU) or its own (GPU); auto: by device"
     )
+    prefix_caching: bool = Field(
+        True, description="vLLM: reuse the computed prefix of a prompt seen before (a shared instruction), where "
+        "vLLM supports it for the model (causal, last-token pooling); false computes every prompt whole"
+    )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: int8 weights and activations on the openvino engine (faster, not exact; "
         "see docs/openvino.md); none keeps exact vectors"

@@ -50,6 +50,7 @@ class BackendOptions:
     tensor_parallel_size: int
     enforce_eager: bool
     vllm_engine_core: str  # auto, in-process or separate
+    prefix_caching: bool  # vLLM: its default (on where the model supports it), or off
     quantize: str  # openvino: none or int8
     openvino_cache_dir: str | None  # openvino: folder of exported models (None: its default)
 
@@ -67,6 +68,7 @@ class BackendOptions:
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,
             vllm_engine_core=settings.vllm_engine_core,
+            prefix_caching=settings.prefix_caching,
             quantize=settings.quantize,
             openvino_cache_dir=settings.openvino_cache_dir,
         )

@@ -322,6 +322,9 @@ class VllmBackend:
             hf_overrides={"is_matryoshka": True} if opts.matryoshka else {},
             pooler_config=_pooler_config(PoolerConfig, _POOLING[opts.facts.pooling]),
             disable_log_stats=True,
+            # None: vLLM's own rule (on for causal models with last-token pooling, where a cached prefix gives
+            # the same values); False: off. Forcing it on elsewhere is what vLLM warns may be wrong.
+            enable_prefix_caching=None if opts.prefix_caching else False,
         )
 
     # --- serving -------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ log = logging.getLogger("embedding_service")
 # bulk takes them from the same flags and EMBEDDING_* variables, so it embeds exactly as the server would.
 ENGINE_FIELDS = ("model_name", "model_path", "demo", "served_model_name", "engine", "device", "dtype",
                  "max_model_len", "max_batch_size", "max_batch_tokens", "truncate", "matryoshka_models",
-                 "enforce_eager", "vllm_engine_core", "quantize", "openvino_cache_dir", "gpu_memory_utilization",
-                 "tensor_parallel_size",
+                 "enforce_eager", "vllm_engine_core", "prefix_caching", "quantize", "openvino_cache_dir",
+                 "gpu_memory_utilization", "tensor_parallel_size",
                  "log_level", "fake_delay_ms", "fake_fail_batches", "fake_die_after")
 
 
@@ -112,9 +112,7 @@ def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--model names the model in requests to --url servers; for the model here use --model-name")
 
 
-def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]], Any],
-              tune: Callable[[Any], None] | None = None) -> int:
-    """`tune(engine_kind)` runs before the model's libraries are imported (serve's thread settings)."""
+def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]], Any]) -> int:
     from ..backends.base import BackendLoadError
     from ..errors import ServiceError
 
@@ -149,9 +147,9 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
                                         batch_size=args.batch_size, concurrency=args.concurrency,
                                         retries=args.retries, timeout_s=args.timeout)
             else:
+                # torch keeps OpenMP's default wait policy here (serve makes it passive): with no server threads
+                # to share the cores with, passive threads made 20,000 short texts 5-13% slower (bench/RESULTS.md).
                 embedder = LocalEmbedder(settings, options)
-                if tune is not None:
-                    tune(embedder.plan.engine)
             summary = asyncio.run(run_job(job, embedder))
     except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
             RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line

@@ -71,8 +71,11 @@ class Batcher:
         policy: BatchPolicy,
         *,
         on_batch: Callable[[int, int, float], None] | None = None,
+        incoming: Callable[[], int] | None = None,
     ) -> None:
+        """`incoming()`: requests already accepted and about to be submitted (being tokenised)."""
         self._embed = embed
+        self._incoming = incoming or (lambda: 0)
         self._executor = executor
         self._max_size = policy.max_batch_size
         self._max_tokens = policy.max_batch_tokens
@@ -146,6 +149,10 @@ class Batcher:
         """Return when no job is queued or running (used by graceful drain)."""
         while self._jobs or self._inflight:
             await asyncio.sleep(0.01)
+
+    def wake(self) -> None:
+        """An incoming request will not be submitted after all (it was refused): stop waiting for it."""
+        self._arrived.set()
 
     def fail_all(self, error: BaseException) -> None:
         for job in list(self._jobs):
@@ -229,7 +236,7 @@ class Batcher:
     async def _wait_to_fill(self) -> None:
         """Wait up to batch_timeout for the batch to fill; return early once it is full."""
         deadline = time.perf_counter() + self._timeout
-        while self._pending_count() < self._max_size:
+        while self._pending_count() < self._max_size and (self._running > 0 or self._incoming() > 0):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -246,10 +253,11 @@ class Batcher:
                 while not self._items:
                     self._arrived.clear()
                     await self._arrived.wait()
-                # Wait to fill a batch only while other batches are running: an idle backend gains
-                # nothing from waiting (the wait is pure latency), and while it is busy new work
-                # queues up on its own and goes out together once a slot frees.
-                if self._timeout > 0 and self._running > 0:
+                # Wait to fill a batch while other batches run (new work queues up meanwhile and goes out
+                # together once a slot frees), or while accepted requests are still being tokenised: they
+                # are moments away (clients answered by one batch come back together; sending the first
+                # alone split every batch in two). An idle backend with nothing on its way starts at once.
+                if self._timeout > 0 and (self._running > 0 or self._incoming() > 0):
                     await self._wait_to_fill()
                 batch = self._take_batch()
                 if not batch:

@@ -74,6 +74,7 @@ class EmbeddingEngine:
         # Called (on the event loop) once when the backend dies: the server exits for its supervisor.
         self.on_dead: Callable[[BaseException], None] | None = None
         self._active_requests = 0  # inside embed(): accepted, not yet answered
+        self._preparing = 0  # requests being tokenised and checked, not yet submitted to the batcher
         self._drain_deadline: float | None = None
         self.batches_running = 0  # inside backend.embed, on the compute threads
         self._running_lock = threading.Lock()
@@ -96,7 +97,8 @@ class EmbeddingEngine:
         self.info = info
         self._replace_compute_pool(info.max_concurrent_batches)
         self.batch_policy = self._batch_policy(info)
-        self._batcher = Batcher(self._embed_batch, self._compute, self.batch_policy, on_batch=self._batch_done)
+        self._batcher = Batcher(self._embed_batch, self._compute, self.batch_policy, on_batch=self._batch_done,
+                                incoming=lambda: self._preparing)
         self._batcher.start()
         if self.state is EngineState.LOADING:  # (a drain that began during the load stays a drain)
             self.state = EngineState.HEALTHY
@@ -208,13 +210,34 @@ class EmbeddingEngine:
 
     async def embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
         """`embed` for a request already inside `accepted()`."""
+        deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
+        self._preparing += 1  # the batcher waits for it rather than send an earlier request alone
+        try:
+            seqs, total = await self._prepare_request(request, info, deadline)
+        except BaseException:
+            self._preparing -= 1
+            if self._batcher is not None:
+                self._batcher.wake()
+            raise
+        self._preparing -= 1  # and _submit queues it without yielding in between
+        count = request.count
+        log.info("Processing %d texts for embedding", count)
+        started = time.perf_counter()
+        vectors, queued, compute = await self._submit(seqs, deadline)
+        elapsed = time.perf_counter() - started
+        log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
+        vectors = truncate_dimensions(vectors, request.dimensions)
+        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
+
+    async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float
+                               ) -> tuple[list[list[int]], int]:
+        """Prompt, tokenise, check the limits and admit (rate limits): the ids and their token count."""
         self._check_dimensions(request.dimensions, info)
         count = request.count
         if count > self.options.max_inputs_per_request:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"too many inputs: {count}; at most {self.options.max_inputs_per_request} "
                                "per request", param="input")
-        deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
         if request.texts is not None:
             texts = apply_prompt(request.texts, instruction=request.instruction, prompt_name=request.prompt_name,
                                  prompts=info.prompts, default_prompt_name=info.default_prompt_name)
@@ -249,13 +272,7 @@ class EmbeddingEngine:
                                "per request: split it", param="input")
         if request.admit is not None:
             request.admit(total)
-        log.info("Processing %d texts for embedding", count)
-        started = time.perf_counter()
-        vectors, queued, compute = await self._submit(seqs, deadline)
-        elapsed = time.perf_counter() - started
-        log.info("Generated %d embeddings in %.3fs (%.1f texts/s)", count, elapsed, count / max(elapsed, 1e-9))
-        vectors = truncate_dimensions(vectors, request.dimensions)
-        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
+        return seqs, total
 
     async def _submit(self, seqs: Sequence[Sequence[int]], deadline: float | None = None
                       ) -> tuple[np.ndarray, float, float]:
@@ -265,7 +282,8 @@ class EmbeddingEngine:
             self.check_ready()
         try:
             timeout = self.options.request_timeout_s if deadline is None else max(0.001, deadline - time.monotonic())
-            return await asyncio.wait_for(self._batcher.submit(seqs), timeout)
+            async with asyncio.timeout(timeout):  # (in this task: submit queues before anything else runs)
+                return await self._batcher.submit(seqs)
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None
