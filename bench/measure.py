@@ -75,27 +75,15 @@ async def measure_url(
     """`server_formats`: the server takes Qwen3's `instruction` field (ours); else queries go formatted."""
     rows = []
     for work in works:
-        warmup, instruction = as_sent(_warmup(maker, work), work.instruction, server_formats)
-        await drive(
-            url,
-            warmup,
-            concurrency=work.concurrency,
-            duration_s=duration,
-            model=model,
-            encoding=work.encoding,
-            instruction=instruction,
-        )
-        requests, instruction = as_sent(_requests(maker, work), work.instruction, server_formats)
+
+        async def send(requests: list[list[str]], work: Workload = work) -> Any:
+            texts, instruction = as_sent(requests, work.instruction, server_formats)
+            return await drive(url, texts, concurrency=work.concurrency, duration_s=duration, model=model,
+                               encoding=work.encoding, instruction=instruction)
+
+        await send(_warmup(maker, work))
         cpu0 = server.cpu_seconds() if server else None
-        res = await drive(
-            url,
-            requests,
-            concurrency=work.concurrency,
-            duration_s=duration,
-            model=model,
-            encoding=work.encoding,
-            instruction=instruction,
-        )
+        res = await send(_requests(maker, work))
         cpu1 = server.cpu_seconds() if server else None
         if cpu0 is not None and cpu1 is not None:
             res.server_cpu_s = cpu1 - cpu0
