@@ -136,7 +136,9 @@ class Server:
                 "warning",
                 "--disable-uvicorn-access-log",
             ]
-            cmd += list(peer.flags) if peer.flags else ["--no-enable-prefix-caching"]
+            if "--enable-prefix-caching" not in peer.flags:
+                cmd.append("--no-enable-prefix-caching")
+            cmd += list(peer.flags)
         else:
             cmd = [
                 f"{self.infinity_venv}/bin/infinity_emb",

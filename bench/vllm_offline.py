@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
             work = item["workload"]
             requests, _ = as_sent(item["requests"], work.get("instruction"), server_formats=False)
             texts = [t for request in requests for t in request]
-            llm.embed([t for request in item["warmup"] for t in request], use_tqdm=False)
+            warmup, _ = as_sent(item["warmup"], work.get("instruction"), server_formats=False)
+            llm.embed([t for request in warmup for t in request], use_tqdm=False)
             chunk = spec.get("chunk", 256)
             result = RunResult()
             deadline = time.perf_counter() + spec["duration_s"]

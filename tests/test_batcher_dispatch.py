@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from embedding_service.engine.batcher import Batcher, BatchPolicy
 
@@ -103,20 +104,28 @@ async def test_waiting_for_incoming_work_is_bounded_and_ends_when_it_is_refused(
         await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
 
 
-async def test_concurrent_requests_to_an_idle_engine_share_one_batch() -> None:
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+async def test_concurrent_requests_to_an_idle_engine_share_one_batch(task: str) -> None:
     from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake_scoring import FakeScoringBackend
     from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
+    from embedding_service.engine.rerank import RerankEngine, ScoreRequest
     from embedding_service.engine.types import EmbedRequest
 
     from .conftest import make_settings
 
-    settings = make_settings(engine="fake")
-    engine = EmbeddingEngine(FakeBackend(), EngineOptions.from_config(settings))
+    options = EngineOptions.from_config(make_settings(engine="fake"))
+    engine = (EmbeddingEngine(FakeBackend(), options) if task == "embed"
+              else RerankEngine(FakeScoringBackend(), options, max_documents=100))
     await engine.start()
     sizes: list[int] = []
     engine.on_batch = lambda size, _tokens, _seconds: sizes.append(size)
     try:
-        await asyncio.gather(*(engine.embed(EmbedRequest(texts=[f"text {i}"])) for i in range(16)))
+        if isinstance(engine, RerankEngine):
+            await asyncio.gather(*(engine.score(ScoreRequest(queries=["cat"], documents=[f"cat {i}"]))
+                                   for i in range(16)))
+        else:
+            await asyncio.gather(*(engine.embed(EmbedRequest(texts=[f"text {i}"])) for i in range(16)))
         assert sizes == [16]
     finally:
         await engine.stop()

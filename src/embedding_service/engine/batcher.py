@@ -234,7 +234,8 @@ class Batcher:
         return self._live
 
     async def _wait_to_fill(self) -> None:
-        """Wait up to batch_timeout for the batch to fill; return early once it is full."""
+        """Wait up to batch_timeout for the batch to fill; return early once it is full, or once the backend
+        is idle and no accepted request is on its way."""
         deadline = time.perf_counter() + self._timeout
         while self._pending_count() < self._max_size and (self._running > 0 or self._incoming() > 0):
             remaining = deadline - time.perf_counter()

@@ -204,6 +204,19 @@ class EmbeddingEngine:
         finally:
             self._active_requests -= 1
 
+    @contextlib.contextmanager
+    def on_its_way(self) -> Iterator[None]:
+        """A request being tokenised and checked: the idle batcher waits for it (at most batch_timeout_ms)
+        rather than send an earlier one alone. Leave the block right before `_submit`, which queues without
+        yielding, so the batcher never sees it neither incoming nor queued; a refusal wakes the batcher."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            if self._batcher is not None:
+                self._batcher.wake()
+
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         with self.accepted() as info:
             return await self.embed_accepted(request, info)
@@ -211,15 +224,8 @@ class EmbeddingEngine:
     async def embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
         """`embed` for a request already inside `accepted()`."""
         deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
-        self._preparing += 1  # the batcher waits for it rather than send an earlier request alone
-        try:
+        with self.on_its_way():
             seqs, total = await self._prepare_request(request, info, deadline)
-        except BaseException:
-            self._preparing -= 1
-            if self._batcher is not None:
-                self._batcher.wake()
-            raise
-        self._preparing -= 1  # and _submit queues it without yielding in between
         count = request.count
         log.info("Processing %d texts for embedding", count)
         started = time.perf_counter()

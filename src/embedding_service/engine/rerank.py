@@ -60,11 +60,18 @@ class RerankEngine(EmbeddingEngine):
         info = self.check_ready()
         self._active_requests += 1
         try:
-            return await self._score_accepted(request, info)
+            with self.on_its_way():
+                pairs = await self._prepare_pairs(request, info)
+            started = time.perf_counter()
+            rows, queued, compute = await self._submit(pairs)
+            log.info("Scored %d pairs in %.3fs", len(request.documents), time.perf_counter() - started)
+            return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), sum(len(p) for p in pairs), queued,
+                               compute)
         finally:
             self._active_requests -= 1
 
-    async def _score_accepted(self, request: ScoreRequest, info: BackendInfo) -> ScoreResult:
+    async def _prepare_pairs(self, request: ScoreRequest, info: BackendInfo) -> list[TokenPair]:
+        """Tokenise the pairs, apply the length policy, check the limits and admit (rate limits)."""
         count = len(request.documents)
         if count > self.max_documents:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"too many documents: {count}; at most "
@@ -83,10 +90,7 @@ class RerankEngine(EmbeddingEngine):
                                f"{self.options.max_request_tokens} per request: split it", param=request.param)
         if request.admit is not None:
             request.admit(total)
-        started = time.perf_counter()
-        rows, queued, compute = await self._submit(pairs)
-        log.info("Scored %d pairs in %.3fs", count, time.perf_counter() - started)
-        return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), total, queued, compute)
+        return pairs
 
     def _fit(self, pairs: list[TokenPair], info: BackendInfo, request: ScoreRequest) -> list[TokenPair]:
         """The length policy: refuse over-long pairs, or (truncate) cut the document and keep the query."""
