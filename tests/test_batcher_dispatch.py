@@ -129,3 +129,59 @@ async def test_concurrent_requests_to_an_idle_engine_share_one_batch(task: str) 
         assert sizes == [16]
     finally:
         await engine.stop()
+
+
+async def _answer_together(batcher: Batcher, clients: int) -> None:
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit([[9, i]]) for i in range(clients))), 30)
+
+
+async def test_clients_answered_together_share_a_batch_when_they_come_back() -> None:
+    """Over HTTP the clients one batch answered come back milliseconds apart: the first must not go alone."""
+    embed = GatedEmbed()
+    embed.gate.set()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(600.0))
+        batcher.start()
+        await _answer_together(batcher, 4)
+
+        async def come_back(delay: float) -> None:
+            await asyncio.sleep(delay)
+            await batcher.submit([[7, 7]])
+
+        await asyncio.wait_for(asyncio.gather(*(come_back(0.02 * i) for i in range(4))), 30)
+        assert embed.sizes == [4, 4]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_a_lone_client_coming_back_never_waits() -> None:
+    embed = GatedEmbed()
+    embed.gate.set()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(600.0))  # any wait would hit wait_for's 30 s
+        batcher.start()
+        for _ in range(3):
+            await asyncio.wait_for(batcher.submit([[1, 2]]), 30)
+        assert embed.sizes == [1, 1, 1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_waiting_for_returning_clients_is_bounded_by_the_timeout() -> None:
+    embed = GatedEmbed()
+    embed.gate.set()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(0.2))
+        batcher.start()
+        await _answer_together(batcher, 4)
+        started = time.perf_counter()
+        await asyncio.wait_for(batcher.submit([[5]]), 30)  # one of four comes back: waits, then goes alone
+        assert 0.15 <= time.perf_counter() - started < 5
+        assert embed.sizes == [4, 1]
+
+        await _answer_together(batcher, 4)
+        await asyncio.sleep(0.3)  # past batch_timeout since the answer: nobody is expected any more
+        late = asyncio.ensure_future(batcher.submit([[6]]))
+        await asyncio.sleep(0.05)
+        assert late.done()  # went out at once, without waiting for the other three
+        await asyncio.wait_for(late, 30)
+        assert embed.sizes == [4, 1, 4, 1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]

@@ -94,6 +94,11 @@ class Batcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._running = 0  # batches between dispatch and the release of their slot
         self._closed_error: ServiceError | None = None
+        # Clients answered by the last batch, when, and how many requests arrived since: over HTTP the
+        # answered clients come back a few ms apart, each after the server's own per-request work.
+        self._answered = 0
+        self._answered_at = 0.0
+        self._arrivals = 0
 
     # --- public ----------------------------------------------------------------------------------------
     @property
@@ -131,6 +136,7 @@ class Batcher:
         job.future.add_done_callback(functools.partial(self._forget_job, job))
         self._items.extend(_Item(job, i, ids) for i, ids in enumerate(seqs))
         self._live += len(seqs)
+        self._arrivals += 1
         self._arrived.set()
         vectors = await job.future  # cancellation (client gone, timeout) cancels the future: items are skipped
         started = job.started_at if job.started_at is not None else job.enqueued_at
@@ -233,11 +239,25 @@ class Batcher:
     def _pending_count(self) -> int:
         return self._live
 
-    async def _wait_to_fill(self) -> None:
+    def _returning(self) -> int:
+        """Clients answered by the last batch that may be on their way back (counted once, and only within
+        batch_timeout of that answer)."""
+        answered, self._answered = self._answered, 0
+        return answered if time.perf_counter() - self._answered_at < self._timeout else 0
+
+    def _note_answered(self, batch: list[_Item]) -> None:
+        self._answered = len({id(item.job) for item in batch if item.job.done and not item.job.future.cancelled()})
+        self._answered_at = time.perf_counter()
+        self._arrivals = 0
+
+    def _worth_waiting(self, returning: int) -> bool:
+        return self._running > 0 or self._incoming() > 0 or self._arrivals < returning
+
+    async def _wait_to_fill(self, returning: int) -> None:
         """Wait up to batch_timeout for the batch to fill; return early once it is full, or once the backend
-        is idle and no accepted request is on its way."""
+        is idle and no request is on its way (accepted and being tokenised, or a client just answered)."""
         deadline = time.perf_counter() + self._timeout
-        while self._pending_count() < self._max_size and (self._running > 0 or self._incoming() > 0):
+        while self._pending_count() < self._max_size and self._worth_waiting(returning):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -255,11 +275,13 @@ class Batcher:
                     self._arrived.clear()
                     await self._arrived.wait()
                 # Wait to fill a batch while other batches run (new work queues up meanwhile and goes out
-                # together once a slot frees), or while accepted requests are still being tokenised: they
-                # are moments away (clients answered by one batch come back together; sending the first
-                # alone split every batch in two). An idle backend with nothing on its way starts at once.
-                if self._timeout > 0 and (self._running > 0 or self._incoming() > 0):
-                    await self._wait_to_fill()
+                # together once a slot frees), while accepted requests are still being tokenised, or while
+                # clients the last batch answered have not all come back: they are moments away (sending
+                # the first one back alone split every batch at 16 HTTP clients into 1 + 15, then into two
+                # alternating halves). An idle backend with nothing on its way starts at once.
+                returning = self._returning()
+                if self._timeout > 0 and self._worth_waiting(returning):
+                    await self._wait_to_fill(returning)
                 batch = self._take_batch()
                 if not batch:
                     self._slots.release()
@@ -293,6 +315,7 @@ class Batcher:
                     item.job.future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            self._note_answered(batch)
             return
         finally:
             self._running -= 1
@@ -315,3 +338,4 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0:
                 job.future.set_result(job.vectors)
+        self._note_answered(batch)
