@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report import median_rates
+
 __all__ = ["write_chart"]
 
 
@@ -35,7 +37,7 @@ def write_chart(result: dict[str, Any], out: Path) -> Path | None:
         workloads = list(dict.fromkeys(r["workload"] for r in mine))
         targets = list(dict.fromkeys(r["target"] for r in mine))
         base = "vllm-serve" if "vllm-serve" in targets else targets[0]
-        rate = {(r["workload"], r["target"]): float(r["texts_per_s"]) for r in mine}
+        rate = {(w, t): v for (t, w), v in median_rates(mine).items()}  # medians over --repeat rounds
         width = 0.8 / len(targets)
         for i, target in enumerate(targets):
             xs = [w + (i - (len(targets) - 1) / 2) * width for w in range(len(workloads))]

@@ -3,10 +3,11 @@ detail table (tokens/s, latency percentiles, errors, client and server CPU, FLOP
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["markdown"]
+__all__ = ["markdown", "median_rates"]
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -17,14 +18,31 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    if not a or not b:
+def _per_round(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
+    """texts/s by (target, workload), then by round (--repeat; 1 when a run has one round)."""
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r.get("requests"):
+            out.setdefault((r["target"], r["workload"]), {})[int(r.get("round", 1))] = float(r["texts_per_s"])
+    return out
+
+
+def median_rates(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """texts/s by (target, workload): the median over rounds."""
+    return {key: statistics.median(by_round.values()) for key, by_round in _per_round(rows).items()}
+
+
+def _ratio(a: dict[int, float] | None, b: dict[int, float] | None) -> str:
+    """The ratio of two targets round by round: the median, with the range when there are several rounds."""
+    ratios = sorted(a[k] / b[k] for k in (a or {}).keys() & (b or {}).keys() if a and b and b[k])
+    if not ratios:
         return "–"
-    return f"{a / b:.2f}x"
+    text = f"{statistics.median(ratios):.2f}x"
+    return text + (f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else "")
 
 
 def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[str]) -> list[str]:
-    rate = {(r["target"], r["workload"]): r["texts_per_s"] for r in rows if r.get("requests")}
+    rate, by_round = median_rates(rows), _per_round(rows)
     ours = [t for t in targets if t.startswith("ours-") and t != "ours-fake"]
     peers = [t for t in ("vllm-offline", "vllm-serve", "infinity") if t in targets]
     ratio_cols: list[tuple[str, str, str]] = []
@@ -41,7 +59,7 @@ def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workloads:
         cells = [w, *(_fmt(rate.get((t, w))) for t in targets)]
-        cells += [_ratio(rate.get((a, w)), rate.get((b, w))) for _, a, b in ratio_cols]
+        cells += [_ratio(by_round.get((a, w)), by_round.get((b, w))) for _, a, b in ratio_cols]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -50,6 +68,7 @@ def _details(rows: Sequence[dict[str, Any]]) -> list[str]:
     head = [
         "target",
         "workload",
+        "round",
         "texts/s",
         "tokens/s",
         "p50 ms",
@@ -72,6 +91,7 @@ def _details(rows: Sequence[dict[str, Any]]) -> list[str]:
                 [
                     r["target"],
                     r["workload"],
+                    str(r.get("round", 1)),
                     _fmt(r.get("texts_per_s")),
                     _fmt(r.get("tokens_per_s"), 0),
                     _fmt(r.get("p50_ms")),
@@ -112,7 +132,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"## {model['name']} ({model['dir']})", ""]
         if model.get("note"):
             lines += [model["note"], ""]
-        lines += ["Texts/s (higher is better):", "", *_matrix(rows, workloads, targets), ""]
+        rounds = len({r.get("round", 1) for r in rows})
+        what = f"median of {rounds} rounds; ratios: median (range) of the per-round ratios" if rounds > 1 else ""
+        lines += [f"Texts/s (higher is better{'; ' + what if what else ''}):", "",
+                  *_matrix(rows, workloads, targets), ""]
         lines += ["Details:", "", *_details(rows), ""]
     if result.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {s}" for s in result["skipped"]] + [""]

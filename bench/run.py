@@ -125,12 +125,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fma-pipes", type=int, default=2, help="FMA pipes per core for the peak estimate")
     parser.add_argument("--src", default=None, help="source tree our server runs (default: this checkout's src)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run all targets N times in turn, with fresh texts each round (a shared machine "
+                        "drifts: tables show medians, ratios the median and range of per-round ratios)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<time>)")
     return parser.parse_args(argv)
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # so that `finally` blocks stop the servers this run started
+
+
+def _measure_model(model: dict[str, Any], targets: list[str], works: list[Any], maker: TextMaker,
+                   args: argparse.Namespace, out_dir: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One round on one model: the in-process ceilings the targets ask for, then each server in turn."""
+    rows: list[dict[str, Any]] = []
+    if "inproc" in targets or "vllm-offline" in targets:
+        engines = ["torch"] if "inproc" in targets else []
+        if "vllm-offline" in targets:
+            engines.append("vllm-offline")
+        if "ours-vllm" in targets and "inproc" in targets:
+            if _vllm_backend_present():
+                engines.append("vllm")
+            else:
+                result["skipped"].append(f"{model['name']}: inproc-vllm (no vLLM backend here)")
+        for engine in engines:
+            try:
+                rows += inprocess(engine, model, works, maker, args, out_dir)
+            except Exception as exc:
+                result["skipped"].append(f"{model['name']}: inproc-{engine}: {exc}")
+                print(f"  skipped inproc-{engine}: {exc}", flush=True)
+    rows += run_servers([t for t in targets if t not in ("inproc", "vllm-offline")], model, works, maker, args,
+                        out_dir, result)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,32 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             for model in _models([m for m in args.models.split(",") if m], Path(args.models_dir)):
                 result["models"].append(model)
                 print(f"== model {model['name']}: {model['dir']}", flush=True)
-                maker = text_maker(model["dir"], args.seed)
                 rows: list[dict[str, Any]] = []
-                if "inproc" in targets or "vllm-offline" in targets:
-                    engines = ["torch"] if "inproc" in targets else []
-                    if "vllm-offline" in targets:
-                        engines.append("vllm-offline")
-                    if "ours-vllm" in targets and "inproc" in targets:
-                        if _vllm_backend_present():
-                            engines.append("vllm")
-                        else:
-                            result["skipped"].append(f"{model['name']}: inproc-vllm (no vLLM backend here)")
-                    for engine in engines:
-                        try:
-                            rows += inprocess(engine, model, works, maker, args, out_dir)
-                        except Exception as exc:
-                            result["skipped"].append(f"{model['name']}: inproc-{engine}: {exc}")
-                            print(f"  skipped inproc-{engine}: {exc}", flush=True)
-                rows += run_servers(
-                    [t for t in targets if t not in ("inproc", "vllm-offline")],
-                    model,
-                    works,
-                    maker,
-                    args,
-                    out_dir,
-                    result,
-                )
+                for round_no in range(1, args.repeat + 1):
+                    if args.repeat > 1:
+                        print(f"-- round {round_no} of {args.repeat}", flush=True)
+                    # Fresh texts each round: a prefix cache must not make later rounds look faster.
+                    maker = text_maker(model["dir"], args.seed + round_no - 1)
+                    measured = _measure_model(model, targets, works, maker, args, out_dir, result)
+                    rows += [{**row, "round": round_no} for row in measured] if args.repeat > 1 else measured
                 if model["name"] == "qwen3":
                     peak = machine["peak_bf16_gflops"] if args.dtype == "bfloat16" else machine["peak_fp32_gflops"]
                     _add_flops(rows, model, peak or 0.0)

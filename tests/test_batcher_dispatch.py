@@ -28,9 +28,9 @@ class GatedEmbed:
         return np.ones((len(seqs), 4), dtype=np.float32)
 
 
-def _policy(batch_timeout_s: float) -> BatchPolicy:
-    return BatchPolicy(max_batch_size=32, max_batch_tokens=10_000, batch_timeout_s=batch_timeout_s, padded=True,
-                       max_concurrent_batches=1, max_queue_requests=1024, max_queue_tokens=1_000_000)
+def _policy(batch_timeout_s: float, max_batch_size: int = 32) -> BatchPolicy:
+    return BatchPolicy(max_batch_size=max_batch_size, max_batch_tokens=10_000, batch_timeout_s=batch_timeout_s,
+                       padded=True, max_concurrent_batches=1, max_queue_requests=1024, max_queue_tokens=1_000_000)
 
 
 async def test_idle_backend_gets_a_lone_request_without_waiting_for_the_timeout() -> None:
@@ -184,4 +184,33 @@ async def test_waiting_for_returning_clients_is_bounded_by_the_timeout() -> None
         assert late.done()  # went out at once, without waiting for the other three
         await asyncio.wait_for(late, 30)
         assert embed.sizes == [4, 1, 4, 1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_the_next_batch_starts_before_the_answered_requests_resume() -> None:
+    """Responses of the batch just answered take the event loop a while (~10 ms at 64 clients): the backend
+    must already be busy with the next (full) batch meanwhile, not wait for them."""
+    events: list[str] = []
+
+    class RecordingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            events.append("backend starts a batch")
+            return super().submit(fn, *args, **kwargs)
+
+    embed = GatedEmbed()
+    with RecordingPool(1) as pool:
+        batcher = Batcher(embed, pool, _policy(0.005, max_batch_size=1))
+        batcher.start()
+
+        async def first() -> None:
+            await batcher.submit([[1]])
+            events.append("answered request resumes")
+
+        answered = asyncio.ensure_future(first())
+        await asyncio.get_running_loop().run_in_executor(None, embed.entered.acquire)  # batch 1 running
+        queued = asyncio.ensure_future(batcher.submit([[2]]))
+        await asyncio.sleep(0.01)
+        embed.gate.set()
+        await asyncio.wait_for(asyncio.gather(answered, queued), 30)
+        assert events[:3] == ["backend starts a batch", "backend starts a batch", "answered request resumes"]
         await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]

@@ -104,6 +104,21 @@ def test_markdown_has_ratios_against_the_ceiling_and_peers() -> None:
     assert "infinity: not installed" in text
 
 
+def test_repeated_rounds_report_medians_and_the_range_of_per_round_ratios() -> None:
+    """--repeat: a drifting machine moves both targets of a round alike; ratios pair rounds, not medians."""
+    machine = cpu_peak()
+    rates = {1: (100.0, 90.0), 2: (200.0, 170.0), 3: (150.0, 120.0)}  # (in-process, ours) per round
+    rows = [{"model": "m", "target": target, "workload": "short-c16", "requests": 1, "texts_per_s": rate,
+             "round": rnd} for rnd, pair in rates.items()
+            for target, rate in zip(("inproc-engine-torch", "ours-torch"), pair, strict=True)]
+    text = markdown({"started": "now", "machine": machine, "command": "python -m bench --repeat 3",
+                     "duration_s": 1, "threads": 2, "dtype": "float32", "models": [{"name": "m", "dir": "/m"}],
+                     "rows": rows})
+    # medians 150 and 120 (whose ratio, 0.80, is no round's); per-round ratios 0.90, 0.85, 0.80
+    assert "| short-c16 | 150.0 | 120.0 | 0.85x (0.80-0.90) |" in text
+    assert "median of 3 rounds" in text
+
+
 @pytest.mark.slow
 def test_overhead_mode_runs_end_to_end(tmp_path: Path) -> None:
     """Starts our server on the fake engine, drives it briefly, writes both reports."""
