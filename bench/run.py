@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 "encode. c1 latency is the per-request overhead; c64 texts/s its inverse cost.",
             }
             result["models"].append(model)
-            result["rows"] += run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
+            for round_no in range(1, args.repeat + 1):
+                measured = run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
+                result["rows"] += [{**row, "round": round_no} for row in measured] if args.repeat > 1 else measured
         else:
             for model in _models([m for m in args.models.split(",") if m], Path(args.models_dir)):
                 result["models"].append(model)

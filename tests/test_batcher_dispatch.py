@@ -214,3 +214,20 @@ async def test_the_next_batch_starts_before_the_answered_requests_resume() -> No
         await asyncio.wait_for(asyncio.gather(answered, queued), 30)
         assert events[:3] == ["backend starts a batch", "backend starts a batch", "answered request resumes"]
         await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_a_client_arriving_late_waits_only_until_batch_timeout_after_the_answer() -> None:
+    """Open-loop traffic (clients that never come back): the wait for returning clients is counted from the
+    answer, so a request arriving late in that window waits only for what is left of it."""
+    embed = GatedEmbed()
+    embed.gate.set()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(embed, pool, _policy(0.4))
+        batcher.start()
+        await _answer_together(batcher, 4)
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        await asyncio.wait_for(batcher.submit([[8]]), 30)
+        assert time.perf_counter() - started < 0.25  # ~0.1 s left of the window, not a fresh 0.4 s
+        assert embed.sizes == [4, 1]
+        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]

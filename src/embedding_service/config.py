@@ -48,7 +48,8 @@ class EmbeddingConfig(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch, in texts")
     batch_timeout_ms: float = Field(
         10.0, ge=0.0, le=10_000.0,
-        description="longest wait to fill a batch while the engine is busy (an idle engine starts at once)",
+        description="longest wait to fill a batch: while the engine is busy or requests are on their way "
+        "(a lone client never waits)",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

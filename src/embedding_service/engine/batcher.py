@@ -240,25 +240,31 @@ class Batcher:
         return self._live
 
     def _returning(self) -> int:
-        """Clients answered by the last batch that may be on their way back (counted once, and only within
-        batch_timeout of that answer)."""
+        """Clients answered by the last batch that may be on their way back (counted once)."""
         answered, self._answered = self._answered, 0
-        return answered if time.perf_counter() - self._answered_at < self._timeout else 0
+        return answered
 
     def _note_answered(self, batch: list[_Item]) -> None:
         self._answered = len({id(item.job) for item in batch if item.job.done and not item.job.future.cancelled()})
         self._answered_at = time.perf_counter()
         self._arrivals = 0
 
-    def _worth_waiting(self, returning: int) -> bool:
-        return self._running > 0 or self._incoming() > 0 or self._arrivals < returning
+    def _wait_deadline(self, started: float, returning: int) -> float | None:
+        """Until when to wait for company (None: no reason to). While the backend is busy or an accepted
+        request is being tokenised: batch_timeout from the start of the wait. For clients that the last
+        batch answered and that have not all come back: batch_timeout from that answer, no longer, so that
+        open-loop traffic (clients that never come back) costs a request at most that much."""
+        if self._running > 0 or self._incoming() > 0:
+            return started + self._timeout
+        if self._arrivals < returning:
+            return min(started, self._answered_at) + self._timeout
+        return None
 
-    async def _wait_to_fill(self, returning: int) -> None:
-        """Wait up to batch_timeout for the batch to fill; return early once it is full, or once the backend
-        is idle and no request is on its way (accepted and being tokenised, or a client just answered)."""
-        deadline = time.perf_counter() + self._timeout
-        while self._pending_count() < self._max_size and self._worth_waiting(returning):
-            remaining = deadline - time.perf_counter()
+    async def _wait_to_fill(self, started: float, returning: int) -> None:
+        """Wait for the batch to fill, until `_wait_deadline`; return early once it is full."""
+        while self._pending_count() < self._max_size:
+            deadline = self._wait_deadline(started, returning)
+            remaining = 0.0 if deadline is None else deadline - time.perf_counter()
             if remaining <= 0:
                 return
             self._arrived.clear()
@@ -279,9 +285,9 @@ class Batcher:
                 # clients the last batch answered have not all come back: they are moments away (sending
                 # the first one back alone split every batch at 16 HTTP clients into 1 + 15, then into two
                 # alternating halves). An idle backend with nothing on its way starts at once.
-                returning = self._returning()
-                if self._timeout > 0 and self._worth_waiting(returning):
-                    await self._wait_to_fill(returning)
+                returning, now = self._returning(), time.perf_counter()
+                if self._timeout > 0 and self._wait_deadline(now, returning) is not None:
+                    await self._wait_to_fill(now, returning)
                 batch = self._take_batch()
                 if not batch:
                     self._slots.release()
