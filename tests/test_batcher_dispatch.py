@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -135,13 +137,23 @@ async def _answer_together(batcher: Batcher, clients: int) -> None:
     await asyncio.wait_for(asyncio.gather(*(batcher.submit([[9, i]]) for i in range(clients))), 30)
 
 
-async def test_clients_answered_together_share_a_batch_when_they_come_back() -> None:
-    """Over HTTP the clients one batch answered come back milliseconds apart: the first must not go alone."""
+@contextlib.asynccontextmanager
+async def _open_batcher(batch_timeout_s: float) -> AsyncIterator[tuple[Batcher, GatedEmbed]]:
+    """A started batcher over an embed function that answers at once, closed afterwards."""
     embed = GatedEmbed()
     embed.gate.set()
     with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(embed, pool, _policy(600.0))
+        batcher = Batcher(embed, pool, _policy(batch_timeout_s))
         batcher.start()
+        try:
+            yield batcher, embed
+        finally:
+            await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
+
+
+async def test_clients_answered_together_share_a_batch_when_they_come_back() -> None:
+    """Over HTTP the clients one batch answered come back milliseconds apart: the first must not go alone."""
+    async with _open_batcher(600.0) as (batcher, embed):
         await _answer_together(batcher, 4)
 
         async def come_back(delay: float) -> None:
@@ -150,27 +162,17 @@ async def test_clients_answered_together_share_a_batch_when_they_come_back() -> 
 
         await asyncio.wait_for(asyncio.gather(*(come_back(0.02 * i) for i in range(4))), 30)
         assert embed.sizes == [4, 4]
-        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
 
 
 async def test_a_lone_client_coming_back_never_waits() -> None:
-    embed = GatedEmbed()
-    embed.gate.set()
-    with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(embed, pool, _policy(600.0))  # any wait would hit wait_for's 30 s
-        batcher.start()
+    async with _open_batcher(600.0) as (batcher, embed):  # any wait would hit wait_for's 30 s
         for _ in range(3):
             await asyncio.wait_for(batcher.submit([[1, 2]]), 30)
         assert embed.sizes == [1, 1, 1]
-        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
 
 
 async def test_waiting_for_returning_clients_is_bounded_by_the_timeout() -> None:
-    embed = GatedEmbed()
-    embed.gate.set()
-    with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(embed, pool, _policy(0.2))
-        batcher.start()
+    async with _open_batcher(0.2) as (batcher, embed):
         await _answer_together(batcher, 4)
         started = time.perf_counter()
         await asyncio.wait_for(batcher.submit([[5]]), 30)  # one of four comes back: waits, then goes alone
@@ -184,7 +186,6 @@ async def test_waiting_for_returning_clients_is_bounded_by_the_timeout() -> None
         assert late.done()  # went out at once, without waiting for the other three
         await asyncio.wait_for(late, 30)
         assert embed.sizes == [4, 1, 4, 1]
-        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
 
 
 async def test_the_next_batch_starts_before_the_answered_requests_resume() -> None:
@@ -219,15 +220,10 @@ async def test_the_next_batch_starts_before_the_answered_requests_resume() -> No
 async def test_a_client_arriving_late_waits_only_until_batch_timeout_after_the_answer() -> None:
     """Open-loop traffic (clients that never come back): the wait for returning clients is counted from the
     answer, so a request arriving late in that window waits only for what is left of it."""
-    embed = GatedEmbed()
-    embed.gate.set()
-    with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(embed, pool, _policy(0.4))
-        batcher.start()
+    async with _open_batcher(0.4) as (batcher, embed):
         await _answer_together(batcher, 4)
         await asyncio.sleep(0.3)
         started = time.perf_counter()
         await asyncio.wait_for(batcher.submit([[8]]), 30)
         assert time.perf_counter() - started < 0.25  # ~0.1 s left of the window, not a fresh 0.4 s
         assert embed.sizes == [4, 1]
-        await batcher.close(RuntimeError("closed"))  # type: ignore[arg-type]
