@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -18,6 +19,7 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
+from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
 from .lifecycle import CancelOnDisconnect, CloseConnectionsWhile
 from .middleware import ErrorEnvelopeMiddleware
@@ -35,12 +37,14 @@ __all__ = ["create_app"]
 log = logging.getLogger("embedding_service")
 
 
+async def _service_error(_request: Request, exc: ServiceError) -> Response:
+    if exc.status >= 500:
+        log.warning("request failed: %s", exc.message)
+    return error_response(exc)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_request: Request, exc: ServiceError) -> Response:
-        if exc.status >= 500:
-            log.warning("request failed: %s", exc.message)
-        return error_response(exc)
+    app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -125,6 +129,10 @@ def create_app(
     # FastAPI's own /docs and /redoc load their scripts from a CDN: ours (api/docs.py) are served offline.
     app = FastAPI(title="Embedding Service", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible text embeddings", docs_url=None, redoc_url=None, openapi_url=None)
+    # Innermost: the hot POST routes skip FastAPI's routing layers (api/direct_routes.py). Filled below, once
+    # the routes exist; the middleware stack itself is only built at startup.
+    direct: dict[str, APIRoute] = {}
+    app.add_middleware(DirectRoutes, routes=direct, on_service_error=_service_error)
     app.add_middleware(ErrorEnvelopeMiddleware)
     app.add_middleware(CancelOnDisconnect)
     _install_guards(app, GuardOptions.from_config(settings), open_paths=DOCS_PATHS if settings.api_docs else ())
@@ -142,6 +150,7 @@ def create_app(
     if reranker is not None:
         metrics.add_reranker(reranker)
     _install_error_handlers(app)
+    direct.update(direct_routes(app.routes))
     install_openapi(app)
     if settings.api_docs:
         install_docs(app, title=app.title)
