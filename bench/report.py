@@ -34,7 +34,7 @@ def median_rates(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]
 
 def _ratio(a: dict[int, float] | None, b: dict[int, float] | None) -> str:
     """The ratio of two targets round by round: the median, with the range when there are several rounds."""
-    ratios = sorted(a[k] / b[k] for k in (a or {}).keys() & (b or {}).keys() if a and b and b[k])
+    ratios = sorted(a[k] / b[k] for k in a.keys() & b.keys() if b[k]) if a and b else []
     if not ratios:
         return "–"
     text = f"{statistics.median(ratios):.2f}x"

@@ -136,6 +136,11 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # so that `finally` blocks stop the servers this run started
 
 
+def _in_round(rows: list[dict[str, Any]], round_no: int, repeat: int) -> list[dict[str, Any]]:
+    """Rows tagged with their round under --repeat (a single round's rows stay as they were)."""
+    return [{**row, "round": round_no} for row in rows] if repeat > 1 else rows
+
+
 def _measure_model(model: dict[str, Any], targets: list[str], works: list[Any], maker: TextMaker,
                    args: argparse.Namespace, out_dir: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
     """One round on one model: the in-process ceilings the targets ask for, then each server in turn."""
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             result["models"].append(model)
             for round_no in range(1, args.repeat + 1):
                 measured = run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
-                result["rows"] += [{**row, "round": round_no} for row in measured] if args.repeat > 1 else measured
+                result["rows"] += _in_round(measured, round_no, args.repeat)
         else:
             for model in _models([m for m in args.models.split(",") if m], Path(args.models_dir)):
                 result["models"].append(model)
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Fresh texts each round: a prefix cache must not make later rounds look faster.
                     maker = text_maker(model["dir"], args.seed + round_no - 1)
                     measured = _measure_model(model, targets, works, maker, args, out_dir, result)
-                    rows += [{**row, "round": round_no} for row in measured] if args.repeat > 1 else measured
+                    rows += _in_round(measured, round_no, args.repeat)
                 if model["name"] == "qwen3":
                     peak = machine["peak_bf16_gflops"] if args.dtype == "bfloat16" else machine["peak_fp32_gflops"]
                     _add_flops(rows, model, peak or 0.0)

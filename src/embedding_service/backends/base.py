@@ -103,12 +103,14 @@ class BackendInfo:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A model runtime. Methods are blocking; the engine calls them off the event loop."""
+    """A model runtime. Methods are blocking; the engine calls them off the event loop, except `tokenize`."""
 
     def load(self) -> BackendInfo: ...
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, special tokens included, not truncated."""
+        """Token ids of each text, special tokens included, not truncated. Thread-safe and without locks:
+        the engine calls it on the event loop for short chunks and on its tokenizer thread for long ones,
+        possibly at once (engine/tokenize.py; tokenization.HfTokenizer is such a tokenizer)."""
         ...
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
