@@ -121,9 +121,12 @@ def _try_embeddings(page: Page, expect_status: int) -> dict[str, Any]:
     block = page.page.locator("#operations-embeddings-embeddings_v1_embeddings_post")
     if not block.locator(".opblock-body").count():
         block.locator(".opblock-summary").click()
-    try_out = block.locator("button.try-out__btn", has_text="Try it out")
-    if try_out.count():
-        try_out.click()
+    # The button renders a moment after the block opens: wait for it ("Try it out", or "Cancel" when the
+    # block is already in try-out mode) rather than count it at once (that raced, and skipped the click).
+    toggle = block.locator("button.try-out__btn")
+    toggle.wait_for()
+    if toggle.inner_text().strip() == "Try it out":
+        toggle.click()
     body = block.locator("textarea.body-param__text")
     assert '"Hello, world!"' in body.input_value()  # the spec's example, as documented
     with page.page.expect_response(lambda r: r.url.endswith("/v1/embeddings") and r.request.method == "POST") as info:
