@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import RunResult
+from bench.loadgen import RunResult, run_async
 from bench.workloads import as_sent
 
 __all__ = ["run_engine_workload", "run_raw_workload"]
@@ -142,8 +142,13 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     rows: list[dict[str, Any]] = []
+    from embedding_service.logging_config import configure_logging
+
+    # The engine's per-request lines, as `serve` logs them (INFO by default): the ceiling is the same engine
+    # doing the same work, without HTTP.
+    configure_logging(_settings(spec).log_level)
     try:
-        asyncio.run(_engine_pass(spec, rows))
+        run_async(_engine_pass(spec, rows))
     finally:
         with open(argv[1], "w") as fh:
             json.dump(rows, fh)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import drive, wait_ready
+from bench.loadgen import drive, run_async, wait_ready
 from bench.peers import PEERS, SERVED_NAME, Server
 from bench.workloads import TextMaker, Workload, as_sent
 
@@ -180,13 +179,13 @@ def run_servers(
         )
         try:
             server.start()
-            asyncio.run(
+            run_async(
                 wait_ready(server.url, model=SERVED_NAME, timeout_s=PEERS[name].ready_timeout_s, alive=server.alive)
             )
             load_s = time.perf_counter() - server.started_at
             print(f"  {name} ready in {load_s:.0f}s on port {server.port}", flush=True)
             tag = {"model": model["name"], "target": name, "load_s": round(load_s, 1)}
-            rows += asyncio.run(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag,
+            rows += run_async(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag,
                                             server_formats=PEERS[name].kind == "ours"))
         except Exception as exc:
             reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"

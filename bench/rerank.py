@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.loadgen import percentile
+from bench.loadgen import percentile, run_async
 from bench.peers import PEERS, SERVED_NAME, Server
 from bench.workloads import _WORDS
 
@@ -133,7 +133,7 @@ def run_rerank(args: Any, out_dir: Path) -> dict[str, Any]:
             server.start()
             _wait(server, PEERS[target].ready_timeout_s)
             path = "/rerank" if target == "vllm-serve" else "/v1/rerank"
-            row = asyncio.run(_drive(f"http://127.0.0.1:{server.port}{path}", target, args.duration, args.seed))
+            row = run_async(_drive(f"http://127.0.0.1:{server.port}{path}", target, args.duration, args.seed))
             rows.append({"target": target, **row})
             print(f"  {target}: {row}", flush=True)
         except Exception as exc:

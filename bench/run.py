@@ -11,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import cpu_peak, model_flops_per_token
+from bench.loadgen import run_async
 from bench.measure import inprocess, measure_url, run_servers, text_maker
 from bench.peers import PEERS
 from bench.report import markdown
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             maker = text_maker(args.tokenizer_dir, args.seed)
             model = {"name": args.model_name or "url", "dir": args.url}
             result["models"].append(model)
-            result["rows"] += asyncio.run(
+            result["rows"] += run_async(
                 measure_url(
                     args.url,
                     args.model_name,

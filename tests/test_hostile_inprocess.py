@@ -107,6 +107,17 @@ def test_tracebacks_keep_their_lines() -> None:
     assert "failed\\nsecond" in text and "Traceback (most recent call last):\n" in text
 
 
+def test_text_log_timestamps_equal_the_standard_formatters() -> None:
+    """The text format's time is cached per second: it must still read as logging's own, every line."""
+    from embedding_service.logging_config import TEXT_FORMAT, TextFormatter
+
+    ours, standard = TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    for created in (1_764_700_000.001, 1_764_700_000.999, 1_764_700_001.5, 1_764_700_000.25, 1_764_786_400.0):
+        record = logging.LogRecord("embedding_service", logging.INFO, __file__, 1, "line", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.formatTime(record) == standard.formatTime(record), created
+
+
 async def test_head_health(client: httpx.AsyncClient) -> None:
     response = await client.head("/health")
     assert response.status_code == 200 and response.content == b""

@@ -11,6 +11,7 @@ import contextvars
 import logging
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -57,6 +58,16 @@ class TextFormatter(logging.Formatter):
     """The text format, with control characters in messages escaped (`\\n`, `\\x00`): a client's path or
     header that reaches a log line cannot start a line of its own. Tracebacks keep their line breaks."""
 
+    _stamp: tuple[int, str] = (-1, "")  # (second, its local-time text): strftime once a second, not per line
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if self._stamp[0] != second:
+            self._stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return f"{self._stamp[1]},{int(record.msecs):03d}"
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         if _UNSAFE.search(record.message):
             record.message = _UNSAFE.sub(_escape, record.message)
@@ -88,6 +99,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Replace the root handlers with one stderr handler in the chosen format, with request ids."""
+    # Neither format shows the caller, thread or process: don't look them up for every record (the server
+    # writes two INFO lines per request).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]  # (the documented way to skip findCaller's stack walk)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
