@@ -118,6 +118,25 @@ def test_text_log_timestamps_equal_the_standard_formatters() -> None:
         assert ours.formatTime(record) == standard.formatTime(record), created
 
 
+def test_configure_logging_keeps_the_record_fields_other_formats_use(capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM's own handler formats `pid=%(process)d [%(fileinfo)s:%(lineno)d]`: our setup must not switch
+    off the record fields third-party formats rely on (it once did, and vLLM's lines raised TypeError)."""
+    from embedding_service.logging_config import configure_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        record = logging.getLogger("vllm.test").makeRecord("vllm.test", logging.INFO, __file__, 7, "x", None, None)
+        third_party = logging.Formatter("%(process)d %(processName)s %(threadName)s %(lineno)d %(message)s")
+        assert third_party.format(record).endswith(" 7 x")
+        logging.getLogger("embedding_service").info("caller %s", "known")
+        assert "caller known" in capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
 async def test_head_health(client: httpx.AsyncClient) -> None:
     response = await client.head("/health")
     assert response.status_code == 200 and response.content == b""

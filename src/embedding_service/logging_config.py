@@ -99,10 +99,6 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Replace the root handlers with one stderr handler in the chosen format, with request ids."""
-    # Neither format shows the caller, thread or process: don't look them up for every record (the server
-    # writes two INFO lines per request).
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]  # (the documented way to skip findCaller's stack walk)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
