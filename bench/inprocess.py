@@ -140,10 +140,10 @@ async def _engine_pass(spec: dict[str, Any], rows: list[dict[str, Any]]) -> None
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    rows: list[dict[str, Any]] = []
     from embedding_service.logging_config import configure_logging
 
+    spec = json.loads(Path(argv[0]).read_text())
+    rows: list[dict[str, Any]] = []
     # The engine's per-request lines, as `serve` logs them (INFO by default): the ceiling is the same engine
     # doing the same work, without HTTP.
     configure_logging(_settings(spec).log_level)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import multiprocessing
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -118,23 +121,33 @@ def test_text_log_timestamps_equal_the_standard_formatters() -> None:
         assert ours.formatTime(record) == standard.formatTime(record), created
 
 
-def test_configure_logging_keeps_the_record_fields_other_formats_use(capsys: pytest.CaptureFixture[str]) -> None:
+def test_configure_logging_keeps_the_record_fields_other_formats_use() -> None:
     """vLLM's own handler formats `pid=%(process)d [%(fileinfo)s:%(lineno)d]`: our setup must not switch
     off the record fields third-party formats rely on (it once did, and vLLM's lines raised TypeError)."""
     from embedding_service.logging_config import configure_logging
 
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
+    root, ours = logging.getLogger(), logging.getLogger("embedding_service")
+    saved_handlers, saved_root_level, saved_level = root.handlers[:], root.level, ours.level
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = records.append  # type: ignore[method-assign]
     try:
         configure_logging("INFO")
-        record = logging.getLogger("vllm.test").makeRecord("vllm.test", logging.INFO, __file__, 7, "x", None, None)
-        third_party = logging.Formatter("%(process)d %(processName)s %(threadName)s %(lineno)d %(message)s")
-        assert third_party.format(record).endswith(" 7 x")
-        logging.getLogger("embedding_service").info("caller %s", "known")
-        assert "caller known" in capsys.readouterr().err
+        ours.addHandler(catcher)
+        ours.info("from the test")
     finally:
+        ours.removeHandler(catcher)
         root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
+        root.setLevel(saved_root_level)
+        ours.setLevel(saved_level)
+    [record] = records
+    assert (record.process, record.processName) == (os.getpid(), multiprocessing.current_process().name)
+    assert record.threadName == threading.current_thread().name
+    assert record.funcName == "test_configure_logging_keeps_the_record_fields_other_formats_use"
+    assert record.lineno > 0
+    third_party = logging.Formatter("pid=%(process)d %(processName)s %(threadName)s [%(filename)s:%(lineno)d] "
+                                    "%(message)s")
+    assert third_party.format(record).endswith(f"[test_hostile_inprocess.py:{record.lineno}] from the test")
 
 
 async def test_head_health(client: httpx.AsyncClient) -> None:
