@@ -130,8 +130,10 @@ def inprocess(
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", "/tmp/bench-vllm-cache"),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        if engine == "torch":  # as `serve` sets it for the torch engine (service.passive_openmp_for)
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if engine != "vllm-offline":  # our engine: OpenMP waits as `serve` sets them (vLLM's own: its defaults)
+            from embedding_service.service import openmp_waits_for
+
+            env.update(openmp_waits_for([engine], env))
         module = "bench.vllm_offline" if engine == "vllm-offline" else "bench.inprocess"
         with open(out_dir / f"inproc-{engine}-{model['name']}.log", "ab") as log:
             proc = subprocess.run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -34,7 +35,7 @@ __all__ = [
     "build_engine",
     "build_engines",
     "choose_engine",
-    "passive_openmp_for",
+    "openmp_waits_for",
     "plan_model",
     "plan_service",
 ]
@@ -144,13 +145,27 @@ def build_engines(plan: ServicePlan) -> dict[str, EmbeddingEngine]:
     return {role: build_engine(model) for role, model in plan.models.items()}
 
 
-def passive_openmp_for(engine: EngineKind) -> None:
-    """Let torch's idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+# libgomp's spin before an idle OpenMP worker sleeps, for vLLM on CPU. Its default (300,000 spins: several ms)
+# kept a worker spinning on a core after every batch while the event loop answered that batch's requests
+# and read the next ones; bounded to well under a millisecond, 16 HTTP clients on MiniLM went from 0.80x to
+# ~0.89x of our engine in-process, on 2 cores (bench/RESULTS.md, session 27).
+VLLM_GOMP_SPINCOUNT = "10000"
 
-    The server's event loop and tokenizer thread share the CPUs with torch's OpenMP team; spinning workers
-    take those CPUs from them, and on a shared or small machine every op's barrier then waits for a
-    descheduled thread. Measured on 2 busy cores (bench/RESULTS.md): MiniLM 3-5x the texts/s at 1 and 16
-    clients. Read once when OpenMP loads, so call it before torch is imported. vLLM manages its own.
+
+def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """How the OpenMP team of these engines (one per process) waits when idle, unless the user chose.
+
+    The server's event loop and tokenizer thread share the CPUs with the model's OpenMP team; workers that
+    spin while idle take those CPUs from them. torch's team sleeps at once (PASSIVE: measured on 2 busy
+    cores, MiniLM 3-5x the texts/s at 1 and 16 clients, bench/RESULTS.md); vLLM's spins briefly
+    (GOMP_SPINCOUNT above: its ops are many and short, and a sleeping worker would be woken per op).
+    Returns the variables to add to `environ`; libgomp reads them once, when torch loads it, so the caller
+    sets them before torch is imported.
     """
-    if engine == "torch" and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}  # the user's choice
+    if "vllm" in engines:  # the embedding model's engine and the reranker's share one OpenMP runtime
+        return {"GOMP_SPINCOUNT": VLLM_GOMP_SPINCOUNT}
+    if "torch" in engines:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {}
