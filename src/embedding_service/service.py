@@ -145,27 +145,26 @@ def build_engines(plan: ServicePlan) -> dict[str, EmbeddingEngine]:
     return {role: build_engine(model) for role, model in plan.models.items()}
 
 
-# libgomp's spin before an idle OpenMP worker sleeps, for vLLM on CPU. Its default (300,000 spins: several ms)
-# kept a worker spinning on a core after every batch while the event loop answered that batch's requests
-# and read the next ones; bounded to well under a millisecond, 16 HTTP clients on MiniLM went from 0.80x to
-# ~0.89x of our engine in-process, on 2 cores (bench/RESULTS.md, session 27).
-VLLM_GOMP_SPINCOUNT = "10000"
+# libgomp's spin before an idle OpenMP worker sleeps, for the torch and vLLM engines. libgomp's default
+# (300,000 spins: several ms) kept a worker spinning on a core after every batch while the event loop
+# answered that batch's requests and read the next ones; sleeping at once (PASSIVE) makes every op's barrier
+# wake a sleeper. Both lost to ~10,000 spins (well under a millisecond) on 2 cores, MiniLM (bench/RESULTS.md,
+# session 27): vLLM over HTTP at 16 clients 0.80x -> 0.88x of our engine in-process; torch (was PASSIVE)
+# 63 -> 104 texts/s at 1 client, 329 -> 424 at 16.
+GOMP_SPINCOUNT = "10000"
 
 
 def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """How the OpenMP team of these engines (one per process) waits when idle, unless the user chose.
+    """How the OpenMP team of these engines (one per process, shared by both models) waits when idle,
+    unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT in `environ`).
 
-    The server's event loop and tokenizer thread share the CPUs with the model's OpenMP team; workers that
-    spin while idle take those CPUs from them. torch's team sleeps at once (PASSIVE: measured on 2 busy
-    cores, MiniLM 3-5x the texts/s at 1 and 16 clients, bench/RESULTS.md); vLLM's spins briefly
-    (GOMP_SPINCOUNT above: its ops are many and short, and a sleeping worker would be woken per op).
-    Returns the variables to add to `environ`; libgomp reads them once, when torch loads it, so the caller
-    sets them before torch is imported.
+    The server's event loop and tokenizer thread share the CPUs with the model's OpenMP team: workers that
+    spin long after a batch take those CPUs from them. Returns the variables to add to `environ`; libgomp
+    reads them once, when torch loads it, so the caller sets them before torch is imported. OpenVINO
+    threads with TBB and the fake engine has no threads: nothing for them.
     """
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}  # the user's choice
-    if "vllm" in engines:  # the embedding model's engine and the reranker's share one OpenMP runtime
-        return {"GOMP_SPINCOUNT": VLLM_GOMP_SPINCOUNT}
-    if "torch" in engines:
-        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    if any(engine in ("torch", "vllm") for engine in engines):
+        return {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
     return {}
