@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-__all__ = ["RunResult", "drive", "percentile", "run_async", "wait_ready"]
+__all__ = ["RunResult", "drive", "encode_body", "percentile", "run_async", "wait_ready"]
 
 T = TypeVar("T")
 
@@ -50,10 +50,12 @@ class RunResult:
     latencies_ms: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     server_cpu_s: float | None = None
+    percentiles_ms: tuple[float, float, float] | None = None  # (p50, p95, p99) from a client that keeps no list
 
     def summary(self) -> dict[str, Any]:
         wall = max(self.wall_s, 1e-9)
         lat = self.latencies_ms
+        p50, p95, p99 = self.percentiles_ms or (percentile(lat, 50), percentile(lat, 95), percentile(lat, 99))
         return {
             "requests": self.requests,
             "texts": self.texts,
@@ -63,9 +65,9 @@ class RunResult:
             "texts_per_s": round(self.texts / wall, 2),
             "tokens_per_s": round(self.tokens / wall, 1),
             "requests_per_s": round(self.requests / wall, 2),
-            "p50_ms": round(percentile(lat, 50), 2),
-            "p95_ms": round(percentile(lat, 95), 2),
-            "p99_ms": round(percentile(lat, 99), 2),
+            "p50_ms": round(p50, 2),
+            "p95_ms": round(p95, 2),
+            "p99_ms": round(p99, 2),
             "client_cpu_s": round(self.client_cpu_s, 3),
             "client_cpu_pct": round(100 * self.client_cpu_s / wall, 1),
             "server_cpu_s": None if self.server_cpu_s is None else round(self.server_cpu_s, 3),
@@ -77,7 +79,7 @@ class RunResult:
         }
 
 
-def _body(texts: list[str], model: str | None, encoding: str, instruction: str | None = None) -> bytes:
+def encode_body(texts: list[str], model: str | None, encoding: str, instruction: str | None = None) -> bytes:
     payload: dict[str, Any] = {"input": texts if len(texts) != 1 else texts[0], "encoding_format": encoding}
     if model:
         payload["model"] = model
@@ -111,7 +113,7 @@ async def drive(
 ) -> RunResult:
     """Send `requests` in order with `concurrency` in flight until all are sent or `duration_s` passes."""
     result = RunResult()
-    bodies = [_body(texts, model, encoding, instruction) for texts in requests]  # encoded before the clock starts
+    bodies = [encode_body(texts, model, encoding, instruction) for texts in requests]  # encoded before the clock starts
     counts = [len(texts) for texts in requests]
     next_index = 0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
@@ -152,7 +154,7 @@ async def drive(
 
 async def wait_ready(url: str, *, model: str | None, timeout_s: float, alive: Any = None) -> None:
     """Poll with a one-text embedding request until it succeeds (works for every OpenAI-compatible peer)."""
-    body = _body(["ready?"], model, "float")
+    body = encode_body(["ready?"], model, "float")
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:

@@ -70,15 +70,22 @@ async def measure_url(
     server: Server | None,
     tag: dict[str, Any],
     server_formats: bool = False,
+    client: str = "aiohttp",
 ) -> list[dict[str, Any]]:
-    """`server_formats`: the server takes Qwen3's `instruction` field (ours); else queries go formatted."""
+    """`server_formats`: the server takes Qwen3's `instruction` field (ours); else queries go formatted.
+    `client`: the load generator, aiohttp (bench/loadgen.py) or wrk (bench/wrk_client.py)."""
     rows = []
+    sender = drive
+    if client == "wrk":
+        from bench.wrk_client import drive_wrk
+
+        sender = drive_wrk
     for work in works:
 
         async def send(requests: list[list[str]], work: Workload = work) -> Any:
             texts, instruction = as_sent(requests, work.instruction, server_formats)
-            return await drive(url, texts, concurrency=work.concurrency, duration_s=duration, model=model,
-                               encoding=work.encoding, instruction=instruction)
+            return await sender(url, texts, concurrency=work.concurrency, duration_s=duration, model=model,
+                                encoding=work.encoding, instruction=instruction)
 
         await send(_warmup(maker, work))
         cpu0 = server.cpu_seconds() if server else None
@@ -188,7 +195,7 @@ def run_servers(
             print(f"  {name} ready in {load_s:.0f}s on port {server.port}", flush=True)
             tag = {"model": model["name"], "target": name, "load_s": round(load_s, 1)}
             rows += run_async(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag,
-                                            server_formats=PEERS[name].kind == "ours"))
+                                            server_formats=PEERS[name].kind == "ours", client=args.client))
         except Exception as exc:
             reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"
             last = server.log_tail(1).strip()

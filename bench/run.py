@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fma-pipes", type=int, default=2, help="FMA pipes per core for the peak estimate")
     parser.add_argument("--src", default=None, help="source tree our server runs (default: this checkout's src)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client", choices=["aiohttp", "wrk"], default="aiohttp",
+                        help="load generator for the HTTP targets: aiohttp, or wrk (C, lighter on a small "
+                        "machine; needs wrk on PATH)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run all targets N times in turn, with fresh texts each round (a shared machine "
                         "drifts: tables show medians, ratios the median and range of per-round ratios)")
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started,
         "machine": machine,
         "threads": args.threads,
+        "client": args.client,
         "dtype": args.dtype,
         "duration_s": args.duration,
         "rows": [],
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.duration,
                     None,
                     {"model": model["name"], "target": "url"},
+                    client=args.client,
                 )
             )
         elif args.overhead:

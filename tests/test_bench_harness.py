@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_request_shapes_follow_the_workload() -> None:
 
 def test_query_workload_sends_its_instruction_as_each_server_takes_it() -> None:
     """Our server gets the `instruction` field; any other server the query formatted as our server would."""
-    from bench.loadgen import _body
+    from bench.loadgen import encode_body as _body
     from embedding_service.engine.prompts import format_instruction
 
     work = select_workloads(["query-c16"])[0]
@@ -143,3 +144,29 @@ def test_chart_has_one_bar_per_target_and_ratio_labels(tmp_path: Path) -> None:
     out = write_chart({"rows": rows, "dtype": "float32", "threads": 2}, tmp_path / "chart.png")
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_chart({"rows": []}, tmp_path / "none.png") is None
+
+
+@pytest.mark.slow
+def test_wrk_client_counts_what_the_server_answered(server_factory) -> None:
+    """bench --client wrk: it stops once every body is answered; texts and tokens come from the responses,
+    refused requests count as errors, and wrk's own CPU time is measured."""
+    import shutil
+
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI"):
+            pytest.fail("wrk is missing (.ci/run installs it)")
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    from bench.loadgen import run_async
+    from bench.wrk_client import drive_wrk
+
+    server = server_factory(["--engine", "fake", "--served-model-name", "m", "--max-batch-size", "8"])
+    server.wait_healthy()
+    url = server.url + "/v1/embeddings"
+    good = [["two", f"texts {i}"] for i in range(30)]
+    res = run_async(drive_wrk(url, good, concurrency=4, duration_s=30, model="m"))
+    assert (res.requests, res.errors, res.texts) == (30, 0, 60)
+    assert res.tokens > 60 and res.wall_s < 20  # stopped once all were answered, not after 30 s
+    assert res.client_cpu_s > 0 and res.percentiles_ms is not None and res.summary()["p50_ms"] > 0
+    bad = run_async(drive_wrk(url, [["fine"], [""] * 0, ["fine too"]], concurrency=1, duration_s=30, model="m"))
+    assert (bad.requests, bad.errors, bad.texts) == (2, 1, 2)
+    assert bad.error_samples and "non-200" in bad.error_samples[0]
