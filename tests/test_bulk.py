@@ -195,6 +195,31 @@ def test_changed_settings_are_refused_and_a_finished_job_is_not_redone(tmp_path:
     assert read_parquet(tmp_path / "o2.parquet")[1].shape == (20, 32)
 
 
+@pytest.mark.parametrize("suffix", ["npy", "jsonl"])
+def test_a_finished_npy_or_jsonl_job_is_not_redone(tmp_path: Path, suffix: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """These formats cannot hold the fingerprint: an extended attribute does (a job killed after its work
+    folder was removed, or simply run twice, then says it is done instead of refusing the output)."""
+    probe = tmp_path / "probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError:
+        pytest.skip("this file system keeps no user attributes")
+    probe.unlink()
+    (tmp_path / "in.txt").write_text("\n".join(texts_of(20)) + "\n")
+    out = tmp_path / f"out.{suffix}"
+    assert embed(tmp_path / "in.txt", "-o", out) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert embed(tmp_path / "in.txt", "-o", out) == 0
+    assert "is already complete (20 rows)" in capsys.readouterr().err  # rows counted from the file itself
+    assert out.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "in.txt", out])  # nothing beside the output
+    assert embed(tmp_path / "in.txt", "-o", out, "--instruction", "Find it") == 1  # other settings: refused
+    assert "already exists" in capsys.readouterr().err
+
+
 def test_nothing_is_written_outside_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, out, cwd, tmp = (tmp_path / d for d in ("data", "out", "cwd", "tmp"))
     for folder in (data, out, cwd, tmp):

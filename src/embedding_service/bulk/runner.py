@@ -19,7 +19,7 @@ from .local import BulkRowError
 from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, remove_tree, work_dir
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, Plan, expand_inputs, scan
-from .writers import finalize, output_format, part_table, read_fingerprint, write_part
+from .writers import count_rows, finalize, output_format, part_table, read_fingerprint, write_part
 
 __all__ = ["Embedder", "Job", "JobState", "Summary", "run_job"]
 
@@ -163,10 +163,7 @@ class JobState:
     def summary(self, seconds: float, new_rows: int) -> Summary:
         parts = self.manifest.parts
         if self.complete:
-            import pyarrow.parquet as pq
-
-            rows = pq.ParquetFile(self.job.output).metadata.num_rows
-            return Summary(rows, 0, 0, seconds, 0, self.job.output, already_done=True)
+            return Summary(count_rows(self.job.output), 0, 0, seconds, 0, self.job.output, already_done=True)
         return Summary(sum(p.rows_out for p in parts), sum(p.rows_in - p.rows_out for p in parts),
                        sum(p.tokens for p in parts), seconds, new_rows, self.job.output)
 

@@ -5,11 +5,14 @@ Final formats, by the output's suffix:
   layout vector databases load); one row group per chunk; the job's fingerprint in the schema metadata.
 - .npy: a float32 matrix, rows in input order (vectors only).
 - .jsonl: `{"id": ..., "text"?: ..., "embedding": [...]}` per line.
-The final file is written beside the output and renamed over it, so it is whole or absent.
+The final file is written beside the output and renamed over it, so it is whole or absent. The job's
+fingerprint goes with it, so that a rerun of a finished job knows it is done: in the schema metadata of a
+parquet file, in an extended attribute of an npy or jsonl one (where the file system keeps them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -25,6 +28,7 @@ from .manifest import Manifest, atomic_write, fsync_dir, part_name
 __all__ = [
     "METADATA_KEY",
     "OUTPUT_FORMATS",
+    "count_rows",
     "finalize",
     "output_format",
     "part_table",
@@ -34,6 +38,7 @@ __all__ = [
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".npy": "npy", ".jsonl": "jsonl"}
 METADATA_KEY = b"embedding_service.bulk"
+XATTR_KEY = "user.embedding_service.bulk"  # the same fingerprint on npy and jsonl outputs
 
 
 def output_format(path: Path) -> str:
@@ -75,23 +80,42 @@ def finalize(folder: Path, manifest: Manifest, output: Path, fmt: str, fingerpri
         _join_npy(parts, tmp, sum(p.rows_out for p in manifest.parts), manifest.dimension or 0)
     else:
         _join_jsonl(parts, tmp)
+    if fmt != "parquet" and hasattr(os, "setxattr"):
+        with contextlib.suppress(OSError):  # a file system without user attributes: a rerun cannot tell
+            os.setxattr(tmp, XATTR_KEY, orjson.dumps(fingerprint))
     os.replace(tmp, output)
     fsync_dir(output.parent)
     fault_point("final-renamed")
 
 
 def read_fingerprint(output: Path) -> dict[str, Any] | None:
-    """The fingerprint a finished parquet output was written with (None for other formats or files)."""
+    """The fingerprint a finished output was written with (None when the file has none)."""
     import pyarrow.parquet as pq
 
     if output.suffix.lower() != ".parquet":
-        return None
+        try:
+            return orjson.loads(os.getxattr(output, XATTR_KEY)) if hasattr(os, "getxattr") else None
+        except (OSError, orjson.JSONDecodeError):
+            return None
     try:
         metadata = pq.read_schema(output).metadata or {}
     except (OSError, pa.ArrowException):
         return None
     raw = metadata.get(METADATA_KEY)
     return orjson.loads(raw) if raw else None
+
+
+def count_rows(output: Path) -> int:
+    """Rows of a finished output."""
+    import pyarrow.parquet as pq
+
+    suffix = output.suffix.lower()
+    if suffix == ".parquet":
+        return int(pq.ParquetFile(output).metadata.num_rows)
+    if suffix == ".npy":
+        return int(np.load(output, mmap_mode="r").shape[0])
+    with output.open("rb") as lines:
+        return sum(1 for _ in lines)
 
 
 def _read_part(path: Path) -> pa.Table:
