@@ -53,16 +53,16 @@ def test_request_shapes_follow_the_workload() -> None:
 
 def test_query_workload_sends_its_instruction_as_each_server_takes_it() -> None:
     """Our server gets the `instruction` field; any other server the query formatted as our server would."""
-    from bench.loadgen import encode_body as _body
+    from bench.loadgen import encode_body
     from embedding_service.engine.prompts import format_instruction
 
     work = select_workloads(["query-c16"])[0]
     requests = TextMaker().requests(work, 3)
     to_ours, field = as_sent(requests, work.instruction, server_formats=True)
     assert to_ours == requests and field == QWEN3_QUERY_INSTRUCTION
-    assert json.loads(_body(to_ours[0], "m", "float", field))["instruction"] == QWEN3_QUERY_INSTRUCTION
+    assert json.loads(encode_body(to_ours[0], "m", "float", field))["instruction"] == QWEN3_QUERY_INSTRUCTION
     to_peers, field = as_sent(requests, work.instruction, server_formats=False)
-    assert field is None and "instruction" not in json.loads(_body(to_peers[0], "m", "float", field))
+    assert field is None and "instruction" not in json.loads(encode_body(to_peers[0], "m", "float", field))
     assert [r[0] for r in to_peers] == [format_instruction(QWEN3_QUERY_INSTRUCTION, r[0]) for r in requests]
     plain = select_workloads(["short-c16"])[0]
     assert as_sent(requests, plain.instruction, server_formats=False) == (requests, None)
@@ -150,14 +150,13 @@ def test_chart_has_one_bar_per_target_and_ratio_labels(tmp_path: Path) -> None:
 def test_wrk_client_counts_what_the_server_answered(server_factory) -> None:
     """bench --client wrk: it stops once every body is answered; texts and tokens come from the responses,
     refused requests count as errors, and wrk's own CPU time is measured."""
-    import shutil
+    from bench.loadgen import run_async
+    from bench.wrk_client import drive_wrk, wrk_available
 
-    if shutil.which("wrk") is None:
+    if not wrk_available():
         if os.environ.get("CI"):
             pytest.fail("wrk is missing (.ci/run installs it)")
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    from bench.loadgen import run_async
-    from bench.wrk_client import drive_wrk
 
     server = server_factory(["--engine", "fake", "--served-model-name", "m", "--max-batch-size", "8"])
     server.wait_healthy()

@@ -128,12 +128,10 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if record.levelno < logging.WARNING:
             with contextlib.suppress(RuntimeError):  # no loop runs in this thread
                 loop = asyncio.get_running_loop()
-        if loop is None:
-            self._write("".join(self._kept) + line if self._kept else line)
-            self._kept.clear()
-            return
         self._kept.append(line)
-        if not self._scheduled:
+        if loop is None:
+            self.flush()  # now, with whatever the loop still keeps before it (the lock is reentrant)
+        elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self.flush)
 
