@@ -7,6 +7,10 @@ into every task and `run_in_executor` call started while handling the request, s
 Lines logged on a running event loop below WARNING go out together, one write per loop iteration
 (`LoopBatchedStreamHandler`): under load a write to the log cost ~6 µs of the event loop's CPU, and the server
 writes two lines per request (bench/RESULTS.md, session 27).
+
+Those two lines (`RequestLine`) skip the logging machinery when the set-up is this module's own text format:
+through `Logger.info` each cost ~30 µs of the event loop under load (record, caller lookup, filters, format),
+a quarter of the server's own work per request at 64 clients (bench/RESULTS.md, session 28).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "LogFormat",
     "LoopBatchedStreamHandler",
     "RequestIdFilter",
+    "RequestLine",
     "TextFormatter",
     "configure_logging",
     "request_id_var",
@@ -70,10 +75,12 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return f"{self.second_text(int(record.created))},{int(record.msecs):03d}"
+
+    def second_text(self, second: int) -> str:
         if self._stamp[0] != second:
             self._stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
-        return f"{self._stamp[1]},{int(record.msecs):03d}"
+        return self._stamp[1]
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if _UNSAFE.search(record.message):
@@ -124,8 +131,13 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.keep(line, record.levelno)
+
+    def keep(self, line: str, level: int) -> None:
+        """Write a formatted line: on the next loop iteration when it is below WARNING and logged on a
+        running loop, else now (after whatever is kept). Called with the lock held (reentrant)."""
         loop = None
-        if record.levelno < logging.WARNING:
+        if level < logging.WARNING:
             with contextlib.suppress(RuntimeError):  # no loop runs in this thread
                 loop = asyncio.get_running_loop()
         self._kept.append(line)
@@ -153,10 +165,75 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(logging.makeLogRecord({"msg": data.rstrip()}))
 
 
+class RequestLine:
+    """An INFO line logged for every request, e.g. `RequestLine(log, "Processing %d texts for embedding")(n)`.
+
+    With `configure_logging`'s text set-up untouched (its handler alone on the root logger, the logger
+    propagating straight to it, no other handler or filter on the way), the line is rendered here exactly
+    as that handler's formatter renders it, and kept by the handler; with any other set-up (JSON lines, a
+    handler or filter someone added, another configuration) it goes through `logger.info` as usual.
+    """
+
+    def __init__(self, logger: logging.Logger, fmt: str) -> None:
+        self.logger = logger
+        self.fmt = fmt
+
+    def __call__(self, *args: object) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handler = _plain_text_handler(logger)
+        if handler is None:
+            logger.info(self.fmt, *args, stacklevel=2)  # (the caller's file and line, as a direct call)
+            return
+        created, msecs = _record_clock()
+        message = self.fmt % args
+        if _UNSAFE.search(message):
+            message = _UNSAFE.sub(_escape, message)
+        formatter: TextFormatter = handler.formatter  # type: ignore[assignment]
+        line = (f"{formatter.second_text(int(created))},{msecs:03d} INFO {logger.name} "
+                f"[{request_id_var.get() or '-'}]: {message}{handler.terminator}")
+        with handler.lock:  # type: ignore[union-attr]
+            handler.keep(line, logging.INFO)
+
+
+def _record_clock() -> tuple[float, int]:
+    """(created, msecs) as this Python's LogRecord computes them (3.13 moved to time_ns), so that a line's
+    time is the one a record made at that moment would show, to the millisecond."""
+    if sys.version_info >= (3, 13):
+        ns = time.time_ns()
+        return ns / 1e9, (ns % 1_000_000_000) // 1_000_000
+    now = time.time()
+    return now, int((now - int(now)) * 1000)
+
+
+# The text set-up configure_logging installed: (handler, its formatter, its filter), or None.
+_text_setup: tuple[LoopBatchedStreamHandler, TextFormatter, RequestIdFilter] | None = None
+
+
+def _plain_text_handler(logger: logging.Logger) -> LoopBatchedStreamHandler | None:
+    """configure_logging's text handler when a record from `logger` would reach it and only it, unchanged."""
+    setup = _text_setup
+    if setup is None:
+        return None
+    handler, formatter, id_filter = setup
+    root = logging.root
+    if (logger.handlers or logger.filters or not logger.propagate or logger.parent is not root
+            or root.filters or len(root.handlers) != 1 or root.handlers[0] is not handler
+            or handler.formatter is not formatter or handler.level > logging.INFO
+            or len(handler.filters) != 1 or handler.filters[0] is not id_filter):
+        return None
+    return handler
+
+
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Replace the root handlers with one stderr handler in the chosen format, with request ids."""
+    global _text_setup
     handler = LoopBatchedStreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
+    id_filter = RequestIdFilter()
+    handler.addFilter(id_filter)
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("embedding_service").setLevel(level)
+    _text_setup = (handler, formatter, id_filter) if isinstance(formatter, TextFormatter) else None

@@ -15,11 +15,13 @@ import numpy as np
 from ..backends.base import Backend, BackendInfo
 from ..backends.scoring import TokenPair
 from ..errors import ErrorKind, ServiceError
+from ..logging_config import RequestLine
 from .engine import EmbeddingEngine, EngineOptions
 
 __all__ = ["PairBackend", "RerankEngine", "ScoreRequest", "ScoreResult"]
 
 log = logging.getLogger("embedding_service")
+_scored = RequestLine(log, "Scored %d pairs in %.3fs")  # one line per request (logging_config)
 
 
 class PairBackend(Backend, Protocol):
@@ -64,7 +66,7 @@ class RerankEngine(EmbeddingEngine):
                 pairs = await self._prepare_pairs(request, info)
             started = time.perf_counter()
             rows, queued, compute = await self._submit(pairs)
-            log.info("Scored %d pairs in %.3fs", len(request.documents), time.perf_counter() - started)
+            _scored(len(request.documents), time.perf_counter() - started)
             return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), sum(len(p) for p in pairs), queued,
                                compute)
         finally:
