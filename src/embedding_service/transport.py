@@ -15,6 +15,10 @@ answers 503 to new requests once the count is reached, so slow connections lock 
   still sending its headers) is closed to make room, so slow clients cannot lock out fast ones. Only when
   every connection holds a request in progress is the new one refused (503).
 
+Each request's scope also carries a `HangupHook` (api/lifecycle.py): when the connection is lost before a
+response is complete, the hooks of the requests still unanswered on it are fired, so that the app need not
+keep a task per request reading the connection to learn it.
+
 The fast path pays two timer calls per request (`call_later`/`cancel`, about a microsecond each).
 """
 
@@ -23,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .api.lifecycle import HANGUP_EXTENSION, HangupHook
 from .errors import ErrorKind, ServiceError, http_error_bytes
 
 __all__ = ["ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "raise_file_limit"]
@@ -83,6 +89,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._message_ended = False  # a request ended inside the chunk being parsed
         self._counted = False
         self.answered = False  # at least one response completed (drain: this connection was answered)
+        self._unanswered_hooks: deque[HangupHook] = deque()  # requests begun and not answered, oldest first
 
     # --- connection --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -99,6 +106,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
         super().connection_lost(exc)
+        while self._unanswered_hooks:
+            self._unanswered_hooks.popleft().fire()
 
     def _forget(self) -> None:
         self._cancel()
@@ -183,6 +192,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        hook = HangupHook()
+        self._unanswered_hooks.append(hook)
+        self.scope["extensions"] = {HANGUP_EXTENSION: {"hook": hook}}  # (ASGI: an extension's value is a dict)
         if self._deadline is None:  # a keep-alive connection's next request: its headers get the deadline
             self._arm(self.limits.header_timeout_s, self._header_timed_out)
 
@@ -204,6 +216,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self.answered = True
+        if self._unanswered_hooks:  # (responses go out in the order of their requests)
+            self._unanswered_hooks.popleft()
         super().on_response_complete()
         if self._counted and not self.transport.is_closing() and not self.pipeline and self._reading_headers:
             self._evictable[self] = None  # idle keep-alive now: newest of the evictable

@@ -4,6 +4,10 @@ Neither uvicorn nor Starlette cancels a plain handler when its client disconnect
 run on, and its texts would still take a place in the batch queue and in the model. `CancelOnDisconnect`
 watches the connection once the request body has been read, and cancels the handler when the client
 goes; the cancellation reaches the batcher's job future, whose queued texts are then skipped.
+
+Our server's connections (transport.py) offer a `HangupHook` in `scope["extensions"]` and call it back when
+the client goes; under any other server a task per request reads the connection instead (that task cost
+~17 µs of the event loop per request under load, ~8% of the fake engine's whole request: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,16 +20,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ErrorKind, ServiceError, send_error
 
-__all__ = ["CancelOnDisconnect", "CloseConnectionsWhile"]
+__all__ = ["HANGUP_EXTENSION", "CancelOnDisconnect", "CloseConnectionsWhile", "HangupHook"]
 
 log = logging.getLogger("embedding_service")
+
+HANGUP_EXTENSION = "embedding_service.hangup"
+
+
+class HangupHook:
+    """What a server offers as `scope["extensions"][HANGUP_EXTENSION]["hook"]`: it calls `callback` (once
+    set) when the client disconnects before the response is complete."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+
+    def fire(self) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
 
 
 class CancelOnDisconnect:
     """Cancel the handler when the client disconnects before its response is complete.
 
-    The handler runs in the server's own task (no extra task, no copy of the context); one watcher task per
-    POST reads the connection once the body is in, and cancels the request's task if the client goes.
+    The handler runs in the server's own task (no extra task, no copy of the context). Once the body is in,
+    the server's hang-up hook (or, without one, a watcher task reading the connection) cancels the request's
+    task if the client goes.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -37,16 +59,20 @@ class CancelOnDisconnect:
             return
         request_task = asyncio.current_task()
         assert request_task is not None
+        hook: HangupHook | None = (scope.get("extensions") or {}).get(HANGUP_EXTENSION, {}).get("hook")
         watcher: asyncio.Task[None] | None = None
         started = responded = hung_up = False
 
-        async def watch() -> None:
+        def hang_up() -> None:
             nonlocal hung_up
-            while (await receive())["type"] != "http.disconnect":
-                pass
             if not responded:  # (servers also report a disconnect once the response is complete)
                 hung_up = True
                 request_task.cancel()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            hang_up()
 
         async def app_receive() -> Message:
             nonlocal watcher
@@ -55,7 +81,10 @@ class CancelOnDisconnect:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
-                watcher = asyncio.ensure_future(watch())
+                if hook is not None:
+                    hook.callback = hang_up
+                else:
+                    watcher = asyncio.ensure_future(watch())
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -88,6 +117,8 @@ class CancelOnDisconnect:
                                                 retry_after_s=1))
             request_task.uncancel()
         finally:
+            if hook is not None:
+                hook.callback = None
             if watcher is not None:
                 watcher.cancel()
 
