@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from embedding_service.api.lifecycle import HANGUP_EXTENSION, CancelOnDisconnect, HangupHook
+from embedding_service.api.lifecycle import HANGUP_EXTENSION, RequestLifecycle, HangupHook
 
 BODY = {"type": "http.request", "body": b"{}", "more_body": False}
 
@@ -60,7 +60,7 @@ async def test_the_servers_hook_cancels_the_request_without_a_task_reading_the_c
         sent.append(message)
 
     tasks_before = len(asyncio.all_tasks())
-    request = asyncio.ensure_future(CancelOnDisconnect(handler)(scope_with(hook), receive, send))
+    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(hook), receive, send))
     await handler.body_read.wait()
     assert hook.callback is not None and reads == 1
     assert len(asyncio.all_tasks()) == tasks_before + 1  # the request's task only: no watcher
@@ -86,7 +86,7 @@ async def test_without_a_hook_a_watcher_reads_the_connection_and_cancels() -> No
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    request = asyncio.ensure_future(CancelOnDisconnect(handler)(scope_with(None), receive, send))
+    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(None), receive, send))
     await handler.body_read.wait()
     await asyncio.sleep(0.01)
     assert not request.done() and reads == 2  # the watcher is waiting on the connection
@@ -104,6 +104,6 @@ async def test_a_hang_up_after_the_response_cancels_nothing() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await CancelOnDisconnect(handler)(scope_with(hook), receive, send)
+    await RequestLifecycle(handler)(scope_with(hook), receive, send)
     hook.fire()  # (the transport fires only unanswered requests' hooks; and the callback is gone anyway)
     assert [m.get("status") for m in sent] == [200, None] and not handler.cancelled

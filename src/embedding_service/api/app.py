@@ -21,8 +21,7 @@ from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
-from .lifecycle import CancelOnDisconnect, CloseConnectionsWhile
-from .middleware import ErrorEnvelopeMiddleware
+from .lifecycle import RequestLifecycle
 from .observability import install_observability
 from .openapi import install_openapi
 from .ratelimit import RateLimiter, RateLimitMiddleware
@@ -133,11 +132,8 @@ def create_app(
     # the routes exist; the middleware stack itself is only built at startup.
     direct: dict[str, APIRoute] = {}
     app.add_middleware(DirectRoutes, routes=direct, on_service_error=_service_error)
-    app.add_middleware(ErrorEnvelopeMiddleware)
-    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(RequestLifecycle)
     _install_guards(app, GuardOptions.from_config(settings), open_paths=DOCS_PATHS if settings.api_docs else ())
-    app.add_middleware(CloseConnectionsWhile,
-                       condition=lambda: any(each.state is EngineState.DRAINING for each in engines))
     if on_fatal is not None:
         for each in engines:
             each.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
@@ -146,7 +142,8 @@ def create_app(
     app.state.context = ctx
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
-    metrics = install_observability(app, engine)  # the reranker's metrics are embedding_rerank_*, even alone
+    metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
+        app, engine, closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
     if reranker is not None:
         metrics.add_reranker(reranker)
     _install_error_handlers(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
@@ -13,12 +15,14 @@ from .request_context import RequestContextMiddleware
 __all__ = ["install_observability"]
 
 
-def install_observability(app: FastAPI, engine: EmbeddingEngine | None) -> ServiceMetrics:
-    """Add request ids, timing headers and Prometheus metrics to `app`. Call after the other middleware,
-    so that this one is outermost and also sees (and counts) the error middleware's 500s."""
+def install_observability(app: FastAPI, engine: EmbeddingEngine | None,
+                          closing: Callable[[], bool] | None = None) -> ServiceMetrics:
+    """Add request ids, timing headers and Prometheus metrics to `app` (and `Connection: close` while
+    `closing()`). Call after the other middleware, so that this one is outermost and also sees (and counts)
+    the error middleware's 500s."""
     metrics = ServiceMetrics(engine)
     app.state.metrics = metrics
-    app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request)
+    app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request, closing=closing)
     router = APIRouter()
 
     @router.get("/metrics", response_class=Response, **operation_doc(

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, a total-time header, and one observation per request for metrics.
+"""Pure ASGI middleware: request ids, a total-time header, `Connection: close` while the server drains, and one
+observation per request for metrics.
 
 A plain ASGI class rather than Starlette's BaseHTTPMiddleware: that one runs the app in a separate task and
 re-streams the body, which costs time on every request and breaks context variables in some versions.
@@ -35,6 +36,7 @@ RequestObserver = Callable[[str, str, int, float], None]
 # Client ids are echoed into headers and logs: accept only short, printable, quote-free tokens.
 _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _ID_HEADER_KEY = b"x-request-id"
+_REPLACED_WHEN_CLOSING = (_ID_HEADER_KEY, b"connection")
 
 
 # Generated ids: a random per-process prefix and a counter. As unique as uuid4 for this purpose, without a
@@ -74,11 +76,16 @@ def _client_request_id(scope: Scope) -> str | None:
 class RequestContextMiddleware:
     """Gives every HTTP request an id (the client's X-Request-Id when valid, else a new 32-hex one),
     exposes it to handlers (request header) and logs (context variable), returns it with X-Total-Time-Ms
-    on every response, and reports (route, method, status, seconds) to `observer` once it is finished."""
+    on every response, and reports (route, method, status, seconds) to `observer` once it is finished.
 
-    def __init__(self, app: ASGIApp, observer: RequestObserver | None = None) -> None:
+    While `closing()` holds (the server is draining) responses say `Connection: close`, so that clients stop
+    reusing keep-alive connections to a server that is about to close its listener."""
+
+    def __init__(self, app: ASGIApp, observer: RequestObserver | None = None,
+                 closing: Callable[[], bool] | None = None) -> None:
         self.app = app
         self.observer = observer
+        self.closing = closing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,7 +108,11 @@ class RequestContextMiddleware:
                 response_started = True
                 status = int(message["status"])
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _ID_HEADER_KEY]
+                if self.closing is not None and self.closing():
+                    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in _REPLACED_WHEN_CLOSING]
+                    headers.append((b"connection", b"close"))
+                else:
+                    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _ID_HEADER_KEY]
                 headers.append((_ID_HEADER_KEY, request_id.encode()))
                 headers.append((b"x-total-time-ms", f"{elapsed_ms:.2f}".encode()))
                 message = {**message, "headers": headers}
