@@ -246,6 +246,7 @@ def test_client_that_hangs_up_has_its_queued_work_dropped(server_factory: type[S
     assert server.stop() == 0
     assert log.count("disconnected before POST /v1/embeddings finished") == 5, log
     assert log.count("fake backend: batch") == 2, log  # "stays" and "after": the five were never embedded
+    assert "start-up heap frozen" in log  # (serve's on_loaded: server.freeze_startup_heap)
 
 
 def test_engine_death_fails_requests_and_exits_nonzero(server_factory: type[ServerProcess]) -> None:

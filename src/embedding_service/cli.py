@@ -170,7 +170,7 @@ def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket
     from .api.app import create_app
     from .backends.base import BackendDeadError, BackendLoadError
     from .engine.rerank import RerankEngine
-    from .server import DrainingServer, uvicorn_config
+    from .server import DrainingServer, freeze_startup_heap, uvicorn_config
     from .service import EMBED, RERANK, build_engines
 
     failures: list[BaseException] = []
@@ -188,7 +188,7 @@ def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket
     engine, reranker = engines.get(EMBED), engines.get(RERANK)
     assert reranker is None or isinstance(reranker, RerankEngine)  # service.build_engine of the rerank role
     try:
-        app = create_app(settings, engine, reranker=reranker, on_fatal=fatal)
+        app = create_app(settings, engine, reranker=reranker, on_fatal=fatal, on_loaded=freeze_startup_heap)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
     server = DrainingServer(uvicorn_config(app, settings), list(engines.values()), settings.shutdown_timeout)

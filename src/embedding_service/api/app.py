@@ -85,10 +85,11 @@ def create_app(
     *,
     reranker: RerankEngine | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
+    on_loaded: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The HTTP application over the embedding engine and/or the reranker's (built by service.py; tests pass
-    fake ones). The app's lifespan starts the engines in the background, one after the other, and drains and
-    stops them at shutdown.
+    fake ones). The app's lifespan starts the engines in the background, one after the other (then calls
+    `on_loaded`), and drains and stops them at shutdown.
 
     Raises RuntimeError / ValueError for a setting it cannot honour (token_ids_tiktoken offline, a
     malformed API key file).
@@ -112,6 +113,8 @@ def create_app(
                 if on_fatal is not None:
                     on_fatal(exc)
                 return
+        if on_loaded is not None:
+            on_loaded()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
