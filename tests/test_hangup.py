@@ -36,6 +36,25 @@ class Handler:
             raise
 
 
+class Connection:
+    """The server side of `receive`: the body, then (on later reads) a disconnect once `gone` is set."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.gone = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        self.reads += 1
+        if self.reads == 1:
+            return BODY
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+
 def scope_with(hook: HangupHook | None) -> dict[str, Any]:
     scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [],
                              "client": ("127.0.0.1", 1)}
@@ -45,65 +64,33 @@ def scope_with(hook: HangupHook | None) -> dict[str, Any]:
 
 
 async def test_the_servers_hook_cancels_the_request_without_a_task_reading_the_connection() -> None:
-    hook, handler, sent = HangupHook(), Handler(), []
-    reads = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal reads
-        reads += 1
-        if reads == 1:
-            return BODY
-        await asyncio.Event().wait()  # a server with the hook need not be read again
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
+    hook, handler, conn = HangupHook(), Handler(), Connection()  # (conn.gone is never set: the hook tells)
     tasks_before = len(asyncio.all_tasks())
-    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(hook), receive, send))
+    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(hook), conn.receive, conn.send))
     await handler.body_read.wait()
-    assert hook.callback is not None and reads == 1
+    await asyncio.sleep(0.01)
+    assert hook.callback is not None and conn.reads == 1  # nobody reads the connection after the body
     assert len(asyncio.all_tasks()) == tasks_before + 1  # the request's task only: no watcher
     hook.fire()  # the connection is lost
     await asyncio.wait_for(request, 2)
     assert handler.cancelled and not request.cancelled()
-    assert sent[0]["status"] == 499  # what the metrics and access log outside see
+    assert conn.sent[0]["status"] == 499  # what the metrics and access log outside see
     assert hook.callback is None
 
 
 async def test_without_a_hook_a_watcher_reads_the_connection_and_cancels() -> None:
-    handler, sent, gone = Handler(), [], asyncio.Event()
-    reads = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal reads
-        reads += 1
-        if reads == 1:
-            return BODY
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(None), receive, send))
+    handler, conn = Handler(), Connection()
+    request = asyncio.ensure_future(RequestLifecycle(handler)(scope_with(None), conn.receive, conn.send))
     await handler.body_read.wait()
     await asyncio.sleep(0.01)
-    assert not request.done() and reads == 2  # the watcher is waiting on the connection
-    gone.set()
+    assert not request.done() and conn.reads == 2  # the watcher is waiting on the connection
+    conn.gone.set()
     await asyncio.wait_for(request, 2)
-    assert handler.cancelled and sent[0]["status"] == 499
+    assert handler.cancelled and conn.sent[0]["status"] == 499
 
 
 async def test_a_hang_up_after_the_response_cancels_nothing() -> None:
-    hook, handler, sent = HangupHook(), Handler(answers=True), []
-
-    async def receive() -> dict[str, Any]:
-        return BODY
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await RequestLifecycle(handler)(scope_with(hook), receive, send)
+    hook, handler, conn = HangupHook(), Handler(answers=True), Connection()
+    await RequestLifecycle(handler)(scope_with(hook), conn.receive, conn.send)
     hook.fire()  # (the transport fires only unanswered requests' hooks; and the callback is gone anyway)
-    assert [m.get("status") for m in sent] == [200, None] and not handler.cancelled
+    assert [m.get("status") for m in conn.sent] == [200, None] and not handler.cancelled
