@@ -36,6 +36,7 @@ RequestObserver = Callable[[str, str, int, float], None]
 # Client ids are echoed into headers and logs: accept only short, printable, quote-free tokens.
 _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _ID_HEADER_KEY = b"x-request-id"
+_REPLACED = (_ID_HEADER_KEY,)  # the app's own copy of our header
 _REPLACED_WHEN_CLOSING = (_ID_HEADER_KEY, b"connection")
 
 
@@ -108,11 +109,11 @@ class RequestContextMiddleware:
                 response_started = True
                 status = int(message["status"])
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                if self.closing is not None and self.closing():
-                    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in _REPLACED_WHEN_CLOSING]
+                closing = self.closing is not None and self.closing()
+                replaced = _REPLACED_WHEN_CLOSING if closing else _REPLACED
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in replaced]
+                if closing:
                     headers.append((b"connection", b"close"))
-                else:
-                    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _ID_HEADER_KEY]
                 headers.append((_ID_HEADER_KEY, request_id.encode()))
                 headers.append((b"x-total-time-ms", f"{elapsed_ms:.2f}".encode()))
                 message = {**message, "headers": headers}
