@@ -20,6 +20,9 @@ response is complete, the hooks of the requests still unanswered on it are fired
 keep a task per request reading the connection to learn it.
 
 The fast path pays two timer calls per request (`call_later`/`cancel`, about a microsecond each).
+
+A response's head and body leave in one write (`CoalescedWrites`): uvicorn writes them separately, and each
+write on an idle socket is a system call and a TCP segment of its own.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ import resource
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .api.lifecycle import HANGUP_EXTENSION, HangupHook
 from .errors import ErrorKind, ServiceError, http_error_bytes
 
-__all__ = ["ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "raise_file_limit"]
+__all__ = ["CoalescedWrites", "ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "raise_file_limit"]
 
 log = logging.getLogger("embedding_service")
 
@@ -73,6 +76,53 @@ def raise_file_limit(max_connections: int) -> int:
     return min(max_connections, fits)
 
 
+class CoalescedWrites:
+    """A transport on which a response's head waits for the first part of its body, and both go out in one
+    `writelines` call (one writev under uvloop). A head is a write that starts with `HTTP/`; one not followed
+    by another write in the same event-loop turn (a 100 Continue, a streamed body's first part still being
+    computed) goes out at the end of that turn. Whatever is not a head is written at once, as before: a
+    response is not held back behind the other responses of that turn. Closing writes what waits first;
+    anything else is the wrapped transport's."""
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._pending is not None:
+            self._pending.append(data)
+            self.flush()
+        elif data.startswith(b"HTTP/"):
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.writelines(pending)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        waiting = sum(len(part) for part in self._pending) if self._pending else 0
+        return waiting + self._transport.get_write_buffer_size()
+
+    def __getattr__(self, name: str) -> Any:  # pause_reading, get_extra_info, abort, ...
+        return getattr(self._transport, name)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines, a header cap and the connection bound (see module doc)."""
 
@@ -93,7 +143,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # --- connection --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
         if self._open[0] >= self.limits.max_connections and not self._evict_oldest():
             self.close_with(ErrorKind.OVERLOADED, "server is at its connection limit; retry shortly",
                             "too_many_connections")
