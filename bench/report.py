@@ -55,6 +55,12 @@ def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[
             ratio_cols.append((f"{name} / {peer}", name, peer))
     if "ours-vllm" in targets and "ours-torch" in targets:
         ratio_cols.append(("ours-vllm / ours-torch", "ours-vllm", "ours-torch"))
+    for name in (t for t in targets if t.startswith("bare-")):  # the request path's floor (bench/bare_server.py)
+        engine = name.removeprefix("bare-")
+        if f"inproc-engine-{engine}" in targets:
+            ratio_cols.append((f"{name} / in-proc", name, f"inproc-engine-{engine}"))
+        if f"ours-{engine}" in targets:
+            ratio_cols.append((f"ours-{engine} / {name}", f"ours-{engine}", name))
     head = ["workload", *targets, *(c[0] for c in ratio_cols)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workloads:

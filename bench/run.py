@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [t for t in args.targets.split(",") if t]
     works = select_workloads([w for w in args.workloads.split(",") if w])
-    if args.overhead:
-        targets = ["ours-fake"]
+    if args.overhead:  # the fake-engine servers named (default ours); bare-fake is the floor (bench/bare_server.py)
+        targets = [t for t in targets if t.endswith("-fake")] or ["ours-fake"]
         works = select_workloads(args.workloads.split(",") if args.workloads else OVERHEAD_WORKLOADS)
     result: dict[str, Any] = {
         "started": started,
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["models"].append(model)
             for round_no in range(1, args.repeat + 1):
-                measured = run_servers(["ours-fake"], model, works, maker, args, out_dir, result)
+                measured = run_servers(targets, model, works, maker, args, out_dir, result)
                 result["rows"] += _in_round(measured, round_no, args.repeat)
         else:
             for model in _models([m for m in args.models.split(",") if m], Path(args.models_dir)):

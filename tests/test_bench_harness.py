@@ -105,6 +105,23 @@ def test_markdown_has_ratios_against_the_ceiling_and_peers() -> None:
     assert "infinity: not installed" in text
 
 
+def test_markdown_sets_the_bare_floor_against_the_ceiling_and_ours_against_the_floor() -> None:
+    rows = [{"model": "m", "target": t, "workload": "short-c64", "requests": 1, "texts_per_s": v}
+            for t, v in [("inproc-engine-vllm", 500.0), ("ours-vllm", 400.0), ("bare-vllm", 450.0)]]
+    text = markdown({"started": "now", "machine": cpu_peak(), "command": "python -m bench", "duration_s": 1,
+                     "threads": 2, "dtype": "float32", "models": [{"name": "m", "dir": "/m"}], "rows": rows})
+    assert "| ours-vllm / in-proc | bare-vllm / in-proc | ours-vllm / bare-vllm |" in text
+    assert "| short-c64 | 500.0 | 400.0 | 450.0 | 0.80x | 0.90x | 0.89x |" in text
+
+
+def test_thread_deltas_keep_threads_that_worked_or_were_preempted() -> None:
+    from bench.thread_cpu import threads_delta
+
+    before = {1: ("loop", 10, 5, 1.0), 2: ("omp", 3, 3, 2.0), 3: ("idle", 1, 1, 0.0)}
+    after = {1: ("loop", 20, 9, 1.5), 2: ("omp", 5, 40, 3.0), 3: ("idle", 2, 2, 0.0), 4: ("new", 0, 0, 9.0)}
+    assert threads_delta(before, after) == [(2, "omp", 2, 37, 1.0), (1, "loop", 10, 4, 0.5)]
+
+
 def test_repeated_rounds_report_medians_and_the_range_of_per_round_ratios() -> None:
     """--repeat: a drifting machine moves both targets of a round alike; ratios pair rounds, not medians."""
     machine = cpu_peak()
@@ -122,15 +139,17 @@ def test_repeated_rounds_report_medians_and_the_range_of_per_round_ratios() -> N
 
 @pytest.mark.slow
 def test_overhead_mode_runs_end_to_end(tmp_path: Path) -> None:
-    """Starts our server on the fake engine, drives it briefly, writes both reports."""
-    proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--workloads", "short-c1,short-c16",
-                           "--duration", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180)
+    """Starts our server and the bare floor (bench/bare_server.py) on the fake engine, drives each briefly,
+    writes both reports."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--targets", "ours-fake,bare-fake",
+                           "--workloads", "short-c1,short-c16", "--duration", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    rows = {r["workload"]: r for r in result["rows"]}
-    assert set(rows) == {"short-c1", "short-c16"}
-    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows.values())
+    assert result["skipped"] == []
+    rows = {(r["target"], r["workload"]): r for r in result["rows"]}
+    assert set(rows) == {(t, w) for t in ("ours-fake", "bare-fake") for w in ("short-c1", "short-c16")}
+    assert all(r["errors"] == 0 and r["requests"] > 0 and r["tokens"] > 0 for r in rows.values())
     assert "ours-fake" in (tmp_path / "results.md").read_text()
 
 
