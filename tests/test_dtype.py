@@ -4,7 +4,8 @@ The exactness tests elsewhere pin `--dtype float32`. Here servers run the defaul
 runs as bf16 where the CPU has native bf16, else as fp32) under each kind of CPU, chosen with the test override
 EMBEDDING_TEST_CPU_FLAGS, so that one machine checks the choice that every CI machine makes:
 
-- fp32 (AVX2-only CPUs): a text's vector does not depend on its batch, and equals sentence-transformers in fp32.
+- fp32 (AVX2-only CPUs): a text's vector does not depend on its batch, and equals sentence-transformers in fp32
+  (up to rounding: cos >= 0.99999, elements within 1e-4).
 - bf16 (AVX-512 BF16, AMX): both hold by cosine, to bounds measured on an AMX Xeon (docs/dtype.md): on these
   24 texts, batch vs alone min cos 0.99997 (MiniLM) / 0.99996 (tiny Qwen3), bf16 vs the fp32 reference min cos
   0.99990 / 0.99997. The bounds below leave room for other CPUs' bf16 kernels.
@@ -34,6 +35,11 @@ CPU_KINDS = {  # what /proc/cpuinfo says on each kind, as far as the dtype choic
 SERVED = [("minilm", "avx2"), ("minilm", "amx"), ("tiny-qwen3", "avx2"), ("tiny-qwen3", "amx")]
 BF16_BATCH_MIN_COS = 0.9995
 BF16_REFERENCE_MIN_COS = 0.999
+# fp32 is equal up to rounding: a batch's shapes (left padding) and each run's buffers pick other kernels and
+# summation orders. Elements moved by up to 2.8e-5 in one CI run (tiny Qwen3, batch vs alone), cos 1 - 1e-8;
+# bf16 moves them by ~1e-3, cos 0.9999.
+FP32_MIN_COS = 0.99999
+FP32_ATOL = 1e-4
 
 
 def _texts(count: int = 24) -> list[str]:
@@ -118,8 +124,9 @@ def test_default_dtype_vectors_per_cpu_kind(
     similarity = reference @ reference.T
     assert similarity[~np.eye(len(TEXTS), dtype=bool)].max() < 0.99
     if expected_dtype == "float32":
-        np.testing.assert_allclose(batched, alone, atol=2e-5)
-        np.testing.assert_allclose(alone, reference, atol=2e-5)
+        for got, want in ((batched, alone), (alone, reference)):
+            assert _cos(got, want).min() >= FP32_MIN_COS
+            np.testing.assert_allclose(got, want, atol=FP32_ATOL)
     else:
         print(f"{model} bf16: batch vs alone min cos {_cos(batched, alone).min():.6f}, "
               f"vs fp32 reference min cos {_cos(alone, reference).min():.6f}")
