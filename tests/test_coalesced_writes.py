@@ -1,7 +1,7 @@
-"""A response goes out in one write: the head and body uvicorn writes separately are coalesced per loop turn.
+"""A response goes out in one write: uvicorn writes its head and its body separately; the head waits for the body.
 
 Each write on an idle socket is a system call and a TCP segment (and a wake-up of the client); the fake
-engine at 64 clients served ~11% more requests/s with one (bench/RESULTS.md, session 29).
+engine at 64 clients served ~6% more requests/s with one (bench/RESULTS.md, session 29).
 """
 
 from __future__ import annotations
