@@ -188,3 +188,12 @@ def test_wrk_client_counts_what_the_server_answered(server_factory) -> None:
     bad = run_async(drive_wrk(url, [["fine"], [""] * 0, ["fine too"]], concurrency=1, duration_s=30, model="m"))
     assert (bad.requests, bad.errors, bad.texts) == (2, 1, 2)
     assert bad.error_samples and "non-200" in bad.error_samples[0]
+
+
+def test_layer_cost_runs_every_layer_of_the_request_path() -> None:
+    """bench.layer_cost finds the direct lane in the app `serve` builds and drives each variant to the end."""
+    out = subprocess.run([sys.executable, "-m", "bench.layer_cost", "--requests", "128", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    micros = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if "per request" in line}
+    assert set(micros) == {"engine", "uvicorn", "route", "lifecycle", "context", "app"}, out
+    assert all(value > 0 for value in micros.values()), micros  # (one short round: too noisy to compare)

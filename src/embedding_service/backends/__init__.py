@@ -29,7 +29,7 @@ def create_backend(engine: str, options: BackendOptions, fake: FakeOptions | Non
         knobs = fake or FakeOptions(delay_s=0.0, fail_batches=(), die_after=None, load_delay_s=0.0)
         return FakeBackend(model=options.model_label, max_model_len=options.max_model_len,
                            matryoshka=options.matryoshka, delay_s=knobs.delay_s, fail_batches=knobs.fail_batches,
-                           die_after=knobs.die_after, load_delay_s=knobs.load_delay_s)
+                           die_after=knobs.die_after, load_delay_s=knobs.load_delay_s, record_batches=False)
     if engine == "vllm":
         from .vllm_backend import VllmBackend
 

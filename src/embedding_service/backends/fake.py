@@ -44,6 +44,8 @@ class FakeBackend:
     `delay_s` (+ `delay_per_token_s` x tokens) is slept per batch to imitate compute. `fail_batches` lists
     batch numbers (0-based) that raise; `die_after` makes every batch after that many raise BackendDeadError;
     `load_delay_s` is slept in `load`.
+    With `record_batches` (tests) every batch's size and sequence lengths are kept in `batches` and
+    `seen_lengths`; a served fake engine records none, so its memory does not grow with traffic.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class FakeBackend:
         eos_token_id: int | None = 2,
         load_delay_s: float = 0.0,
         padded: bool = False,  # the batch cost model it reports (False: packed, like vLLM)
+        record_batches: bool = True,
     ) -> None:
         self.dimension = dimension
         self.max_model_len = max_model_len
@@ -76,6 +79,8 @@ class FakeBackend:
         self.padded = padded
         self.batches: list[int] = []  # sizes of the batches embedded, for tests of the batcher
         self.seen_lengths: list[list[int]] = []  # sequence lengths of each batch
+        self.batch_count = 0
+        self.record_batches = record_batches
         self._lock = threading.Lock()
 
     def load(self) -> BackendInfo:
@@ -104,9 +109,11 @@ class FakeBackend:
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         with self._lock:
-            number = len(self.batches)
-            self.batches.append(len(batch))
-            self.seen_lengths.append([len(ids) for ids in batch])
+            number = self.batch_count
+            self.batch_count += 1
+            if self.record_batches:
+                self.batches.append(len(batch))
+                self.seen_lengths.append([len(ids) for ids in batch])
         log.debug("fake backend: batch %d embeds %d sequences", number, len(batch))
         if self.die_after is not None and number >= self.die_after:
             raise BackendDeadError("fake backend died")

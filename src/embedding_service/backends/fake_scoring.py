@@ -19,12 +19,14 @@ _CLS, _SEP = 1, 2
 
 
 class FakeScoringBackend:
-    def __init__(self, *, model: str = "fake-reranker", max_model_len: int = 512, delay_s: float = 0.0) -> None:
+    def __init__(self, *, model: str = "fake-reranker", max_model_len: int = 512, delay_s: float = 0.0,
+                 record_batches: bool = True) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.delay_s = delay_s
         self._words = FakeBackend(vocab_size=32000, eos_token_id=None)
-        self.batches: list[int] = []
+        self.batches: list[int] = []  # sizes of the batches scored, for tests (none when served)
+        self.record_batches = record_batches
         self._lock = threading.Lock()
 
     def load(self) -> BackendInfo:
@@ -47,7 +49,8 @@ class FakeScoringBackend:
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         with self._lock:
-            self.batches.append(len(batch))
+            if self.record_batches:
+                self.batches.append(len(batch))
         if self.delay_s:
             time.sleep(self.delay_s)
         scores = np.empty((len(batch), 1), dtype=np.float32)

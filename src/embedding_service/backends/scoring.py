@@ -249,7 +249,8 @@ def create_scoring_backend(engine: str, options: BackendOptions) -> Any:
     if engine == "fake":
         from .fake_scoring import FakeScoringBackend
 
-        return FakeScoringBackend(model=options.model_label, max_model_len=options.max_model_len)
+        return FakeScoringBackend(model=options.model_label, max_model_len=options.max_model_len,
+                                  record_batches=False)
     if engine == "vllm":
         from .vllm_scoring import VllmScoringBackend
 
