@@ -140,7 +140,7 @@ def _worker_main(sock: socket.socket) -> None:
 
 def serve(settings: EmbeddingConfig) -> int:
     from .backends.base import BackendLoadError
-    from .service import openmp_waits_for, plan_service
+    from .service import onednn_cache_for, openmp_waits_for, plan_service
 
     configure_logging(settings.log_level, settings.log_format)
     if _port_in_use(settings.host, settings.port):
@@ -150,10 +150,11 @@ def serve(settings: EmbeddingConfig) -> int:
         plan = plan_service(settings)
     except BackendLoadError as exc:
         return _fail(str(exc))
-    chosen = openmp_waits_for([model.engine for model in plan.models.values()])
-    os.environ.update(chosen)  # before torch is imported (it loads OpenMP)
+    engines = [model.engine for model in plan.models.values()]
+    chosen = {**openmp_waits_for(engines), **onednn_cache_for(engines)}
+    os.environ.update(chosen)  # before torch is imported (it loads OpenMP) and before the first kernel
     if chosen:
-        log.info("OpenMP idle threads: %s", " ".join(f"{k}={v}" for k, v in chosen.items()))
+        log.info("CPU runtime settings: %s", " ".join(f"{k}={v}" for k, v in chosen.items()))
     if settings.workers > 1:
         from .server import listening_socket
         from .supervisor import run_workers

@@ -35,6 +35,7 @@ __all__ = [
     "build_engine",
     "build_engines",
     "choose_engine",
+    "onednn_cache_for",
     "openmp_waits_for",
     "plan_model",
     "plan_service",
@@ -167,4 +168,21 @@ def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.e
         return {}  # the user's choice
     if any(engine in ("torch", "vllm") for engine in engines):
         return {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+    return {}
+
+
+# oneDNN (under torch and vLLM on CPU) keeps the kernels it builds for each operator shape, up to 1,024 by
+# default. With dynamic batching nearly every batch has a new token count, so that cache only grew: MiniLM on
+# vLLM went from 1.5 to 2.9 GB in 15 minutes of traffic and was still climbing; 64 held it at start + ~140 MB,
+# with no loss in texts/s (bench/RESULTS.md, session 30).
+ONEDNN_PRIMITIVE_CACHE = "64"
+
+
+def onednn_cache_for(engines: Collection[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The bound on oneDNN's kernel cache for these engines, unless the user set one (either name); oneDNN
+    reads it at its first kernel, so the caller sets it before the model runs."""
+    if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in environ or "DNNL_PRIMITIVE_CACHE_CAPACITY" in environ:
+        return {}
+    if any(engine in ("torch", "vllm") for engine in engines):
+        return {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_PRIMITIVE_CACHE}
     return {}
