@@ -2,6 +2,7 @@
 
     python -m bench.soak --minutes 30 -- --demo --engine vllm --dtype float32    # starts `serve` with these
     python -m bench.soak --minutes 5 --url http://127.0.0.1:8890 --pid PID         # or watches a running one
+    python -m bench.soak --compare before=A/soak.json after=B/soak.json --out both.png
 
 Every round (default 20 s) sends the same mix, then samples the server: resident memory of the process and
 its children (vLLM's engine core may be one), open file descriptors and threads. The mix, per round:
@@ -43,8 +44,8 @@ import orjson
 from .loadgen import run_async
 from .peers import free_port
 
-__all__ = ["BAD_REQUESTS", "Round", "main", "memory_growth", "process_sample", "rerank_model", "soak", "soak_round",
-           "wait_healthy"]
+__all__ = ["BAD_REQUESTS", "Round", "compare_chart", "main", "memory_growth", "process_sample", "rerank_model",
+           "soak", "soak_round", "wait_healthy"]
 
 # (name, body, content type, expected status): each malformed the way real clients get it wrong.
 BAD_REQUESTS: list[tuple[str, bytes, str, int]] = [
@@ -263,11 +264,12 @@ def chart(rounds: list[Round], warmup: int, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     top.plot(minutes, [r.rss_mb for r in rounds], marker=".")
     top.axvspan(0, minutes[warmup - 1] if warmup else 0, color="0.9", label="warm-up")
-    top.set_ylim(bottom=0)  # (an autoscaled axis makes 0.1 MB look like a cliff)
+    top.set_ylim(0, max(r.rss_mb for r in rounds) * 1.1)  # (an autoscaled axis makes 0.1 MB look like a cliff)
     top.set_ylabel("RSS (MB)")
     top.legend(loc="lower right")
     bottom.plot(minutes, [r.fds for r in rounds], label="open descriptors")
     bottom.plot(minutes, [r.threads for r in rounds], label="threads")
+    bottom.set_ylim(0, max(max(r.fds, r.threads) for r in rounds) * 1.15)
     bottom.set_xlabel("minutes")
     bottom.legend(loc="lower right")
     fig.suptitle("Server memory under a soak (bench/soak.py)")
@@ -293,6 +295,27 @@ async def wait_healthy(base: str, timeout_s: float, alive: Any = None, api_key: 
     raise TimeoutError(f"server not healthy after {timeout_s:.0f}s")
 
 
+def compare_chart(runs: dict[str, Path], path: Path) -> None:
+    """RSS per minute of several soak.json files on one chart (e.g. before / after a fix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, source in runs.items():
+        rounds = json.loads(source.read_text())["rounds"]
+        ax.plot([r["at_s"] / 60 for r in rounds], [r["rss_mb"] for r in rounds], marker=".", label=label)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MB)")
+    ax.legend(loc="lower right")
+    fig.suptitle("Server memory under a soak (bench/soak.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _start(serve_args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "embedding_service", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -315,8 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model name to send (default: none)")
     parser.add_argument("--api-key", help="the key to send, when the server requires one")
     parser.add_argument("--out", type=Path, default=Path("bench/runs") / time.strftime("soak-%Y-%m-%d-%H%M"))
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=SOAK.JSON",
+                        help="no soak: draw these runs' RSS on one chart, --out being the PNG")
     parser.add_argument("serve_args", nargs="*", help="after --: flags for `serve` (when no --url)")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare_chart({label: Path(path) for label, _, path in (item.partition("=") for item in args.compare)},
+                      args.out)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     process = None
     if args.url:

@@ -174,7 +174,7 @@ def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.e
 # oneDNN (under torch and vLLM on CPU) keeps the kernels it builds for each operator shape, up to 1,024 by
 # default. With dynamic batching nearly every batch has a new token count, so that cache only grew: MiniLM on
 # vLLM went from 1.5 to 2.9 GB in 15 minutes of traffic and was still climbing; 64 held it at start + ~140 MB,
-# with no loss in texts/s (bench/RESULTS.md, session 30).
+# with no loss in texts/s (docs/reliability.md, "Memory under long traffic").
 ONEDNN_PRIMITIVE_CACHE = "64"
 
 
