@@ -121,7 +121,6 @@ async def engine_only(engine: Any, requests: int) -> None:
 
 def _layers(app: Any) -> dict[str, Callable[[int], Awaitable[None]]]:
     """Each variant as a function of the request count, over one app (its middleware stack as `serve` has it)."""
-    from embedding_service.api.app import _service_error
     from embedding_service.api.direct_routes import DirectRoutes
     from embedding_service.api.lifecycle import RequestLifecycle
     from embedding_service.api.request_context import RequestContextMiddleware
@@ -135,7 +134,7 @@ def _layers(app: Any) -> dict[str, Callable[[int], Awaitable[None]]]:
     async def unrouted(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError(f"{scope['path']} is not a direct route")
 
-    route = DirectRoutes(unrouted, direct.routes, _service_error)
+    route = DirectRoutes(unrouted, direct.routes, direct.on_service_error)  # (the app's own error handler)
     lifecycle = RequestLifecycle(route)
     context = RequestContextMiddleware(lifecycle, observer=app.state.metrics.observe_request, closing=lambda: False)
     return {"engine": lambda n: engine_only(app.state.engine, n),

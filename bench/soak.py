@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 import orjson
+import psutil
 
 from .loadgen import run_async
 from .peers import free_port
@@ -83,29 +85,14 @@ class Round:
 
 
 def process_sample(pid: int) -> tuple[float, int, int]:
-    """(RSS in MB of `pid` and its descendants, open descriptors of `pid`, its threads), from /proc."""
-    def children(p: int) -> list[int]:
-        try:
-            tasks = Path(f"/proc/{p}/task").iterdir()
-            return [int(c) for t in tasks for c in (t / "children").read_text().split()]
-        except OSError:
-            return []
-
-    rss_kb, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
-        rss_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        todo.extend(children(p))
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    threads = len(os.listdir(f"/proc/{pid}/task"))
-    return rss_kb / 1024, fds, threads
+    """(RSS in MB of `pid` and its descendants, open descriptors of `pid`, its threads), as psutil reads them
+    (the way bench/peers.py sums a server's CPU time over its children)."""
+    root = psutil.Process(pid)
+    rss = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # (a child that exited while we looked)
+            rss += proc.memory_info().rss
+    return rss / (1024 * 1024), root.num_fds(), root.num_threads()
 
 
 def memory_growth(rounds: list[Round], warmup: int) -> dict[str, float]:
@@ -272,10 +259,7 @@ def chart(rounds: list[Round], warmup: int, path: Path) -> None:
     bottom.set_ylim(0, max(max(r.fds, r.threads) for r in rounds) * 1.15)
     bottom.set_xlabel("minutes")
     bottom.legend(loc="lower right")
-    fig.suptitle("Server memory under a soak (bench/soak.py)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 async def wait_healthy(base: str, timeout_s: float, alive: Any = None, api_key: str | None = None) -> None:
@@ -310,6 +294,12 @@ def compare_chart(runs: dict[str, Path], path: Path) -> None:
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
     ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle("Server memory under a soak (bench/soak.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -153,6 +153,8 @@ def build_engines(plan: ServicePlan) -> dict[str, EmbeddingEngine]:
 # session 27): vLLM over HTTP at 16 clients 0.80x -> 0.88x of our engine in-process; torch (was PASSIVE)
 # 63 -> 104 texts/s at 1 client, 329 -> 424 at 16.
 GOMP_SPINCOUNT = "10000"
+# The engines that run on torch's CPU runtime (libgomp and oneDNN): the ones the two settings below are for.
+TORCH_RUNTIME_ENGINES = ("torch", "vllm")
 
 
 def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -166,7 +168,7 @@ def openmp_waits_for(engines: Collection[str], environ: Mapping[str, str] = os.e
     """
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}  # the user's choice
-    if any(engine in ("torch", "vllm") for engine in engines):
+    if any(engine in TORCH_RUNTIME_ENGINES for engine in engines):
         return {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
     return {}
 
@@ -183,6 +185,6 @@ def onednn_cache_for(engines: Collection[str], environ: Mapping[str, str] = os.e
     reads it at its first kernel, so the caller sets it before the model runs."""
     if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in environ or "DNNL_PRIMITIVE_CACHE_CAPACITY" in environ:
         return {}
-    if any(engine in ("torch", "vllm") for engine in engines):
+    if any(engine in TORCH_RUNTIME_ENGINES for engine in engines):
         return {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_PRIMITIVE_CACHE}
     return {}
