@@ -286,14 +286,14 @@ def compare_chart(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for label, source in runs.items():
         rounds = json.loads(source.read_text())["rounds"]
         ax.plot([r["at_s"] / 60 for r in rounds], [r["rss_mb"] for r in rounds], marker=".", label=label)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     _save(fig, path)
 
 

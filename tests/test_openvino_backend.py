@@ -208,3 +208,104 @@ def test_int8_accuracy_cost_on_minilm(minilm_fp32: OpenVinoBackend, minilm_dir: 
     print(f"top-10 overlap with fp32: mean {overlap.mean():.3f} min {overlap.min():.1f}")
     assert overlap.mean() >= 0.95  # measured 0.983
     assert overlap.min() >= 0.7  # measured 0.8
+
+
+def test_kernel_cache_is_bounded_and_the_plugin_takes_the_setting(minilm_dir: Path, cache_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU plugin's per-shape kernel cache is compiled with the bound (the real plugin checks the key: it
+    refuses names it does not know, so a runtime that drops it fails here, not silently in production).
+    What the bound saves is measured by the soak (docs/reliability.md "Memory under long traffic")."""
+    import openvino as ov
+
+    seen: list[dict[str, object]] = []
+    real = ov.Core.compile_model
+
+    def recording(self: ov.Core, model: str, device: str, config: dict[str, object]) -> object:
+        seen.append(dict(config))
+        return real(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    backend = _load(minilm_dir, cache_dir)
+    assert [c["CPU_RUNTIME_CACHE_CAPACITY"] for c in seen] == [openvino_backend.RUNTIME_CACHE_CAPACITY] == [64]
+    # Shapes beyond the bound still give the same vectors (evicted kernels are rebuilt, not reused wrongly).
+    texts = [" ".join(["word"] * n) for n in range(1, 80)]
+    one_by_one = np.concatenate([backend.embed(backend.tokenize([text])) for text in texts])  # 79 shapes > 64
+    assert np.allclose(one_by_one, embed_all(backend, texts, batch=7), atol=1e-5)
+
+
+_CACHED_START = """
+import json, sys
+from embedding_service.backends.base import BackendOptions
+from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.openvino_backend import OpenVinoBackend
+from embedding_service.config import EmbeddingConfig
+
+model_dir, cache, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+settings = EmbeddingConfig(_env_file=None, device="cpu", dtype="float32", max_model_len=512,
+                           openvino_cache_dir=cache)
+backend = OpenVinoBackend(BackendOptions.from_config(settings, model_dir, read_model_facts(model_dir)))
+backend.load()
+ids = backend.tokenize(texts)
+print(json.dumps({"ids": ids, "vectors": backend.embed(ids).tolist(),
+                  "imported": sorted({"transformers", "torch"} & set(sys.modules))}))
+"""
+
+
+def _cached_start(model_dir: Path, cache: Path, texts: list[str]) -> dict[str, object]:
+    """Load the backend in a fresh process (nothing imported before it), as `serve` does."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CACHED_START, str(model_dir), str(cache), json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_cached_start_imports_neither_transformers_nor_torch(minilm_fp32: OpenVinoBackend, minilm_dir: Path,
+                                                               cache_dir: Path) -> None:
+    """transformers imports torch (~500 MB resident): a start from the export cache reads the tokenizer the
+    first start checked and saved, and gives the same ids and vectors."""
+    assert minilm_fp32.ir_path is not None and (minilm_fp32.ir_path.parent / "tokenizer-state.json").is_file()
+    texts = [*TEXTS, "Ünïcödé façade — 東京タワー 😀", ""]
+    result = _cached_start(minilm_dir, cache_dir, texts)
+    assert result["imported"] == []
+    assert result["ids"] == minilm_fp32.tokenize(texts)
+    assert cosines(np.asarray(result["vectors"]), embed_all(minilm_fp32, texts)).min() >= 0.99999
+
+
+def test_a_changed_or_broken_saved_tokenizer_is_not_used(tmp_path: Path, minilm_dir: Path, cache_dir: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The saved tokenizer is keyed by the model folder's tokenizer files: edit one and transformers' path
+    runs (and saves again); an unreadable saved file is ignored, with a warning."""
+    import os
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_dir, model)
+    first = _load(model, cache_dir)
+    assert first.ir_path is not None
+    state = first.ir_path.parent / "tokenizer-state.json"
+    before = json.loads(state.read_text())
+    vocab = model / "tokenizer_config.json"
+    os.utime(vocab, ns=(vocab.stat().st_atime_ns, vocab.stat().st_mtime_ns + 10**9))
+    again = _load(model, cache_dir)
+    assert not isinstance(again._tokenizer, openvino_backend.SavedTokenizer)
+    assert json.loads(state.read_text())["fingerprint"] != before["fingerprint"]  # saved again, new key
+    assert isinstance(_load(model, cache_dir)._tokenizer, openvino_backend.SavedTokenizer)
+    state.write_text("{not json")
+    with caplog.at_level("WARNING", logger="embedding_service"):
+        broken = _load(model, cache_dir)
+    assert not isinstance(broken._tokenizer, openvino_backend.SavedTokenizer)
+    assert "ignoring the saved tokenizer" in caplog.text
+    assert broken.tokenize(TEXTS) == first.tokenize(TEXTS)
+
+
+def test_bench_openvino_shapes_runs(minilm_fp32: OpenVinoBackend, tmp_path: Path) -> None:
+    """The backend-alone memory drive of docs/reliability.md (smoke: one batch, one row written)."""
+    from bench import openvino_shapes
+
+    assert minilm_fp32.ir_path is not None
+    assert openvino_shapes.main(["--ir", str(minilm_fp32.ir_path), "--variant", "cap8", "--minutes", "0.001",
+                                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cap8.json").read_text())
+    assert rows[0]["batches"] == rows[0]["shapes"] == 1 and rows[0]["rss_mb"] > 0

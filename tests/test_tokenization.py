@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.backends.tokenization import HfTokenizer, _transformers_ids
+from embedding_service.backends.tokenization import HfTokenizer, SavedTokenizer, _transformers_ids
 
 
 def _texts(count: int, seed: int = 5) -> list[str]:
@@ -32,6 +32,23 @@ def test_direct_path_is_used_and_equals_transformers(model_dir: Path) -> None:
     assert tokenizer(texts) == expected
     assert [tokenizer([text])[0] for text in texts[:50]] == expected[:50]  # the one-text path too
     assert any(len(ids) > 20 for ids in expected) and len({tuple(ids) for ids in expected}) > 250
+
+
+def test_saved_tokenizer_gives_the_same_ids_and_facts(model_dir: Path) -> None:
+    """What a cached openvino export serves with: its state survives JSON and gives transformers' ids."""
+    import json
+
+    tokenizer = HfTokenizer(str(model_dir))
+    state = tokenizer.state()
+    assert state is not None
+    saved = SavedTokenizer(json.loads(json.dumps(state)))
+    texts = _texts(200, seed=13)
+    assert saved(texts) == _transformers_ids(tokenizer.tokenizer, texts)
+    assert [saved([text])[0] for text in texts[:30]] == tokenizer(texts[:30])
+    assert (saved.special_prefix, saved.special_suffix, saved.vocab_size, saved.pad_id) == (
+        tokenizer.special_prefix, tokenizer.special_suffix, tokenizer.vocab_size, tokenizer.pad_id)
+    tokenizer._direct = None  # a tokenizer that takes transformers' path has nothing to save
+    assert tokenizer.state() is None
 
 
 def test_fallback_path_equals_transformers(model_dir: Path) -> None:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ import numpy as np
 from .base import BackendInfo, BackendLoadError, BackendOptions, first_line
 from .device import resolve_cpu_dtype
 from .pooling import l2_normalize, pool_numpy
+from .tokenization import HfTokenizer, SavedTokenizer
 
-__all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "default_cache_dir", "export_key"]
+__all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "default_cache_dir", "export_key",
+           "tokenizer_fingerprint"]
 
 log = logging.getLogger("embedding_service")
 
@@ -33,8 +36,13 @@ QUANTIZE_MODES = ("none", "int8")
 # Bumped whenever the export itself changes, so caches written by an older export are not reused.
 EXPORT_VERSION = "2"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_STATE = "tokenizer-state.json"
 # OpenVINO's precision hint per dtype (float16 is first resolved to bf16 or fp32 like on the other engines).
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+# The CPU plugin keeps compiled kernels per input shape, 5,000 by default at ~0.3 MB each (MiniLM); with
+# dynamic batching nearly every batch is a new (rows, tokens) shape, so memory grew ~1 GB an hour. 64 bounds it
+# (docs/reliability.md "Memory under long traffic"); an evicted shape's kernels are rebuilt when it comes back.
+RUNTIME_CACHE_CAPACITY = 64
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +66,22 @@ def export_key(model_dir: str, quantize: str, runtime_version: str) -> str:
     return f"{root.name}-{quantize}-{digest.hexdigest()[:16]}"
 
 
+def tokenizer_fingerprint(model_dir: str) -> str:
+    """What a saved tokenizer depends on: the folder's other files (size + mtime) and the tokenizer libraries."""
+    root = Path(model_dir).resolve()
+    digest = hashlib.sha256()
+    for package in ("transformers", "tokenizers"):
+        try:
+            digest.update(f"{package}={metadata.version(package)}".encode() + b"\0")
+        except metadata.PackageNotFoundError:
+            digest.update(package.encode() + b"=none\0")
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class OpenVinoBackend:
     """Any Hugging Face encoder (and, where OpenVINO converts it, decoder) embedding model on OpenVINO."""
 
@@ -70,7 +94,7 @@ class OpenVinoBackend:
         self._quantize = options.quantize
         cache_dir = options.openvino_cache_dir
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self._tokenizer: Any = None
+        self._tokenizer: HfTokenizer | SavedTokenizer | None = None
         self._request: Any = None
         self._pad_id = 0
         self._lock = threading.Lock()  # one InferRequest: one batch at a time
@@ -82,8 +106,6 @@ class OpenVinoBackend:
         except ImportError as exc:
             raise BackendLoadError(f"--engine openvino needs openvino installed "
                                    f"(pip install 'embedding-service[openvino]'): {exc}") from exc
-        from .tokenization import HfTokenizer
-
         opts, facts = self._options, self._options.facts
         if opts.device not in ("auto", "cpu"):
             raise BackendLoadError(f"the openvino engine runs on the CPU; device '{opts.device}' "
@@ -91,16 +113,14 @@ class OpenVinoBackend:
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
         dtype = resolve_cpu_dtype(opts.dtype)
-        try:
-            self._tokenizer = HfTokenizer(self._model_dir)
-        except (OSError, ValueError, KeyError) as exc:
-            raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
-        tok = self._tokenizer.tokenizer
-        self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.ir_path = self._exported(ov.get_version())
+        folder = self._cache_dir / export_key(self._model_dir, self._quantize, ov.get_version())
+        self._tokenizer = self._load_tokenizer(folder)
+        self._pad_id = self._tokenizer.pad_id
+        self.ir_path = self._exported(folder, ov.get_version())
+        self._save_tokenizer(folder)
         threads = len(os.sched_getaffinity(0)) or 1
         settings = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "INFERENCE_NUM_THREADS": threads,
-                    "PERFORMANCE_HINT": "LATENCY"}
+                    "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
         if self._quantize == "int8":
             # int8 weights; activations quantised per group of 32 at run time (no calibration data needed).
             settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32
@@ -131,9 +151,8 @@ class OpenVinoBackend:
         )
 
     # --- export ---------------------------------------------------------------------------------------
-    def _exported(self, runtime_version: str) -> Path:
+    def _exported(self, folder: Path, runtime_version: str) -> Path:
         """The cached IR for this model and settings, exporting it first if absent."""
-        folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
         target = folder / "model.xml"
         if target.is_file():
             log.info("openvino: using the exported model in %s", folder)
@@ -163,8 +182,41 @@ class OpenVinoBackend:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
+    # --- the tokenizer: saved beside the export, so a cached start imports neither transformers nor torch --
+    def _load_tokenizer(self, folder: Path) -> HfTokenizer | SavedTokenizer:
+        path = folder / TOKENIZER_STATE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if state.get("fingerprint") == tokenizer_fingerprint(self._model_dir):
+                saved = SavedTokenizer(state)
+                log.info("openvino: tokenizer from %s (transformers not loaded)", path)
+                return saved
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # unreadable or from another version: transformers' path is always right
+            log.warning("openvino: ignoring the saved tokenizer %s: %s", path, first_line(exc))
+        try:
+            return HfTokenizer(self._model_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
+
+    def _save_tokenizer(self, folder: Path) -> None:
+        """Save a checked Rust tokenizer for later starts (best effort: a read-only cache only costs time)."""
+        state = self._tokenizer.state() if isinstance(self._tokenizer, HfTokenizer) else None
+        if state is None:
+            return
+        state["fingerprint"] = tokenizer_fingerprint(self._model_dir)
+        staging = folder / f".tokenizer-{os.getpid()}-{threading.get_ident()}"
+        try:
+            staging.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(staging, folder / TOKENIZER_STATE)  # atomic: a reader sees all of it or none
+        except OSError as exc:
+            staging.unlink(missing_ok=True)
+            log.info("openvino: cannot save the tokenizer in %s: %s", folder, exc)
+
     # --- the contract ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:

@@ -10,6 +10,10 @@ call (two threads at once fail with "Already borrowed"), and it costs ~40% more 
 short text. So texts go straight to a private copy of the Rust tokenizer, without truncation or padding,
 once it has been checked to give transformers' ids on a set of probe texts; where it does not (a slow
 tokenizer, or one whose Python side adds something), each thread gets its own copy of the transformers one.
+
+A checked Rust tokenizer can be saved (`HfTokenizer.state`) and served later as a `SavedTokenizer`, which
+needs only the `tokenizers` package: importing transformers imports torch too (~500 MB of resident memory),
+which an engine that runs no torch (openvino, on a cached export) should not pay.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["HfTokenizer", "special_tokens_added"]
+__all__ = ["HfTokenizer", "SavedTokenizer", "special_tokens_added"]
 
 log = logging.getLogger("embedding_service")
 
@@ -71,6 +75,12 @@ def _direct_encoder(tokenizer: Any) -> Any | None:
     return direct if same else None
 
 
+def _encode(direct: Any, texts: Sequence[str]) -> list[list[int]]:
+    if len(texts) == 1:
+        return [direct.encode(texts[0], add_special_tokens=True).ids]
+    return [e.ids for e in direct.encode_batch(list(texts), add_special_tokens=True)]
+
+
 class HfTokenizer:
     """`AutoTokenizer` of a model directory: untruncated ids with special tokens, plus what those are."""
 
@@ -93,12 +103,41 @@ class HfTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    @property
+    def pad_id(self) -> int:
+        """The id padded rows carry: the pad token, else end-of-sequence (decoders), else 0."""
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def state(self) -> dict[str, Any] | None:
+        """What a `SavedTokenizer` needs to give these same ids; None when texts take transformers' path."""
+        if self._direct is None:
+            return None
+        return {"tokenizer": self._direct.to_str(), "special_prefix": list(self.special_prefix),
+                "special_suffix": list(self.special_suffix), "vocab_size": self.vocab_size, "pad_id": self.pad_id}
+
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if self._direct is not None:
-            if len(texts) == 1:
-                return [self._direct.encode(texts[0], add_special_tokens=True).ids]
-            return [e.ids for e in self._direct.encode_batch(list(texts), add_special_tokens=True)]
+            return _encode(self._direct, texts)
         own = getattr(self._per_thread, "tokenizer", None)
         if own is None:
             own = self._per_thread.tokenizer = copy.deepcopy(self.tokenizer)
         return _transformers_ids(own, texts)
+
+
+class SavedTokenizer:
+    """An `HfTokenizer`'s checked Rust encoder, from its `state()`, without importing transformers."""
+
+    direct = True
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self._direct = Tokenizer.from_str(state["tokenizer"])
+        self.special_prefix = tuple(int(i) for i in state["special_prefix"])
+        self.special_suffix = tuple(int(i) for i in state["special_suffix"])
+        self.vocab_size = int(state["vocab_size"])
+        self.pad_id = int(state["pad_id"])
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        return _encode(self._direct, texts)
