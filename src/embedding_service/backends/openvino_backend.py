@@ -59,10 +59,7 @@ def export_key(model_dir: str, quantize: str, runtime_version: str) -> str:
         digest.update(part.encode() + b"\0")
     config = root / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
-    for path in sorted(root.rglob("*")):  # size + mtime: cheap, and changes whenever weights are replaced
-        if path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
+    _digest_files(digest, root, weights=True)
     return f"{root.name}-{quantize}-{digest.hexdigest()[:16]}"
 
 
@@ -75,11 +72,17 @@ def tokenizer_fingerprint(model_dir: str) -> str:
             digest.update(f"{package}={metadata.version(package)}".encode() + b"\0")
         except metadata.PackageNotFoundError:
             digest.update(package.encode() + b"=none\0")
+    _digest_files(digest, root, weights=False)
+    return digest.hexdigest()[:16]
+
+
+def _digest_files(digest: Any, root: Path, *, weights: bool) -> None:
+    """Add the name, size and mtime of the folder's weight files (or of all its other files) to `digest`:
+    cheap, and changes whenever a file is replaced."""
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES:
+        if path.is_file() and (path.suffix in _WEIGHT_SUFFIXES) == weights:
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 class OpenVinoBackend:
@@ -113,11 +116,13 @@ class OpenVinoBackend:
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
         dtype = resolve_cpu_dtype(opts.dtype)
-        folder = self._cache_dir / export_key(self._model_dir, self._quantize, ov.get_version())
-        self._tokenizer = self._load_tokenizer(folder)
+        runtime_version = ov.get_version()
+        folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
+        fingerprint = tokenizer_fingerprint(self._model_dir)
+        self._tokenizer = self._load_tokenizer(folder, fingerprint)
         self._pad_id = self._tokenizer.pad_id
-        self.ir_path = self._exported(folder, ov.get_version())
-        self._save_tokenizer(folder)
+        self.ir_path = self._exported(folder, runtime_version)
+        self._save_tokenizer(folder, fingerprint)
         threads = len(os.sched_getaffinity(0)) or 1
         settings = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "INFERENCE_NUM_THREADS": threads,
                     "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
@@ -183,11 +188,11 @@ class OpenVinoBackend:
         return target
 
     # --- the tokenizer: saved beside the export, so a cached start imports neither transformers nor torch --
-    def _load_tokenizer(self, folder: Path) -> HfTokenizer | SavedTokenizer:
+    def _load_tokenizer(self, folder: Path, fingerprint: str) -> HfTokenizer | SavedTokenizer:
         path = folder / TOKENIZER_STATE
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
-            if state.get("fingerprint") == tokenizer_fingerprint(self._model_dir):
+            if state.get("fingerprint") == fingerprint:
                 saved = SavedTokenizer(state)
                 log.info("openvino: tokenizer from %s (transformers not loaded)", path)
                 return saved
@@ -200,12 +205,12 @@ class OpenVinoBackend:
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
 
-    def _save_tokenizer(self, folder: Path) -> None:
+    def _save_tokenizer(self, folder: Path, fingerprint: str) -> None:
         """Save a checked Rust tokenizer for later starts (best effort: a read-only cache only costs time)."""
         state = self._tokenizer.state() if isinstance(self._tokenizer, HfTokenizer) else None
         if state is None:
             return
-        state["fingerprint"] = tokenizer_fingerprint(self._model_dir)
+        state["fingerprint"] = fingerprint
         staging = folder / f".tokenizer-{os.getpid()}-{threading.get_ident()}"
         try:
             staging.write_text(json.dumps(state), encoding="utf-8")

@@ -128,8 +128,6 @@ class HfTokenizer:
 class SavedTokenizer:
     """An `HfTokenizer`'s checked Rust encoder, from its `state()`, without importing transformers."""
 
-    direct = True
-
     def __init__(self, state: dict[str, Any]) -> None:
         from tokenizers import Tokenizer
 
