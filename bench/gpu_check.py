@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import inprocess
 from .loadgen import drive, run_async, wait_ready
 from .peers import PEERS, SERVED_NAME, Server
 from .workloads import TextMaker, select_workloads
@@ -49,13 +50,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 
 def _torch_vectors(model_dir: Path, texts: list[str], device: str, dtype: str) -> np.ndarray:
-    from embedding_service.backends.base import BackendOptions
-    from embedding_service.backends.model_facts import read_model_facts
-    from embedding_service.backends.torch_backend import TorchBackend
-    from embedding_service.config import EmbeddingConfig
-
-    settings = EmbeddingConfig(_env_file=None, device=device, dtype=dtype)  # type: ignore[call-arg]
-    backend = TorchBackend(BackendOptions.from_config(settings, str(model_dir), read_model_facts(str(model_dir))))
+    backend = inprocess._build({"engine": "torch", "model_dir": str(model_dir), "device": device, "dtype": dtype,
+                                "max_batch_size": 32})
     backend.load()
     try:
         return np.concatenate([backend.embed(backend.tokenize(texts[i : i + 32])) for i in range(0, len(texts), 32)])

@@ -82,7 +82,8 @@ def _settings(spec: dict[str, Any]) -> Any:
     from embedding_service.config import EmbeddingConfig
 
     extra = {"max_model_len": spec["max_model_len"]} if "max_model_len" in spec else {}
-    return EmbeddingConfig(_env_file=None, device="cpu", dtype=spec.get("dtype", "float32"),  # type: ignore[call-arg]
+    return EmbeddingConfig(_env_file=None, device=spec.get("device", "cpu"),  # type: ignore[call-arg]
+                           dtype=spec.get("dtype", "float32"),
                            max_batch_size=spec["max_batch_size"], **extra, **spec.get("engine_options", {}))
 
 
