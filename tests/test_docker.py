@@ -132,6 +132,69 @@ def test_image_serves_the_same_vectors_locked_down(docker: DockerDaemon, image: 
         assert_clean_logs(container)
 
 
+@pytest.fixture
+def cache_volume(docker: DockerDaemon) -> Iterator[str]:
+    """A named volume on the image's cache folder, as docs/docker.md and docker-compose.yml use one."""
+    name = f"es-cache-{free_port()}"
+    docker.run("volume", "create", name)
+    yield name
+    docker.run("volume", "rm", "-f", name, check=False)
+
+
+def resident_mb(docker: DockerDaemon, container: Container) -> float:
+    status = docker.run("exec", container.id, "cat", "/proc/1/status").stdout
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1)) / 1024
+
+
+def test_openvino_engine_in_the_image(docker: DockerDaemon, image: BuildReport, cache_volume: str,
+                                      tmp_path: Path) -> None:
+    """The image's openvino engine: the host's vectors (same packages, fp32); the export kept in a new named
+    volume (which the app user must be able to write) makes the next start skip torch and transformers;
+    `--quantize int8` exports and serves."""
+    server = ServerProcess(["--demo", "--engine", "openvino", "--dtype", "float32"],
+                           env={"EMBEDDING_OPENVINO_CACHE_DIR": str(tmp_path / "openvino")})
+    try:
+        server.wait_healthy(300)
+        expected = vectors(server.url, TEXTS)
+    finally:
+        server.stop()
+
+    settings = {"EMBEDDING_DEMO": "true", "EMBEDDING_ENGINE": "openvino", "EMBEDDING_DTYPE": "float32"}
+    locked = ["--read-only", "--tmpfs", "/tmp", "-v", f"{cache_volume}:/home/app/.cache/embedding-service"]
+    seen: dict[str, object] = {}
+    for start in ("export", "cached"):
+        container = Container(docker, free_port(), settings, locked)
+        seen[f"{start} healthy s"] = round(container.wait_healthy(), 1)
+        got = vectors(container.url, TEXTS)
+        worst = float(np.max(np.abs(np.asarray(got) - np.asarray(expected))))
+        cosines = np.sum(np.asarray(got) * np.asarray(expected), axis=1)
+        assert float(cosines.min()) >= 0.99999, f"{start}: cos {cosines.min()}, max |diff| {worst:.3g}"
+        seen[f"{start} max |diff|"] = f"{worst:.2g}"
+        seen[f"{start} RSS MB"] = round(resident_mb(docker, container))
+        maps = docker.run("exec", container.id, "cat", "/proc/1/maps").stdout
+        logs = container.logs()
+        assert_clean_logs(container)
+        if start == "export":
+            assert "openvino: exporting" in logs, logs[-3000:]
+        else:  # the saved export and tokenizer: no torch, no transformers
+            assert "openvino: using the exported model" in logs and "transformers not loaded" in logs, logs[-3000:]
+            assert "libtorch" not in maps, "torch is loaded in a start from the export cache"
+        docker.run("stop", "-t", str(STOP_TIMEOUT), container.id, timeout=120)
+
+    int8 = Container(docker, free_port(), {"EMBEDDING_DEMO": "true", "EMBEDDING_QUANTIZE": "int8",
+                                           "EMBEDDING_DTYPE": "float32"}, locked)
+    seen["int8 healthy s"] = round(int8.wait_healthy(), 1)
+    health = httpx.get(int8.url + "/health", timeout=10).json()
+    cosines = np.sum(np.asarray(vectors(int8.url, TEXTS)) * np.asarray(expected), axis=1)
+    seen["int8 min cos"] = round(float(cosines.min()), 4)
+    assert float(cosines.min()) >= 0.99, cosines  # docs/openvino.md: min 0.9984 over 1,000 texts
+    assert "quantize=int8" in int8.logs(), int8.logs()[-3000:]
+    assert_clean_logs(int8)
+    print(f"\ndocker openvino: {seen}, health {health}")
+
+
 async def stop_under_load(url: str, clients: int, stopped: asyncio.Event, expected: dict[str, list[float]],
                           statuses: list[int]) -> list[tuple[str, float]]:
     """Closed-loop clients until the stop began and the server is gone; answers are checked as they come
