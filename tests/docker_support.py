@@ -214,10 +214,10 @@ def build_cpu_image(docker: DockerDaemon) -> BuildReport:
 
 
 class Container:
-    """One `docker run -d --network host` of the test image, serving on a loopback port."""
+    """One `docker run -d --network host` of the test image (or `image`), serving on a loopback port."""
 
     def __init__(self, docker: DockerDaemon, port: int, env: dict[str, str], extra: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, image: str = IMAGE_TAG) -> None:
         self.docker = docker
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -227,7 +227,7 @@ class Container:
             args += ["-e", f"{key}={value}"]
         if name:
             args += ["--name", name]
-        self.id = docker.run(*args, *(extra or []), IMAGE_TAG, timeout=300).stdout.strip()
+        self.id = docker.run(*args, *(extra or []), image, timeout=300).stdout.strip()
 
     def inspect(self) -> dict[str, object]:
         return json.loads(self.docker.run("inspect", self.id).stdout)[0]  # type: ignore[no-any-return]

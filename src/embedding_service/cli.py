@@ -1,4 +1,5 @@
-"""Command line: `embedding-service serve [--flag value ...]`, one flag per EmbeddingConfig field.
+"""Command line: `embedding-service serve|prepare [--flag value ...]`, one flag per EmbeddingConfig field,
+and `embedding-service embed` (bulk/command.py).
 
 The CLI parses and serves; what runs (model folder, engine, options) is decided in service.py.
 """
@@ -6,6 +7,7 @@ The CLI parses and serves; what runs (model folder, engine, options) is decided 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import json
 import logging
@@ -38,16 +40,27 @@ def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argpars
     serve = commands.add_parser("serve", help="start the HTTP server",
                                 description="Start the server. Every flag also reads EMBEDDING_<FIELD> "
                                             "from the environment or a .env file; flags win.")
+    _add_setting_flags(serve, config_cls)
+    prepare = commands.add_parser("prepare", help="download, convert and load the models once, then exit",
+                                  description="Do what `serve` does before it serves: find (or download) each "
+                                              "model, convert it (the openvino engine's export) and load it "
+                                              "once; then exit, leaving the caches filled. For image builds "
+                                              "and init containers. Takes serve's flags and variables.")
+    _add_setting_flags(prepare, config_cls)
+    _add_embed_command(commands, config_cls)
+    return parser
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, config_cls: type[EmbeddingConfig]) -> None:
+    """One flag per settings field; unset flags stay out of the namespace, so env and .env still apply."""
     for name, field in config_cls.model_fields.items():
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description or name} [env EMBEDDING_{name.upper()}; default {default}]"
         if field.annotation is bool:
-            serve.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         else:
-            serve.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
-    _add_embed_command(commands, config_cls)
-    return parser
+            parser.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
 def _add_embed_command(commands: Any, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> None:
@@ -166,6 +179,37 @@ def serve(settings: EmbeddingConfig) -> int:
     return _serve_one(settings, plan)
 
 
+def prepare(settings: EmbeddingConfig) -> int:
+    """`prepare`: plan, build and load every model as a start would (downloads, exports and compile caches
+    land where `serve` looks for them), then close them and exit 0; non-zero with the reason otherwise."""
+    from .backends.base import BackendLoadError
+    from .service import build_engines, plan_service
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        plan = plan_service(settings)
+        engines = build_engines(plan)
+    except (BackendLoadError, ImportError) as exc:
+        return _fail(str(exc))
+
+    async def load_and_close() -> None:
+        for engine in engines.values():
+            try:
+                await engine.start()
+            finally:
+                await engine.stop()
+
+    try:
+        asyncio.run(load_and_close())
+    except Exception as exc:  # a load failure of any kind: one line, as serve reports it
+        return _fail(f"model load failed: {exc}")
+    for role, model in plan.models.items():
+        engine = engines[role]
+        print(f"embedding-service: {role} model ready: {model.model_dir or model.backend.model_label} on the "
+              f"{model.engine} engine (loaded in {engine.load_seconds or 0:.1f} s)")
+    return 0
+
+
 def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None) -> int:
     """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
     from .api.app import create_app
@@ -215,8 +259,9 @@ def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = 
 
         check_combinations(args.embed_parser, args)
         return run_embed(args, config_cls)
-    if args.command != "serve":
+    if args.command not in ("serve", "prepare"):
         build_parser(config_cls).print_help()
         return 2
     overrides = {key: value for key, value in vars(args).items() if key != "command"}
-    return serve(load_settings(overrides, config_cls))
+    settings = load_settings(overrides, config_cls)
+    return prepare(settings) if args.command == "prepare" else serve(settings)
