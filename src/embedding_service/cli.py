@@ -34,19 +34,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The commands that take one flag per settings field: (help, description).
+SETTINGS_COMMANDS = {
+    "serve": ("start the HTTP server",
+              "Start the server. Every flag also reads EMBEDDING_<FIELD> from the environment or a .env file; "
+              "flags win."),
+    "prepare": ("download, convert and load the models once, then exit",
+                "Do what `serve` does before it serves: find (or download) each model, convert it (the openvino "
+                "engine's export) and load it once; then exit, leaving the caches filled. For image builds and "
+                "init containers. Takes serve's flags and variables."),
+}
+
+
 def build_parser(config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedding-service", description="OpenAI-compatible embedding server")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="start the HTTP server",
-                                description="Start the server. Every flag also reads EMBEDDING_<FIELD> "
-                                            "from the environment or a .env file; flags win.")
-    _add_setting_flags(serve, config_cls)
-    prepare = commands.add_parser("prepare", help="download, convert and load the models once, then exit",
-                                  description="Do what `serve` does before it serves: find (or download) each "
-                                              "model, convert it (the openvino engine's export) and load it "
-                                              "once; then exit, leaving the caches filled. For image builds "
-                                              "and init containers. Takes serve's flags and variables.")
-    _add_setting_flags(prepare, config_cls)
+    for name, (help_text, description) in SETTINGS_COMMANDS.items():
+        _add_setting_flags(commands.add_parser(name, help=help_text, description=description), config_cls)
     _add_embed_command(commands, config_cls)
     return parser
 
@@ -259,7 +263,7 @@ def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = 
 
         check_combinations(args.embed_parser, args)
         return run_embed(args, config_cls)
-    if args.command not in ("serve", "prepare"):
+    if args.command not in SETTINGS_COMMANDS:
         build_parser(config_cls).print_help()
         return 2
     overrides = {key: value for key, value in vars(args).items() if key != "command"}
