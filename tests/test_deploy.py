@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ VALUE_SETS = {
                                                                       "targetAverageValue": "1"}}},
     "minimal": {"podDisruptionBudget": {"enabled": False}, "serviceAccount": {"create": False},
                 "metrics": {"podAnnotations": False}, "preStopSleepSeconds": 0},
+    "gpu-prepare": {**GPU_HPA_VALUES, "prepare": {"enabled": True}},
 }
 
 
@@ -138,6 +140,23 @@ def test_deployment_wiring(helm: Any) -> None:
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
 
 
+def test_prepare_init_container_runs_with_the_servers_settings(helm: Any) -> None:
+    """`prepare.enabled`: an init container runs `embedding-service prepare` with exactly the server's
+    environment, resources and mounts (so it fills the caches the server reads); off by default."""
+    assert "initContainers" not in render(helm, {})["Deployment"]["spec"]["template"]["spec"]
+    pod = render(helm, VALUE_SETS["gpu-prepare"])["Deployment"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    main = pod["containers"][0]
+    assert init["command"] == ["embedding-service", "prepare"] and "args" not in init
+    assert init["image"] == main["image"]
+    for key in ("env", "resources", "securityContext", "volumeMounts"):
+        assert init[key] == main[key], key
+    assert {item["name"] for item in init["env"]} >= {"HF_HOME", "HF_TOKEN", "EMBEDDING_ENGINE"}
+    mounts = {mount["name"]: mount["mountPath"] for mount in main["volumeMounts"]}
+    assert mounts["service-cache"] == "/home/app/.cache/embedding-service"  # the openvino exports
+    assert {"name": "service-cache", "emptyDir": {}} in pod["volumes"]
+
+
 def test_gpu_and_autoscaling(helm: Any) -> None:
     objects = render(helm, GPU_HPA_VALUES)
     main = container(objects)
@@ -187,6 +206,16 @@ def test_values_schema_rejects_bad_values(helm: Any, bad: dict[str, Any]) -> Non
             chart.validate_schema(merged)
         with pytest.raises(helm.HelmValuesError):
             chart.render(bad, name="emb")
+
+
+def test_values_schema_choices_are_the_settings_choices() -> None:
+    """Each setting with fixed choices has exactly those choices in the chart's schema (the engine list once
+    lacked openvino, so the chart refused `engine: openvino`); every property the schema names is a setting."""
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["embedding"]["properties"]
+    assert set(schema) <= CONFIG_FIELDS, set(schema) - CONFIG_FIELDS
+    for name, field in EmbeddingConfig.model_fields.items():
+        if typing.get_origin(field.annotation) is typing.Literal:
+            assert schema.get(name, {}).get("enum") == list(typing.get_args(field.annotation)), name
 
 
 def test_values_yaml_matches_its_schema_with_jsonschema_too() -> None:
@@ -291,8 +320,9 @@ def test_dockerfile_contract(dockerfile: str) -> None:
 
 
 def test_serve_needs_no_optional_extra() -> None:
-    """The images install `.[torch]` only: the CLI must start without the bulk extra (pyarrow, ray) and the
-    test tools. (pyarrow imported by `embedding-service serve` once kept the CPU image from starting.)"""
+    """The images install `.[torch]` (the CPU image adds openvino): the CLI must start without the bulk extra
+    (pyarrow, ray), the test tools and openvino. (pyarrow imported by `embedding-service serve` once kept the
+    CPU image from starting.)"""
     blocked = ["pyarrow", "ray", "sentence_transformers", "vllm", "openvino"]
     code = ("import sys\n"
             f"for name in {blocked!r}: sys.modules[name] = None\n"

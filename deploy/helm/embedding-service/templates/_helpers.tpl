@@ -34,3 +34,43 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* The settings of both containers (the server and `prepare`): HF_HOME, EMBEDDING_* and the extras. */}}
+{{- define "embedding-service.settings" -}}
+env:
+  - name: HF_HOME
+    value: {{ .Values.modelCache.mountPath | quote }}
+  {{- range $key, $value := .Values.embedding }}
+  - name: {{ printf "EMBEDDING_%s" (upper $key) }}
+    value: {{ $value | toString | quote }}
+  {{- end }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .Values.envFrom }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Resources (with the GPU), security context and volume mounts of both containers. The service's own
+cache (the openvino engine's exports) is an emptyDir: it outlives container restarts within the pod. */}}
+{{- define "embedding-service.runtime" -}}
+resources:
+  {{- $resources := deepCopy .Values.resources }}
+  {{- if .Values.gpu.enabled }}
+  {{- $limits := default dict $resources.limits }}
+  {{- $_ := set $limits .Values.gpu.resourceName (.Values.gpu.count | toString) }}
+  {{- $_ := set $resources "limits" $limits }}
+  {{- end }}
+  {{- toYaml $resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  - name: model-cache
+    mountPath: {{ .Values.modelCache.mountPath }}
+  - name: service-cache
+    mountPath: /home/app/.cache/embedding-service
+  - name: tmp
+    mountPath: /tmp
+{{- end }}
