@@ -1,6 +1,7 @@
 """Rerank workload: `python -m bench --rerank`. 1 query x 20 documents of ~100 tokens per request, 8 clients in
-a closed loop, against our server (torch and vLLM engines, the reranker served alone) and `vllm serve` on the
-same model. vLLM needs the Qwen3-Reranker template applied by the client (as its docs show); ours applies it.
+a closed loop, against our server (torch, vLLM and openvino engines, the reranker served alone) and
+`vllm serve` on the same model. vLLM needs the Qwen3-Reranker template applied by the client (as its docs
+show); ours applies it.
 
 The model is a random-weight Qwen3-Reranker look-alike (embedding_service.testing) of a chosen shape: the
 real 0.6B takes seconds per request on a 2-core CPU; random weights cost the same compute as trained ones.
@@ -125,7 +126,7 @@ def _wait(server: Server, timeout: float) -> None:
 
 def run_rerank(args: Any, out_dir: Path) -> dict[str, Any]:
     model_dir = _model(Path(args.models_dir), args.rerank_shape)
-    targets = [t for t in args.targets.split(",") if t in ("ours-torch", "ours-vllm", "vllm-serve")]
+    targets = [t for t in args.targets.split(",") if t in ("ours-torch", "ours-vllm", "ours-openvino", "vllm-serve")]
     rows, skipped = [], []
     for target in targets:
         server = _server(target, model_dir, args, out_dir)

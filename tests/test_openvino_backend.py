@@ -309,3 +309,36 @@ def test_bench_openvino_shapes_runs(minilm_fp32: OpenVinoBackend, tmp_path: Path
                                  "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "cap8.json").read_text())
     assert rows[0]["batches"] == rows[0]["shapes"] == 1 and rows[0]["rss_mb"] > 0
+
+
+def test_reranker_runs_on_openvino_from_its_own_cached_export(cross_encoder_dir: Path, cache_dir: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """`--engine openvino` with a reranker plans it on openvino too (it used to fall back to torch), exports it
+    once beside the embedding models (keyed apart from them) and reads it on the next start; int8 asked for
+    the embedding model leaves the reranker's weights fp32 (scores equal torch's)."""
+    from embedding_service import service
+    from embedding_service.backends.torch_scoring import TorchScoringBackend
+
+    from .conftest import make_settings
+
+    settings = make_settings(engine="openvino", quantize="int8", dtype="float32", openvino_cache_dir=str(cache_dir),
+                             rerank_model_path=str(cross_encoder_dir))
+    plan = service.plan_model(settings, service.RERANK)
+    assert plan.engine == "openvino"
+    docs = ["Beijing is the capital of China.", "Gravity pulls", "lorem ipsum " * 20]
+    reference = TorchScoringBackend(backend_options(cross_encoder_dir, dtype="float32"))
+    reference.load()
+    expected = reference.embed(reference.encode_pairs(["capital of China?"] * 3, docs))[:, 0]
+    assert np.ptp(expected) > 0.01, expected
+    for start in ("export", "cached"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="embedding_service"):
+            backend = service.build_engine(plan).backend
+            info = backend.load()
+        assert info.engine == "openvino" and info.dtype == "float32" and info.task == "rerank"
+        got = backend.embed(backend.encode_pairs(["capital of China?"] * 3, docs))[:, 0]  # type: ignore[attr-defined]
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        logged = " ".join(record.getMessage() for record in caplog.records)
+        assert ("openvino: exporting" in logged) == (start == "export"), logged
+        backend.close()
+    assert len(list(cache_dir.glob("*-rerank-cross-encoder-*/model.xml"))) == 1

@@ -1,11 +1,12 @@
 """Reranker scores equal the references, fp32: Qwen3-Reranker's model-card code and sentence-transformers'
-CrossEncoder.predict, on the torch engine; batched and alone, with and without instruction, documents of
-10..3,000 tokens. The fixtures' scores are checked to vary, so equality means something."""
+CrossEncoder.predict, on the torch, openvino (and vLLM) engines; batched and alone, with and without
+instruction, documents of 10..3,000 tokens. The fixtures' scores are checked to vary, so equality means something."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,13 @@ CE_LENGTHS = [10, 37, 120, 250, 400]
 TOL = 1e-4
 
 
-def _backend(engine: str, model_dir: Path, max_model_len: int) -> object:
+def _backend(engine: str, model_dir: Path, max_model_len: int, cache: Path | None = None) -> object:
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+        from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+
+        return OpenVinoScoringBackend(backend_options(model_dir, dtype="float32", max_model_len=max_model_len,
+                                                      openvino_cache_dir=str(cache)))
     if engine == "vllm":
         pytest.importorskip("vllm")
         from embedding_service.backends.vllm_scoring import VllmScoringBackend
@@ -36,22 +43,27 @@ def _backend(engine: str, model_dir: Path, max_model_len: int) -> object:
     return TorchScoringBackend(backend_options(model_dir, dtype="float32", max_model_len=max_model_len))
 
 
-@pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.fixture(scope="module", params=["torch", "openvino", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def reranker(engine: str, tiny_reranker_dir: Path) -> Iterator[object]:
-    backend = _backend(engine, tiny_reranker_dir, 4096)
+def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openvino-rerank")
+
+
+@pytest.fixture(scope="module")
+def reranker(engine: str, tiny_reranker_dir: Path, openvino_cache: Path) -> Iterator[object]:
+    backend = _backend(engine, tiny_reranker_dir, 4096, openvino_cache)
     backend.load()  # type: ignore[attr-defined]
     yield backend
     backend.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
-def cross_encoder(engine: str, cross_encoder_dir: Path) -> Iterator[object]:
-    backend = _backend(engine, cross_encoder_dir, 512)
+def cross_encoder(engine: str, cross_encoder_dir: Path, openvino_cache: Path) -> Iterator[object]:
+    backend = _backend(engine, cross_encoder_dir, 512, openvino_cache)
     backend.load()  # type: ignore[attr-defined]
     yield backend
     backend.close()  # type: ignore[attr-defined]
@@ -102,13 +114,13 @@ def test_cross_encoder_equals_sentence_transformers(cross_encoder: object, cross
     np.testing.assert_allclose(alone, expected, atol=TOL, rtol=0)
 
 
-def test_cross_encoder_identity_activation(tmp_path: Path, minilm_dir: Path) -> None:
+@pytest.mark.parametrize("engine_name", ["torch", "openvino"])
+def test_cross_encoder_identity_activation(tmp_path: Path, minilm_dir: Path, engine_name: str) -> None:
     """ms-marco cross-encoders declare Identity: raw logits, as sentence-transformers returns them."""
-    from embedding_service.backends.torch_scoring import TorchScoringBackend
     from embedding_service.testing import build_random_cross_encoder
 
     model_dir = build_random_cross_encoder(tmp_path / "ce", minilm_dir, activation="torch.nn.modules.linear.Identity")
-    backend = TorchScoringBackend(backend_options(model_dir, dtype="float32"))
+    backend: Any = _backend(engine_name, model_dir, 512, tmp_path / "openvino")
     backend.load()
     docs = ["Beijing is the capital of China.", "Gravity pulls", "lorem ipsum " * 20]
     expected = np.array(cross_encoder_predict(model_dir, QUERY, docs))

@@ -109,10 +109,7 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     facts = read_model_facts(model_dir or None)
     kind = choose_engine(settings, facts)
     backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)
-    if role == RERANK:
-        if kind == "openvino":  # int8 is for the embedding model; the reranker keeps exact scores
-            log.info("the openvino engine has no reranker path: the reranker runs on the torch engine")
-            kind = "torch"
+    if role == RERANK:  # (on openvino always with fp32 weights: int8 is for the embedding model)
         backend = replace(backend, model_label=settings.public_rerank_model_name or "reranker", matryoshka=False)
     return ModelPlan(
         role=role,

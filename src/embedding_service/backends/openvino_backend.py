@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from .device import resolve_cpu_dtype
 from .pooling import l2_normalize, pool_numpy
 from .tokenization import HfTokenizer, SavedTokenizer
 
-__all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "default_cache_dir", "export_key",
-           "tokenizer_fingerprint"]
+__all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir", "default_cache_dir",
+           "export_key", "export_module", "import_openvino", "last_hidden_module", "pad_batch", "tokenizer_fingerprint"]
 
 log = logging.getLogger("embedding_service")
 
@@ -51,16 +51,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "embedding-service" / "openvino"
 
 
-def export_key(model_dir: str, quantize: str, runtime_version: str) -> str:
-    """What an exported IR depends on: the model folder's config and weight files, the mode, the runtime."""
+def export_key(model_dir: str, variant: str, runtime_version: str) -> str:
+    """What an exported IR depends on: the model folder's config and weight files, the variant (the quantize
+    mode of an embedding model, or the reranker's kind), the runtime."""
     root = Path(model_dir).resolve()
     digest = hashlib.sha256()
-    for part in (EXPORT_VERSION, quantize, runtime_version, str(root)):
+    for part in (EXPORT_VERSION, variant, runtime_version, str(root)):
         digest.update(part.encode() + b"\0")
     config = root / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
     _digest_files(digest, root, weights=True)
-    return f"{root.name}-{quantize}-{digest.hexdigest()[:16]}"
+    return f"{root.name}-{variant}-{digest.hexdigest()[:16]}"
 
 
 def tokenizer_fingerprint(model_dir: str) -> str:
@@ -104,15 +105,8 @@ class OpenVinoBackend:
         self.ir_path: Path | None = None
 
     def load(self) -> BackendInfo:
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise BackendLoadError(f"--engine openvino needs openvino installed "
-                                   f"(pip install 'embedding-service[openvino]'): {exc}") from exc
+        ov = import_openvino(self._options)
         opts, facts = self._options, self._options.facts
-        if opts.device not in ("auto", "cpu"):
-            raise BackendLoadError(f"the openvino engine runs on the CPU; device '{opts.device}' "
-                                   "was requested (use --engine torch or vllm for CUDA)")
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
         dtype = resolve_cpu_dtype(opts.dtype)
@@ -121,23 +115,14 @@ class OpenVinoBackend:
         fingerprint = tokenizer_fingerprint(self._model_dir)
         self._tokenizer = self._load_tokenizer(folder, fingerprint)
         self._pad_id = self._tokenizer.pad_id
-        self.ir_path = self._exported(folder, runtime_version)
+        self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, self._quantize, runtime_version,
+                                     lambda target: _export(self._model_dir, target, self._quantize, self._pad_id))
         self._save_tokenizer(folder, fingerprint)
-        threads = len(os.sched_getaffinity(0)) or 1
-        settings = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "INFERENCE_NUM_THREADS": threads,
-                    "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
-        if self._quantize == "int8":
-            # int8 weights; activations quantised per group of 32 at run time (no calibration data needed).
-            settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32
-        try:
-            compiled = ov.Core().compile_model(str(self.ir_path), "CPU", settings)
-        except RuntimeError as exc:
-            raise BackendLoadError(f"OpenVINO cannot compile {self.ir_path}: {first_line(exc)}") from exc
-        self._request = compiled.create_infer_request()
+        self._request = compile_ir(ov, self.ir_path, dtype, self._quantize)
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
         dimension = int(self.embed([probe]).shape[1])
         log.info("openvino backend: %s on cpu (%s, quantize=%s, %d threads), pooling=%s, dim=%d, IR %s",
-                 opts.model_label, dtype, self._quantize, threads, facts.pooling, dimension, self.ir_path)
+                 opts.model_label, dtype, self._quantize, compile_threads(), facts.pooling, dimension, self.ir_path)
         return BackendInfo(
             model=opts.model_label,
             device="cpu",
@@ -154,38 +139,6 @@ class OpenVinoBackend:
             max_concurrent_batches=1,
             engine="openvino",
         )
-
-    # --- export ---------------------------------------------------------------------------------------
-    def _exported(self, folder: Path, runtime_version: str) -> Path:
-        """The cached IR for this model and settings, exporting it first if absent."""
-        target = folder / "model.xml"
-        if target.is_file():
-            log.info("openvino: using the exported model in %s", folder)
-            return target
-        log.info("openvino: exporting %s (quantize=%s) to %s, once", self._model_dir, self._quantize, folder)
-        try:
-            self._cache_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".export-", dir=self._cache_dir))
-        except OSError as exc:
-            raise BackendLoadError(f"openvino: cannot write the export cache {self._cache_dir}: {exc} "
-                                   "(set EMBEDDING_OPENVINO_CACHE_DIR)") from exc
-        try:
-            _export(self._model_dir, staging / "model.xml", self._quantize, self._pad_id)
-            (staging / "export.json").write_text(json.dumps(
-                {"model_dir": self._model_dir, "quantize": self._quantize, "openvino": runtime_version,
-                 "export_version": EXPORT_VERSION}), encoding="utf-8")
-            try:
-                staging.rename(folder)  # atomic: a reader sees a whole export or none
-            except OSError:  # another process finished the same export first: use theirs
-                if not target.is_file():
-                    raise
-        except BackendLoadError:
-            raise
-        except Exception as exc:
-            raise BackendLoadError(f"openvino: cannot export {self._model_dir}: {first_line(exc)}") from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
 
     # --- the tokenizer: saved beside the export, so a cached start imports neither transformers nor torch --
     def _load_tokenizer(self, folder: Path, fingerprint: str) -> HfTokenizer | SavedTokenizer:
@@ -239,6 +192,71 @@ class OpenVinoBackend:
         self._tokenizer = None
 
 
+def import_openvino(options: BackendOptions) -> Any:
+    """The openvino module, for a CPU device; BackendLoadError saying what to do otherwise."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendLoadError(f"--engine openvino needs openvino installed "
+                               f"(pip install 'embedding-service[openvino]'): {exc}") from exc
+    if options.device not in ("auto", "cpu"):
+        raise BackendLoadError(f"the openvino engine runs on the CPU; device '{options.device}' "
+                               "was requested (use --engine torch or vllm for CUDA)")
+    return ov
+
+
+def compile_threads() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def compile_ir(ov: Any, ir_path: Path, dtype: str, quantize: str) -> Any:
+    """An InferRequest of the IR on the CPU plugin, with the engine's settings."""
+    settings = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "INFERENCE_NUM_THREADS": compile_threads(),
+                "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
+    if quantize == "int8":
+        # int8 weights; activations quantised per group of 32 at run time (no calibration data needed).
+        settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32
+    try:
+        compiled = ov.Core().compile_model(str(ir_path), "CPU", settings)
+    except RuntimeError as exc:
+        raise BackendLoadError(f"OpenVINO cannot compile {ir_path}: {first_line(exc)}") from exc
+    return compiled.create_infer_request()
+
+
+def cached_export(cache_dir: Path, folder: Path, model_dir: str, variant: str, runtime_version: str,
+                  export: Callable[[Path], None]) -> Path:
+    """`folder`/model.xml, running `export(staging/model.xml)` first if absent. The export is written to a
+    staging folder and renamed into place: a crash or a second process never leaves half of one."""
+    target = folder / "model.xml"
+    if target.is_file():
+        log.info("openvino: using the exported model in %s", folder)
+        return target
+    log.info("openvino: exporting %s (%s) to %s, once", model_dir, variant, folder)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_dir))
+    except OSError as exc:
+        raise BackendLoadError(f"openvino: cannot write the export cache {cache_dir}: {exc} "
+                               "(set EMBEDDING_OPENVINO_CACHE_DIR)") from exc
+    try:
+        export(staging / "model.xml")
+        (staging / "export.json").write_text(json.dumps(
+            {"model_dir": model_dir, "variant": variant, "openvino": runtime_version,
+             "export_version": EXPORT_VERSION}), encoding="utf-8")
+        try:
+            staging.rename(folder)  # atomic: a reader sees a whole export or none
+        except OSError:  # another process finished the same export first: use theirs
+            if not target.is_file():
+                raise
+    except BackendLoadError:
+        raise
+    except Exception as exc:
+        raise BackendLoadError(f"openvino: cannot export {model_dir}: {first_line(exc)}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, *, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """int64 ids and attention mask, padded to the longest sequence."""
     longest = max(len(seq) for seq in batch)
@@ -257,15 +275,20 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
     Converted from the torch model with OpenVINO's own converter (optimum-intel would pin an older
     transformers). torch is needed only here, once per model and settings.
     """
-    import openvino as ov
     import torch
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    example = pad_batch([[1, 2, 3, 4, 5, 6], [1, 2, 3]], pad_id)  # a padded row: masks in general
+    export_module(last_hidden_module(model), ("input_ids", "attention_mask"), example, target, quantize)
+
+
+def last_hidden_module(model: Any) -> Any:
+    """The encoder's token states as a module of (input_ids, attention_mask); pooling, normalisation (and a
+    reranker's head) stay in numpy, shared with the other engines."""
+    import torch
 
     class LastHidden(torch.nn.Module):
-        """The encoder's token states; pooling and normalisation stay in numpy, shared with other engines."""
-
         def __init__(self) -> None:
             super().__init__()
             self.inner = model
@@ -273,13 +296,21 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    # A padded row in the example, so the traced graph handles masks in general.
-    example = pad_batch([[1, 2, 3, 4, 5, 6], [1, 2, 3]], pad_id)
+    return LastHidden()
+
+
+def export_module(module: Any, names: Sequence[str], example: Sequence[np.ndarray], target: Path,
+                  quantize: str = "none") -> None:
+    """Convert `module` (inputs `names`, traced on `example`, which should hold a padded row so that the graph
+    handles masks in general) to IR with dynamic batch and length; int8 weights if asked; fp32 storage."""
+    import openvino as ov
+    import torch
+
     with torch.inference_mode():
-        converted = ov.convert_model(LastHidden(), example_input=tuple(torch.from_numpy(a) for a in example))
-    for port, name in zip(converted.inputs, ("input_ids", "attention_mask"), strict=True):
+        converted = ov.convert_model(module, example_input=tuple(torch.from_numpy(a) for a in example))
+    for port, name in zip(converted.inputs, names, strict=True):
         port.get_tensor().set_names({name})
-    converted.reshape({"input_ids": ov.PartialShape([-1, -1]), "attention_mask": ov.PartialShape([-1, -1])})
+    converted.reshape({name: ov.PartialShape([-1, -1]) for name in names})
     if quantize == "int8":
         import nncf
 

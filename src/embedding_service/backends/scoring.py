@@ -245,7 +245,7 @@ class PairMethods:
 
 
 def create_scoring_backend(engine: str, options: BackendOptions) -> Any:
-    """Build (not load) the reranker backend for `engine` ("torch", "vllm" or "fake")."""
+    """Build (not load) the reranker backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
     if engine == "fake":
         from .fake_scoring import FakeScoringBackend
 
@@ -255,8 +255,12 @@ def create_scoring_backend(engine: str, options: BackendOptions) -> Any:
         from .vllm_scoring import VllmScoringBackend
 
         return VllmScoringBackend(options)
+    if engine == "openvino":
+        from .openvino_scoring import OpenVinoScoringBackend
+
+        return OpenVinoScoringBackend(options)
     if engine != "torch":
-        raise BackendLoadError(f"the {engine} engine cannot serve a reranker (use torch or vllm)")
+        raise BackendLoadError(f"the {engine} engine cannot serve a reranker (use torch, vllm or openvino)")
     from .torch_scoring import TorchScoringBackend
 
     return TorchScoringBackend(options)
