@@ -1,4 +1,4 @@
-"""A real server process serving an embedding model and a reranker together (torch engine, fp32), and real
+"""A real server process serving an embedding model and a reranker together (torch engine, fp32; openvino too), and real
 clients nobody here wrote: the cohere SDK (ClientV2.rerank, POST /v2/rerank) and LangChain's CohereRerank.
 Each equals raw HTTP; raw HTTP equals the Qwen3-Reranker model card's computation."""
 
@@ -52,6 +52,26 @@ def test_served_scores_equal_the_model_card(server: ServerProcess, tiny_reranker
     assert [(m["model"], m["task"]) for m in health["models"]] == [(EMBEDDER, "embed"), (RERANKER, "rerank")]
     embedded = httpx.post(server.url + "/v1/embeddings", json={"input": "hello"})
     assert embedded.status_code == 200 and embedded.json()["model"] == EMBEDDER
+
+
+def test_both_models_on_the_openvino_engine(tiny_qwen_dir: Path, tiny_reranker_dir: Path, tmp_path: Path) -> None:
+    """`--engine openvino` serves the embedding model and the reranker on openvino, scores equal to the card."""
+    pytest.importorskip("openvino")
+    process = ServerProcess(["--engine", "openvino", "--dtype", "float32", "--model-path", str(tiny_qwen_dir),
+                             "--served-model-name", EMBEDDER, "--rerank-model-path", str(tiny_reranker_dir),
+                             "--served-rerank-model-name", RERANKER],
+                            env={"EMBEDDING_OPENVINO_CACHE_DIR": str(tmp_path / "openvino")})
+    try:
+        process.wait_healthy(240)
+        raw = _raw(process)
+        expected = CardQwen3Reranker(tiny_reranker_dir).scores(QUERY, DOCS)
+        np.testing.assert_allclose([raw[i] for i in range(len(DOCS))], expected, atol=1e-4, rtol=0)
+        health = httpx.get(process.url + "/health").json()
+        assert [(m["model"], m["engine"]) for m in health["models"]] == [(EMBEDDER, "openvino"),
+                                                                         (RERANKER, "openvino")], health
+        assert httpx.post(process.url + "/v1/embeddings", json={"input": "hello"}).status_code == 200
+    finally:
+        assert process.stop() == 0, process.log()
 
 
 def test_cohere_sdk_v2_equals_raw_http(server: ServerProcess) -> None:
