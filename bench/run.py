@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rerank", action="store_true",
                         help="the rerank workload (bench/rerank.py) instead of the embedding ones")
-    parser.add_argument("--rerank-shape", default="small", help="reranker model shape: small or 0.6b")
+    parser.add_argument("--rerank-shape", default="small",
+                        help="reranker model shape: small or 0.6b (Qwen3-Reranker), minilm-ce (cross-encoder)")
     parser.add_argument("--url", help="measure this OpenAI-compatible /v1/embeddings URL only (no peers)")
     parser.add_argument("--model-name", default=None, help="'model' to send with --url")
     parser.add_argument("--tokenizer-dir", default=None, help="with --url: model dir to calibrate text lengths")

@@ -185,7 +185,8 @@ def build_random_qwen3_reranker(out_dir: str | Path, *, shape: dict[str, int] | 
 
 def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, seed: int = 0,
                                activation: str | None = None, hidden_size: int = 128,
-                               max_position_embeddings: int = 512, classifier_scale: float = 1.0) -> Path:
+                               max_position_embeddings: int = 512, classifier_scale: float = 1.0,
+                               num_hidden_layers: int = 2, num_attention_heads: int = 4) -> Path:
     """A random-weight BERT cross-encoder (BertForSequenceClassification, one label) on the WordPiece
     vocabulary in `vocab_dir` (all-MiniLM-L6-v2's). `activation` is written where sentence-transformers
     reads it (config.json's sentence_transformers.activation_fn); None leaves its default (sigmoid).
@@ -201,8 +202,9 @@ def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, se
         if (Path(vocab_dir) / name).is_file():
             shutil.copy(Path(vocab_dir) / name, out / name)
     vocab = sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=hidden_size * 2, max_position_embeddings=max_position_embeddings,
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=num_attention_heads, intermediate_size=hidden_size * 2,
+                        max_position_embeddings=max_position_embeddings,
                         architectures=["BertForSequenceClassification"])
     config.num_labels = 1
     if activation is not None:
