@@ -27,8 +27,9 @@ from .device import resolve_cpu_dtype
 from .pooling import l2_normalize, pool_numpy
 from .tokenization import HfTokenizer, SavedTokenizer
 
-__all__ = ["EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir", "default_cache_dir",
-           "export_key", "export_module", "import_openvino", "last_hidden_module", "pad_batch", "tokenizer_fingerprint"]
+__all__ = ["EXAMPLE_ROWS", "EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir",
+           "compile_threads", "default_cache_dir", "export_key", "export_module", "import_openvino",
+           "last_hidden_module", "pad_batch", "tokenizer_fingerprint"]
 
 log = logging.getLogger("embedding_service")
 
@@ -43,6 +44,8 @@ _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 # dynamic batching nearly every batch is a new (rows, tokens) shape, so memory grew ~1 GB an hour. 64 bounds it
 # (docs/reliability.md "Memory under long traffic"); an evicted shape's kernels are rebuilt when it comes back.
 RUNTIME_CACHE_CAPACITY = 64
+# The batch an export traces: a padded row in it, so that the graph handles masks in general.
+EXAMPLE_ROWS = [[1, 2, 3, 4, 5, 6], [1, 2, 3]]
 
 
 def default_cache_dir() -> Path:
@@ -279,8 +282,8 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    example = pad_batch([[1, 2, 3, 4, 5, 6], [1, 2, 3]], pad_id)  # a padded row: masks in general
-    export_module(last_hidden_module(model), ("input_ids", "attention_mask"), example, target, quantize)
+    export_module(last_hidden_module(model), ("input_ids", "attention_mask"), pad_batch(EXAMPLE_ROWS, pad_id), target,
+                  quantize)
 
 
 def last_hidden_module(model: Any) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 from .base import BackendInfo, BackendOptions
 from .device import resolve_cpu_dtype
 from .openvino_backend import (
+    EXAMPLE_ROWS,
     cached_export,
     compile_ir,
     compile_threads,
@@ -34,7 +35,7 @@ from .openvino_backend import (
     last_hidden_module,
     pad_batch,
 )
-from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts
+from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts, token_types
 
 __all__ = ["OpenVinoScoringBackend"]
 
@@ -69,7 +70,8 @@ class OpenVinoScoringBackend(PairMethods):
         variant = f"rerank-{facts.kind}"
         folder = self._cache_dir / export_key(self._model_dir, variant, version)
         self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, variant, version,
-                                     lambda target: _export_reranker(self._model_dir, target, facts, pairs))
+                                     lambda target: _export_reranker(self._model_dir, target, facts, pairs,
+                                                                     self._pad_id))
         if facts.kind == "yes-no":
             self._head = np.load(folder / HEAD_FILE).astype(np.float32)
         self._request = compile_ir(ov, self.ir_path, dtype, "none")
@@ -105,28 +107,17 @@ class OpenVinoScoringBackend(PairMethods):
         self._head = None
 
 
-def token_types(batch: Sequence[Sequence[int]], width: int) -> np.ndarray:
-    """Token type 1 from each pair's second segment to its end (0 elsewhere, padding included)."""
-    types = np.zeros((len(batch), width), dtype=np.int64)
-    for row, seq in enumerate(batch):
-        second = seq.second_start if isinstance(seq, TokenPair) else None
-        if second is not None:
-            types[row, second: len(seq)] = 1
-    return types
-
-
-def _export_reranker(model_dir: str, target: Path, facts: RerankerFacts, pairs: PairTokenizer) -> None:
+def _export_reranker(model_dir: str, target: Path, facts: RerankerFacts, pairs: PairTokenizer, pad: int) -> None:
     """The reranker's IR (fp32), and for yes-no its two lm_head rows beside it. torch is needed only here."""
     import torch
 
-    pad = pairs.tokenizer.pad_token_id or 0
     if facts.kind == "yes-no":
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         head = model.get_output_embeddings().weight[[pairs.no_id, pairs.yes_id]].detach().float().numpy()
         np.save(target.parent / HEAD_FILE, head)
-        example = pad_batch([[1, 2, 3, 4, 5, 6], [1, 2, 3]], pad)
+        example = pad_batch(EXAMPLE_ROWS, pad)
         export_module(last_hidden_module(model.model), ("input_ids", "attention_mask"), example, target)
         return
     from transformers import AutoModelForSequenceClassification
@@ -141,8 +132,7 @@ def _export_reranker(model_dir: str, target: Path, facts: RerankerFacts, pairs: 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
-    pair = TokenPair([1, 2, 3, 4, 5, 6], head=3, tail=1, second_start=3)
-    batch = [pair, TokenPair([1, 2, 3], head=2, tail=1, second_start=2)]
+    batch = [TokenPair(row, head=len(row) // 2, tail=1, second_start=len(row) // 2) for row in EXAMPLE_ROWS]
     ids, mask = pad_batch(batch, pad)
-    export_module(Logits(), ("input_ids", "attention_mask", "token_type_ids"), (ids, mask, token_types(batch, 6)),
-                  target)
+    export_module(Logits(), ("input_ids", "attention_mask", "token_type_ids"),
+                  (ids, mask, token_types(batch, ids.shape[1])), target)

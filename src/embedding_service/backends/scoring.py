@@ -33,6 +33,7 @@ __all__ = [
     "create_scoring_backend",
     "format_qwen3_pair",
     "read_reranker_facts",
+    "token_types",
     "yes_probability",
 ]
 
@@ -157,6 +158,18 @@ class TokenPair(list[int]):
             return None
         ids = [*self[: limit - self.tail], *self[len(self) - self.tail:]]
         return TokenPair(ids, head=self.head, tail=self.tail, second_start=self.second_start)
+
+
+def token_types(batch: Sequence[Sequence[int]], width: int, *, left: bool = False) -> np.ndarray:
+    """int64 token types of a batch padded to `width` (on the left if `left`): 1 from each pair's second
+    segment to its end, 0 elsewhere (padding included)."""
+    types = np.zeros((len(batch), width), dtype=np.int64)
+    for row, seq in enumerate(batch):
+        second = seq.second_start if isinstance(seq, TokenPair) else None
+        if second is not None:
+            start = width - len(seq) if left else 0
+            types[row, start + second: start + len(seq)] = 1
+    return types
 
 
 class PairTokenizer:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts
+from .scoring import PairMethods, PairTokenizer, RerankerFacts, activate, read_reranker_facts, token_types
 from .torch_backend import torch_placement
 
 __all__ = ["TorchScoringBackend"]
@@ -79,14 +79,11 @@ class TorchScoringBackend(PairMethods):
         pad = pad if pad is not None else 0
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        types = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, seq in enumerate(batch):
             start = longest - len(seq) if left else 0
             ids[row, start: start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
             mask[row, start: start + len(seq)] = 1
-            second = seq.second_start if isinstance(seq, TokenPair) else None
-            if second is not None:
-                types[row, start + second: start + len(seq)] = 1
+        types = torch.from_numpy(token_types(batch, longest, left=left))
         with torch.inference_mode():
             ids, mask = ids.to(self._device), mask.to(self._device)
             if left:
