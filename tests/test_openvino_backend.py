@@ -342,3 +342,48 @@ def test_reranker_runs_on_openvino_from_its_own_cached_export(cross_encoder_dir:
         assert ("openvino: exporting" in logged) == (start == "export"), logged
         backend.close()
     assert len(list(cache_dir.glob("*-rerank-cross-encoder-*/model.xml"))) == 1
+
+
+_CACHED_RERANK_START = """
+import json, sys
+from embedding_service.backends.base import BackendOptions
+from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+from embedding_service.config import EmbeddingConfig
+
+model_dir, cache, query, documents = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+settings = EmbeddingConfig(_env_file=None, device="cpu", dtype="float32", max_model_len=512,
+                           openvino_cache_dir=cache)
+backend = OpenVinoScoringBackend(BackendOptions.from_config(settings, model_dir, read_model_facts(model_dir)))
+backend.load()
+pairs = backend.encode_pairs([query] * len(documents), documents)
+print(json.dumps({"ids": [list(p) for p in pairs], "scores": backend.score(pairs).tolist(),
+                  "imported": sorted({"transformers", "torch"} & set(sys.modules))}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["qwen3-reranker", "cross-encoder"])
+def test_a_cached_reranker_start_imports_neither_transformers_nor_torch(
+        kind: str, tiny_reranker_dir: Path, cross_encoder_dir: Path, cache_dir: Path) -> None:
+    """As for embedding models: the first start saves the checked pair tokenizer beside the reranker's export,
+    and a start from that cache scores with it alone, the same ids and scores as the first."""
+    import subprocess
+    import sys
+
+    from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+
+    model_dir = tiny_reranker_dir if kind == "qwen3-reranker" else cross_encoder_dir
+    first = OpenVinoScoringBackend(backend_options(model_dir, dtype="float32", openvino_cache_dir=str(cache_dir)))
+    first.load()
+    assert first.ir_path is not None and (first.ir_path.parent / "tokenizer-state.json").is_file()
+    query, docs = "capital of China?", ["Beijing is the capital of China.", "Gravity pulls", "東京タワー 😀 " * 30, ""]
+    pairs = first.encode_pairs([query] * len(docs), docs)
+    expected = first.score(pairs)
+    assert np.ptp(expected) > 1e-3, expected  # scores differ per document: the comparison below can fail
+    done = subprocess.run([sys.executable, "-c", _CACHED_RERANK_START, str(model_dir), str(cache_dir), query,
+                           json.dumps(docs)], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["imported"] == []
+    assert result["ids"] == [list(p) for p in pairs]
+    np.testing.assert_allclose(result["scores"], expected, atol=1e-6, rtol=0)
+    first.close()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedding_service.backends.scoring import TokenPair
+from embedding_service.backends.pair_tokenizer import TokenPair
 
 from .conftest import backend_options
 from .rerank_reference import CardQwen3Reranker, cross_encoder_predict, documents_of_lengths

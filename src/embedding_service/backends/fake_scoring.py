@@ -11,7 +11,7 @@ import numpy as np
 
 from .base import BackendInfo
 from .fake import FakeBackend
-from .scoring import TokenPair
+from .pair_tokenizer import TokenPair
 
 __all__ = ["FakeScoringBackend"]
 

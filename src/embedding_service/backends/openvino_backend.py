@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,9 +29,11 @@ from .tokenization import HfTokenizer, SavedTokenizer
 
 __all__ = ["EXAMPLE_ROWS", "EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir",
            "compile_threads", "default_cache_dir", "export_key", "export_module", "import_openvino",
-           "last_hidden_module", "pad_batch", "tokenizer_fingerprint"]
+           "last_hidden_module", "load_saved_tokenizer", "pad_batch", "save_tokenizer_state",
+           "tokenizer_fingerprint"]
 
 log = logging.getLogger("embedding_service")
+T = TypeVar("T")
 
 QUANTIZE_MODES = ("none", "int8")
 # Bumped whenever the export itself changes, so caches written by an older export are not reused.
@@ -80,6 +82,40 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# --- the tokenizer, saved beside the export: a cached start then imports neither transformers nor torch ---
+def load_saved_tokenizer(folder: Path, fingerprint: str, build: Callable[[dict[str, Any]], T]) -> T | None:
+    """`build(state)` from the state saved in `folder` for these tokenizer files; None when there is none, it
+    is stale, or it is unreadable (then with a warning): transformers' path is always right."""
+    path = folder / TOKENIZER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("fingerprint") != fingerprint:
+            return None
+        built = build(state)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # unreadable, or written by another version
+        log.warning("openvino: ignoring the saved tokenizer %s: %s", path, first_line(exc))
+        return None
+    log.info("openvino: tokenizer from %s (transformers not loaded)", path)
+    return built
+
+
+def save_tokenizer_state(folder: Path, fingerprint: str, state: dict[str, Any] | None) -> None:
+    """Save a checked Rust tokenizer's state for later starts (best effort: a read-only cache only costs
+    time); None (texts take transformers' path) saves nothing."""
+    if state is None:
+        return
+    state = {**state, "fingerprint": fingerprint}
+    staging = folder / f".tokenizer-{os.getpid()}-{threading.get_ident()}"
+    try:
+        staging.write_text(json.dumps(state), encoding="utf-8")
+        os.replace(staging, folder / TOKENIZER_STATE)  # atomic: a reader sees all of it or none
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        log.info("openvino: cannot save the tokenizer in %s: %s", folder, exc)
+
+
 def _digest_files(digest: Any, root: Path, *, weights: bool) -> None:
     """Add the name, size and mtime of the folder's weight files (or of all its other files) to `digest`:
     cheap, and changes whenever a file is replaced."""
@@ -116,11 +152,13 @@ class OpenVinoBackend:
         runtime_version = ov.get_version()
         folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
-        self._tokenizer = self._load_tokenizer(folder, fingerprint)
+        saved = load_saved_tokenizer(folder, fingerprint, SavedTokenizer)
+        self._tokenizer = saved if saved is not None else self._hf_tokenizer()
         self._pad_id = self._tokenizer.pad_id
         self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, self._quantize, runtime_version,
                                      lambda target: _export(self._model_dir, target, self._quantize, self._pad_id))
-        self._save_tokenizer(folder, fingerprint)
+        if isinstance(self._tokenizer, HfTokenizer):  # checked by this start: saved for the next ones
+            save_tokenizer_state(folder, fingerprint, self._tokenizer.state())
         self._request = compile_ir(ov, self.ir_path, dtype, self._quantize)
         probe = [*self._tokenizer.special_prefix, 0, *self._tokenizer.special_suffix]
         dimension = int(self.embed([probe]).shape[1])
@@ -143,37 +181,11 @@ class OpenVinoBackend:
             engine="openvino",
         )
 
-    # --- the tokenizer: saved beside the export, so a cached start imports neither transformers nor torch --
-    def _load_tokenizer(self, folder: Path, fingerprint: str) -> HfTokenizer | SavedTokenizer:
-        path = folder / TOKENIZER_STATE
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            if state.get("fingerprint") == fingerprint:
-                saved = SavedTokenizer(state)
-                log.info("openvino: tokenizer from %s (transformers not loaded)", path)
-                return saved
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # unreadable or from another version: transformers' path is always right
-            log.warning("openvino: ignoring the saved tokenizer %s: %s", path, first_line(exc))
+    def _hf_tokenizer(self) -> HfTokenizer:
         try:
             return HfTokenizer(self._model_dir)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
-
-    def _save_tokenizer(self, folder: Path, fingerprint: str) -> None:
-        """Save a checked Rust tokenizer for later starts (best effort: a read-only cache only costs time)."""
-        state = self._tokenizer.state() if isinstance(self._tokenizer, HfTokenizer) else None
-        if state is None:
-            return
-        state["fingerprint"] = fingerprint
-        staging = folder / f".tokenizer-{os.getpid()}-{threading.get_ident()}"
-        try:
-            staging.write_text(json.dumps(state), encoding="utf-8")
-            os.replace(staging, folder / TOKENIZER_STATE)  # atomic: a reader sees all of it or none
-        except OSError as exc:
-            staging.unlink(missing_ok=True)
-            log.info("openvino: cannot save the tokenizer in %s: %s", folder, exc)
 
     # --- the contract ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

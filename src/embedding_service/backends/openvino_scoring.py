@@ -33,9 +33,13 @@ from .openvino_backend import (
     export_module,
     import_openvino,
     last_hidden_module,
+    load_saved_tokenizer,
     pad_batch,
+    save_tokenizer_state,
+    tokenizer_fingerprint,
 )
-from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, activate, read_reranker_facts, token_types
+from .pair_tokenizer import PairMethods, PairTokenizer, TokenPair, token_types
+from .scoring import RerankerFacts, activate, read_reranker_facts
 
 __all__ = ["OpenVinoScoringBackend"]
 
@@ -62,16 +66,19 @@ class OpenVinoScoringBackend(PairMethods):
     def load(self) -> BackendInfo:
         ov = import_openvino(self._options)
         facts = read_reranker_facts(self._model_dir)
-        pairs = PairTokenizer(self._model_dir, facts)
-        pad = pairs.tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else 0
         dtype = resolve_cpu_dtype(self._options.dtype)
         version = ov.get_version()
         variant = f"rerank-{facts.kind}"
         folder = self._cache_dir / export_key(self._model_dir, variant, version)
+        fingerprint = tokenizer_fingerprint(self._model_dir)
+        saved = load_saved_tokenizer(folder, fingerprint, lambda state: PairTokenizer.from_state(state, facts))
+        pairs = saved if saved is not None else PairTokenizer.load(self._model_dir, facts)
+        self._pad_id = pairs.pad_id
         self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, variant, version,
                                      lambda target: _export_reranker(self._model_dir, target, facts, pairs,
                                                                      self._pad_id))
+        if saved is None:
+            save_tokenizer_state(folder, fingerprint, pairs.state())
         if facts.kind == "yes-no":
             self._head = np.load(folder / HEAD_FILE).astype(np.float32)
         self._request = compile_ir(ov, self.ir_path, dtype, "none")

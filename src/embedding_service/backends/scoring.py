@@ -1,4 +1,5 @@
-"""What a reranker is and how a (query, document) pair becomes token ids: shared by the torch and vLLM engines.
+"""What a reranker is, read from its model folder, and how its logits become scores: shared by every engine
+(how a pair becomes token ids: pair_tokenizer.py).
 
 Two kinds of reranker:
 - "yes-no" (Qwen3-Reranker): a causal LM prompted with the model card's template; the score is
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,15 +25,11 @@ __all__ = [
     "QWEN3_DEFAULT_INSTRUCTION",
     "QWEN3_PREFIX",
     "QWEN3_SUFFIX",
-    "PairMethods",
-    "PairTokenizer",
     "RerankerFacts",
-    "TokenPair",
     "activate",
     "create_scoring_backend",
     "format_qwen3_pair",
     "read_reranker_facts",
-    "token_types",
     "yes_probability",
 ]
 
@@ -133,128 +129,6 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
 def yes_probability(logit_no: float, logit_yes: float) -> float:
     """softmax([no, yes])[yes], computed stably."""
     return 1.0 / (1.0 + math.exp(logit_no - logit_yes))
-
-
-class TokenPair(list[int]):
-    """A pair's token ids, plus what truncation must keep and where the second segment starts.
-
-    `head`: leading tokens that hold the query (never cut); `tail`: closing tokens (kept after a cut);
-    `second_start`: index of the first token of token type 1 (cross-encoders), None for one segment.
-    """
-
-    head: int
-    tail: int
-    second_start: int | None
-
-    def __init__(self, ids: Sequence[int], *, head: int, tail: int, second_start: int | None = None) -> None:
-        super().__init__(ids)
-        self.head, self.tail, self.second_start = head, tail, second_start
-
-    def truncated(self, limit: int) -> TokenPair | None:
-        """The pair cut to `limit` tokens by dropping the document's end; None if the query alone is too long."""
-        if len(self) <= limit:
-            return self
-        if self.head + self.tail > limit:
-            return None
-        ids = [*self[: limit - self.tail], *self[len(self) - self.tail:]]
-        return TokenPair(ids, head=self.head, tail=self.tail, second_start=self.second_start)
-
-
-def token_types(batch: Sequence[Sequence[int]], width: int, *, left: bool = False) -> np.ndarray:
-    """int64 token types of a batch padded to `width` (on the left if `left`): 1 from each pair's second
-    segment to its end, 0 elsewhere (padding included)."""
-    types = np.zeros((len(batch), width), dtype=np.int64)
-    for row, seq in enumerate(batch):
-        second = seq.second_start if isinstance(seq, TokenPair) else None
-        if second is not None:
-            start = width - len(seq) if left else 0
-            types[row, start + second: start + len(seq)] = 1
-    return types
-
-
-class PairTokenizer:
-    """Query/document pairs to TokenPairs, exactly as each kind's reference tokenizes them."""
-
-    def __init__(self, model_dir: str, facts: RerankerFacts) -> None:
-        from transformers import AutoTokenizer
-
-        self.facts = facts
-        try:
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, KeyError) as exc:
-            raise BackendLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
-        self.yes_id = self.no_id = -1
-        self._prefix: list[int] = []
-        self._suffix: list[int] = []
-        if facts.kind == "yes-no":
-            ids: list[Any] = [self.tokenizer.convert_tokens_to_ids(token) for token in ("no", "yes")]
-            if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
-                raise BackendLoadError(f"{model_dir}: the tokenizer has no single 'yes'/'no' tokens to score")
-            self.no_id, self.yes_id = ids
-            self._prefix = self._plain(QWEN3_PREFIX)
-            self._suffix = self._plain(QWEN3_SUFFIX)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    def _plain(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def __call__(self, queries: Sequence[str], documents: Sequence[str],
-                 instruction: str | None = None) -> list[TokenPair]:
-        """Untruncated pairs (queries[i], documents[i]); the engine applies the length policy."""
-        if self.facts.kind == "yes-no":
-            return self._yes_no(queries, documents, instruction)
-        return self._cross(queries, documents)
-
-    def _yes_no(self, queries: Sequence[str], documents: Sequence[str], instruction: str | None) -> list[TokenPair]:
-        # As the card: tokenize the formatted user turn (special tokens as the tokenizer adds them), then
-        # wrap it in the prefix and suffix ids. Each query's part is measured once, for the truncation floor.
-        texts = [format_qwen3_pair(q, doc, instruction) for q, doc in zip(queries, documents, strict=True)]
-        bodies = self.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
-                                return_attention_mask=False, verbose=False)["input_ids"]
-        heads = {q: len(self._prefix) + len(self._plain(format_qwen3_pair(q, "", instruction)))
-                 for q in dict.fromkeys(queries)}
-        tail = len(self._suffix)
-        return [TokenPair([*self._prefix, *body, *self._suffix], head=heads[q], tail=tail)
-                for q, body in zip(queries, bodies, strict=True)]
-
-    def _cross(self, queries: Sequence[str], documents: Sequence[str]) -> list[TokenPair]:
-        encoded = self.tokenizer(list(queries), list(documents), truncation=False, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=True, verbose=False)
-        closing = self._closing_tokens()
-        pairs = []
-        for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"], strict=True):
-            start = types.index(1) if 1 in types else len(ids)
-            pairs.append(TokenPair(ids, head=start, tail=closing, second_start=start))
-        return pairs
-
-    def _closing_tokens(self) -> int:
-        """How many special tokens follow the second text of a pair (BERT: the final [SEP])."""
-        pair = len(self.tokenizer("x", "y")["input_ids"])
-        return max(0, pair - len(self.tokenizer("x")["input_ids"]) - len(self._plain("y")))
-
-    def texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Plain texts (for counting tokens of a text alone)."""
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False,
-                                 return_attention_mask=False, verbose=False)
-        return [list(ids) for ids in encoded["input_ids"]]
-
-
-class PairMethods:
-    """The tokenising half of a scoring backend, shared by the torch and vLLM ones (set `pairs` in load)."""
-
-    pairs: PairTokenizer | None = None
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs.texts(texts)
-
-    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
-                     instruction: str | None = None) -> list[TokenPair]:
-        assert self.pairs is not None, "load() first"
-        return self.pairs(queries, documents, instruction)
 
 
 def create_scoring_backend(engine: str, options: BackendOptions) -> Any:

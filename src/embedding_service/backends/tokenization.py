@@ -24,12 +24,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["HfTokenizer", "SavedTokenizer", "special_tokens_added"]
+__all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "rust_copy", "special_tokens_added"]
 
 log = logging.getLogger("embedding_service")
 
 # Texts on which the direct encoder must agree with transformers before it is used.
-_PROBES = (
+PROBES = (
     "hello world",
     "Ünïcödé façade — 東京タワー 😀 naïve ﬁ",
     "[CLS] <s> </s> <|endoftext|> [SEP] <pad> [MASK]",
@@ -57,18 +57,26 @@ def _transformers_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def _direct_encoder(tokenizer: Any) -> Any | None:
-    """A private Rust tokenizer giving transformers' ids, or None where it would not."""
+def rust_copy(tokenizer: Any) -> Any | None:
+    """A private copy of a fast transformers tokenizer's Rust tokenizer, without truncation or padding (so that
+    threads share it safely), or None for a slow one. Callers check its ids against transformers' first."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
         return None
-    try:
-        from tokenizers import Tokenizer
+    from tokenizers import Tokenizer
 
-        direct = Tokenizer.from_str(backend.to_str())
-        direct.no_truncation()
-        direct.no_padding()
-        same = [e.ids for e in direct.encode_batch(list(_PROBES))] == _transformers_ids(tokenizer, _PROBES)
+    direct = Tokenizer.from_str(backend.to_str())
+    direct.no_truncation()
+    direct.no_padding()
+    return direct
+
+
+def _direct_encoder(tokenizer: Any) -> Any | None:
+    """A private Rust tokenizer giving transformers' ids, or None where it would not."""
+    try:
+        direct = rust_copy(tokenizer)
+        same = direct is not None and ([e.ids for e in direct.encode_batch(list(PROBES))]
+                                       == _transformers_ids(tokenizer, PROBES))
     except Exception as exc:  # any surprise: the transformers path is always right
         log.debug("direct tokenizer unavailable: %s", exc)
         return None

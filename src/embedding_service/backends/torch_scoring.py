@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .scoring import PairMethods, PairTokenizer, RerankerFacts, activate, read_reranker_facts, token_types
+from .pair_tokenizer import PairMethods, PairTokenizer, token_types
+from .scoring import RerankerFacts, activate, read_reranker_facts
 from .torch_backend import torch_placement
 
 __all__ = ["TorchScoringBackend"]
@@ -42,7 +43,7 @@ class TorchScoringBackend(PairMethods):
 
         facts = read_reranker_facts(self._model_dir)
         device, dtype_name, torch_dtype = torch_placement(self._options)
-        pairs = PairTokenizer(self._model_dir, facts)
+        pairs = PairTokenizer.load(self._model_dir, facts)
         try:
             if facts.kind == "yes-no":
                 model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch_dtype)
@@ -75,8 +76,7 @@ class TorchScoringBackend(PairMethods):
         assert self.facts is not None and self.pairs is not None, "load() first"
         left = self.facts.kind == "yes-no"  # the card pads on the left and reads position -1
         longest = max(len(ids) for ids in batch)
-        pad = self.pairs.tokenizer.pad_token_id
-        pad = pad if pad is not None else 0
+        pad = self.pairs.pad_id
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, seq in enumerate(batch):

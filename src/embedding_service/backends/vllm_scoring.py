@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendOptions
-from .scoring import PairMethods, PairTokenizer, RerankerFacts, TokenPair, read_reranker_facts
+from .pair_tokenizer import PairMethods, PairTokenizer, TokenPair
+from .scoring import RerankerFacts, read_reranker_facts
 from .vllm_backend import VllmBackend
 
 __all__ = ["QWEN3_RERANKER_OVERRIDES", "VllmScoringBackend"]
@@ -42,7 +43,7 @@ class VllmScoringBackend(PairMethods, VllmBackend):
     def load(self) -> BackendInfo:
         device, dtype = self._platform()
         facts = read_reranker_facts(self._model_dir)
-        pairs = PairTokenizer(self._model_dir, facts)
+        pairs = PairTokenizer.load(self._model_dir, facts)
         self.pairs, self.facts = pairs, facts
         opts = self._options
         max_model_len = facts.length_limit(opts.max_model_len)

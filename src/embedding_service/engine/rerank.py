@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ..backends.base import Backend, BackendInfo
-from ..backends.scoring import TokenPair
+from ..backends.pair_tokenizer import TokenPair
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .engine import EmbeddingEngine, EngineOptions
