@@ -37,6 +37,11 @@ from .loadgen import drive, run_async, wait_ready
 from .peers import PEERS, SERVED_NAME, Server
 from .workloads import TextMaker, select_workloads
 
+# The server as it starts, with batches sized for a GPU (the defaults are sized for CPUs), and compiled.
+_GPU_BATCHES = ["--max-batch-size", "256", "--max-batch-tokens", "65536"]
+SERVER_VARIANTS = {"defaults": [], "max-batch-size 256": _GPU_BATCHES, "torch-compile": ["--torch-compile"],
+                   "torch-compile, max-batch-size 256": ["--torch-compile", *_GPU_BATCHES]}
+
 
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -66,7 +71,8 @@ def _weights_from_kit(kit: Path, out: Path) -> None:
     shutil.copytree(kit, out, dirs_exist_ok=True)
     config = AutoConfig.from_pretrained(out)
     torch.manual_seed(0)
-    model = AutoModel.from_config(config)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # drawn on a GPU in a second
+        model = AutoModel.from_config(config)
     with torch.no_grad():  # as build_random_qwen3: the pad row gets values like any other token
         model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
     model.save_pretrained(out, safe_serialization=True)
@@ -138,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", default="/tmp/bench-models")
     parser.add_argument("--texts", type=int, default=256, help="texts compared with the CPU fp32 reference")
     parser.add_argument("--seconds", type=float, default=20.0, help="per speed measurement")
+    parser.add_argument("--variants", default="defaults,max-batch-size 256",
+                        help=f"server variants to run, from: {', '.join(SERVER_VARIANTS)}")
+    parser.add_argument("--no-st", action="store_true",
+                        help="skip the in-process torch engine and sentence-transformers steps (vectors and speed)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = _model_dir(args)
@@ -152,6 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     report["reference_mean_cos_between_texts"] = _spread(reference)
     _say(f"  mean cosine between different texts: {report['reference_mean_cos_between_texts']}")
     report["cosine_to_cpu_fp32"] = {}
+    if not args.no_st:
+        _in_process(args, model_dir, maker, texts, reference, report)
+    report["ours"] = {}
+    _save(report, args.out)
+    for variant in args.variants.split(","):
+        report["ours"][variant] = _serve_and_drive(args, model_dir, maker, SERVER_VARIANTS[variant], texts,
+                                                   reference)
+        _save(report, args.out)
+
+    (args.out / "gpu_check.md").write_text(_markdown(report))
+    _say(f"written: {args.out}/gpu_check.json, gpu_check.md")
+    return 0
+
+
+def _in_process(args: argparse.Namespace, model_dir: Path, maker: TextMaker, texts: list[str],
+                reference: np.ndarray, report: dict[str, Any]) -> None:
+    """The torch engine in-process and sentence-transformers: vectors per dtype, then sentence-transformers'
+    speed."""
     for dtype in args.vector_dtypes.split(","):
         _say(f"vectors: torch engine and sentence-transformers on {args.device} {dtype}")
         ours = _torch_vectors(model_dir, texts, args.device, dtype)
@@ -171,19 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         report[f"sentence_transformers_{name}"] = _st_speed(st, speed_texts, args.seconds, batch_size)
         _say(f"  {report[f'sentence_transformers_{name}']}")
     del st
-    report["ours"] = {}
-    _save(report, args.out)
-    for variant, flags in SERVER_VARIANTS.items():
-        report["ours"][variant] = _serve_and_drive(args, model_dir, maker, flags)
-        _save(report, args.out)
-
-    (args.out / "gpu_check.md").write_text(_markdown(report))
-    _say(f"written: {args.out}/gpu_check.json, gpu_check.md")
-    return 0
-
-
-# The server as it starts, and with batches sized for a GPU (the defaults are sized for CPUs).
-SERVER_VARIANTS = {"defaults": [], "max-batch-size 256": ["--max-batch-size", "256", "--max-batch-tokens", "65536"]}
 
 
 def _save(report: dict[str, Any], out: Path) -> None:
@@ -197,7 +212,19 @@ def _gpu_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "none"
 
 
-def _serve_and_drive(args: argparse.Namespace, model_dir: Path, maker: TextMaker, flags: list[str]) -> dict[str, Any]:
+def _server_vectors(url: str, texts: list[str]) -> np.ndarray:
+    import httpx
+
+    rows = []
+    for start in range(0, len(texts), 32):
+        reply = httpx.post(url, json={"model": SERVED_NAME, "input": texts[start : start + 32]}, timeout=120)
+        reply.raise_for_status()
+        rows += [item["embedding"] for item in reply.json()["data"]]
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _serve_and_drive(args: argparse.Namespace, model_dir: Path, maker: TextMaker, flags: list[str],
+                     texts: list[str], reference: np.ndarray) -> dict[str, Any]:
     server = Server(PEERS["ours-torch"], str(model_dir), str(model_dir), threads=len(os.sched_getaffinity(0)),
                     dtype=args.dtype,
                     log_dir=args.out, max_model_len=3072, extra_args=["--device", args.device, *flags])
@@ -205,6 +232,10 @@ def _serve_and_drive(args: argparse.Namespace, model_dir: Path, maker: TextMaker
     server.start()
     try:
         run_async(wait_ready(server.url, model=SERVED_NAME, timeout_s=600, alive=server.alive))
+        results["ready_after_s"] = round(time.perf_counter() - server.started_at, 1)
+        results["vectors_vs_cpu_fp32"] = _cosines(_server_vectors(server.url, texts), reference)
+        _say(f"ours ({' '.join(flags) or 'defaults'}) ready after {results['ready_after_s']} s; vectors vs CPU fp32: "
+             f"{results['vectors_vs_cpu_fp32']}")
         for workload in select_workloads(["batch32", "short-c64"]):
             requests = maker.requests(workload, 20_000 // workload.per_request, salt=2)
             run_async(drive(server.url, requests[:200], concurrency=workload.concurrency, duration_s=5,
@@ -227,13 +258,18 @@ def _markdown(report: dict[str, Any]) -> str:
              "| dtype | vectors vs CPU fp32 | min cos | mean cos |", "|---|---|---|---|"]
     lines += [f"| {dtype} | {name} | {c['min']} | {c['mean']} |"
               for dtype, by_name in report["cosine_to_cpu_fp32"].items() for name, c in by_name.items()]
-    lines += ["", f"Speed in {report['dtype']}:", "", "| workload | texts/s | p50 ms | p99 ms |", "|---|---|---|---|",
-              f"| sentence-transformers encode, batches of 32 (in-process) | "
-              f"{report['sentence_transformers_encode_b32']['texts_per_s']} | – | – |",
-              f"| sentence-transformers encode, one short text per call (in-process) | "
-              f"{report['sentence_transformers_encode_single_short']['texts_per_s']} | – | – |"]
+    lines += ["", f"Speed in {report['dtype']}:", "", "| workload | texts/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for key, what in (("encode_b32", "batches of 32"), ("encode_single_short", "one short text per call")):
+        if f"sentence_transformers_{key}" in report:
+            lines.append(f"| sentence-transformers encode, {what} (in-process) | "
+                         f"{report[f'sentence_transformers_{key}']['texts_per_s']} | – | – |")
     lines += [f"| ours ({variant}) {name} | {r['texts_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
-              for variant, by_workload in report["ours"].items() for name, r in by_workload.items()]
+              for variant, by_workload in report["ours"].items() for name, r in by_workload.items()
+              if isinstance(r, dict) and "texts_per_s" in r]
+    lines += ["", "| server variant | ready after s | vectors vs CPU fp32: min / mean cos |", "|---|---|---|"]
+    lines += [f"| {variant} | {r.get('ready_after_s')} | {r['vectors_vs_cpu_fp32']['min']} / "
+              f"{r['vectors_vs_cpu_fp32']['mean']} |" for variant, r in report["ours"].items()
+              if "vectors_vs_cpu_fp32" in r]
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ class Peer:
 
 PEERS: dict[str, Peer] = {
     "ours-torch": Peer("ours-torch", "ours", "torch", 300),
+    "ours-torch-compile": Peer("ours-torch-compile", "ours", "torch", 600, flags=("--torch-compile",)),
     "ours-vllm": Peer("ours-vllm", "ours", "vllm", 600),
     "ours-fake": Peer("ours-fake", "ours", "fake", 60),
     # The first start of each exports the model (once, into the openvino cache): ready timeout covers it.

@@ -49,6 +49,7 @@ class BackendOptions:
     gpu_memory_utilization: float
     tensor_parallel_size: int
     enforce_eager: bool
+    torch_compile: bool  # torch engine: compiled forwards (CUDA graphs on a GPU)
     vllm_engine_core: str  # auto, in-process or separate
     prefix_caching: bool  # vLLM: its default (on where the model supports it), or off
     quantize: str  # openvino: none or int8
@@ -67,6 +68,7 @@ class BackendOptions:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,
+            torch_compile=settings.torch_compile,
             vllm_engine_core=settings.vllm_engine_core,
             prefix_caching=settings.prefix_caching,
             quantize=settings.quantize,

@@ -1,4 +1,10 @@
-"""The transformers/torch backend: AutoModel + sentence-transformers pooling, run under inference_mode."""
+"""The transformers/torch backend: AutoModel + sentence-transformers pooling, run under inference_mode.
+
+With `torch_compile` the model is compiled once (dynamic shapes) and, on CUDA, each batch shape's forward is
+recorded as a CUDA graph and replayed: an eager forward of a 0.6B model issues ~1,600 kernels, and a GPU
+spends most of a small batch waiting for the CPU to launch them (bench/RESULTS.md, session 33). Batches are
+padded to a few bucket shapes so that few graphs are recorded.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from .device import resolve_cpu_dtype
 from .pooling import pool
 from .tokenization import HfTokenizer
 
-__all__ = ["TorchBackend", "torch_placement"]
+__all__ = ["TorchBackend", "bucket", "torch_placement"]
 
 log = logging.getLogger("embedding_service")
 
@@ -31,6 +37,8 @@ class TorchBackend:
         self._device: Any = None
         self._pad_id = 0
         self._left_pad = False
+        self._compiled: Any = None  # the compiled model, with torch_compile
+        self._position_limit = 0  # the longest input the model's positions take: padding stays within it
 
     def load(self) -> BackendInfo:
         import torch
@@ -50,6 +58,8 @@ class TorchBackend:
         self._pad_id = raw.pad_token_id if raw.pad_token_id is not None else (raw.eos_token_id or 0)
         self._tokenizer, self._model, self._device = tokenizer, model, torch.device(device)
         prefix, suffix = tokenizer.special_prefix, tokenizer.special_suffix
+        if opts.torch_compile:
+            self._compile(device, [*prefix, 0, *suffix])
         hidden = facts.hidden_size or int(self.embed([[*prefix, 0, *suffix]]).shape[1])
         info = BackendInfo(
             model=opts.model_label,
@@ -75,11 +85,28 @@ class TorchBackend:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)
 
+    def _compile(self, device: str, probe: list[int]) -> None:
+        import time
+
+        import torch
+
+        self._position_limit = self._options.facts.length_limit(1 << 30)
+        # reduce-overhead: CUDA graphs on a GPU (on a CPU it compiles without them)
+        mode = "reduce-overhead" if device == "cuda" else "default"
+        self._compiled = torch.compile(self._model, mode=mode, dynamic=True)
+        started = time.perf_counter()
+        self.embed([probe])  # compiles now, at start, not on a client's first request
+        log.info("torch backend: compiled (%s) in %.1fs", mode, time.perf_counter() - started)
+
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
 
         assert self._model is not None, "load() first"
+        rows = len(batch)
         longest = max(len(ids) for ids in batch)
+        if self._compiled is not None:  # bucket shapes: copies of the first row, and more padding
+            batch = [*batch, *[batch[0]] * (bucket(rows, 2) - rows)]
+            longest = max(longest, min(bucket(longest, 16), self._position_limit))
         ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, seq in enumerate(batch):
@@ -91,14 +118,29 @@ class TorchBackend:
                 mask[row, : len(seq)] = 1
         with torch.inference_mode():
             ids, mask = ids.to(self._device), mask.to(self._device)
-            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = pool(self._pooling, hidden, mask).float()
+            if self._compiled is not None:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+                hidden = self._compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
+                hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = pool(self._pooling, hidden[:rows], mask[:rows]).float()
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     def close(self) -> None:
         self._model = None
+        self._compiled = None
         self._tokenizer = None
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The bucket size for `n` (rows or tokens): the smallest of 2^k and 3 x 2^(k-2) that holds it, at least
+    `minimum` (so at most a third of a padded batch is padding, and a dimension of 1, which a compiler
+    specialises on, never occurs)."""
+    n = max(n, minimum)
+    power = 1 << (n - 1).bit_length()
+    three_quarters = power * 3 // 4
+    return three_quarters if power >= 4 and three_quarters >= n else power
 
 
 def torch_placement(options: BackendOptions) -> tuple[str, str, Any]:
