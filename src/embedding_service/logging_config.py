@@ -8,6 +8,10 @@ Lines logged on a running event loop below WARNING go out together, one write pe
 (`LoopBatchedStreamHandler`): under load a write to the log cost ~6 µs of the event loop's CPU, and the server
 writes two lines per request (bench/RESULTS.md, session 27).
 
+Lines at WARNING and above are limited per call site (`RepeatLimiter`): a client can make the server warn
+once per request (uvicorn warns on every malformed HTTP request, every 503 of an overload logs a line), and
+a line per request from a hostile loop fills disks and costs the event loop.
+
 Those two lines (`RequestLine`) skip the logging machinery when the set-up is this module's own text format:
 through `Logger.info` each cost ~30 µs of the event loop under load (record, caller lookup, filters, format),
 a quarter of the server's own work per request at 64 clients (bench/RESULTS.md, session 28).
@@ -21,9 +25,11 @@ import contextvars
 import logging
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -31,6 +37,7 @@ __all__ = [
     "JsonFormatter",
     "LogFormat",
     "LoopBatchedStreamHandler",
+    "RepeatLimiter",
     "RequestIdFilter",
     "RequestLine",
     "TextFormatter",
@@ -55,6 +62,37 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get() or "-"
+        return True
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets through one WARNING-or-above record per `interval_s` from each call site (logger, file, line);
+    the others are counted, and the next line from that site says how many were not logged. Below WARNING
+    everything passes. Installed on the handler, so uvicorn's records are limited too."""
+
+    MAX_SITES = 4096  # call sites are few; the bound only keeps a pathological logger from growing the table
+
+    def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval, self._clock = interval_s, clock
+        self._sites: dict[tuple[str, str, int], tuple[float, int]] = {}  # site -> (next line at, not logged)
+        self._lock = threading.Lock()  # handlers filter before taking their own lock
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        site, now = (record.name, record.pathname, record.lineno), self._clock()
+        with self._lock:
+            next_at, skipped = self._sites.get(site, (0.0, 0))
+            if now < next_at:
+                self._sites[site] = (next_at, skipped + 1)
+                return False
+            if len(self._sites) >= self.MAX_SITES and site not in self._sites:
+                self._sites.clear()
+            self._sites[site] = (now + self._interval, 0)
+        if skipped:
+            record.msg = f"{record.getMessage()} ({skipped} more like this not logged)"
+            record.args = None
         return True
 
 
@@ -209,8 +247,8 @@ def _record_clock() -> tuple[float, int]:
     return now, int((now - int(now)) * 1000)
 
 
-# The text set-up configure_logging installed: (handler, its formatter, its filter), or None.
-_text_setup: tuple[LoopBatchedStreamHandler, TextFormatter, RequestIdFilter] | None = None
+# The text set-up configure_logging installed: (handler, its formatter, its filters), or None.
+_text_setup: tuple[LoopBatchedStreamHandler, TextFormatter, list[Any]] | None = None
 
 
 def _plain_text_handler(logger: logging.Logger) -> LoopBatchedStreamHandler | None:
@@ -218,12 +256,12 @@ def _plain_text_handler(logger: logging.Logger) -> LoopBatchedStreamHandler | No
     setup = _text_setup
     if setup is None:
         return None
-    handler, formatter, id_filter = setup
+    handler, formatter, filters = setup
     root = logging.root
     if (logger.handlers or logger.filters or not logger.propagate or logger.parent is not root
             or root.filters or len(root.handlers) != 1 or root.handlers[0] is not handler
             or handler.formatter is not formatter or handler.level > logging.INFO
-            or len(handler.filters) != 1 or handler.filters[0] is not id_filter):
+            or handler.filters != filters):
         return None
     return handler
 
@@ -232,10 +270,10 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Replace the root handlers with one stderr handler in the chosen format, with request ids."""
     global _text_setup
     handler = LoopBatchedStreamHandler(sys.stderr)
-    id_filter = RequestIdFilter()
-    handler.addFilter(id_filter)
+    handler.addFilter(RepeatLimiter())  # first: a record it drops gets no further work
+    handler.addFilter(RequestIdFilter())
     formatter = JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("embedding_service").setLevel(level)
-    _text_setup = (handler, formatter, id_filter) if isinstance(formatter, TextFormatter) else None
+    _text_setup = (handler, formatter, list(handler.filters)) if isinstance(formatter, TextFormatter) else None
