@@ -23,7 +23,15 @@ import orjson
 import pytest
 
 from .conftest import ROOT, ServerProcess, free_port
-from .docker_support import IMAGE_TAG, BuildReport, Container, DockerDaemon, DockerUnavailable, build_cpu_image
+from .docker_support import (
+    BASE_TAG,
+    IMAGE_TAG,
+    BuildReport,
+    Container,
+    DockerDaemon,
+    DockerUnavailable,
+    build_cpu_image,
+)
 from .test_nginx_failover import Nginx, Traffic, nginx_binary, site_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -210,14 +218,21 @@ def test_openvino_engine_in_the_image(docker: DockerDaemon, image: BuildReport, 
 def test_prepared_image_starts_without_converting(docker: DockerDaemon, image: BuildReport, minilm_dir: Path,
                                                   openvino_reference: list[list[float]], tmp_path: Path) -> None:
     """deploy/Dockerfile.prepared: the model and its export baked in by `embedding-service prepare` at build
-    time; a locked-down container serves the host's vectors at once, with no torch loaded."""
+    time, in an image without torch, transformers or NNCF; a locked-down container serves the host's vectors
+    at once."""
     context = tmp_path / "context"
     shutil.copytree(minilm_dir, context / "minilm")
     started = time.monotonic()
     docker.run("build", "--network", "none", "-f", str(ROOT / "deploy" / "Dockerfile.prepared"),
-               "--build-arg", f"BASE_IMAGE={IMAGE_TAG}", "--build-arg", "MODEL_DIR=minilm",
-               "-t", PREPARED_TAG, str(context), timeout=900)
+               "--build-arg", f"BASE_IMAGE={IMAGE_TAG}", "--build-arg", f"RUNTIME_BASE={BASE_TAG}",
+               "--build-arg", "MODEL_DIR=minilm", "-t", PREPARED_TAG, str(context), timeout=900)
     built_s = time.monotonic() - started
+    size = int(orjson.loads(docker.run("image", "inspect", PREPARED_TAG).stdout)[0]["Size"])
+    assert size < image.image_bytes / 2, (size, image.image_bytes)  # the conversion libraries are gone
+    listed = docker.run("run", "--rm", "--entrypoint", "python", PREPARED_TAG, "-c",
+                        "import importlib.util as u; print([n for n in ('torch', 'transformers', 'nncf') "
+                        "if u.find_spec(n)])").stdout.strip()
+    assert listed == "[]", listed
     container = Container(docker, free_port(), {"EMBEDDING_DTYPE": "float32"}, LOCKED_DOWN, image=PREPARED_TAG)
     healthy_s = container.wait_healthy()
     worst = assert_same_vectors(vectors(container.url, TEXTS), openvino_reference)
@@ -226,7 +241,8 @@ def test_prepared_image_starts_without_converting(docker: DockerDaemon, image: B
     assert "openvino: exporting" not in logs and "transformers not loaded" in logs, logs[-3000:]
     assert "libtorch" not in docker.run("exec", container.id, "cat", "/proc/1/maps").stdout
     assert_clean_logs(container)
-    print(f"\ndocker prepared: built in {built_s:.0f} s, healthy after {healthy_s:.1f} s, "
+    print(f"\ndocker prepared: built in {built_s:.0f} s, {size / 2**20:.0f} MiB (CPU image "
+          f"{image.image_bytes / 2**20:.0f} MiB), healthy after {healthy_s:.1f} s, "
           f"RSS {resident_mb(docker, container):.0f} MB, max |diff| {worst}")
 
 

@@ -387,3 +387,32 @@ def test_a_cached_reranker_start_imports_neither_transformers_nor_torch(
     assert result["ids"] == [list(p) for p in pairs]
     np.testing.assert_allclose(result["scores"], expected, atol=1e-6, rtol=0)
     first.close()
+
+
+def test_without_torch_a_start_that_must_convert_says_what_to_do(minilm_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prepared image has no torch or transformers: asked for a model or settings it holds no export of,
+    the start fails with one line saying so (not a ModuleNotFoundError from deep inside the tokenizer)."""
+    from embedding_service.backends.base import BackendLoadError
+
+    real = openvino_backend.find_spec
+    monkeypatch.setattr(openvino_backend, "find_spec",
+                        lambda name: None if name in ("torch", "transformers") else real(name))
+    with pytest.raises(BackendLoadError, match=r"needs transformers .*prepared image serves only the model"):
+        _load(minilm_dir, tmp_path / "empty-cache")
+
+
+def test_the_saved_tokenizer_is_checked_again_under_another_transformers_and_used_without_one(
+        minilm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    first = _load(minilm_dir, cache)
+    assert first.ir_path is not None
+    state = json.loads((first.ir_path.parent / "tokenizer-state.json").read_text())
+    assert state["transformers"]  # the version it was checked against
+    real = openvino_backend._version
+    monkeypatch.setattr(openvino_backend, "_version",
+                        lambda package: "0.0.1-other" if package == "transformers" else real(package))
+    assert not isinstance(_load(minilm_dir, cache)._tokenizer, openvino_backend.SavedTokenizer)
+    monkeypatch.setattr(openvino_backend, "_version",
+                        lambda package: None if package == "transformers" else real(package))
+    assert isinstance(_load(minilm_dir, cache)._tokenizer, openvino_backend.SavedTokenizer)

@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +30,8 @@ from .tokenization import HfTokenizer, SavedTokenizer
 
 __all__ = ["EXAMPLE_ROWS", "EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir",
            "compile_threads", "default_cache_dir", "export_key", "export_module", "import_openvino",
-           "last_hidden_module", "load_saved_tokenizer", "pad_batch", "save_tokenizer_state",
-           "tokenizer_fingerprint"]
+           "last_hidden_module", "load_saved_tokenizer", "pad_batch", "require_conversion_libraries",
+           "save_tokenizer_state", "tokenizer_fingerprint"]
 
 log = logging.getLogger("embedding_service")
 T = TypeVar("T")
@@ -70,16 +71,20 @@ def export_key(model_dir: str, variant: str, runtime_version: str) -> str:
 
 
 def tokenizer_fingerprint(model_dir: str) -> str:
-    """What a saved tokenizer depends on: the folder's other files (size + mtime) and the tokenizer libraries."""
+    """What a saved tokenizer depends on: the folder's other files (size + mtime) and the `tokenizers` package
+    that runs it. (The transformers version it was checked against is kept apart: see load_saved_tokenizer.)"""
     root = Path(model_dir).resolve()
     digest = hashlib.sha256()
-    for package in ("transformers", "tokenizers"):
-        try:
-            digest.update(f"{package}={metadata.version(package)}".encode() + b"\0")
-        except metadata.PackageNotFoundError:
-            digest.update(package.encode() + b"=none\0")
+    digest.update(f"tokenizers={_version('tokenizers')}".encode() + b"\0")
     _digest_files(digest, root, weights=False)
     return digest.hexdigest()[:16]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # --- the tokenizer, saved beside the export: a cached start then imports neither transformers nor torch ---
@@ -91,6 +96,11 @@ def load_saved_tokenizer(folder: Path, fingerprint: str, build: Callable[[dict[s
         state = json.loads(path.read_text(encoding="utf-8"))
         if state.get("fingerprint") != fingerprint:
             return None
+        # Checked against another transformers than the one here: check again. Without transformers (a
+        # prepared image) there is nothing to check against, and the saved tokenizer is the one to use.
+        here = _version("transformers")
+        if here is not None and state.get("transformers") != here:
+            return None
         built = build(state)
     except FileNotFoundError:
         return None
@@ -101,12 +111,24 @@ def load_saved_tokenizer(folder: Path, fingerprint: str, build: Callable[[dict[s
     return built
 
 
+def require_conversion_libraries(model_dir: str, *names: str) -> None:
+    """BackendLoadError saying what to do when a step that only a first start runs (checking the tokenizer,
+    converting the model) lacks its libraries: a prepared image has no torch or transformers, and holds only
+    the exports it was built with."""
+    missing = [name for name in names if find_spec(name) is None]
+    if missing:
+        raise BackendLoadError(
+            f"openvino: {model_dir} has no export or saved tokenizer for these settings in the cache, and making "
+            f"them needs {' and '.join(missing)} (pip install 'embedding-service[torch,openvino]'; a prepared "
+            "image serves only the model and settings it was built with)")
+
+
 def save_tokenizer_state(folder: Path, fingerprint: str, state: dict[str, Any] | None) -> None:
     """Save a checked Rust tokenizer's state for later starts (best effort: a read-only cache only costs
     time); None (texts take transformers' path) saves nothing."""
     if state is None:
         return
-    state = {**state, "fingerprint": fingerprint}
+    state = {**state, "fingerprint": fingerprint, "transformers": _version("transformers")}
     staging = folder / f".tokenizer-{os.getpid()}-{threading.get_ident()}"
     try:
         staging.write_text(json.dumps(state), encoding="utf-8")
@@ -182,6 +204,7 @@ class OpenVinoBackend:
         )
 
     def _hf_tokenizer(self) -> HfTokenizer:
+        require_conversion_libraries(self._model_dir, "transformers")
         try:
             return HfTokenizer(self._model_dir)
         except (OSError, ValueError, KeyError) as exc:
@@ -246,6 +269,7 @@ def cached_export(cache_dir: Path, folder: Path, model_dir: str, variant: str, r
     if target.is_file():
         log.info("openvino: using the exported model in %s", folder)
         return target
+    require_conversion_libraries(model_dir, "torch", "transformers")
     log.info("openvino: exporting %s (%s) to %s, once", model_dir, variant, folder)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from .openvino_backend import (
     last_hidden_module,
     load_saved_tokenizer,
     pad_batch,
+    require_conversion_libraries,
     save_tokenizer_state,
     tokenizer_fingerprint,
 )
@@ -72,6 +73,8 @@ class OpenVinoScoringBackend(PairMethods):
         folder = self._cache_dir / export_key(self._model_dir, variant, version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
         saved = load_saved_tokenizer(folder, fingerprint, lambda state: PairTokenizer.from_state(state, facts))
+        if saved is None:
+            require_conversion_libraries(self._model_dir, "transformers")
         pairs = saved if saved is not None else PairTokenizer.load(self._model_dir, facts)
         self._pad_id = pairs.pad_id
         self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, variant, version,
