@@ -39,8 +39,8 @@ from .workloads import TextMaker, select_workloads
 
 # The server as it starts, with batches sized for a GPU (the defaults are sized for CPUs), and compiled.
 _GPU_BATCHES = ["--max-batch-size", "256", "--max-batch-tokens", "65536"]
-SERVER_VARIANTS = {"defaults": [], "max-batch-size 256": _GPU_BATCHES, "torch-compile": ["--torch-compile"],
-                   "torch-compile, max-batch-size 256": ["--torch-compile", *_GPU_BATCHES]}
+SERVER_VARIANTS = {"defaults": [], "batch256": _GPU_BATCHES, "compile": ["--torch-compile"],
+                   "compile+batch256": ["--torch-compile", *_GPU_BATCHES]}
 
 
 def _say(message: str) -> None:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", default="/tmp/bench-models")
     parser.add_argument("--texts", type=int, default=256, help="texts compared with the CPU fp32 reference")
     parser.add_argument("--seconds", type=float, default=20.0, help="per speed measurement")
-    parser.add_argument("--variants", default="defaults,max-batch-size 256",
+    parser.add_argument("--variants", default=",".join(SERVER_VARIANTS),
                         help=f"server variants to run, from: {', '.join(SERVER_VARIANTS)}")
     parser.add_argument("--no-st", action="store_true",
                         help="skip the in-process torch engine and sentence-transformers steps (vectors and speed)")
