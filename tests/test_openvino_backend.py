@@ -240,24 +240,24 @@ from embedding_service.backends.model_facts import read_model_facts
 from embedding_service.backends.openvino_backend import OpenVinoBackend
 from embedding_service.config import EmbeddingConfig
 
-model_dir, cache, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model_dir, cache, texts, quantize = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 settings = EmbeddingConfig(_env_file=None, device="cpu", dtype="float32", max_model_len=512,
-                           openvino_cache_dir=cache)
+                           openvino_cache_dir=cache, quantize=quantize)
 backend = OpenVinoBackend(BackendOptions.from_config(settings, model_dir, read_model_facts(model_dir)))
 backend.load()
 ids = backend.tokenize(texts)
 print(json.dumps({"ids": ids, "vectors": backend.embed(ids).tolist(),
-                  "imported": sorted({"transformers", "torch"} & set(sys.modules))}))
+                  "imported": sorted({"transformers", "torch", "nncf"} & set(sys.modules))}))
 """
 
 
-def _cached_start(model_dir: Path, cache: Path, texts: list[str]) -> dict[str, object]:
+def _cached_start(model_dir: Path, cache: Path, texts: list[str], quantize: str = "none") -> dict[str, object]:
     """Load the backend in a fresh process (nothing imported before it), as `serve` does."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _CACHED_START, str(model_dir), str(cache), json.dumps(texts)],
-                          capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run([sys.executable, "-c", _CACHED_START, str(model_dir), str(cache), json.dumps(texts),
+                           quantize], capture_output=True, text=True, timeout=300, check=True)
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -272,6 +272,15 @@ def test_a_cached_start_imports_neither_transformers_nor_torch(minilm_fp32: Open
     assert result["imported"] == []
     assert result["ids"] == minilm_fp32.tokenize(texts)
     assert cosines(np.asarray(result["vectors"]), embed_all(minilm_fp32, texts)).min() >= 0.99999
+
+
+def test_a_cached_int8_start_needs_no_nncf(minilm_dir: Path, cache_dir: Path) -> None:
+    """NNCF quantises at export only: an int8 start from the cache (a prepared image, which has none of torch,
+    transformers or NNCF) imports none of them and gives the first start's vectors."""
+    int8 = _load(minilm_dir, cache_dir, quantize="int8")
+    result = _cached_start(minilm_dir, cache_dir, TEXTS, quantize="int8")
+    assert result["imported"] == []
+    assert cosines(np.asarray(result["vectors"]), embed_all(int8, TEXTS)).min() >= 0.99999
 
 
 def test_a_changed_or_broken_saved_tokenizer_is_not_used(tmp_path: Path, minilm_dir: Path, cache_dir: Path,
