@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.backends.tokenization import HfTokenizer, SavedTokenizer, _transformers_ids
+from embedding_service.backends.tokenization import HfTokenizer, SavedTokenizer, transformers_ids
 
 
 def _texts(count: int, seed: int = 5) -> list[str]:
@@ -28,7 +28,7 @@ def test_direct_path_is_used_and_equals_transformers(model_dir: Path) -> None:
     tokenizer = HfTokenizer(str(model_dir))
     assert tokenizer.direct  # both models' fast tokenizers pass the probe check
     texts = _texts(300)
-    expected = _transformers_ids(tokenizer.tokenizer, texts)
+    expected = transformers_ids(tokenizer.tokenizer, texts)
     assert tokenizer(texts) == expected
     assert [tokenizer([text])[0] for text in texts[:50]] == expected[:50]  # the one-text path too
     assert any(len(ids) > 20 for ids in expected) and len({tuple(ids) for ids in expected}) > 250
@@ -43,7 +43,7 @@ def test_saved_tokenizer_gives_the_same_ids_and_facts(model_dir: Path) -> None:
     assert state is not None
     saved = SavedTokenizer(json.loads(json.dumps(state)))
     texts = _texts(200, seed=13)
-    assert saved(texts) == _transformers_ids(tokenizer.tokenizer, texts)
+    assert saved(texts) == transformers_ids(tokenizer.tokenizer, texts)
     assert [saved([text])[0] for text in texts[:30]] == tokenizer(texts[:30])
     assert (saved.special_prefix, saved.special_suffix, saved.vocab_size, saved.pad_id) == (
         tokenizer.special_prefix, tokenizer.special_suffix, tokenizer.vocab_size, tokenizer.pad_id)
@@ -55,7 +55,7 @@ def test_fallback_path_equals_transformers(model_dir: Path) -> None:
     tokenizer = HfTokenizer(str(model_dir))
     tokenizer._direct = None  # as when the probe check fails
     texts = _texts(100, seed=9)
-    assert tokenizer(texts) == _transformers_ids(tokenizer.tokenizer, texts)
+    assert tokenizer(texts) == transformers_ids(tokenizer.tokenizer, texts)
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -72,15 +72,16 @@ class OpenVinoScoringBackend(PairMethods):
         variant = f"rerank-{facts.kind}"
         folder = self._cache_dir / export_key(self._model_dir, variant, version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
-        saved = load_saved_tokenizer(folder, fingerprint, lambda state: PairTokenizer.from_state(state, facts))
-        if saved is None:
+        pairs = load_saved_tokenizer(folder, fingerprint, lambda state: PairTokenizer.from_state(state, facts))
+        checked_now = pairs is None
+        if pairs is None:
             require_conversion_libraries(self._model_dir, "transformers")
-        pairs = saved if saved is not None else PairTokenizer.load(self._model_dir, facts)
+            pairs = PairTokenizer.load(self._model_dir, facts)
         self._pad_id = pairs.pad_id
         self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, variant, version,
                                      lambda target: _export_reranker(self._model_dir, target, facts, pairs,
                                                                      self._pad_id))
-        if saved is None:
+        if checked_now:  # saved for the next starts
             save_tokenizer_state(folder, fingerprint, pairs.state())
         if facts.kind == "yes-no":
             self._head = np.load(folder / HEAD_FILE).astype(np.float32)

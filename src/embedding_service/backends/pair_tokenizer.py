@@ -17,7 +17,7 @@ import numpy as np
 
 from .base import BackendLoadError
 from .scoring import QWEN3_PREFIX, QWEN3_SUFFIX, RerankerFacts, format_qwen3_pair
-from .tokenization import PROBES, rust_copy
+from .tokenization import PROBES, rust_copy, rust_ids, transformers_ids
 
 __all__ = ["PairMethods", "PairTokenizer", "TokenPair", "token_types"]
 
@@ -73,9 +73,7 @@ class _TransformersPairs:
         return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     def texts(self, texts: Sequence[str]) -> list[Ids]:
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False,
-                                 return_attention_mask=False, verbose=False)
-        return [list(ids) for ids in encoded["input_ids"]]
+        return transformers_ids(self.tokenizer, texts)
 
     def pairs(self, queries: Sequence[str], documents: Sequence[str]) -> list[tuple[Ids, Ids]]:
         encoded = self.tokenizer(list(queries), list(documents), truncation=False, padding=False,
@@ -94,7 +92,7 @@ class _RustPairs:
         return list(self.direct.encode(text, add_special_tokens=False).ids)
 
     def texts(self, texts: Sequence[str]) -> list[Ids]:
-        return [list(e.ids) for e in self.direct.encode_batch(list(texts), add_special_tokens=True)]
+        return rust_ids(self.direct, texts)
 
     def pairs(self, queries: Sequence[str], documents: Sequence[str]) -> list[tuple[Ids, Ids]]:
         encoded = self.direct.encode_batch(list(zip(queries, documents, strict=True)), add_special_tokens=True)

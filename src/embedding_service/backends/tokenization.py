@@ -24,7 +24,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "rust_copy", "special_tokens_added"]
+__all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "rust_copy", "rust_ids", "special_tokens_added",
+           "transformers_ids"]
 
 log = logging.getLogger("embedding_service")
 
@@ -51,7 +52,7 @@ def special_tokens_added(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ..
     return (), ()
 
 
-def _transformers_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def transformers_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False,
                         return_attention_mask=False, return_token_type_ids=False, verbose=False)
     return [list(ids) for ids in encoded["input_ids"]]
@@ -76,14 +77,14 @@ def _direct_encoder(tokenizer: Any) -> Any | None:
     try:
         direct = rust_copy(tokenizer)
         same = direct is not None and ([e.ids for e in direct.encode_batch(list(PROBES))]
-                                       == _transformers_ids(tokenizer, PROBES))
+                                       == transformers_ids(tokenizer, PROBES))
     except Exception as exc:  # any surprise: the transformers path is always right
         log.debug("direct tokenizer unavailable: %s", exc)
         return None
     return direct if same else None
 
 
-def _encode(direct: Any, texts: Sequence[str]) -> list[list[int]]:
+def rust_ids(direct: Any, texts: Sequence[str]) -> list[list[int]]:
     if len(texts) == 1:
         return [direct.encode(texts[0], add_special_tokens=True).ids]
     return [e.ids for e in direct.encode_batch(list(texts), add_special_tokens=True)]
@@ -126,11 +127,11 @@ class HfTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if self._direct is not None:
-            return _encode(self._direct, texts)
+            return rust_ids(self._direct, texts)
         own = getattr(self._per_thread, "tokenizer", None)
         if own is None:
             own = self._per_thread.tokenizer = copy.deepcopy(self.tokenizer)
-        return _transformers_ids(own, texts)
+        return transformers_ids(own, texts)
 
 
 class SavedTokenizer:
@@ -146,4 +147,4 @@ class SavedTokenizer:
         self.pad_id = int(state["pad_id"])
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        return _encode(self._direct, texts)
+        return rust_ids(self._direct, texts)
