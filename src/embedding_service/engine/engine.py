@@ -84,6 +84,7 @@ class EmbeddingEngine:
         self.batches_running = 0  # inside backend.embed, on the compute threads
         self._running_lock = threading.Lock()
         self._load_busy = False
+        self.death: str | None = None  # which model died and why, once its backend died
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +179,15 @@ class EmbeddingEngine:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- introspection -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The served name of the model (the backend's label), for logs and /health."""
+        return self.info.model if self.info is not None else "?"
+
+    @property
+    def task(self) -> str:
+        return self.info.task if self.info is not None else "?"
+
     @property
     def queued_requests(self) -> int:
         return self._batcher.queued_requests if self._batcher else 0
@@ -341,16 +351,17 @@ class EmbeddingEngine:
             self.batches_running += 1
         try:
             return self.backend.embed(seqs)
-        except BackendDeadError:
-            self._mark_dead()
+        except BackendDeadError as exc:
+            self._mark_dead(exc)
             raise
         finally:
             with self._running_lock:
                 self.batches_running -= 1
 
-    def _mark_dead(self) -> None:
+    def _mark_dead(self, exc: BackendDeadError) -> None:
         if self.state is not EngineState.UNHEALTHY:
-            log.error("embedding backend died; the service is unhealthy and fails requests at once")
+            self.death = f"model '{self.name}' ({self.task}) died: {exc}"
+            log.error("%s; the service is unhealthy and fails requests at once", self.death)
         self.state = EngineState.UNHEALTHY
         if self._batcher is not None:
             batcher = self._batcher
@@ -360,7 +371,7 @@ class EmbeddingEngine:
                                                              code="engine_unhealthy"))
         if self.on_dead is not None and self._loop is not None:
             callback, self.on_dead = self.on_dead, None  # once
-            self._loop.call_soon_threadsafe(callback, BackendDeadError("the embedding backend died"))
+            self._loop.call_soon_threadsafe(callback, BackendDeadError(self.death or str(exc)))
 
     def _batch_done(self, size: int, tokens: int, seconds: float) -> None:
         if self.on_batch is not None:
