@@ -85,7 +85,10 @@ async def test_a_dead_engine_fails_in_flight_and_queued_requests_at_once() -> No
         assert len(backend.batches) == 2  # only the dying batch ran: the queued ones were failed, not run
         health = await http.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        # The probe says which model died and why (the reason the supervisor will restart it).
+        assert health.json()["error"] == f"model '{backend.load().model}' (embed) died: fake backend died"
         late = await post(http, "late")
         assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unhealthy"
         await asyncio.sleep(0.05)
         assert len(fatal) == 1  # the server is told once, to exit for its supervisor
+        assert str(fatal[0]) == health.json()["error"]

@@ -86,7 +86,7 @@ async def test_reference_is_open_with_api_keys_and_operations_are_not(make_clien
             "description"]}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
-            open_path = path in ("/health", "/metrics")
+            open_path = path in ("/health", "/health/live", "/health/ready", "/metrics")
             assert ("security" in operation) is not open_path, (method, path)
             assert ("401" in operation["responses"]) is not open_path, (method, path)
     challenge = document["paths"]["/v1/embeddings"]["post"]["responses"]["401"]["headers"]["WWW-Authenticate"]
@@ -127,7 +127,7 @@ async def test_every_error_status_is_the_envelope_with_examples_from_the_error_t
         assert "422" not in operation["responses"], (method, path)
         for status, response in operation["responses"].items():
             assert {"X-Request-Id", "X-Total-Time-Ms"} <= set(response["headers"]), (method, path, status)
-            if status == "200" or (path == "/health" and status == "503"):
+            if status == "200" or (path in ("/health", "/health/ready") and status == "503"):
                 continue
             content = response["content"]["application/json"]
             assert content["schema"] == envelope, (method, path, status)
@@ -138,7 +138,7 @@ async def test_every_error_status_is_the_envelope_with_examples_from_the_error_t
                 assert status_for(kind) == int(status), (method, path, name)
                 ErrorResponse.model_validate(example["value"])
                 assert example["value"]["error"]["type"] == error_body(kind, "x")["error"]["type"]
-        if path not in ("/health", "/metrics"):
+        if path not in ("/health", "/health/live", "/health/ready", "/metrics"):
             limited = operation["responses"]["429"]
             assert limited["headers"]["Retry-After"]["required"] is True
         assert "500" in operation["responses"], (method, path)

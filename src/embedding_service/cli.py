@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from .config import EmbeddingConfig
 from .logging_config import configure_logging
+from .models_file import ModelsFileError
 
 if TYPE_CHECKING:
     from .service import ServicePlan
@@ -127,8 +128,10 @@ def _export_settings(settings: EmbeddingConfig, plan: ServicePlan) -> None:
             continue
         text = json.dumps(value) if isinstance(value, list) else str(value)
         os.environ[f"EMBEDDING_{name.upper()}"] = text
-    for role, variable in (("embed", "EMBEDDING_MODEL_PATH"), ("rerank", "EMBEDDING_RERANK_MODEL_PATH")):
-        model = plan.models.get(role)
+    if settings.models_file is not None:
+        return  # each worker reads the file again (the entries name their folders themselves)
+    for model, variable in ((plan.embed if settings.serves_embeddings else None, "EMBEDDING_MODEL_PATH"),
+                            (plan.rerank, "EMBEDDING_RERANK_MODEL_PATH")):
         if model is not None and model.model_dir:
             os.environ[variable] = model.model_dir
     os.environ["EMBEDDING_DEMO"] = "false"
@@ -150,7 +153,7 @@ def _worker_main(sock: socket.socket) -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         plan = plan_service(settings)  # the exported folders and engine: nothing is decided again
-    except BackendLoadError as exc:
+    except (BackendLoadError, ModelsFileError) as exc:
         sys.exit(_fail(str(exc)))
     sys.exit(_serve_one(settings, plan, sock))
 
@@ -165,6 +168,8 @@ def serve(settings: EmbeddingConfig) -> int:
                      "choose another with --port or EMBEDDING_PORT")
     try:
         plan = plan_service(settings)
+    except ModelsFileError as exc:
+        return _fail(str(exc), 2)
     except BackendLoadError as exc:
         return _fail(str(exc))
     engines = [model.engine for model in plan.models.values()]
@@ -193,7 +198,7 @@ def prepare(settings: EmbeddingConfig) -> int:
     try:
         plan = plan_service(settings)
         engines = build_engines(plan)
-    except (BackendLoadError, ImportError) as exc:
+    except (BackendLoadError, ImportError, ModelsFileError) as exc:
         return _fail(str(exc))
 
     async def load_and_close() -> None:
@@ -207,20 +212,20 @@ def prepare(settings: EmbeddingConfig) -> int:
         asyncio.run(load_and_close())
     except Exception as exc:  # a load failure of any kind: one line, as serve reports it
         return _fail(f"model load failed: {exc}")
-    for role, model in plan.models.items():
-        engine = engines[role]
-        print(f"embedding-service: {role} model ready: {model.model_dir or model.backend.model_label} on the "
-              f"{model.engine} engine (loaded in {engine.load_seconds or 0:.1f} s)")
+    for name, model in plan.models.items():
+        engine = engines[name]
+        print(f"embedding-service: {model.role} model ready: {model.model_dir or name} on the {model.engine} engine "
+              f"as '{name}' (loaded in {engine.load_seconds or 0:.1f} s)")
     return 0
 
 
 def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None) -> int:
     """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
     from .api.app import create_app
+    from .api.served import Served
     from .backends.base import BackendDeadError, BackendLoadError
-    from .engine.rerank import RerankEngine
     from .server import DrainingServer, freeze_startup_heap, uvicorn_config
-    from .service import EMBED, RERANK, build_engines
+    from .service import build_engines
 
     failures: list[BaseException] = []
     server: DrainingServer | None = None
@@ -234,15 +239,14 @@ def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket
         engines = build_engines(plan)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    engine, reranker = engines.get(EMBED), engines.get(RERANK)
-    assert reranker is None or isinstance(reranker, RerankEngine)  # service.build_engine of the rerank role
+    models = [Served(name, engines[name], model.role, model.aliases) for name, model in plan.models.items()]
     try:
-        app = create_app(settings, engine, reranker=reranker, on_fatal=fatal, on_loaded=freeze_startup_heap)
+        app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
     server = DrainingServer(uvicorn_config(app, settings), list(engines.values()), settings.shutdown_timeout)
-    names = [n for n in (settings.public_model_name if engine else None, settings.public_rerank_model_name) if n]
-    log.info("serving %s on http://%s:%d", " and ".join(names), settings.host, settings.port)
+    log.info("serving %s on http://%s:%d", ", ".join(f"{m.name} ({m.task})" for m in models), settings.host,
+             settings.port)
     try:
         server.run(None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly

@@ -95,6 +95,9 @@ class EmbeddingConfig(BaseSettings):
     )
     rerank_only: bool = Field(False, description="serve the reranker alone (no embedding model is loaded)")
     max_rerank_documents: int = Field(1000, ge=1, le=100_000, description="most documents in one rerank request")
+    models_file: str | None = Field(
+        None, description="YAML file listing every model to serve, each with its name, task and own settings "
+        "(docs/models.md); replaces the model flags")
 
     # --- request limits --------------------------------------------------------------------------------
     max_inputs_per_request: int = Field(2048, ge=1, le=100_000, description="most inputs in one request")
@@ -167,7 +170,8 @@ class EmbeddingConfig(BaseSettings):
         None, description="file of API keys, one a line, or 'sha256:HEX' digests of them ('#' comments)"
     )
     auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/health", "/metrics"], description="paths open without an API key"
+        default_factory=lambda: ["/health", "/health/live", "/health/ready", "/metrics"],
+        description="paths open without an API key"
     )
     auth_failures_per_minute: int = Field(
         30, ge=0, le=1_000_000,
@@ -239,6 +243,19 @@ class EmbeddingConfig(BaseSettings):
         if self.quantize != "none" and self.engine in ("torch", "vllm"):
             raise ValueError(f"quantize {self.quantize} runs on the openvino engine, not {self.engine} "
                              "(use --engine openvino, or auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _models_file_names_the_models(self) -> EmbeddingConfig:
+        # Refused, not merged: which model a request gets must not depend on how two sources were combined.
+        if self.models_file is not None:
+            from .models_file import MODEL_FLAGS
+
+            clash = [name for name in MODEL_FLAGS if name in self.model_fields_set
+                     and getattr(self, name) != type(self).model_fields[name].get_default()]
+            if clash:
+                raise ValueError(f"models_file lists every model: drop {', '.join(clash)} (name the models "
+                                 "in the file)")
         return self
 
     @property

@@ -2,10 +2,11 @@
 exactly once, and the plan becomes engines. The CLI serves them over HTTP; other commands (bulk embedding)
 can build the same engines without HTTP.
 
-    settings --plan_service--> ServicePlan(models: ModelPlan per role) --build_engine--> EmbeddingEngine
+    settings --plan_service--> ServicePlan(models: ModelPlan by name) --build_engine--> EmbeddingEngine
 
-A plan holds one ModelPlan per role: "embed" (the embedding model) and/or "rerank" (a reranker), each with
-its own engine and batcher. Nothing here imports torch or vllm: a plan is decided from
+A plan holds one ModelPlan per served model, each with its task ("embed" or "rerank"), its own settings,
+engine and batcher: from the model flags (an embedding model and/or a reranker) or from a models file
+(models_file.py: any number of each). Nothing here imports torch or vllm: a plan is decided from
 files and installed packages, so it can set process-wide knobs (OpenMP) before either is imported.
 """
 
@@ -25,6 +26,7 @@ from .backends.scoring import create_scoring_backend
 from .config import EmbeddingConfig
 from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.rerank import RerankEngine
+from .models_file import read_models_file
 
 __all__ = [
     "EMBED",
@@ -52,7 +54,7 @@ RERANK = "rerank"  # the role of the reranker
 class ModelPlan:
     """One model to serve, fully decided: nothing downstream resolves a folder or picks an engine again."""
 
-    role: str
+    role: str  # its task: EMBED or RERANK
     model_dir: str  # the local folder ("" for the fake engine, which loads nothing)
     facts: ModelFacts  # what the folder says about the model (also in backend.facts)
     engine: EngineKind  # `auto` already resolved
@@ -60,24 +62,35 @@ class ModelPlan:
     engine_options: EngineOptions
     fake: FakeOptions | None  # the fake engine's fault injection
     max_documents: int | None = None  # the reranker: most documents in one request
+    aliases: tuple[str, ...] = ()  # more names clients may send as `model`
+
+    @property
+    def name(self) -> str:
+        """The served name (`model` in requests and responses)."""
+        return self.backend.model_label
 
 
 @dataclass(frozen=True)
 class ServicePlan:
-    """Every model the service runs, by role."""
+    """Every model the service runs, by served name, in the order given (the first of a task is its default)."""
 
     models: dict[str, ModelPlan]
 
+    def of_task(self, task: str) -> list[ModelPlan]:
+        return [model for model in self.models.values() if model.role == task]
+
     @property
     def embed(self) -> ModelPlan:
-        """The embedding model (bulk embedding and the embeddings API need one)."""
-        if EMBED not in self.models:
+        """The first embedding model (bulk embedding needs one)."""
+        models = self.of_task(EMBED)
+        if not models:
             raise BackendLoadError("no embedding model is served (rerank_only is set)")
-        return self.models[EMBED]
+        return models[0]
 
     @property
     def rerank(self) -> ModelPlan | None:
-        return self.models.get(RERANK)
+        models = self.of_task(RERANK)
+        return models[0] if models else None
 
 
 def choose_engine(settings: EmbeddingConfig, facts: ModelFacts) -> EngineKind:
@@ -124,10 +137,19 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
 
 
 def plan_service(settings: EmbeddingConfig) -> ServicePlan:
-    """The embedding model unless rerank_only, and the reranker when one is named."""
-    roles = [EMBED] if settings.serves_embeddings else []
-    roles += [RERANK] if settings.serves_reranker else []
-    return ServicePlan(models={role: plan_model(settings, role) for role in roles})
+    """Every model of the models file; without one, the embedding model unless rerank_only, and the reranker
+    when one is named. Raises BackendLoadError (a model not found) or ModelsFileError."""
+    if settings.models_file is not None:
+        planned = [replace(plan_model(entry.settings, entry.task), aliases=entry.aliases)
+                   for entry in read_models_file(settings)]
+    else:
+        roles = [EMBED] if settings.serves_embeddings else []
+        roles += [RERANK] if settings.serves_reranker else []
+        planned = [plan_model(settings, role) for role in roles]
+        if len({model.name for model in planned}) < len(planned):
+            raise BackendLoadError(f"the embedding model and the reranker are both named '{planned[0].name}': "
+                                   "give them different names (--served-model-name, --served-rerank-model-name)")
+    return ServicePlan(models={model.name: model for model in planned})
 
 
 def build_engine(model: ModelPlan) -> EmbeddingEngine:
@@ -140,7 +162,8 @@ def build_engine(model: ModelPlan) -> EmbeddingEngine:
 
 
 def build_engines(plan: ServicePlan) -> dict[str, EmbeddingEngine]:
-    return {role: build_engine(model) for role, model in plan.models.items()}
+    """The engine of every planned model, by served name."""
+    return {name: build_engine(model) for name, model in plan.models.items()}
 
 
 # libgomp's spin before an idle OpenMP worker sleeps, for the torch and vLLM engines. libgomp's default

@@ -28,7 +28,7 @@ from .ratelimit import RateLimiter, RateLimitMiddleware
 from .rerank_routes import build_rerank_router
 from .routes import RouteOptions, ServiceContext, build_router, read_json_body
 from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
-from .served import Served, ServedModels
+from .served import EMBED, RERANK, Served, ServedModels
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["create_app"]
@@ -81,35 +81,36 @@ def _install_guards(app: FastAPI, options: GuardOptions, *, open_paths: Sequence
 
 def create_app(
     settings: EmbeddingConfig,
-    engine: EmbeddingEngine | None,
+    engine: EmbeddingEngine | None = None,
     *,
     reranker: RerankEngine | None = None,
+    models: Sequence[Served] | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     on_loaded: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The HTTP application over the embedding engine and/or the reranker's (built by service.py; tests pass
-    fake ones). The app's lifespan starts the engines in the background, one after the other (then calls
-    `on_loaded`), and drains and stops them at shutdown.
+    """The HTTP application over the served models (built by service.py; tests pass fake ones): `models`,
+    each with its name, engine and task, or the embedding engine and/or the reranker's under the names the
+    settings give them. The app's lifespan starts the engines in the background, one after the other (then
+    calls `on_loaded`), and drains and stops them at shutdown.
 
     Raises RuntimeError / ValueError for a setting it cannot honour (token_ids_tiktoken offline, a
     malformed API key file).
     """
-    engines = [e for e in (engine, reranker) if e is not None]
-    if not engines:
-        raise ValueError("a server serves at least one model")
-    served = ServedModels(
-        embed=Served(settings.public_model_name, engine, "embed") if engine is not None else None,
-        rerank=Served(settings.public_rerank_model_name or "reranker", reranker, "rerank") if reranker else None)
-    primary = engines[0]  # the embedding model, or the reranker served alone: what /health's top level shows
+    if models is None:
+        models = [*([Served(settings.public_model_name, engine, EMBED)] if engine is not None else []),
+                  *([Served(settings.public_rerank_model_name or "reranker", reranker, RERANK)] if reranker else [])]
+    served = ServedModels(models)
+    engines = [m.engine for m in served.all]
     decoder = TiktokenDecoder(settings.token_ids_tiktoken) if settings.token_ids_tiktoken else None
-    ctx = ServiceContext(primary, RouteOptions.from_config(settings), decoder, served)
+    ctx = ServiceContext(served, RouteOptions.from_config(settings), decoder)
 
     async def load() -> None:
-        for each in engines:  # one after the other: loading is compute- and memory-bound
-            try:
+        for each, model in zip(engines, served.all, strict=True):  # one after the other: compute- and
+            try:  # memory-bound
                 await each.start()
             except Exception as exc:
-                log.error("model load failed: %s", exc)
+                exc.add_note(model.name)
+                log.error("model %s (%s) failed to load: %s", model.name, model.task, exc)
                 if on_fatal is not None:
                     on_fatal(exc)
                 return
@@ -140,15 +141,17 @@ def create_app(
     if on_fatal is not None:
         for each in engines:
             each.on_dead = on_fatal  # a dead engine: fail what is in flight, then exit for the supervisor
-    app.state.engine = primary
+    app.state.engine = served.primary.engine
     app.state.engines = engines
     app.state.context = ctx
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
     metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
-        app, engine, closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
-    if reranker is not None:
-        metrics.add_reranker(reranker)
+        app, served.embed.engine if served.embed else None,
+        closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
+    if served.rerank is not None:
+        assert isinstance(served.rerank.engine, RerankEngine)
+        metrics.add_reranker(served.rerank.engine)
     _install_error_handlers(app)
     direct.update(direct_routes(app.routes))
     install_openapi(app)

@@ -12,7 +12,6 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..config import EmbeddingConfig
-from ..engine.engine import EmbeddingEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
@@ -24,7 +23,7 @@ from .protocol import (
     parse_json_body,
 )
 from .ratelimit import TOKEN_ADMISSION_KEY
-from .schemas import EmbeddingResponse, Health, ModelCard, ModelList, ServiceInfo
+from .schemas import EmbeddingResponse, Health, Liveness, ModelCard, ModelList, Readiness, ServiceInfo
 from .served import ServedModels
 from .tiktoken_ids import TiktokenDecoder
 
@@ -53,18 +52,16 @@ class RouteOptions:
 
 
 class ServiceContext:
-    """What the handlers need: the engine, the options, and the token-id decoder when configured."""
+    """What the handlers need: the served models, the options, and the token-id decoder when configured."""
 
-    def __init__(self, engine: EmbeddingEngine, options: RouteOptions,
-                 token_ids_decoder: TiktokenDecoder | None = None, served: ServedModels | None = None) -> None:
-        self.engine = engine
+    def __init__(self, served: ServedModels, options: RouteOptions,
+                 token_ids_decoder: TiktokenDecoder | None = None) -> None:
+        self.served = served
+        self.engine = served.primary.engine  # the first model: /health's top level and GET /
+        self.model_name = served.primary.name
         self.options = options
-        self.model_name = options.model_name
         self.created = int(time.time())
         self.token_ids_decoder = token_ids_decoder
-        self.served = served  # the models by name and task (an embedding model and/or a reranker)
-        if served is not None:
-            self.model_name = served.all[0].name  # the embedding model, or the reranker served alone
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -105,29 +102,35 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     return await _read_body(request, limit)
 
 
-def _model_health(ctx: ServiceContext) -> list[dict[str, Any]] | None:
-    if ctx.served is None:
-        return None
+def _model_health(ctx: ServiceContext) -> list[dict[str, Any]]:
     out = []
     for served in ctx.served.all:
         info = served.engine.info
         out.append({"model": served.name, "task": served.task, "status": served.engine.state.value,
                     "engine": info.engine if info else None, "device": info.device if info else None,
-                    "dtype": info.dtype if info else None, "max_model_len": info.max_model_len if info else None})
+                    "dtype": info.dtype if info else None, "max_model_len": info.max_model_len if info else None,
+                    **({"error": served.engine.death} if served.engine.death else {})})
     return out
 
 
 def _worst_state(ctx: ServiceContext) -> EngineState:
     """The service is healthy when every model is; else the first model's state that is not."""
-    engines = [s.engine for s in ctx.served.all] if ctx.served is not None else [ctx.engine]
-    return next((e.state for e in engines if e.state is not EngineState.HEALTHY), EngineState.HEALTHY)
+    return next((s.engine.state for s in ctx.served.all if s.engine.state is not EngineState.HEALTHY),
+                EngineState.HEALTHY)
+
+
+def _endpoints(request: Request) -> list[str]:
+    """Every documented path of the app, from its routes (so a new endpoint can never be missing here)."""
+    paths = (getattr(route, "path", None) for route in request.app.routes
+             if getattr(route, "include_in_schema", False))
+    return sorted({path for path in paths if path}, key=lambda p: (p != "/health", p))
 
 
 def build_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter()
 
     @router.get("/", **operation_doc("Service information", response=ServiceInfo, tags=["service"]))
-    async def info() -> Response:
+    async def info(request: Request) -> Response:
         engine = ctx.engine
         return _json({
             "name": "embedding-service",
@@ -136,8 +139,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "status": engine.state.value,
             "engine": engine.info.engine if engine.info else None,
             "dimension": engine.info.dimension if engine.info else None,
-            "endpoints": ["/health", "/v1/embeddings", "/embeddings", "/v1/models",
-                          *(["/docs", "/redoc"] if ctx.options.api_docs else [])],
+            "endpoints": _endpoints(request),
         })
 
     @router.get("/health", **operation_doc(
@@ -158,14 +160,34 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "dimension": info.dimension if info else None,
         }
         models = _model_health(ctx)
-        if models is not None and len(models) > 1:
+        if len(models) > 1:
             body["models"] = models
         state = _worst_state(ctx)
         body["status"] = state.value
+        deaths = [s.engine.death for s in ctx.served.all if s.engine.death]
+        if deaths:  # which model died and why, for whoever reads the probe before the restart
+            body["error"] = "; ".join(deaths)
         return _json(body, 200 if state is EngineState.HEALTHY else 503)
 
     # HEAD too (load balancers and uptime checkers probe with it): the same answer, the server drops the body.
     router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
+    @router.get("/health/live", **operation_doc(
+        "Liveness probe: 200 while the process answers (loading, serving or draining)", response=Liveness,
+        tags=["service"]))
+    async def live() -> Response:
+        return _json({"status": "alive"})
+
+    @router.get("/health/ready", **operation_doc(
+        "Readiness probe: 200 when every model is loaded and the server is not draining, else 503",
+        response=Readiness, tags=["service"],
+        responses={503: {"description": "not ready: a model loading or failed, or draining (the same body)",
+                         "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Readiness"}}}}}))
+    async def ready() -> Response:
+        state = _worst_state(ctx)
+        body = {"status": "ready" if state is EngineState.HEALTHY else state.value,
+                "models": {s.name: s.engine.state.value for s in ctx.served.all}}
+        return _json(body, 200 if state is EngineState.HEALTHY else 503)
 
     @router.get("/v1/models", **operation_doc("Models served (OpenAI list shape)", response=ModelList,
                                               tags=["models"]))
@@ -176,7 +198,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                                                               errors=[ErrorKind.NOT_FOUND], tags=["models"]))
     async def model(model_id: str = Path(description="a model id", examples=[ctx.model_name])) -> Response:
         cards = _model_cards(ctx)
-        card = next((c for c in cards if c["id"] == model_id), None)
+        card = next((c for c in cards if model_id == c["id"] or model_id in c.get("aliases", ())), None)
         if card is None:
             names = "', '".join(c["id"] for c in cards)
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model_id}' is not served here; "
@@ -184,12 +206,12 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         return _json(card)
 
     async def embeddings(request: Request) -> Response:
-        with ctx.engine.accepted() as info:  # accepted from here: a drain waits for the body to arrive
+        with ctx.engine.accepted():  # accepted from here: a drain waits for the body to arrive
             _check_content_type(request)
             data = parse_json_body(await _read_body(request, ctx.options.max_body_bytes))
-            if ctx.served is not None:  # a reranker named (or served alone) cannot embed: 400 naming its task
-                named = data.get("model") if isinstance(data, dict) else None
-                ctx.served.for_embed(named if isinstance(named, str) else None)
+            named = data.get("model") if isinstance(data, dict) else None
+            # The model asked for (404 for an unknown name among several, 400 for a reranker's name).
+            chosen = ctx.served.for_embed(named if isinstance(named, str) else None)
             decoder = ctx.token_ids_decoder
             embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
             if decoder is not None:
@@ -199,8 +221,9 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
-            result = await ctx.engine.embed_accepted(embed_request, info)
-        body = encode_embeddings(result.vectors, encoding, ctx.model_name, result.prompt_tokens)
+            with chosen.engine.accepted() as info:
+                result = await chosen.engine.embed_accepted(embed_request, info)
+        body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
         headers = {
             "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
             "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}",
@@ -218,7 +241,11 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
 
 def _model_cards(ctx: ServiceContext) -> list[dict[str, Any]]:
-    if ctx.served is None:
-        return [{"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "embedding-service"}]
-    return [{"id": s.name, "object": "model", "created": ctx.created, "owned_by": "embedding-service",
-             "task": s.task} for s in ctx.served.all]
+    cards = []
+    for served in ctx.served.all:
+        info = served.engine.info
+        cards.append({"id": served.name, "object": "model", "created": ctx.created, "owned_by": "embedding-service",
+                      "task": served.task, **({"aliases": list(served.aliases)} if served.aliases else {}),
+                      "max_model_len": info.max_model_len if info else None,
+                      **({"dimensions": info.dimension} if info and served.task == "embed" else {})})
+    return cards

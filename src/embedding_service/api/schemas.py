@@ -61,6 +61,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     task: Literal["embed", "rerank"] | None = Field(None, description="what the model serves")
+    aliases: list[str] | None = Field(None, description="other names the model answers to")
+    max_model_len: int | None = Field(None, description="longest input in tokens (null while loading)")
+    dimensions: int | None = Field(None, description="an embedding model's vector size (once loaded)")
 
 
 class ModelList(BaseModel):
@@ -96,6 +99,16 @@ class Health(BaseModel):
     dimension: int | None
     models: list[ModelHealth] | None = Field(
         None, description="every model served (the embedding model and the reranker), each with its state")
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining", "unhealthy"] = Field(
+        description="ready when every model is loaded and the server is not draining")
+    models: dict[str, EngineState] = Field(description="each served model's state, by name")
 
 
 class ServiceInfo(BaseModel):

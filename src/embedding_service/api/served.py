@@ -1,18 +1,21 @@
-"""Which models this server serves (an embedding model and/or a reranker), and which one a request gets.
+"""Which models this server serves (any number of embedding models and rerankers), and which one a request gets.
 
-`model` selects by name. A name that is not served (or none) gets the endpoint's natural model, as the
-embeddings endpoint ignores unknown names: clients such as the Cohere SDK always send one.
+The request's `model` picks by name or alias. Without one, a request gets the first model of the endpoint's
+task. A name that is not served gets that same model when the task has only one (clients such as the Cohere
+SDK and OpenAI's always send a name of their own); when the task has several, it is refused with 404
+`model_not_found` listing the served names, as OpenAI does: guessing would answer with another model's vectors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..engine.engine import EmbeddingEngine
 from ..engine.rerank import RerankEngine
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["Served", "ServedModels"]
+__all__ = ["EMBED", "RERANK", "Served", "ServedModels"]
 
 EMBED, RERANK = "embed", "rerank"
 
@@ -22,24 +25,50 @@ class Served:
     name: str  # the public name (`model` in requests and responses)
     engine: EmbeddingEngine
     task: str  # "embed" or "rerank"
+    aliases: tuple[str, ...] = ()
 
 
 class ServedModels:
-    def __init__(self, embed: Served | None, rerank: Served | None) -> None:
-        if embed is None and rerank is None:
+    def __init__(self, models: Sequence[Served]) -> None:
+        if not models:
             raise ValueError("a server serves at least one model")
-        self.embed, self.rerank = embed, rerank
+        self.all = list(models)
+        self._by_name = {name: m for m in self.all for name in (m.name, *m.aliases)}
 
     @property
-    def all(self) -> list[Served]:
-        return [m for m in (self.embed, self.rerank) if m is not None]
+    def primary(self) -> Served:
+        """The first model: what /health's top level shows (the spec's shape is one model's)."""
+        return self.all[0]
+
+    def of_task(self, task: str) -> list[Served]:
+        return [m for m in self.all if m.task == task]
+
+    @property
+    def embed(self) -> Served | None:
+        return next(iter(self.of_task(EMBED)), None)
+
+    @property
+    def rerank(self) -> Served | None:
+        return next(iter(self.of_task(RERANK)), None)
 
     def named(self, model: str | None) -> Served | None:
-        return next((m for m in self.all if model is not None and m.name == model), None)
+        return self._by_name.get(model) if model is not None else None
+
+    def _choose(self, task: str, model: str | None) -> Served:
+        """The model named (whatever its task), else the task's default; 404 for an unknown name when the
+        task has several models."""
+        named = self.named(model)
+        if named is not None:
+            return named
+        candidates = self.of_task(task)
+        if model is not None and len(candidates) > 1:
+            names = "', '".join(m.name for m in self.all)
+            raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model}' is not served here; this server serves "
+                               f"'{names}'", param="model", code="model_not_found")
+        return candidates[0] if candidates else self.all[0]
 
     def for_rerank(self, model: str | None) -> tuple[Served, RerankEngine]:
-        chosen = self.named(model) or self.rerank or self.embed
-        assert chosen is not None
+        chosen = self._choose(RERANK, model)
         if not isinstance(chosen.engine, RerankEngine):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is an embedding model (task: embed); it cannot rerank. "
@@ -49,13 +78,10 @@ class ServedModels:
 
     def for_score(self, model: str | None) -> Served:
         """A reranker scores pairs itself; an embedding model scores them by cosine (as vLLM does)."""
-        chosen = self.named(model) or self.rerank or self.embed
-        assert chosen is not None
-        return chosen
+        return self._choose(RERANK if self.rerank is not None else EMBED, model)
 
     def for_embed(self, model: str | None) -> Served:
-        chosen = self.named(model) or self.embed or self.rerank
-        assert chosen is not None
+        chosen = self._choose(EMBED, model)
         if chosen.task != EMBED:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is a reranker (task: rerank); it cannot embed. Use "
