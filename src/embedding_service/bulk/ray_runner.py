@@ -23,9 +23,10 @@ import pyarrow.compute as pc
 from ..config import EmbeddingConfig
 from ..service import build_engine, plan_model
 from .local import BulkRowError, EmbedOptions, embed_texts
+from .lock import WorkLock
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, ChunkSpec, Plan
-from .runner import Job, JobState, Summary
+from .runner import Job, JobState, Summary, locked_output
 
 __all__ = ["RayOptions", "run_on_ray"]
 
@@ -141,10 +142,16 @@ def _start_ray(address: str) -> Any:
 
 def run_on_ray(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_options: RayOptions) -> Summary:
     started = time.monotonic()
-    plan, fmt = job.plan()
+    with locked_output(job) as (fmt, lock):  # the driver writes the output: it holds the lock
+        return _run_locked(job, settings, options, ray_options, fmt, lock, started)
+
+
+def _run_locked(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_options: RayOptions, fmt: str,
+                lock: WorkLock, started: float) -> Summary:
+    plan, _ = job.plan()
     fingerprint = {**plan.fingerprint(), **ray_fingerprint(settings, options), "output": fmt,
                    "include_text": job.include_text}
-    state = JobState(job, fmt, fingerprint)
+    state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)
     specs = list(plan.chunks[state.parts_done:])
