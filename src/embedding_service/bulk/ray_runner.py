@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -128,15 +129,29 @@ class EmbedActor:
         return pa.concat_tables(outputs) if outputs else batch
 
 
+# Read when ray is imported. Set to 0, Ray takes this machine for a laptop (its default on macOS and Windows): the
+# node's address is 127.0.0.1 and every service binds it, instead of the address routed to the internet and `::`.
+# A `--ray local` cluster is one node inside this process: nothing outside the machine needs to reach it.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
 def _start_ray(address: str) -> Any:
+    if address == "local":
+        os.environ[LOCAL_ONLY_ENV] = "0"
     import ray
 
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's plan and stats lines; ours say enough
-    if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
+    if address != "local":
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return ray
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:  # ray was imported before the setting above, in this process
+        ray.shutdown()
+        raise RuntimeError(f"--ray local: Ray started on {node}, not {LOOPBACK}; set {LOCAL_ONLY_ENV}=0 before "
+                           "ray is imported")
     return ray
 
 
