@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -112,3 +114,63 @@ def test_ray_output_equals_the_single_process_run(ray_cluster: str, tmp_path: Pa
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].endswith("a.parquet row 77: text is null (pass --skip-empty to "
                                                         "skip such rows)"), bad.stderr[-2000:]
+
+
+def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket and bound UDP socket under `root`."""
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            name = proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr):
+                    found.add((name, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def test_ray_local_listens_on_loopback_only(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("".join(f"local Ray row {i}\n" for i in range(64)))
+    common = ["--engine", "fake", "--chunk-rows", "16", "--log-level", "WARNING"]
+    single = embed(tmp_path / "in.txt", "-o", tmp_path / "single.parquet", *common)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the command sets it itself
+    # 64 texts in batches of 200 ms: Ray's services stay up for the samples below to see them.
+    proc = subprocess.Popen([sys.executable, "-m", "embedding_service", "embed", str(tmp_path / "in.txt"), "-o",
+                             str(tmp_path / "ray.parquet"), "--ray", "local", "--fake-delay-ms", "200",
+                             "--max-batch-tokens", "64", *common], stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[tuple[str, str, int]] = set()
+    try:
+        root = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= _listening(root)
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 0, err
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # the samples did see Ray's services
+    assert {ip for _, ip, _ in seen} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, sorted(seen)
+    a, b = pq.read_table(tmp_path / "single.parquet"), pq.read_table(tmp_path / "ray.parquet")
+    assert b.column("id").to_pylist() == a.column("id").to_pylist() == list(range(64))
+    assert b.column("embedding").to_pylist() == a.column("embedding").to_pylist()
+
+
+def test_ray_local_refuses_to_run_on_another_address_when_ray_was_imported_first() -> None:
+    # Ray reads the loopback setting when it is imported: imported earlier (a library, a notebook), `--ray local`
+    # would listen on every interface, so it stops instead, saying why.
+    code = ("import ray\nfrom embedding_service.bulk.ray_runner import _start_ray\n"
+            "print(ray.util.get_node_ip_address())\n"
+            "try:\n    _start_ray('local')\nexcept RuntimeError as exc:\n    print(exc)\nelse:\n    print('started')\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.split()[0] == "127.0.0.1":
+        pytest.skip("this machine has no address but loopback: Ray runs on 127.0.0.1 anyway")
+    assert result.stdout.strip().splitlines()[-1].startswith("--ray local: Ray started on "), result.stdout
+    assert "not 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported" in result.stdout

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENGINE_FIELDS", "add_embed_arguments", "run_embed"]
+__all__ = ["BUSY_EXIT", "ENGINE_FIELDS", "add_embed_arguments", "run_embed"]
+
+BUSY_EXIT = 75  # EX_TEMPFAIL: another run holds the output; a retry wrapper can tell it from a failure
 
 log = logging.getLogger("embedding_service")
 
@@ -118,6 +120,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
 
     try:
         from .local import EmbedOptions, LocalEmbedder
+        from .lock import OutputBusy
         from .manifest import FingerprintMismatch
         from .readers import BulkInputError
         from .remote import HttpEmbedder, RemoteError
@@ -151,6 +154,8 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
                 # to share the cores with, passive threads made 20,000 short texts 5-13% slower (bench/RESULTS.md).
                 embedder = LocalEmbedder(settings, options)
             summary = asyncio.run(run_job(job, embedder))
+    except OutputBusy as exc:
+        return _fail(str(exc), BUSY_EXIT)
     except (BulkInputError, FingerprintMismatch, RemoteError, BackendLoadError, ValueError, OSError,
             RuntimeError) as exc:  # a failed Ray job, a model that did not load: one line
         return _fail(str(exc))

@@ -9,7 +9,6 @@ a different fingerprint is refused: vectors of two settings are never mixed in o
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +110,3 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def remove_tree(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ import pyarrow.compute as pc
 from ..config import EmbeddingConfig
 from ..service import build_engine, plan_model
 from .local import BulkRowError, EmbedOptions, embed_texts
+from .lock import WorkLock
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, ChunkSpec, Plan
-from .runner import Job, JobState, Summary
+from .runner import Job, JobState, Summary, locked_output
 
 __all__ = ["RayOptions", "run_on_ray"]
 
@@ -127,24 +129,44 @@ class EmbedActor:
         return pa.concat_tables(outputs) if outputs else batch
 
 
+# Read when ray is imported. Set to 0, Ray takes this machine for a laptop (its default on macOS and Windows): the
+# node's address is 127.0.0.1 and every service binds it, instead of the address routed to the internet and `::`.
+# A `--ray local` cluster is one node inside this process: nothing outside the machine needs to reach it.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
 def _start_ray(address: str) -> Any:
+    if address == "local":
+        os.environ[LOCAL_ONLY_ENV] = "0"
     import ray
 
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's plan and stats lines; ours say enough
-    if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
+    if address != "local":
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return ray
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:  # ray was imported before the setting above, in this process
+        ray.shutdown()
+        raise RuntimeError(f"--ray local: Ray started on {node}, not {LOOPBACK}; set {LOCAL_ONLY_ENV}=0 before "
+                           "ray is imported")
     return ray
 
 
 def run_on_ray(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_options: RayOptions) -> Summary:
     started = time.monotonic()
-    plan, fmt = job.plan()
+    with locked_output(job) as (fmt, lock):  # the driver writes the output: it holds the lock
+        return _run_locked(job, settings, options, ray_options, fmt, lock, started)
+
+
+def _run_locked(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_options: RayOptions, fmt: str,
+                lock: WorkLock, started: float) -> Summary:
+    plan, _ = job.plan()
     fingerprint = {**plan.fingerprint(), **ray_fingerprint(settings, options), "output": fmt,
                    "include_text": job.include_text}
-    state = JobState(job, fmt, fingerprint)
+    state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)
     specs = list(plan.chunks[state.parts_done:])

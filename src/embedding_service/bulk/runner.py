@@ -1,4 +1,4 @@
-"""A bulk job: plan the input, check the output path, embed chunk by chunk (resuming), join the parts.
+"""A bulk job: lock the output, plan the input, embed chunk by chunk (resuming), join the parts.
 
 Memory is bounded by the chunks in flight (pipeline_depth x chunk_rows texts and vectors), not the input.
 """
@@ -6,9 +6,11 @@ Memory is bounded by the chunks in flight (pipeline_depth x chunk_rows texts and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,12 +18,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from .local import BulkRowError
-from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, remove_tree, work_dir
+from .lock import WorkLock
+from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, work_dir
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, Plan, expand_inputs, scan
 from .writers import count_rows, finalize, output_format, part_table, read_fingerprint, write_part
 
-__all__ = ["Embedder", "Job", "JobState", "Summary", "run_job"]
+__all__ = ["Embedder", "Job", "JobState", "Summary", "locked_output", "run_job"]
 
 log = logging.getLogger("embedding_service")
 
@@ -49,14 +52,19 @@ class Job:
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
     log_every_s: float = 30.0
 
-    def plan(self) -> tuple[Plan, str]:
-        """Cheap checks and the input plan, before any model is loaded."""
+    def check(self) -> str:
+        """The output's format, after the checks that need no file read."""
         fmt = output_format(self.output)
         if fmt == "npy" and self.skip_empty:
             raise ValueError("--skip-empty with a .npy output would lose which rows were skipped; write .parquet "
                              "or .jsonl (they keep ids)")
         if not self.output.parent.is_dir():
             raise ValueError(f"output folder {self.output.parent} does not exist")
+        return fmt
+
+    def plan(self) -> tuple[Plan, str]:
+        """Cheap checks and the input plan, before any model is loaded."""
+        fmt = self.check()
         paths = expand_inputs(self.inputs)
         if self.output.resolve() in paths:
             raise ValueError(f"output {self.output} is also an input")
@@ -89,23 +97,35 @@ class Summary:
                 f"({rate:.1f} texts/s) -> {self.output}{extra}")
 
 
-class JobState:
-    """The output path: work folder, manifest and parts; shared by the in-process and Ray runners."""
+@contextlib.contextmanager
+def locked_output(job: Job) -> Iterator[tuple[str, WorkLock]]:
+    """The output's format and its lock, held until the job ends: taken before the input scan, so a second run
+    on a busy output is refused at once (OutputBusy)."""
+    fmt = job.check()
+    lock = WorkLock.acquire(work_dir(job.output), job.output)
+    try:
+        yield fmt, lock
+    finally:
+        lock.release()
 
-    def __init__(self, job: Job, fmt: str, fingerprint: dict[str, Any]) -> None:
-        self.job, self.fmt, self.fingerprint = job, fmt, fingerprint
-        self.folder = work_dir(job.output)
+
+class JobState:
+    """The output path: work folder, manifest and parts; shared by the in-process and Ray runners. Every change
+    to the folder and the output happens under `lock`, the folder's removal at the end included."""
+
+    def __init__(self, job: Job, fmt: str, fingerprint: dict[str, Any], lock: WorkLock) -> None:
+        self.job, self.fmt, self.fingerprint, self.lock = job, fmt, fingerprint, lock
+        self.folder = lock.folder
         self.complete = False
         if job.overwrite:
             job.output.unlink(missing_ok=True)
-            remove_tree(self.folder)
+            lock.clear()
         manifest_path = self.folder / "manifest.json"
         if manifest_path.is_file():
             manifest = Manifest.load(manifest_path)
             if manifest.fingerprint != fingerprint and not manifest.valid_parts(self.folder):
                 manifest = Manifest(fingerprint)  # nothing was done: nothing to mix, start afresh
-                remove_tree(self.folder)
-                self.folder.mkdir()
+                lock.clear()
                 manifest.save(manifest_path)
             if manifest.fingerprint != fingerprint:
                 changed = describe_mismatch(manifest.fingerprint, fingerprint)
@@ -121,7 +141,6 @@ class JobState:
                 raise FingerprintMismatch(f"{job.output} already exists (from another job or other settings); "
                                           "pass --overwrite to replace it, or choose another -o")
         else:
-            self.folder.mkdir(exist_ok=True)
             manifest = Manifest(fingerprint)
             manifest.save(manifest_path)
         self.manifest = manifest
@@ -158,7 +177,7 @@ class JobState:
 
     def finish(self) -> None:
         finalize(self.folder, self.manifest, self.job.output, self.fmt, self.fingerprint)
-        remove_tree(self.folder)
+        self.lock.remove()  # still locked until the folder is gone: no run can join it in between
 
     def summary(self, seconds: float, new_rows: int) -> Summary:
         parts = self.manifest.parts
@@ -177,10 +196,15 @@ def row_error(chunk: Chunk, plan: Plan, error: BulkRowError) -> BulkInputError:
 
 async def run_job(job: Job, embedder: Embedder) -> Summary:
     started = time.monotonic()
-    plan, fmt = await asyncio.to_thread(job.plan)
+    with locked_output(job) as (fmt, lock):
+        return await _run_locked(job, embedder, fmt, lock, started)
+
+
+async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, started: float) -> Summary:
+    plan, _ = await asyncio.to_thread(job.plan)
     fingerprint = {**plan.fingerprint(), **await asyncio.to_thread(embedder.fingerprint), "output": fmt,
                    "include_text": job.include_text}
-    state = JobState(job, fmt, fingerprint)
+    state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)
     remaining = plan.chunks[state.parts_done:]
