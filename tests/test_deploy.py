@@ -112,8 +112,11 @@ def test_rendered_objects_pass_kubernetes_schemas(helm: Any, case: str) -> None:
 
 def test_probes_never_kill_a_loading_pod(helm: Any) -> None:
     main = container(render(helm, {}))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    # Ready once every model has loaded (and not while draining); alive while the process answers, so a drain
+    # is never cut short by a restart (a dead engine exits the process by itself).
+    for probe, path in (("startupProbe", "/health/ready"), ("readinessProbe", "/health/ready"),
+                        ("livenessProbe", "/health/live")):
+        assert main[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     startup = main["startupProbe"]
     # Liveness starts only after the startup probe passed; loading may take that long.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
