@@ -16,6 +16,10 @@ __all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "UNUSABLE_KEY", "EmbeddingConfig"
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEMO_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
+# Flags that name a model: with a models file (models_file.py), the file names every model.
+MODEL_FLAGS = ("model_path", "demo", "served_model_name", "rerank_model", "rerank_model_path",
+               "served_rerank_model_name", "rerank_only")
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -249,8 +253,6 @@ class EmbeddingConfig(BaseSettings):
     def _models_file_names_the_models(self) -> EmbeddingConfig:
         # Refused, not merged: which model a request gets must not depend on how two sources were combined.
         if self.models_file is not None:
-            from .models_file import MODEL_FLAGS
-
             clash = [name for name in MODEL_FLAGS if name in self.model_fields_set
                      and getattr(self, name) != type(self).model_fields[name].get_default()]
             if clash:

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from .engine.types import EngineState
 
 if TYPE_CHECKING:
-    from .engine.engine import EmbeddingEngine
+    from .engine.core import EngineCore
 
 __all__ = ["CONTENT_TYPE", "ServiceMetrics"]
 
@@ -48,7 +48,7 @@ class _EngineCollector(Collector):
     `prefix` names the engine's metrics: "embedding" for the embedding model, "embedding_rerank" for the
     reranker."""
 
-    def __init__(self, engine: EmbeddingEngine, prefix: str = "embedding") -> None:
+    def __init__(self, engine: EngineCore, prefix: str = "embedding") -> None:
         self.engine = engine
         self.prefix = prefix
 
@@ -85,7 +85,7 @@ class ServiceMetrics:
     """All metrics of one app. `observe_request` is the request middleware's observer; the engine's
     `on_batch` hook is chained (an existing hook keeps being called)."""
 
-    def __init__(self, engine: EmbeddingEngine | None) -> None:
+    def __init__(self, engine: EngineCore | None) -> None:
         """`engine`: the embedding model's (None when a reranker is served alone: add_reranker)."""
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
@@ -112,7 +112,7 @@ class ServiceMetrics:
         if engine is not None:
             self._chain_batch_hook(engine)
 
-    def _chain_batch_hook(self, engine: EmbeddingEngine,
+    def _chain_batch_hook(self, engine: EngineCore,
                           observe: Callable[[int, int, float], None] | None = None) -> None:
         previous = engine.on_batch
         observe = observe or self.observe_batch
@@ -124,7 +124,7 @@ class ServiceMetrics:
 
         engine.on_batch = on_batch
 
-    def add_reranker(self, engine: EmbeddingEngine) -> None:
+    def add_reranker(self, engine: EngineCore) -> None:
         """The reranker's engine values and batches, as embedding_rerank_* (pairs instead of texts)."""
         reg = self.registry
         reg.register(_EngineCollector(engine, "embedding_rerank"))

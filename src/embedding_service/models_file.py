@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import EmbeddingConfig
+from .config import MODEL_FLAGS, EmbeddingConfig
+from .engine.types import TASKS
 
 __all__ = ["PER_MODEL_FIELDS", "TASKS", "ModelEntry", "ModelsFileError", "read_models_file"]
 
-TASKS = ("embed", "rerank")
 # The settings a model may set for itself: how it is loaded, run, batched and limited. Everything else
 # (host, port, keys, rate limits, timeouts of the connection, logging) is the server's.
 PER_MODEL_FIELDS = frozenset({
@@ -28,9 +28,6 @@ PER_MODEL_FIELDS = frozenset({
     "max_queue_requests", "max_queue_tokens", "request_timeout_s", "max_rerank_documents", "matryoshka_models",
 })
 _ENTRY_FIELDS = frozenset({"name", "aliases", "task", "model_path", "model_name", "demo"})
-# Flags that name a model: with a models file, the file names every model.
-MODEL_FLAGS = ("model_path", "demo", "served_model_name", "rerank_model", "rerank_model_path",
-               "served_rerank_model_name", "rerank_only")
 _MAX_MODELS = 64
 _MAX_FILE_BYTES = 1 << 20
 

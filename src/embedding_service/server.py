@@ -37,7 +37,7 @@ import uvicorn
 
 from .backends.processes import child_pids, reap
 from .config import EmbeddingConfig
-from .engine.engine import EmbeddingEngine
+from .engine.core import EngineCore
 from .errors import ErrorKind
 from .transport import ConnectionLimits, GuardedHttpProtocol, guarded_protocol, raise_file_limit
 
@@ -129,7 +129,7 @@ def listening_socket(settings: EmbeddingConfig) -> socket.socket:
 class _Engines:
     """The embedding engine and the reranker's, drained as one."""
 
-    def __init__(self, engines: Sequence[EmbeddingEngine]) -> None:
+    def __init__(self, engines: Sequence[EngineCore]) -> None:
         self.engines = list(engines)
 
     @property
@@ -150,10 +150,10 @@ class _Engines:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: EmbeddingEngine | Sequence[EmbeddingEngine],
+    def __init__(self, config: uvicorn.Config, engine: EngineCore | Sequence[EngineCore],
                  shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.engine = engine if isinstance(engine, EmbeddingEngine) else _Engines(engine)  # embed and/or rerank
+        self.engine = engine if isinstance(engine, EngineCore) else _Engines(engine)  # embed and/or rerank
         self.shutdown_timeout = shutdown_timeout
         self._drain_requested = False
         self._deadline: float | None = None

@@ -2,7 +2,7 @@
 exactly once, and the plan becomes engines. The CLI serves them over HTTP; other commands (bulk embedding)
 can build the same engines without HTTP.
 
-    settings --plan_service--> ServicePlan(models: ModelPlan by name) --build_engine--> EmbeddingEngine
+    settings --plan_service--> ServicePlan(models: ModelPlan by name) --build_engine--> EngineCore (per task)
 
 A plan holds one ModelPlan per served model, each with its task ("embed" or "rerank"), its own settings,
 engine and batcher: from the model flags (an embedding model and/or a reranker) or from a models file
@@ -18,14 +18,15 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .backends import BackendLoadError, BackendOptions, FakeOptions, create_backend
+from .backends import BackendLoadError, BackendOptions, FakeOptions, create_backend, create_scoring_backend
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
 from .backends.resolve import resolve_model_dir
-from .backends.scoring import create_scoring_backend
 from .config import EmbeddingConfig
+from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.rerank import RerankEngine
+from .engine.types import EMBED, RERANK
 from .models_file import read_models_file
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "EngineKind",
     "ModelPlan",
     "ServicePlan",
+    "build_embedding_engine",
     "build_engine",
     "build_engines",
     "choose_engine",
@@ -46,8 +48,6 @@ __all__ = [
 log = logging.getLogger("embedding_service")
 
 EngineKind = Literal["torch", "vllm", "openvino", "fake"]
-EMBED = "embed"  # the role of the embedding model
-RERANK = "rerank"  # the role of the reranker
 
 
 @dataclass(frozen=True)
@@ -152,16 +152,23 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
     return ServicePlan(models={model.name: model for model in planned})
 
 
-def build_engine(model: ModelPlan) -> EmbeddingEngine:
-    """The (not yet started) engine of one planned model. `await engine.start()` loads it."""
+def build_engine(model: ModelPlan) -> EngineCore:
+    """The (not yet started) engine of one planned model, for its task. `await engine.start()` loads it."""
     if model.role == RERANK:
         assert model.max_documents is not None  # planned for the reranker's role
         return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
                             max_documents=model.max_documents)
+    return build_embedding_engine(model)
+
+
+def build_embedding_engine(model: ModelPlan) -> EmbeddingEngine:
+    """The engine of a planned embedding model (bulk embedding needs one)."""
+    if model.role != EMBED:
+        raise BackendLoadError(f"model '{model.name}' is a reranker (task: {model.role}); it cannot embed")
     return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options)
 
 
-def build_engines(plan: ServicePlan) -> dict[str, EmbeddingEngine]:
+def build_engines(plan: ServicePlan) -> dict[str, EngineCore]:
     """The engine of every planned model, by served name."""
     return {name: build_engine(model) for name, model in plan.models.items()}
 

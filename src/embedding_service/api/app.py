@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import EmbeddingConfig
-from ..engine.engine import EmbeddingEngine
+from ..engine.core import EngineCore
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
@@ -81,7 +81,7 @@ def _install_guards(app: FastAPI, options: GuardOptions, *, open_paths: Sequence
 
 def create_app(
     settings: EmbeddingConfig,
-    engine: EmbeddingEngine | None = None,
+    engine: EngineCore | None = None,
     *,
     reranker: RerankEngine | None = None,
     models: Sequence[Served] | None = None,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
-from ..engine.engine import EmbeddingEngine
+from ..engine.core import EngineCore
 from ..metrics import CONTENT_TYPE, ServiceMetrics
 from .openapi import operation_doc
 from .request_context import RequestContextMiddleware
@@ -15,7 +15,7 @@ from .request_context import RequestContextMiddleware
 __all__ = ["install_observability"]
 
 
-def install_observability(app: FastAPI, engine: EmbeddingEngine | None,
+def install_observability(app: FastAPI, engine: EngineCore | None,
                           closing: Callable[[], bool] | None = None) -> ServiceMetrics:
     """Add request ids, timing headers and Prometheus metrics to `app` (and `Connection: close` while
     `closing()`). Call after the other middleware, so that this one is outermost and also sees (and counts)

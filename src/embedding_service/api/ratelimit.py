@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ErrorKind, ServiceError, send_error
-from .security import CLIENT_ID_KEY, is_exempt
+from .access import CLIENT_ID_KEY, is_exempt
 
 __all__ = ["TOKEN_ADMISSION_KEY", "RateLimitMiddleware", "RateLimiter", "TokenAdmission", "TokenBucket"]
 

@@ -211,7 +211,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             data = parse_json_body(await _read_body(request, ctx.options.max_body_bytes))
             named = data.get("model") if isinstance(data, dict) else None
             # The model asked for (404 for an unknown name among several, 400 for a reranker's name).
-            chosen = ctx.served.for_embed(named if isinstance(named, str) else None)
+            chosen, engine = ctx.served.for_embed(named if isinstance(named, str) else None)
             decoder = ctx.token_ids_decoder
             embed_request, encoding = parse_embedding_request(data, token_ids_are_text=decoder is not None)
             if decoder is not None:
@@ -221,8 +221,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
-            with chosen.engine.accepted() as info:
-                result = await chosen.engine.embed_accepted(embed_request, info)
+            with engine.accepted() as info:
+                result = await engine.embed_accepted(embed_request, info)
         body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
         headers = {
             "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",

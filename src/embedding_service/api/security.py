@@ -15,15 +15,13 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import UNUSABLE_KEY, EmbeddingConfig, usable_api_key
 from ..errors import ErrorKind, ServiceError, send_error
-
-if TYPE_CHECKING:  # ratelimit.py imports this module: a type-only import, no circle at run time
-    from .ratelimit import RateLimiter
+from .access import CLIENT_ID_KEY, is_exempt
+from .ratelimit import RateLimiter
 
 __all__ = [
     "CLIENT_ID_KEY",
@@ -37,8 +35,6 @@ __all__ = [
 
 log = logging.getLogger("embedding_service")
 
-# Set in the ASGI scope by the auth middleware: "key-<digest prefix>" of the caller's key.
-CLIENT_ID_KEY = "embedding_service.client_id"
 _REALM = 'Bearer realm="embedding-service"'
 _HASH_PREFIX = "sha256:"
 
@@ -123,17 +119,6 @@ class ApiKeyVerifier:
             matched = hmac.compare_digest(digest, known)
             found = index if matched else found
         return None if found < 0 else "key-" + self._digests[found].hex()[:12]
-
-
-def is_exempt(path: str, exempt: Sequence[str]) -> bool:
-    """Exact paths, or prefixes written with a trailing '*' ("/docs*")."""
-    for pattern in exempt:
-        if pattern.endswith("*"):
-            if path.startswith(pattern[:-1]):
-                return True
-        elif path == pattern:
-            return True
-    return False
 
 
 def _bearer_token(scope: Scope) -> tuple[str | None, ServiceError | None]:

@@ -11,19 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..engine.core import EngineCore
 from ..engine.engine import EmbeddingEngine
 from ..engine.rerank import RerankEngine
+from ..engine.types import EMBED, RERANK
 from ..errors import ErrorKind, ServiceError
 
 __all__ = ["EMBED", "RERANK", "Served", "ServedModels"]
-
-EMBED, RERANK = "embed", "rerank"
 
 
 @dataclass(frozen=True)
 class Served:
     name: str  # the public name (`model` in requests and responses)
-    engine: EmbeddingEngine
+    engine: EngineCore
     task: str  # "embed" or "rerank"
     aliases: tuple[str, ...] = ()
 
@@ -80,10 +80,10 @@ class ServedModels:
         """A reranker scores pairs itself; an embedding model scores them by cosine (as vLLM does)."""
         return self._choose(RERANK if self.rerank is not None else EMBED, model)
 
-    def for_embed(self, model: str | None) -> Served:
+    def for_embed(self, model: str | None) -> tuple[Served, EmbeddingEngine]:
         chosen = self._choose(EMBED, model)
-        if chosen.task != EMBED:
+        if not isinstance(chosen.engine, EmbeddingEngine):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is a reranker (task: rerank); it cannot embed. Use "
                                "/v1/rerank or /v1/score with it", param="model", code="model_cannot_embed")
-        return chosen
+        return chosen, chosen.engine

@@ -7,6 +7,7 @@ import dataclasses
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, BackendOptions
 from .fake import FakeOptions
 from .model_facts import ModelFacts, read_model_facts
+from .pair_tokenizer import PairBackend
 
 __all__ = [
     "Backend",
@@ -16,7 +17,9 @@ __all__ = [
     "BackendOptions",
     "FakeOptions",
     "ModelFacts",
+    "PairBackend",
     "create_backend",
+    "create_scoring_backend",
     "read_model_facts",
 ]
 
@@ -49,3 +52,25 @@ def create_backend(engine: str, options: BackendOptions, fake: FakeOptions | Non
 
         return TorchBackend(options)
     raise ValueError(f"unknown engine {engine!r}")
+
+
+def create_scoring_backend(engine: str, options: BackendOptions) -> PairBackend:
+    """Build (not load) the reranker backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
+    if engine == "fake":
+        from .fake_scoring import FakeScoringBackend
+
+        return FakeScoringBackend(model=options.model_label, max_model_len=options.max_model_len,
+                                  record_batches=False)
+    if engine == "vllm":
+        from .vllm_scoring import VllmScoringBackend
+
+        return VllmScoringBackend(options)
+    if engine == "openvino":
+        from .openvino_scoring import OpenVinoScoringBackend
+
+        return OpenVinoScoringBackend(options)
+    if engine != "torch":
+        raise BackendLoadError(f"the {engine} engine cannot serve a reranker (use torch, vllm or openvino)")
+    from .torch_scoring import TorchScoringBackend
+
+    return TorchScoringBackend(options)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .base import BackendLoadError
+from .base import Backend, BackendLoadError
 from .scoring import QWEN3_PREFIX, QWEN3_SUFFIX, RerankerFacts, format_qwen3_pair
 from .tokenization import PROBES, rust_copy, rust_ids, transformers_ids
 
-__all__ = ["PairMethods", "PairTokenizer", "TokenPair", "token_types"]
+__all__ = ["PairBackend", "PairMethods", "PairTokenizer", "TokenPair", "token_types"]
 
 log = logging.getLogger("embedding_service")
 
@@ -212,6 +212,13 @@ class PairTokenizer:
     def texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Plain texts (for counting tokens of a text alone)."""
         return self._encoding.texts(texts)
+
+
+class PairBackend(Backend, Protocol):
+    """A backend that scores pairs: it also turns (query, document) pairs into token sequences."""
+
+    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
+                     instruction: str | None = None) -> list[TokenPair]: ...
 
 
 class PairMethods:

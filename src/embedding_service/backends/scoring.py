@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .base import BackendLoadError, BackendOptions
+from .base import BackendLoadError
 
 __all__ = [
     "QWEN3_DEFAULT_INSTRUCTION",
@@ -27,7 +27,6 @@ __all__ = [
     "QWEN3_SUFFIX",
     "RerankerFacts",
     "activate",
-    "create_scoring_backend",
     "format_qwen3_pair",
     "read_reranker_facts",
     "yes_probability",
@@ -129,25 +128,3 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
 def yes_probability(logit_no: float, logit_yes: float) -> float:
     """softmax([no, yes])[yes], computed stably."""
     return 1.0 / (1.0 + math.exp(logit_no - logit_yes))
-
-
-def create_scoring_backend(engine: str, options: BackendOptions) -> Any:
-    """Build (not load) the reranker backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
-    if engine == "fake":
-        from .fake_scoring import FakeScoringBackend
-
-        return FakeScoringBackend(model=options.model_label, max_model_len=options.max_model_len,
-                                  record_batches=False)
-    if engine == "vllm":
-        from .vllm_scoring import VllmScoringBackend
-
-        return VllmScoringBackend(options)
-    if engine == "openvino":
-        from .openvino_scoring import OpenVinoScoringBackend
-
-        return OpenVinoScoringBackend(options)
-    if engine != "torch":
-        raise BackendLoadError(f"the {engine} engine cannot serve a reranker (use torch, vllm or openvino)")
-    from .torch_scoring import TorchScoringBackend
-
-    return TorchScoringBackend(options)

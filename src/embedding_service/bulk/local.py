@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from ..config import EmbeddingConfig
+from ..engine.batcher import batch_cost
 from ..engine.engine import EmbeddingEngine
 from ..errors import ServiceError
-from ..service import ModelPlan, build_engine, plan_model
+from ..service import ModelPlan, build_embedding_engine, plan_model
 
 __all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "embed_texts", "local_fingerprint", "plan_batches"]
 
@@ -55,16 +56,16 @@ def plan_batches(lengths: list[int], *, max_batch_size: int, max_batch_tokens: i
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    cost = 0
+    total = 0
     for index in order:
         length = lengths[index]
-        # Padded: a batch costs its longest sequence (its first, sorted) x its size; packed: the sum.
-        new_cost = (lengths[current[0]] if current else length) * (len(current) + 1) if padded else cost + length
-        if current and (len(current) >= max_batch_size or new_cost > max_batch_tokens):
+        longest = lengths[current[0]] if current else length  # (sorted: a batch's first is its longest)
+        if current and (len(current) >= max_batch_size or
+                        batch_cost(len(current) + 1, longest, total + length, padded=padded) > max_batch_tokens):
             batches.append(current)
-            current, new_cost = [], length
+            current, total = [], 0
         current.append(index)
-        cost = new_cost
+        total += length
     if current:
         batches.append(current)
     return batches
@@ -132,7 +133,7 @@ class LocalEmbedder:
         return self.options.dimensions or self.engine.info.dimension
 
     async def start(self) -> None:
-        self.engine = build_engine(self.plan)
+        self.engine = build_embedding_engine(self.plan)
         await self.engine.start()
         assert self.engine.info is not None
         self._compute = ThreadPoolExecutor(self.engine.info.max_concurrent_batches, thread_name_prefix="bulk-embed")

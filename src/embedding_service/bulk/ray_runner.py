@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import EmbeddingConfig
-from ..service import build_engine, plan_model
+from ..service import build_embedding_engine, plan_model
 from .local import BulkRowError, EmbedOptions, embed_texts
 from .lock import WorkLock
 from .progress import Progress
@@ -102,7 +102,7 @@ class EmbedActor:
 
         settings = EmbeddingConfig.model_validate_json(settings_json)
         self.options, self.plan = options, plan
-        self.engine = build_engine(plan_model(settings))  # resolved here: the driver may not hold the model
+        self.engine = build_embedding_engine(plan_model(settings))  # resolved here: the driver may not hold the model
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.engine.start())
 

@@ -4,15 +4,13 @@
 txt/jsonl, one streaming parse of csv), so that the total is known for the ETA, chunks are fixed by the input
 alone (a resumed run cuts the same chunks) and any chunk can be read without reading those before it.
 
-Rows: txt is one text per line, split on `\\n` only (a `\\r` stays part of the text); jsonl one object per
-line with the text in `column`; csv and parquet a column. Ids come from `id_column`, else they are the row's
-position in the whole input (0-based, over all files in order, skipped rows counted).
+Rows: txt one text per line, split on `\\n` only (`\\r` stays in the text); jsonl one object per line, the text
+in `column`; csv and parquet a column. Ids: `id_column`, else the 0-based row position in the input (skipped
+rows counted).
 """
 
 from __future__ import annotations
 
-import glob as globlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +19,13 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-__all__ = ["FORMATS", "BulkInputError", "Chunk", "ChunkReader", "ChunkSpec", "InputFile", "Plan",
-           "expand_inputs", "scan"]
+from ..backends.base import first_line
+from .inputs import FORMATS, BulkInputError, expand_inputs
 
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+__all__ = ["FORMATS", "BulkInputError", "Chunk", "ChunkReader", "ChunkSpec", "InputFile", "Plan", "expand_inputs",
+           "scan"]
+
 _SCAN_BLOCK = 1 << 20
-
-
-class BulkInputError(ValueError):
-    """An input the job cannot use; the message is one line naming the file (and row)."""
 
 
 @dataclass(frozen=True)
@@ -84,37 +80,8 @@ class Plan:
         for f in self.files:
             stat = f.path.stat()
             files.append([str(f.path), stat.st_size, stat.st_mtime_ns])
-        return {"inputs": files, "column": self.column, "id_column": self.id_column,
-                "skip_empty": self.skip_empty, "chunk_rows": self.chunk_rows}
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, folders (their files of known formats, sorted) and globs (sorted), in the order given."""
-    out: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
-            if not found:
-                raise BulkInputError(f"folder {path} holds no {'/'.join(sorted(set(FORMATS.values())))} files")
-            out.extend(found)
-        elif path.exists():
-            out.append(path)
-        elif globlib.has_magic(item):
-            matched = sorted(Path(p) for p in globlib.glob(item, recursive=True) if Path(p).is_file())
-            if not matched:
-                raise BulkInputError(f"no files match {item}")
-            out.extend(matched)
-        else:
-            raise BulkInputError(f"input {path} does not exist")
-    resolved = [p.resolve() for p in out]
-    for path in resolved:
-        if path.suffix.lower() not in FORMATS:
-            raise BulkInputError(f"{path}: unknown input format {path.suffix or '(no suffix)'}; "
-                                 "use .txt, .jsonl, .csv or .parquet")
-        if not os.access(path, os.R_OK):
-            raise BulkInputError(f"{path}: not readable")
-    return resolved
+        return {"inputs": files, "column": self.column, "id_column": self.id_column, "skip_empty": self.skip_empty,
+                "chunk_rows": self.chunk_rows}
 
 
 def scan(paths: list[Path], *, column: str = "text", id_column: str | None = None, skip_empty: bool = False,
@@ -143,7 +110,7 @@ def scan(paths: list[Path], *, column: str = "text", id_column: str | None = Non
         except BulkInputError:
             raise
         except (OSError, pa.ArrowException) as exc:
-            raise BulkInputError(f"{path}: cannot read it as {fmt}: {_first_line(exc)}") from None
+            raise BulkInputError(f"{path}: cannot read it as {fmt}: {first_line(exc)}") from None
         files.append(info)
         for start in range(0, info.rows, chunk_rows):
             chunks.append(ChunkSpec(len(chunks), number, start, min(start + chunk_rows, info.rows)))
@@ -244,7 +211,7 @@ class ChunkReader:
             raise
         except (OSError, pa.ArrowException) as exc:
             raise BulkInputError(f"{info.path}: cannot read rows {spec.start}-{spec.stop - 1}: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
 
     def close(self) -> None:
         self._cursor = None
@@ -399,7 +366,3 @@ def _id_array(ids: Any, keep: list[int], info: InputFile, spec: ChunkSpec) -> pa
         row = spec.start + keep[taken.is_null().to_pylist().index(True)]
         raise BulkInputError(f"{info.row_name(row)}: id is null")
     return taken
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -19,7 +19,13 @@ import numpy as np
 
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["BatchPolicy", "Batcher"]
+__all__ = ["BatchPolicy", "Batcher", "batch_cost"]
+
+
+def batch_cost(count: int, longest: int, total: int, *, padded: bool) -> int:
+    """What a batch costs against the token budget: padded, its size x its longest sequence; packed (vLLM),
+    the sum of its sequences. The one rule for the batcher and the bulk runner's own batches."""
+    return count * longest if padded else total
 
 log = logging.getLogger("embedding_service")
 
@@ -182,7 +188,7 @@ class Batcher:
                 self._items = deque(item for item in self._items if not item.job.done)
 
     def _cost(self, count: int, longest: int, total: int) -> int:
-        return count * longest if self._padded else total
+        return batch_cost(count, longest, total, padded=self._padded)
 
     def _take_batch(self) -> list[_Item]:
         if self._padded:

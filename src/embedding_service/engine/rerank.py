@@ -1,32 +1,26 @@
-"""The reranking engine: (query, document) pairs through the same lifecycle, limits and token-budget batcher
-as embeddings, over a scoring backend (one score per pair)."""
+"""The rerank task on the engine core: (query, document) pairs through the same lifecycle, limits and
+token-budget batcher as embeddings, over a scoring backend (one score per pair)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from ..backends.base import Backend, BackendInfo
-from ..backends.pair_tokenizer import TokenPair
+from ..backends.base import BackendInfo
+from ..backends.pair_tokenizer import PairBackend, TokenPair
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
-from .engine import EmbeddingEngine, EngineOptions
+from .core import EngineCore
+from .options import EngineOptions
 
 __all__ = ["PairBackend", "RerankEngine", "ScoreRequest", "ScoreResult"]
 
 log = logging.getLogger("embedding_service")
 _scored = RequestLine(log, "Scored %d pairs in %.3fs")  # one line per request (logging_config)
-
-
-class PairBackend(Backend, Protocol):
-    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
-                     instruction: str | None = None) -> list[TokenPair]: ...
 
 
 @dataclass
@@ -50,8 +44,8 @@ class ScoreResult:
     compute_time_s: float = 0.0
 
 
-class RerankEngine(EmbeddingEngine):
-    """An engine whose backend scores pairs. `embed()` is not for it: the API routes by `task`."""
+class RerankEngine(EngineCore):
+    """An engine whose model scores (query, document) pairs."""
 
     def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int) -> None:
         super().__init__(backend, options)
@@ -59,18 +53,14 @@ class RerankEngine(EmbeddingEngine):
         self.max_documents = max_documents
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        info = self.check_ready()
-        self._active_requests += 1
-        try:
+        with self.accepted() as info:
             with self.on_its_way():
                 pairs = await self._prepare_pairs(request, info)
             started = time.perf_counter()
-            rows, queued, compute = await self._submit(pairs)
+            rows, queued, compute = await self.submit(pairs)
             _scored(len(request.documents), time.perf_counter() - started)
             return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), sum(len(p) for p in pairs), queued,
                                compute)
-        finally:
-            self._active_requests -= 1
 
     async def _prepare_pairs(self, request: ScoreRequest, info: BackendInfo) -> list[TokenPair]:
         """Tokenise the pairs, apply the length policy, check the limits and admit (rate limits)."""
@@ -78,13 +68,8 @@ class RerankEngine(EmbeddingEngine):
         if count > self.max_documents:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"too many documents: {count}; at most "
                                f"{self.max_documents} per request", param=request.param)
-        loop = asyncio.get_running_loop()
-        try:
-            pairs = await loop.run_in_executor(self._tokenize_pool, self.pair_backend.encode_pairs,
-                                               request.queries, request.documents, request.instruction)
-        except UnicodeError as exc:
-            raise ServiceError(ErrorKind.INVALID_REQUEST, f"input is not valid Unicode text: {exc}",
-                               param=request.param) from None
+        pairs = await self.in_tokenizer_thread(self.pair_backend.encode_pairs, request.queries, request.documents,
+                                               request.instruction, param=request.param)
         pairs = self._fit(pairs, info, request)
         total = sum(len(p) for p in pairs)
         if total > self.options.max_request_tokens:

@@ -1,0 +1,32 @@
+"""What an engine reads from the settings (defaults live in EmbeddingConfig only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import EmbeddingConfig
+
+__all__ = ["EngineOptions"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Batching, limits and timeouts of one model's engine."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    batch_timeout_ms: float
+    max_model_len: int
+    max_inputs_per_request: int
+    max_request_tokens: int
+    truncate: bool
+    max_queue_requests: int
+    max_queue_tokens: int
+    request_timeout_s: float
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> EngineOptions:
+        return cls(**{name: getattr(settings, name) for name in _ENGINE_FIELDS})
+
+
+_ENGINE_FIELDS = tuple(EngineOptions.__dataclass_fields__)
