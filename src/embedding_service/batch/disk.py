@@ -1,0 +1,94 @@
+"""The stored files on disk: `<data_dir>/files/<id>`, written so that a crash never leaves half a file.
+
+An upload is written to `tmp/`, fsynced, then renamed into `files/` (and the folder fsynced): a file either
+exists whole or not at all. A batch's output grows by appends; the batch's row records the length that was
+fsynced and committed, and after a crash the file is cut back to that length (`truncate`), so lines written
+but not committed are written again exactly once. All methods block: call them from a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["Disk"]
+
+_COPY_CHUNK = 1 << 20
+
+
+class Disk:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = root / "files"
+        self.tmp = root / "tmp"
+        for folder in (root, self.files, self.tmp):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):  # names are ours ("file-<hex>"); never a path
+            raise ValueError(f"bad file name {name!r}")
+        return self.files / name
+
+    def store(self, source: BinaryIO, name: str) -> int:
+        """Copy `source` (from its start) into the file `name` atomically; its size."""
+        tmp = self.tmp / f"{name}.{secrets.token_hex(4)}"
+        try:
+            with tmp.open("wb") as out:
+                source.seek(0)
+                shutil.copyfileobj(source, out, _COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+                size = out.tell()
+            os.replace(tmp, self.path(name))
+            _fsync_dir(self.files)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+    def append(self, name: str, data: bytes, at: int) -> int:
+        """Write `data` at offset `at` (the committed length) and fsync; the new length."""
+        flags = os.O_WRONLY | os.O_CREAT
+        fd = os.open(self.path(name), flags, 0o600)
+        try:
+            os.ftruncate(fd, at)  # drop anything past the committed length (a crash after a write)
+            os.lseek(fd, at, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return at + len(data)
+
+    def truncate(self, name: str, size: int) -> None:
+        """Cut an output back to its committed length (0: make it empty)."""
+        path = self.path(name)
+        if size == 0 and not path.exists():
+            return
+        with path.open("r+b") as out:
+            out.truncate(size)
+            os.fsync(out.fileno())
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def sweep(self, keep: set[str]) -> int:
+        """Delete temporaries and files nothing refers to (a crash between a write and its commit)."""
+        removed = 0
+        for folder, keep_names in ((self.tmp, set()), (self.files, keep)):
+            for entry in folder.iterdir():
+                if entry.name not in keep_names:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
