@@ -50,6 +50,8 @@ class Disk:
 
     def append(self, name: str, data: bytes, at: int) -> int:
         """Write `data` at offset `at` (the committed length) and fsync; the new length."""
+        if not data:
+            return at
         flags = os.O_WRONLY | os.O_CREAT
         fd = os.open(self.path(name), flags, 0o600)
         try:

@@ -56,6 +56,7 @@ class BatchRunner:
         self._engines = engines
         self._wake = asyncio.Event()
         self._cancels: set[str] = set()
+        self._in_flight = 0  # the batch's lines now inside the app (and perhaps the engine)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -75,7 +76,7 @@ class BatchRunner:
 
     # --- the loop -------------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        await self._housekeep(sweep=True)
+        await self.housekeep()
         last_housekeeping = time.monotonic()
         while True:
             self._wake.clear()
@@ -93,7 +94,7 @@ class BatchRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), _HOUSEKEEPING_S)
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_S:
-                await self._housekeep(sweep=False)
+                await self.housekeep()
                 last_housekeeping = time.monotonic()
 
     async def _run(self, batch: BatchRow) -> None:
@@ -129,8 +130,9 @@ class BatchRunner:
         await asyncio.to_thread(self.disk.truncate, batch.err_name, batch.err_bytes)
         lines = read_lines(path, batch.endpoint, start=batch.next_line, max_line_bytes=self.options.max_line_bytes)
         try:
+            size = max(_CHUNK_LINES, 4 * self.options.concurrency)
             while True:
-                chunk = await asyncio.to_thread(lambda: list(islice(lines, _CHUNK_LINES)))
+                chunk = await asyncio.to_thread(lambda: list(islice(lines, size)))
                 if not chunk:
                     break
                 self._check_stop(batch)
@@ -153,7 +155,7 @@ class BatchRunner:
             raise _Stop("expired")
 
     async def _run_chunk(self, batch: BatchRow, chunk: list[BatchLine]) -> BatchRow:
-        gate = asyncio.Semaphore(self.options.concurrency)
+        gate = asyncio.Semaphore(self.options.concurrency)  # (a chunk holds 4x as many lines: they overlap)
         answers = await asyncio.gather(*(self._one(batch, line, gate) for line in chunk))
         done = 0
         out, err = bytearray(), bytearray()
@@ -185,7 +187,12 @@ class BatchRunner:
             while True:
                 if not await self._online_first(batch):
                     return None
-                answer = await self.invoker.post(batch.endpoint, line.body, owner=batch.owner, request_id=request_id)
+                self._in_flight += 1
+                try:
+                    answer = await self.invoker.post(batch.endpoint, line.body, owner=batch.owner,
+                                                     request_id=request_id)
+                finally:
+                    self._in_flight -= 1
                 if answer.status not in _RETRY_STATUSES:
                     break
                 await asyncio.sleep(delay)  # the engine is busy or loading: this line waits its turn
@@ -197,13 +204,14 @@ class BatchRunner:
         return ok, output_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=body)
 
     async def _online_first(self, batch: BatchRow) -> bool:
-        """Wait until every engine is serving and no request waits in its queue; False if the batch stops."""
+        """Wait until every engine is serving and every request in them is one of the batch's own lines (no
+        online request is queued or running); False if the batch stops meanwhile."""
         while True:
             if batch.id in self._cancels or (batch.expires_at is not None and _now() >= batch.expires_at):
                 return False
             engines = self._engines()
-            if all(getattr(e, "state", None) is EngineState.HEALTHY and not getattr(e, "queued_requests", 0)
-                   for e in engines):
+            busy = sum(int(getattr(e, "queued_requests", 0)) for e in engines)
+            if busy <= self._in_flight and all(getattr(e, "state", None) is EngineState.HEALTHY for e in engines):
                 return True
             await asyncio.sleep(0.005)
 
@@ -214,11 +222,29 @@ class BatchRunner:
                 batch.id, only_if=("in_progress", "cancelling"), status="cancelling",
                 cancelling_at=batch.cancelling_at or _now()))
         elif why == "expired":
-            await self._finish(batch, final="expired")
+            await self._expire(batch)
         else:
             await self._fail(batch, "storage_full", "the server's storage limit for files was reached; delete "
                              "files (DELETE /v1/files/{id}) and submit the rest again")
         return await self._reload(batch)
+
+    async def _expire(self, batch: BatchRow) -> None:
+        """Past the completion window: the lines not run go to the error file as `batch_expired` (OpenAI's)."""
+        error = {"code": "batch_expired",
+                 "message": "This request could not be executed before the completion window expired."}
+
+        def write_rest() -> tuple[int, int]:
+            rest, count = bytearray(), 0
+            for line in read_lines(self.disk.path(batch.input_file_id), batch.endpoint, start=batch.next_line,
+                                   max_line_bytes=self.options.max_line_bytes):
+                rest += output_line(request_ids(batch.id, line.index)[0], line.custom_id, error=error)
+                count += 1
+            return self.disk.append(batch.err_name, bytes(rest), batch.err_bytes), count
+
+        err_bytes, count = await asyncio.to_thread(write_rest)
+        await self.store.call(lambda: self.store.update_batch(
+            batch.id, next_line=batch.next_line + count, err_bytes=err_bytes, failed=batch.failed + count))
+        await self._finish(await self._reload(batch), final="expired")
 
     async def _fail(self, batch: BatchRow, code: str, message: str) -> None:
         errors = orjson.dumps({"object": "list", "data": [{"code": code, "message": message, "param": None,
@@ -235,7 +261,9 @@ class BatchRunner:
         changes: dict[str, object] = {"status": final, f"{final}_at": now}
         for name, size, column, suffix in ((batch.out_name, batch.out_bytes, "output_file_id", "output"),
                                            (batch.err_name, batch.err_bytes, "error_file_id", "error")):
-            if size:
+            if not size:  # (a file cut back to 0 after a crash: nothing to publish)
+                await asyncio.to_thread(self.disk.remove, name)
+            else:
                 files.append(FileRow(0, name, batch.owner, "batch_output", f"{batch.id}_{suffix}.jsonl", size, now,
                                      expires))
                 changes[column] = name
@@ -251,19 +279,14 @@ class BatchRunner:
         assert fresh is not None
         return fresh
 
-    async def _housekeep(self, *, sweep: bool) -> None:
-        """Retention: delete files past their time and old finished batches; at start, stray files on disk."""
+    async def housekeep(self) -> None:
+        """Retention: delete files past their time, and finished batches older than that."""
         now = _now()
         for row in await self.store.call(self.store.expired_files, now):
             if await self.store.call(self.store.file_in_use, row.owner, row.id) is None:
                 await self.store.call(self.store.delete_file, row.owner, row.id)
                 await asyncio.to_thread(self.disk.remove, row.id)
         await self.store.call(self.store.forget_batches, now - int(self.options.retention_s))
-        if sweep:
-            keep = await self.store.call(self.store.known_names)
-            removed = await asyncio.to_thread(self.disk.sweep, keep)
-            if removed:
-                log.info("batch store: removed %d unreferenced file(s) left by an interrupted write", removed)
 
 
 def _now() -> int:

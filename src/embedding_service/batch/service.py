@@ -46,6 +46,10 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
     root = Path(settings.data_dir).expanduser()
     disk = Disk(root)
     store = Store.open(root / _DB_NAME)
+    # Before anything is served: an upload in progress would be a stray file too.
+    removed = disk.sweep(store.call_blocking(store.known_names))
+    if removed:
+        log.info("batch store: removed %d unreferenced file(s) left by an interrupted write", removed)
     retention_s = settings.batch_retention_days * 86_400
 
     def engines() -> list[Any]:

@@ -106,6 +106,10 @@ class Store:
         conn = executor.submit(_connect, path).result()
         return cls(conn, executor)
 
+    def call_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """`call` for start-up, before the event loop serves anything."""
+        return self._executor.submit(fn, *args).result()
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
