@@ -33,6 +33,7 @@ log = logging.getLogger("embedding_service")
 
 _CHUNK_LINES = 16  # lines per durable step: a cancel or a crash loses at most this much work in flight
 _HOUSEKEEPING_S = 3600.0
+_QUIET_S = 0.05  # no online request in the engines this long: the batch may admit a line
 _RETRY_STATUSES = (429, 503)  # overloaded, loading, draining: the line waits and runs again
 
 
@@ -57,6 +58,7 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._cancels: set[str] = set()
         self._in_flight = 0  # the batch's lines now inside the app (and perhaps the engine)
+        self._online_seen = 0.0  # when an online request was last seen in an engine (monotonic)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -204,14 +206,18 @@ class BatchRunner:
         return ok, output_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=body)
 
     async def _online_first(self, batch: BatchRow) -> bool:
-        """Wait until every engine is serving and every request in them is one of the batch's own lines (no
-        online request is queued or running); False if the batch stops meanwhile."""
+        """Wait until every engine is serving and, for `_QUIET_S`, every request in them was one of the batch's
+        own lines (clients that send one request after another leave short gaps: a line admitted in such a gap
+        would hold up their next request); False if the batch stops meanwhile."""
         while True:
             if batch.id in self._cancels or (batch.expires_at is not None and _now() >= batch.expires_at):
                 return False
             engines = self._engines()
-            busy = sum(int(getattr(e, "queued_requests", 0)) for e in engines)
-            if busy <= self._in_flight and all(getattr(e, "state", None) is EngineState.HEALTHY for e in engines):
+            now = time.monotonic()
+            if sum(int(getattr(e, "queued_requests", 0)) for e in engines) > self._in_flight:
+                self._online_seen = now
+            elif now - self._online_seen >= _QUIET_S and all(
+                    getattr(e, "state", None) is EngineState.HEALTHY for e in engines):
                 return True
             await asyncio.sleep(0.005)
 
