@@ -217,6 +217,25 @@ def test_cancel_stops_within_seconds_and_keeps_what_is_done(server_factory: type
     assert [line["custom_id"] for line in output] == [f"req-{i}" for i in range(done.request_counts.completed)]
 
 
+def test_sigterm_mid_batch_drains_exits_0_and_the_restart_finishes(server_factory: type[ServerProcess],
+                                                                   tmp_path: Path) -> None:
+    server = server_factory([*_SLOW, "--data-dir", str(tmp_path)])
+    server.wait_healthy(120)
+    client = _client(server, "none")
+    batch = _submit(client, _corpus(1000))
+    while client.batches.retrieve(batch.id).request_counts.completed < 32:
+        time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    restarted = server_factory([*_SLOW, "--data-dir", str(tmp_path)])
+    restarted.wait_healthy(120)
+    client = _client(restarted, "none")
+    done = _wait(client, batch.id, timeout=120)
+    assert done.status == "completed" and done.request_counts.completed == 1000
+    output = _jsonl(client.files.content(done.output_file_id).text)
+    assert [line["custom_id"] for line in output] == [f"req-{i}" for i in range(1000)]
+
+
 def test_kill_9_mid_batch_resumes_with_identical_output(server_factory: type[ServerProcess], tmp_path: Path) -> None:
     lines = 300
     server = server_factory([*_SLOW, "--data-dir", str(tmp_path)])
