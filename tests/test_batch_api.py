@@ -96,6 +96,13 @@ def test_openai_sdk_flow_answers_equal_the_online_endpoint(server: ServerProcess
     assert batch.id in [b.id for b in client.batches.list().data]
     info = client.files.retrieve(batch.output_file_id)
     assert info.purpose == "batch_output" and info.bytes == len(client.files.content(batch.output_file_id).content)
+    metrics = httpx.get(server.url + "/metrics").text  # (open without a key, as ever)
+    done = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("embedding_batch")}
+    assert done['embedding_batch_lines_total{outcome="completed"}'] >= 2
+    assert done['embedding_batch_lines_total{outcome="failed"}'] >= 2
+    assert done['embedding_batch_batches_total{status="completed"}'] >= 1
+    assert "embedding_batch_lines_waiting" in done and "embedding_batch_active" in done
 
 
 def test_rerank_and_score_endpoints_run_too(server: ServerProcess) -> None:

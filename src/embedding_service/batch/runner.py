@@ -24,6 +24,7 @@ from ..engine.types import EngineState
 from .disk import Disk
 from .invoke import Invoker
 from .lines import BatchLine, read_lines, validate_file
+from .metrics import BatchStats
 from .objects import output_line, request_ids
 from .store import BatchRow, FileRow, Store
 
@@ -57,7 +58,7 @@ class BatchRunner:
         self._engines = engines
         self._wake = asyncio.Event()
         self._cancels: set[str] = set()
-        self._in_flight = 0  # the batch's lines now inside the app (and perhaps the engine)
+        self.stats = BatchStats()
         self._online_seen = 0.0  # when an online request was last seen in an engine (monotonic)
         self._task: asyncio.Task[None] | None = None
 
@@ -83,6 +84,7 @@ class BatchRunner:
         while True:
             self._wake.clear()
             active = await self.store.call(self.store.active_batches)
+            self.stats.active = len(active)
             if active:
                 batch = active[0]
                 try:
@@ -168,6 +170,7 @@ class BatchRunner:
             ok, data = answer
             (out if ok else err).extend(data)
             completed, failed, done = completed + ok, failed + (not ok), done + 1
+            self.stats.lines["completed" if ok else "failed"] += 1
         if done:
             stored = await self.store.call(self.store.stored_bytes)
             if stored + len(out) + len(err) > self.options.max_stored_bytes:
@@ -189,12 +192,12 @@ class BatchRunner:
             while True:
                 if not await self._online_first(batch):
                     return None
-                self._in_flight += 1
+                self.stats.in_flight += 1
                 try:
                     answer = await self.invoker.post(batch.endpoint, line.body, owner=batch.owner,
                                                      request_id=request_id)
                 finally:
-                    self._in_flight -= 1
+                    self.stats.in_flight -= 1
                 if answer.status not in _RETRY_STATUSES:
                     break
                 await asyncio.sleep(delay)  # the engine is busy or loading: this line waits its turn
@@ -209,12 +212,19 @@ class BatchRunner:
         """Wait until every engine is serving and, for `_QUIET_S`, every request in them was one of the batch's
         own lines (clients that send one request after another leave short gaps: a line admitted in such a gap
         would hold up their next request); False if the batch stops meanwhile."""
+        self.stats.waiting += 1
+        try:
+            return await self._wait_for_quiet(batch)
+        finally:
+            self.stats.waiting -= 1
+
+    async def _wait_for_quiet(self, batch: BatchRow) -> bool:
         while True:
             if batch.id in self._cancels or (batch.expires_at is not None and _now() >= batch.expires_at):
                 return False
             engines = self._engines()
             now = time.monotonic()
-            if sum(int(getattr(e, "queued_requests", 0)) for e in engines) > self._in_flight:
+            if sum(int(getattr(e, "queued_requests", 0)) for e in engines) > self.stats.in_flight:
                 self._online_seen = now
             elif now - self._online_seen >= _QUIET_S and all(
                     getattr(e, "state", None) is EngineState.HEALTHY for e in engines):
@@ -248,6 +258,7 @@ class BatchRunner:
             return self.disk.append(batch.err_name, bytes(rest), batch.err_bytes), count
 
         err_bytes, count = await asyncio.to_thread(write_rest)
+        self.stats.lines["failed"] += count
         await self.store.call(lambda: self.store.update_batch(
             batch.id, next_line=batch.next_line + count, err_bytes=err_bytes, failed=batch.failed + count))
         await self._finish(await self._reload(batch), final="expired")
@@ -277,6 +288,7 @@ class BatchRunner:
             changes["errors"] = errors
         await self.store.call(lambda: self.store.finish_batch(batch.id, files, **changes))
         self._cancels.discard(batch.id)
+        self.stats.batches[final] += 1
         log.info("batch %s %s: %d completed, %d failed of %d", batch.id, final, batch.completed, batch.failed,
                  batch.total)
 

@@ -19,6 +19,7 @@ from ..config import EmbeddingConfig
 from ..errors import ErrorKind, ServiceError
 from .disk import Disk
 from .invoke import Invoker
+from .metrics import BatchCollector
 from .routes import build_batch_router
 from .runner import BatchRunner, RunnerOptions
 from .store import Store
@@ -66,6 +67,9 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
     @asynccontextmanager
     async def lifespan(the_app: Any) -> AsyncIterator[Any]:
         async with inner(the_app) as state:
+            metrics = getattr(app.state, "metrics", None)  # (the app's registry exists once create_app is done)
+            if metrics is not None:
+                metrics.registry.register(BatchCollector(runner.stats))
             runner.start()
             try:
                 yield state
