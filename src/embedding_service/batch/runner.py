@@ -170,7 +170,6 @@ class BatchRunner:
             ok, data = answer
             (out if ok else err).extend(data)
             completed, failed, done = completed + ok, failed + (not ok), done + 1
-            self.stats.lines["completed" if ok else "failed"] += 1
         if done:
             stored = await self.store.call(self.store.stored_bytes)
             if stored + len(out) + len(err) > self.options.max_stored_bytes:
@@ -180,6 +179,7 @@ class BatchRunner:
             await self.store.call(lambda: self.store.update_batch(
                 batch.id, next_line=batch.next_line + done, out_bytes=out_bytes, err_bytes=err_bytes,
                 completed=batch.completed + completed, failed=batch.failed + failed))
+            self.stats.lines.update(completed=completed, failed=failed)
             batch = await self._reload(batch)
         if done < len(chunk):
             self._check_stop(batch)
@@ -203,8 +203,11 @@ class BatchRunner:
                 await asyncio.sleep(delay)  # the engine is busy or loading: this line waits its turn
                 delay = min(delay * 2, 5.0)
         body = answer.body
-        if not answer.content_type.startswith("application/json") or b"\n" in body:
-            body = orjson.dumps(orjson.loads(body)) if body else b"null"
+        if not answer.content_type.startswith("application/json") or b"\n" in body or not body:
+            try:  # (every endpoint answers one line of JSON; this only keeps the file JSONL if one did not)
+                body = orjson.dumps(orjson.loads(body))
+            except orjson.JSONDecodeError:
+                body = orjson.dumps(body.decode("utf-8", "replace"))
         ok = 200 <= answer.status < 300
         return ok, output_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=body)
 
