@@ -146,3 +146,30 @@ async def test_the_batch_yields_the_engine_to_online_requests(tmp_path: Path) ->
         after = await lines_in(1.0)
         assert idle > 20 and after > 20, (idle, busy, after)
         assert busy < idle / 4, (idle, busy, after)
+
+
+async def test_bad_uploads_get_clear_4xx(tmp_path: Path) -> None:
+    async with batch_app(tmp_path, batch_max_file_bytes=4096) as (http, _, _engine):
+        async def status(**kwargs: Any) -> tuple[int, str | None]:
+            answer = await http.post("/v1/files", **kwargs)
+            return answer.status_code, answer.json()["error"]["param"] or answer.json()["error"]["code"]
+
+        line = _corpus(1)
+        assert await status(json={"file": "x"}) == (415, "unsupported_media_type")
+        assert await status(data={"purpose": "batch"}, files={"other": ("a", b"")}) == (400, "file")
+        assert await status(files={"file": ("in.jsonl", line)}) == (400, "purpose")
+        assert await status(files={"file": ("in.jsonl", b"")}, data={"purpose": "batch"}) == (400, "file")
+        two = {"files": [("file", ("a.jsonl", line)), ("file", ("b.jsonl", line))], "data": {"purpose": "batch"}}
+        assert (await status(**two))[0] == 400
+        garbled = {"content": b"--nope\r\nhello", "headers": {"content-type": "multipart/form-data; boundary=x"}}
+        assert (await status(**garbled))[0] == 400
+
+        async def endless() -> AsyncIterator[bytes]:  # chunked, no content-length: cut off at the limit
+            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n"
+            for _ in range(100):
+                yield b"x" * 1024
+
+        big = await http.post("/v1/files", content=endless(),
+                              headers={"content-type": "multipart/form-data; boundary=b"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
+        assert not list((tmp_path / "files").iterdir()) and not list((tmp_path / "tmp").iterdir())
