@@ -43,6 +43,7 @@ async def batch_app(data_dir: Path, *, delay_ms: float = 0.0, **settings: Any
     finally:
         await api.runner.stop()
         api.store.close()
+        api.disk.close()
         await engine.stop()
 
 
@@ -173,3 +174,13 @@ async def test_bad_uploads_get_clear_4xx(tmp_path: Path) -> None:
                               headers={"content-type": "multipart/form-data; boundary=b"})
         assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
         assert not list((tmp_path / "files").iterdir()) and not list((tmp_path / "tmp").iterdir())
+
+
+def test_one_server_per_data_dir(tmp_path: Path) -> None:
+    first = Disk(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another server process"):
+            Disk(tmp_path)
+    finally:
+        first.close()
+    Disk(tmp_path).close()  # free again once the first let go

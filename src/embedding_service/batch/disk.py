@@ -8,6 +8,7 @@ but not committed are written again exactly once. All methods block: call them f
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -26,6 +27,10 @@ class Disk:
         self.tmp = root / "tmp"
         for folder in (root, self.files, self.tmp):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = _lock_folder(root)
+
+    def close(self) -> None:
+        os.close(self._lock)
 
     def path(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):  # names are ours ("file-<hex>"); never a path
@@ -80,12 +85,25 @@ class Disk:
     def sweep(self, keep: set[str]) -> int:
         """Delete temporaries and files nothing refers to (a crash between a write and its commit)."""
         removed = 0
-        for folder, keep_names in ((self.tmp, set()), (self.files, keep)):
+        for folder, keep_names in ((self.tmp, set()), (self.files, keep)):  # (not the lock, in the root)
             for entry in folder.iterdir():
                 if entry.name not in keep_names:
                     entry.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def _lock_folder(root: Path) -> int:
+    """Hold an exclusive lock on the folder for this process's life: two servers on one folder would run the
+    same batches twice. The kernel drops the lock when the process ends, however it ends."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"data_dir {root} is in use by another server process; give each server its own "
+                           "folder") from None
+    return fd
 
 
 def _fsync_dir(folder: Path) -> None:

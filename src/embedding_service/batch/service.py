@@ -45,7 +45,7 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
         app.include_router(_disabled_router())
         return None
     root = Path(settings.data_dir).expanduser()
-    disk = Disk(root)
+    disk = Disk(root)  # (raises RuntimeError when another process has the folder)
     store = Store.open(root / _DB_NAME)
     # Before anything is served: an upload in progress would be a stray file too.
     removed = disk.sweep(store.call_blocking(store.known_names))
@@ -76,6 +76,7 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
             finally:
                 await runner.stop()  # first: its lines in flight are dropped, redone after the restart
                 store.close()
+                disk.close()
 
     app.router.lifespan_context = lifespan
     log.info("Batch API on: data in %s", root)
