@@ -1,7 +1,7 @@
 """The stored files on disk: `<data_dir>/files/<id>`, written so that a crash never leaves half a file.
 
-An upload is written to `tmp/`, fsynced, then renamed into `files/` (and the folder fsynced): a file either
-exists whole or not at all. A batch's output grows by appends; the batch's row records the length that was
+An upload is written to `tmp/` as it arrives, fsynced, then renamed into `files/` (and the folder fsynced): a
+file either exists whole or not at all. A batch's output grows by appends; the batch's row records the length that was
 fsynced and committed, and after a crash the file is cut back to that length (`truncate`), so lines written
 but not committed are written again exactly once. All methods block: call them from a thread.
 """
@@ -11,13 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["Disk"]
-
-_COPY_CHUNK = 1 << 20
 
 
 class Disk:
@@ -37,21 +34,18 @@ class Disk:
             raise ValueError(f"bad file name {name!r}")
         return self.files / name
 
-    def store(self, source: BinaryIO, name: str) -> int:
-        """Copy `source` (from its start) into the file `name` atomically; its size."""
-        tmp = self.tmp / f"{name}.{secrets.token_hex(4)}"
-        try:
-            with tmp.open("wb") as out:
-                source.seek(0)
-                shutil.copyfileobj(source, out, _COPY_CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-                size = out.tell()
-            os.replace(tmp, self.path(name))
-            _fsync_dir(self.files)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return size
+    def temporary(self) -> tuple[Path, BinaryIO]:
+        """A new file in tmp/ to write an upload into (then `adopt` it, or remove it)."""
+        path = self.tmp / f"upload-{secrets.token_hex(8)}"
+        return path, path.open("xb")
+
+    def adopt(self, tmp: Path, out: BinaryIO, name: str) -> None:
+        """Make a finished temporary file the stored file `name`: fsync, rename, fsync the folder."""
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        os.replace(tmp, self.path(name))
+        _fsync_dir(self.files)
 
     def append(self, name: str, data: bytes, at: int) -> int:
         """Write `data` at offset `at` (the committed length) and fsync; the new length."""

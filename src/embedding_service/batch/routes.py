@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..api.openapi import operation_doc
 from ..api.protocol import parse_json_body
@@ -24,6 +22,7 @@ from .disk import Disk
 from .objects import batch_object, file_object, list_object, new_batch_id, new_file_id
 from .runner import BatchRunner
 from .store import ACTIVE, BatchRow, FileRow, Store
+from .upload import Form, read_form
 
 __all__ = ["ENDPOINTS", "build_batch_router"]
 
@@ -49,16 +48,6 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Ser
 
 def _missing(kind: str, ident: str, param: str | None = None) -> ServiceError:
     return ServiceError(ErrorKind.NOT_FOUND, f"no {kind} with id '{ident[:100]}'", param=param, code="not_found")
-
-
-async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
-    size = 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the upload is over {limit} bytes",
-                               code="file_too_large")
-        yield chunk
 
 
 def _read_chunks(fd: int, size: int) -> Iterator[bytes]:
@@ -90,37 +79,30 @@ def build_batch_router(store: Store, disk: Disk, runner: BatchRunner, *, max_fil
 
     async def upload(request: Request) -> Response:
         owner = _owner(request)
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != "multipart/form-data":
-            raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the fields 'file' "
-                               "and 'purpose' (curl: -F purpose=batch -F file=@requests.jsonl)",
-                               code="unsupported_media_type")
         limit = max_file_bytes + 64 * 1024  # the file plus the form's own bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the upload is {declared} bytes; files may be at most "
                                f"{max_file_bytes} bytes", code="file_too_large")
         async with uploads:
-            parser = MultiPartParser(request.headers, _bounded(request.stream(), limit), max_files=1, max_fields=8,
-                                     max_part_size=64 * 1024)
+            tmp, out = await asyncio.to_thread(disk.temporary)
             try:
-                form = await parser.parse()
-            except MultiPartException as exc:
-                raise _bad(f"malformed multipart form: {exc.message}") from None
-            try:
-                return await _store_upload(owner, form.get("purpose"), form.get("file"))
+                form = await read_form(request.headers.get("content-type", ""), request.stream(), out,
+                                       max_file_bytes=max_file_bytes, max_body_bytes=limit)
+                row = await _check_upload(owner, form)
+                await asyncio.to_thread(disk.adopt, tmp, out, row.id)
             finally:
-                await form.close()
+                out.close()
+                tmp.unlink(missing_ok=True)
+            await store.call(store.add_file, row)
+        return _json(file_object(row))
 
-    async def _store_upload(owner: str, purpose: object, upload: object) -> Response:
-        if purpose != "batch":
+    async def _check_upload(owner: str, form: Form) -> FileRow:
+        if form.fields.get("purpose") != "batch":
             raise _bad("'purpose' must be 'batch' (the only purpose this server stores files for)", "purpose")
-        if not isinstance(upload, UploadFile):
+        if form.filename is None:
             raise _bad("'file' is missing: send the file as the multipart field 'file'", "file")
-        size = upload.size or 0
-        if size > max_file_bytes:
-            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the file is {size} bytes; files may be at most "
-                               f"{max_file_bytes} bytes", param="file", code="file_too_large")
+        size = form.file_bytes
         if size == 0:
             raise _bad("the file is empty", "file")
         files, _ = await store.call(store.counts, owner)
@@ -130,13 +112,8 @@ def build_batch_router(store: Store, disk: Disk, runner: BatchRunner, *, max_fil
         if await store.call(store.stored_bytes) + size > max_stored_bytes:
             raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, "the server's storage for files is full; delete files "
                                "you no longer need (DELETE /v1/files/{id})", param="file", code="storage_full")
-        file_id = new_file_id()
         now = int(time.time())
-        written = await asyncio.to_thread(disk.store, upload.file, file_id)
-        row = FileRow(0, file_id, owner, "batch", (upload.filename or "upload.jsonl")[:255], written, now,
-                      now + int(retention_s))
-        await store.call(store.add_file, row)
-        return _json(file_object(row))
+        return FileRow(0, new_file_id(), owner, "batch", form.filename, size, now, now + int(retention_s))
 
     router.add_api_route("/v1/files", upload, methods=["POST"], **operation_doc(
         "Upload a file (multipart: file, purpose=batch)", errors=[ErrorKind.INVALID_REQUEST,
