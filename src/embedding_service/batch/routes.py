@@ -63,7 +63,7 @@ def _read_chunks(fd: int, size: int) -> Iterator[bytes]:
 def build_batch_router(store: Store, disk: Disk, runner: BatchRunner, *, max_file_bytes: int,
                        max_stored_bytes: int, retention_s: float) -> APIRouter:
     router = APIRouter(tags=["batch"])
-    uploads = asyncio.Semaphore(2)  # uploads spool to a temporary file first: bound how many at once
+    uploads = asyncio.Semaphore(2)  # each upload grows a file in tmp/ until it is whole: bound how many at once
 
     async def own_file(owner: str, file_id: str) -> FileRow:
         row = await store.call(store.file, owner, file_id)
