@@ -189,6 +189,28 @@ class EmbeddingConfig(BaseSettings):
         description="input tokens per minute per API key (or address); 0 = unlimited"
     )
 
+    # --- the Files and Batch APIs (docs/batch.md): on only with a data directory ----------------------
+    data_dir: str | None = Field(
+        None, description="folder for the Files and Batch APIs' database and files (SQLite + files); "
+        "unset = those APIs answer 404 and nothing is written to disk",
+    )
+    batch_max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, le=1 << 40, description="largest file a client may upload (413 above)"
+    )
+    batch_max_lines: int = Field(50_000, ge=1, le=10_000_000, description="most requests in one batch input file")
+    batch_max_stored_bytes: int = Field(
+        20 * 1024**3, ge=1024, le=1 << 50,
+        description="all stored files together (uploads and batch outputs), bytes; an upload above is refused "
+                    "(413) and a batch whose output would pass it fails",
+    )
+    batch_retention_days: float = Field(
+        30.0, gt=0.0, le=36_500.0, description="files are deleted this many days after they were made"
+    )
+    batch_concurrency: int = Field(
+        4, ge=1, le=1024, description="batch requests in flight at once (they run only while no online "
+        "request waits in the engine's queue)",
+    )
+
     # --- fault injection for the fake engine (tests and demos only) -------------------------------------
     fake_delay_ms: float = Field(
         0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds slept per batch"
@@ -258,6 +280,14 @@ class EmbeddingConfig(BaseSettings):
             if clash:
                 raise ValueError(f"models_file lists every model: drop {', '.join(clash)} (name the models "
                                  "in the file)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_batch_runner(self) -> EmbeddingConfig:
+        # One process owns the SQLite writer and runs the batches: workers would each run every batch.
+        if self.data_dir and self.workers > 1:
+            raise ValueError("data_dir (the Batch API) needs workers=1: one process runs the batches; "
+                             "scale out with more servers instead")
         return self
 
     @property

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..batch import mount_batch_api
 from ..config import EmbeddingConfig
 from ..engine.core import EngineCore
 from ..engine.rerank import RerankEngine
@@ -146,6 +147,7 @@ def create_app(
     app.state.context = ctx
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
+    mount_batch_api(app, settings)  # /v1/files, /v1/batches (docs/batch.md); off without data_dir
     metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
         app, served.embed.engine if served.embed else None,
         closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
