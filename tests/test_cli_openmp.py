@@ -63,16 +63,16 @@ def test_serve_sets_it_before_torch_loads(tmp_path, minilm_dir) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, sys\n"
-        "import embedding_service.cli as cli\n"
+        "import embedding_service.assembly as assembly\n"
         "def stop(settings, plan, sock=None):\n"
         "    print('torch-loaded' if 'torch' in sys.modules else 'torch-not-loaded')\n"
         "    print('GOMP_SPINCOUNT=' + os.environ.get('GOMP_SPINCOUNT', ''))\n"
         "    print('OMP_WAIT_POLICY=' + os.environ.get('OMP_WAIT_POLICY', ''))\n"
         "    print('ONEDNN_PRIMITIVE_CACHE_CAPACITY=' + os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', ''))\n"
         "    return 0\n"
-        "cli._serve_one = stop\n"
+        "assembly.serve_planned = stop\n"
         "from embedding_service.config import EmbeddingConfig\n"
-        f"sys.exit(cli.serve(EmbeddingConfig(_env_file=None, model_path={str(minilm_dir)!r}, engine='vllm',"
+        f"sys.exit(assembly.serve(EmbeddingConfig(_env_file=None, model_path={str(minilm_dir)!r}, engine='vllm',"
         f" host='127.0.0.1', port={free_port()}, device='cpu')))\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY",

@@ -3,6 +3,7 @@ BERT cross-encoder) answers exactly as three single-model servers do, and the op
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,32 @@ def test_the_openai_sdk_selects_models_by_name(server: ServerProcess) -> None:
         client.embeddings.create(model="text-embedding-ada-002", input="x")
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     assert [m.id for m in client.models.list()] == ["minilm", "qwen3", "reranker"]
+
+
+def test_workers_get_the_parents_plan(tmp_path: Path) -> None:
+    """With workers > 1 each worker serves the plan decided once in the parent: the models file is deleted as
+    soon as the parent starts the workers (before they could read it), and every worker serves both models."""
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  - name: a\n    model_name: acme/a\n  - name: b\n    model_name: acme/b\n")
+    server = ServerProcess(["--engine", "fake", "--workers", "2", "--models-file", str(models), "--log-level", "INFO"])
+    try:
+        deadline = time.monotonic() + 30
+        while "starting 2 worker processes" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        models.unlink()
+        server.wait_healthy(60)
+        answered = 0
+        deadline = time.monotonic() + 30
+        while answered < 20 and time.monotonic() < deadline:  # new connections: any worker may take each
+            with httpx.Client(base_url=server.url) as http:
+                if http.get("/health").status_code != 200:
+                    time.sleep(0.2)
+                    continue
+                assert [c["id"] for c in http.get("/v1/models").json()["data"]] == ["a", "b"]
+                response = http.post("/v1/embeddings", json={"model": "b", "input": "x"})
+                assert response.status_code == 200 and response.json()["model"] == "b"
+                answered += 1
+        assert answered == 20, server.log()
+        assert "cannot read it" not in server.log()
+    finally:
+        assert server.stop() == 0, server.log()

@@ -1,18 +1,14 @@
 """Command line: `embedding-service serve|prepare [--flag value ...]`, one flag per EmbeddingConfig field,
 and `embedding-service embed` (bulk/command.py).
 
-The CLI parses and serves; what runs (model folder, engine, options) is decided in service.py.
+The CLI parses and hands the settings to the composition root (assembly.py: serve, prepare), which decides
+what runs once (service.py's plan) and builds it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import errno
-import json
 import logging
-import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,11 +16,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from .config import EmbeddingConfig
-from .logging_config import configure_logging
-from .models_file import ModelsFileError
 
 if TYPE_CHECKING:
-    from .service import ServicePlan
+    pass
 
 __all__ = ["build_parser", "load_settings", "main"]
 
@@ -103,160 +97,6 @@ def load_settings(overrides: dict[str, Any], config_cls: type[EmbeddingConfig] =
         raise SystemExit(2) from None
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"embedding-service: {message}", file=sys.stderr)
-    return code
-
-
-def _export_settings(settings: EmbeddingConfig, plan: ServicePlan) -> None:
-    """Worker processes rebuild the same settings from the environment, with the plan's decisions in it."""
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            os.environ.pop(f"EMBEDDING_{name.upper()}", None)
-            continue
-        text = json.dumps(value) if isinstance(value, list) else str(value)
-        os.environ[f"EMBEDDING_{name.upper()}"] = text
-    if settings.models_file is not None:
-        return  # each worker reads the file again (the entries name their folders themselves)
-    for model, variable in ((plan.embed if settings.serves_embeddings else None, "EMBEDDING_MODEL_PATH"),
-                            (plan.rerank, "EMBEDDING_RERANK_MODEL_PATH")):
-        if model is not None and model.model_dir:
-            os.environ[variable] = model.model_dir
-    os.environ["EMBEDDING_DEMO"] = "false"
-    os.environ["EMBEDDING_SERVED_MODEL_NAME"] = settings.public_model_name
-    if settings.public_rerank_model_name:
-        os.environ["EMBEDDING_SERVED_RERANK_MODEL_NAME"] = settings.public_rerank_model_name
-    kinds = {model.engine for model in plan.models.values()}
-    if len(kinds) == 1:  # `auto` decided once, in the parent (the choice is the same from the same files)
-        os.environ["EMBEDDING_ENGINE"] = kinds.pop()
-
-
-def _worker_main(sock: socket.socket) -> None:
-    """A `workers > 1` worker process: the settings the parent exported, one draining server on `sock`."""
-    os.setpgid(0, 0)  # the parent forwards signals: a terminal's Ctrl-C must not reach workers twice
-    from .backends.base import BackendLoadError
-    from .service import plan_service
-
-    settings = EmbeddingConfig()
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        plan = plan_service(settings)  # the exported folders and engine: nothing is decided again
-    except (BackendLoadError, ModelsFileError) as exc:
-        sys.exit(_fail(str(exc)))
-    sys.exit(_serve_one(settings, plan, sock))
-
-
-def serve(settings: EmbeddingConfig) -> int:
-    from .backends.base import BackendLoadError
-    from .service import onednn_cache_for, openmp_waits_for, plan_service
-
-    configure_logging(settings.log_level, settings.log_format)
-    if _port_in_use(settings.host, settings.port):
-        return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
-                     "choose another with --port or EMBEDDING_PORT")
-    try:
-        plan = plan_service(settings)
-    except ModelsFileError as exc:
-        return _fail(str(exc), 2)
-    except BackendLoadError as exc:
-        return _fail(str(exc))
-    engines = [model.engine for model in plan.models.values()]
-    chosen = {**openmp_waits_for(engines), **onednn_cache_for(engines)}
-    os.environ.update(chosen)  # before torch is imported (it loads OpenMP) and before the first kernel
-    if chosen:
-        log.info("CPU runtime settings: %s", " ".join(f"{k}={v}" for k, v in chosen.items()))
-    if settings.workers > 1:
-        from .server import listening_socket
-        from .supervisor import run_workers
-
-        _export_settings(settings, plan)
-        log.info("starting %d worker processes, each loading its own copy of the model", settings.workers)
-        return run_workers(settings.workers, lambda: listening_socket(settings), _worker_main,
-                           settings.shutdown_timeout)
-    return _serve_one(settings, plan)
-
-
-def prepare(settings: EmbeddingConfig) -> int:
-    """`prepare`: plan, build and load every model as a start would (downloads, exports and compile caches
-    land where `serve` looks for them), then close them and exit 0; non-zero with the reason otherwise."""
-    from .backends.base import BackendLoadError
-    from .service import build_engines, plan_service
-
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        plan = plan_service(settings)
-        engines = build_engines(plan)
-    except (BackendLoadError, ImportError, ModelsFileError) as exc:
-        return _fail(str(exc))
-
-    async def load_and_close() -> None:
-        for engine in engines.values():
-            try:
-                await engine.start()
-            finally:
-                await engine.stop()
-
-    try:
-        asyncio.run(load_and_close())
-    except Exception as exc:  # a load failure of any kind: one line, as serve reports it
-        return _fail(f"model load failed: {exc}")
-    for name, model in plan.models.items():
-        engine = engines[name]
-        print(f"embedding-service: {model.role} model ready: {model.model_dir or name} on the {model.engine} engine "
-              f"as '{name}' (loaded in {engine.load_seconds or 0:.1f} s)")
-    return 0
-
-
-def _serve_one(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None) -> int:
-    """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
-    from .api.app import create_app
-    from .api.served import Served
-    from .backends.base import BackendDeadError, BackendLoadError
-    from .server import DrainingServer, freeze_startup_heap, uvicorn_config
-    from .service import build_engines
-
-    failures: list[BaseException] = []
-    server: DrainingServer | None = None
-
-    def fatal(exc: BaseException) -> None:
-        failures.append(exc)
-        if server is not None:
-            server.should_exit = True
-
-    try:
-        engines = build_engines(plan)
-    except (BackendLoadError, ImportError) as exc:
-        return _fail(str(exc))
-    models = [Served(name, engines[name], model.role, model.aliases) for name, model in plan.models.items()]
-    try:
-        app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap)
-    except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
-        return _fail(str(exc))  # offline; a malformed line in the API key file)
-    server = DrainingServer(uvicorn_config(app, settings), list(engines.values()), settings.shutdown_timeout)
-    log.info("serving %s on http://%s:%d", ", ".join(f"{m.name} ({m.task})" for m in models), settings.host,
-             settings.port)
-    try:
-        server.run(None if sock is None else [sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly
-        return 130
-    if failures:
-        what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
-        return _fail(f"{what}: {failures[0]}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = EmbeddingConfig) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
@@ -272,4 +112,6 @@ def main(argv: Sequence[str] | None = None, config_cls: type[EmbeddingConfig] = 
         return 2
     overrides = {key: value for key, value in vars(args).items() if key != "command"}
     settings = load_settings(overrides, config_cls)
+    from .assembly import prepare, serve
+
     return prepare(settings) if args.command == "prepare" else serve(settings)
