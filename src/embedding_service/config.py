@@ -114,6 +114,10 @@ class EmbeddingConfig(BaseSettings):
     truncate: bool = Field(
         False, description="truncate over-long inputs (keeping their start) instead of answering 400"
     )
+    input_type_strict: bool = Field(
+        False, description="answer 400 for an input_type (search_query, classification, clustering) the model "
+        "has no prompt for, instead of embedding the text as it is"
+    )
     matryoshka_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"],
         description="models that accept `dimensions` (comma-separated); Qwen3 configs are detected too",

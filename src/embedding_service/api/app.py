@@ -20,6 +20,7 @@ from ..engine.core import EngineCore
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
+from .cohere_routes import build_cohere_router
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
 from .lifecycle import RequestLifecycle
@@ -148,6 +149,8 @@ def create_app(
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
     mount_batch_api(app, settings)  # /v1/files, /v1/batches (docs/batch.md); off without data_dir
+    app.include_router(build_cohere_router(served, lambda request: read_json_body(request, settings.max_body_bytes),
+                                           input_type_strict=settings.input_type_strict))
     metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
         app, served.embed.engine if served.embed else None,
         closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
