@@ -1,4 +1,6 @@
-"""Cohere's embed v2 wire format (POST /v2/embed), as `cohere.ClientV2().embed(...)` sends and parses it.
+"""Cohere's embed wire format: v2 (POST /v2/embed, `cohere.ClientV2().embed`) and v1 (POST /v1/embed,
+`cohere.Client().embed`, which LangChain's CohereEmbeddings calls): the same request, and the same answer
+except that v1 without `embedding_types` answers `embeddings_floats`, a plain list of vectors.
 
 Parsing is by hand, for errors that name the field; unknown fields (`priority`, ...) are accepted and ignored.
 Errors are Cohere's shape, `{"id", "message"}`: the SDK raises them as `BadRequestError` & co. with the
@@ -13,15 +15,23 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from starlette.responses import Response
 
 from ..engine.input_types import INPUT_TYPES
 from ..errors import ErrorKind, ServiceError
 from ..vector_types import EMBEDDING_TYPES, EmbeddingType, encode_vectors
 
-__all__ = ["CohereEmbedBody", "CohereEmbedCall", "CohereEmbedResponse", "CohereError", "cohere_error_response",
-           "encode_cohere_embed", "parse_cohere_embed"]
+__all__ = [
+    "CohereEmbedBody",
+    "CohereEmbedCall",
+    "CohereEmbedResponse",
+    "CohereEmbedV1Response",
+    "CohereError",
+    "cohere_error_response",
+    "encode_cohere_embed",
+    "parse_cohere_embed",
+]
 
 TRUNCATE_VALUES = ("NONE", "START", "END")
 
@@ -77,6 +87,18 @@ class CohereEmbedResponse(BaseModel):
     meta: EmbedMeta
 
 
+class CohereFloatsResponse(BaseModel):
+    id: str
+    response_type: Literal["embeddings_floats"]
+    embeddings: list[list[float]]
+    texts: list[str]
+    meta: EmbedMeta
+
+
+class CohereEmbedV1Response(RootModel[CohereEmbedResponse | CohereFloatsResponse]):
+    """v1: by type when embedding_types is sent, else plain floats."""
+
+
 @dataclass
 class CohereEmbedCall:
     texts: list[str]
@@ -86,6 +108,7 @@ class CohereEmbedCall:
     output_dimension: int | None
     max_tokens: int | None
     truncate: str  # NONE, START or END
+    types_given: bool = True  # embedding_types was sent (v1 answers plain floats without it)
 
 
 def _invalid(message: str, param: str | None) -> ServiceError:
@@ -162,17 +185,23 @@ def parse_cohere_embed(data: Any) -> CohereEmbedCall:
         texts=texts, model=_optional(data, "model", str), input_type=input_type,
         embedding_types=_embedding_types(data.get("embedding_types")),
         output_dimension=_optional(data, "output_dimension", int), max_tokens=_optional(data, "max_tokens", int),
-        truncate=truncate)
+        truncate=truncate, types_given=data.get("embedding_types") is not None)
 
 
-def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int) -> bytes:
-    embeddings = {kind: encode_vectors(vectors, kind) for kind in call.embedding_types}
+def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int, *, version: int = 2) -> bytes:
+    """v2 answers by type; v1 too when embedding_types was sent, else a plain list of floats (as Cohere does)."""
+    embeddings: Any
+    if version == 1 and not call.types_given:
+        response_type, embeddings = "embeddings_floats", encode_vectors(vectors, "float")
+    else:
+        response_type = "embeddings_by_type"
+        embeddings = {kind: encode_vectors(vectors, kind) for kind in call.embedding_types}
     return orjson.dumps({
         "id": str(uuid.uuid4()),
-        "response_type": "embeddings_by_type",
+        "response_type": response_type,
         "embeddings": embeddings,
         "texts": call.texts,
-        "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}},
+        "meta": {"api_version": {"version": str(version)}, "billed_units": {"input_tokens": tokens}},
     }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

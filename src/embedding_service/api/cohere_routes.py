@@ -1,4 +1,4 @@
-"""POST /v2/embed, Cohere's embed v2: parse, pick the served embedding model, embed, encode each type asked."""
+"""POST /v2/embed and /v1/embed, Cohere's embed: parse, pick the embedding model, embed, encode each type asked."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .cohere_protocol import (
     CohereEmbedBody,
     CohereEmbedCall,
     CohereEmbedResponse,
+    CohereEmbedV1Response,
     CohereError,
     cohere_error_response,
     encode_cohere_embed,
@@ -73,11 +74,20 @@ def _engine_request(call: CohereEmbedCall, instruction: str | None, prompt_name:
                         truncate=call.truncate != "NONE", truncate_start=call.truncate == "START")
 
 
+async def _cohere_errors_of(answer: Awaitable[Response]) -> Response:
+    try:
+        return await answer
+    except ServiceError as exc:  # Cohere's error shape, which its SDK hands to the caller
+        if exc.status >= 500:
+            log.warning("request failed: %s", exc.message)
+        return cohere_error_response(exc)
+
+
 def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_type_strict: bool) -> APIRouter:
-    """POST /v2/embed. `read_body` applies the content-type and size checks the embeddings routes apply."""
+    """POST /v2/embed and /v1/embed. `read_body` applies the embeddings routes' content-type and size checks."""
     router = APIRouter()
 
-    async def answer(request: Request) -> Response:
+    async def answer(request: Request, version: int) -> Response:
         primary = models.embed or models.rerank
         assert primary is not None
         primary.engine.check_ready()  # refuse cheaply, before reading the body
@@ -93,21 +103,23 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                 admission.check()
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
             result = await engine.embed_accepted(embed_request, info)
-        return Response(encode_cohere_embed(call, result.vectors, result.prompt_tokens),
+        return Response(encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version),
                         media_type="application/json",
                         headers={"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
                                  "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"})
 
     async def embed(request: Request) -> Response:
-        try:
-            return await answer(request)
-        except ServiceError as exc:  # Cohere's error shape, which its SDK hands to the caller
-            if exc.status >= 500:
-                log.warning("request failed: %s", exc.message)
-            return cohere_error_response(exc)
+        return await _cohere_errors_of(answer(request, 2))
 
-    router.add_api_route("/v2/embed", embed, methods=["POST"], **operation_doc(
-        "Create embeddings (Cohere embed v2, as its SDK calls it): float, int8, uint8, binary, ubinary, base64",
-        response=CohereEmbedResponse, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=_TIMING,
-        responses=_cohere_errors(), tags=["embeddings"]))
+    async def embed_v1(request: Request) -> Response:
+        return await _cohere_errors_of(answer(request, 1))
+
+    for path, endpoint, response, summary in (
+            ("/v2/embed", embed, CohereEmbedResponse, "Create embeddings (Cohere embed v2, as its SDK calls it): "
+                                                      "float, int8, uint8, binary, ubinary, base64"),
+            ("/v1/embed", embed_v1, CohereEmbedV1Response, "Create embeddings (Cohere embed v1: cohere.Client, "
+             "LangChain's CohereEmbeddings); plain floats unless embedding_types is sent")):
+        router.add_api_route(path, endpoint, methods=["POST"], **operation_doc(
+            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=_TIMING,
+            responses=_cohere_errors(), tags=["embeddings"]))
     return router

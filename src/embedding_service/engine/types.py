@@ -30,6 +30,7 @@ class EmbedRequest:
     token_ids: list[list[int]] | None = None
     instruction: str | None = None
     prompt_name: str | None = None
+    input_type: str | None = None  # Cohere's; the API layer turns it into instruction/prompt_name
     dimensions: int | None = None
     truncate: bool | None = None
     truncate_start: bool = False  # truncation cuts the start and keeps the end (Cohere's truncate START)
