@@ -21,6 +21,7 @@ from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
 from .cohere_routes import build_cohere_router
+from .cors import install_cors
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
 from .lifecycle import RequestLifecycle
@@ -162,4 +163,5 @@ def create_app(
     install_openapi(app)
     if settings.api_docs:
         install_docs(app, title=app.title)
+    install_cors(app, settings.cors_allow_origins)  # last: outermost, a preflight never meets the key check
     return app
