@@ -55,6 +55,13 @@ class EmbeddingEngine(EngineCore):
         vectors = truncate_dimensions(vectors, request.dimensions)
         return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
 
+    async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int]:
+        """The ids embed() would feed the model for `request` (prompt, special tokens, limits, truncation) and
+        the input limit, without embedding them: /tokenize, so a client counts what it will be billed."""
+        with self.accepted() as info:
+            seqs, _ = await self._prepare_request(request, info, time.monotonic() + self.options.request_timeout_s)
+            return seqs, self._limit(request, info)[0]
+
     async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float
                                ) -> tuple[list[list[int]], int]:
         """Prompt, tokenise, check the limits and admit (rate limits): the ids and their token count."""
