@@ -47,6 +47,7 @@ async def test_limits_and_errors_are_the_embeddings_ones(served: FakeApp) -> Non
     assert cut["count"] == 64
     for body, param in (({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "x", "messages": []}, "messages"),
                         ({"prompt": "x", "input_type": "image"}, "input_type"),
+                        ({"prompt": "x", "instruction": " "}, "instruction"), ({"prompt": "x", "model": 5}, "model"),
                         ({"prompt": "x", "add_special_tokens": "no"}, "add_special_tokens"),
                         ({"prompt": "x", "return_token_strs": True}, "return_token_strs"),  # the fake: no vocabulary
                         ({"tokens": "1 2"}, "tokens")):

@@ -37,8 +37,9 @@ class TokenizeBody(BaseModel):
 
     prompt: str = Field(..., min_length=1, description="the text, as it would be sent to /v1/embeddings")
     model: str | None = Field(None, description="selects the served embedding model by name")
-    add_special_tokens: bool = Field(True, description="include the special tokens the tokenizer adds")
-    return_token_strs: bool = Field(False, description="also return each token as the vocabulary spells it")
+    add_special_tokens: bool | None = Field(True, description="include the special tokens the tokenizer adds "
+                                            "(null: the default, true)")
+    return_token_strs: bool | None = Field(False, description="also return each token as the vocabulary spells it")
     input_type: Literal["search_document", "search_query", "classification", "clustering"] | None = Field(
         None, description="as on /v1/embeddings: the model's prompt for that use")
     instruction: str | None = Field(None, description="as on /v1/embeddings: a Qwen3 query instruction")
@@ -103,8 +104,7 @@ def build_tokenize_router(models: ServedModels, read_body: BodyReader, *, input_
     router = APIRouter()
 
     def _engine(data: dict[str, Any]) -> EmbeddingEngine:
-        named = data.get("model")
-        return models.for_embed(named if isinstance(named, str) else None).engine
+        return models.for_embed(_field(data, "model", str)).engine
 
     def _check_ready_first() -> None:  # refuse cheaply, before reading the body
         primary = models.embed or models.rerank
@@ -121,8 +121,11 @@ def build_tokenize_router(models: ServedModels, read_body: BodyReader, *, input_
             raise _invalid("'prompt' is required: a non-empty string", "prompt")
         engine = _engine(data)
         info = engine.check_ready()
+        given = _field(data, "instruction", str)
+        if given is not None and not given.strip():
+            raise _invalid("'instruction' is empty", "instruction")
         instruction, prompt_name = resolve_input_type(
-            _field(data, "input_type", str), instruction=_field(data, "instruction", str),
+            _field(data, "input_type", str), instruction=given,
             prompt_name=_field(data, "prompt_name", str), prompts=info.prompts, strict=input_type_strict)
         seqs, limit = await engine.token_ids(EmbedRequest(texts=[prompt], instruction=instruction,
                                                           prompt_name=prompt_name,
