@@ -88,9 +88,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
     router = APIRouter()
 
     async def answer(request: Request, version: int) -> Response:
-        primary = models.embed or models.rerank
-        assert primary is not None
-        primary.engine.check_ready()  # refuse cheaply, before reading the body
+        models.primary.engine.check_ready()  # refuse cheaply, before reading the body
         call = parse_cohere_embed(parse_json_body(await read_body(request)))
         _, engine = models.for_embed(call.model)
         with engine.accepted() as info:

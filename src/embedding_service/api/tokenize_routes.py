@@ -107,9 +107,7 @@ def build_tokenize_router(models: ServedModels, read_body: BodyReader, *, input_
         return models.for_embed(_field(data, "model", str)).engine
 
     def _check_ready_first() -> None:  # refuse cheaply, before reading the body
-        primary = models.embed or models.rerank
-        assert primary is not None
-        primary.engine.check_ready()
+        models.primary.engine.check_ready()
 
     async def tokenize(request: Request) -> Response:
         _check_ready_first()
