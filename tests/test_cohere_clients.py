@@ -1,7 +1,8 @@
-"""Real Cohere clients nobody here wrote, against real server processes (torch engine, fp32): cohere.ClientV2
-(POST /v2/embed) with every embedding type, and LangChain's CohereEmbeddings (cohere.Client, POST /v1/embed).
-Floats equal sentence-transformers' own encode; quantized types equal its quantize_embeddings of the served
-floats (ranges [-1, 1]); input_type on the tiny Qwen3 equals sentence-transformers with the card's prompts."""
+"""Real Cohere clients nobody here wrote, against a real server serving two models from a models file (torch,
+fp32): cohere.ClientV2 (POST /v2/embed) with every embedding type, and LangChain's CohereEmbeddings
+(cohere.Client, POST /v1/embed). Floats equal sentence-transformers' own encode; quantized types equal its
+quantize_embeddings of the served floats (ranges [-1, 1]); input_type on the tiny Qwen3 equals
+sentence-transformers with the card's prompts."""
 
 from __future__ import annotations
 
@@ -31,29 +32,26 @@ ALL_TYPES = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_qwen_dir: Path, minilm_dir: Path) -> Iterator[dict[str, ServerProcess]]:
-    started = {
-        MINILM: ServerProcess(["--engine", "torch", "--dtype", "float32", "--demo", "--served-model-name", MINILM]),
-        QWEN: ServerProcess(["--engine", "torch", "--dtype", "float32", "--model-path", str(tiny_qwen_dir),
-                             "--served-model-name", QWEN]),
-    }
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_dir: Path, minilm_dir: Path) -> Iterator[ServerProcess]:
+    """One server, both models (a models file): `model` picks the one each Cohere call gets."""
+    models = tmp_path_factory.mktemp("cohere-models") / "models.yaml"
+    models.write_text(f"models:\n  - name: {MINILM}\n    demo: true\n  - name: {QWEN}\n"
+                      f"    model_path: {tiny_qwen_dir}\n")
+    process = ServerProcess(["--engine", "torch", "--dtype", "float32", "--models-file", str(models)])
     try:
-        for server in started.values():
-            server.wait_healthy(240)
-        yield started
+        process.wait_healthy(240)
+        yield process
     finally:
-        for server in started.values():
-            assert server.stop() == 0, server.log()
+        assert process.stop() == 0, process.log()
 
 
 def _raw(server: ServerProcess, texts: list[str], **extra: object) -> np.ndarray:
-    response = httpx.post(server.url + "/v1/embeddings", json={"input": texts, **extra}, timeout=60)
+    response = httpx.post(server.url + "/v1/embeddings", json={"input": texts, "model": MINILM, **extra}, timeout=60)
     assert response.status_code == 200, response.text
     return np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
 
 
-def test_client_v2_every_type_on_minilm(servers: dict[str, ServerProcess], minilm_dir: Path) -> None:
-    server = servers[MINILM]
+def test_client_v2_every_type_on_minilm(server: ServerProcess, minilm_dir: Path) -> None:
     client = cohere.ClientV2(api_key="unused", base_url=server.url)
     response = client.embed(model=MINILM, texts=TEXTS, input_type="search_document", embedding_types=ALL_TYPES)
     got = response.embeddings
@@ -69,39 +67,42 @@ def test_client_v2_every_type_on_minilm(servers: dict[str, ServerProcess], minil
         expected = quantization.quantize_embeddings(raw, precision=kind,
                                                     ranges=unit_ranges(384) if kind.endswith("int8") else None)
         assert np.array(getattr(got, kind)).tolist() == expected.tolist(), kind
-        typed = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS, "encoding_format": kind}).json()
+        typed = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS, "model": MINILM,
+                                                                "encoding_format": kind}).json()
         assert [row["embedding"] for row in typed["data"]] == expected.tolist(), kind
-    usage = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS}).json()["usage"]
+    usage = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS, "model": MINILM}).json()["usage"]
     assert response.meta.billed_units.input_tokens == usage["prompt_tokens"]
 
 
-def test_client_v2_errors_are_raised_with_the_message(servers: dict[str, ServerProcess]) -> None:
-    client = cohere.ClientV2(api_key="unused", base_url=servers[MINILM].url)
+def test_client_v2_errors_are_raised_with_the_message(server: ServerProcess) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
     with pytest.raises(cohere.errors.BadRequestError) as caught:
         client.embed(model=MINILM, texts=["word " * 400], input_type="search_document")  # over 256 tokens
     assert "more than this model's limit of 256" in caught.value.body["message"]
     cut = client.embed(model=MINILM, texts=["word " * 400], input_type="search_document", truncate="END")
     assert cut.meta.billed_units.input_tokens == 256
+    with pytest.raises(cohere.errors.NotFoundError) as unknown:  # two embedding models: a name must pick one
+        client.embed(model="embed-english-v3.0", texts=["a"], input_type="search_document")
+    assert "is not served here" in unknown.value.body["message"]
 
 
-def test_langchain_cohere_embeddings(servers: dict[str, ServerProcess]) -> None:
+def test_langchain_cohere_embeddings(server: ServerProcess) -> None:
     pytest.importorskip("langchain_cohere")
     from langchain_cohere import CohereEmbeddings
 
-    server = servers[MINILM]
     embeddings = CohereEmbeddings(model=MINILM, base_url=server.url, cohere_api_key="unused")
     raw = _raw(server, TEXTS)
     assert np.array(embeddings.embed_documents(TEXTS), dtype=np.float32).tobytes() == raw.tobytes()
     alone = _raw(server, TEXTS[3:])  # (a batch of one: padding changes the last bits of a vector)
     assert np.array(embeddings.embed_query(TEXTS[3]), dtype=np.float32).tobytes() == alone[0].tobytes()
     int8 = CohereEmbeddings(model=MINILM, base_url=server.url, cohere_api_key="unused", embedding_types=["int8"])
-    expected = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS, "encoding_format": "int8"}).json()
+    expected = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS, "model": MINILM,
+                                                               "encoding_format": "int8"}).json()
     assert int8.embed_documents(TEXTS) == [[float(v) for v in row["embedding"]] for row in expected["data"]]
 
 
-def test_input_type_on_qwen3_equals_sentence_transformers(servers: dict[str, ServerProcess],
-                                                          tiny_qwen_dir: Path) -> None:
-    client = cohere.ClientV2(api_key="unused", base_url=servers[QWEN].url)
+def test_input_type_on_qwen3_equals_sentence_transformers(server: ServerProcess, tiny_qwen_dir: Path) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
     model = st.SentenceTransformer(str(tiny_qwen_dir), device="cpu")
     cases = {"search_query": model.encode(TEXTS, prompt_name="query"),
              "search_document": model.encode(TEXTS),
