@@ -104,7 +104,7 @@ def build_tokenize_router(models: ServedModels, read_body: BodyReader, *, input_
     router = APIRouter()
 
     def _engine(data: dict[str, Any]) -> EmbeddingEngine:
-        return models.for_embed(_field(data, "model", str)).engine
+        return models.for_embed(_field(data, "model", str))[1]
 
     def _check_ready_first() -> None:  # refuse cheaply, before reading the body
         models.primary.engine.check_ready()
