@@ -149,16 +149,16 @@ CASES = [
     ),
     # --- options -----------------------------------------------------------------------------------------
     Case(
-        "encoding_format int8",
-        json={"input": "a", "encoding_format": "int8"},
+        "encoding_format float16",
+        json={"input": "a", "encoding_format": "float16"},
         param="encoding_format",
-        words=("'float' or 'base64'", "int8"),
+        words=("one of float, int8", "float16"),
     ),
     Case(
         "encoding_format empty",
         json={"input": "a", "encoding_format": ""},
         param="encoding_format",
-        words=("'float' or 'base64'",),
+        words=("one of float, int8, uint8, binary, ubinary, base64",),
     ),
     Case(
         "encoding_format number",
@@ -315,7 +315,7 @@ WIRE_CASES = [
         "body over the size limit",
         "empty list",
         "token id past the vocabulary",
-        "encoding_format int8",
+        "encoding_format float16",
         "dimensions above range",
         "GET on embeddings",
         "unknown route",

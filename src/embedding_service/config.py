@@ -6,6 +6,7 @@ the `.env` file, then the class defaults (which `config/embedding_config.py` let
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -114,6 +115,10 @@ class EmbeddingConfig(BaseSettings):
     truncate: bool = Field(
         False, description="truncate over-long inputs (keeping their start) instead of answering 400"
     )
+    input_type_strict: bool = Field(
+        False, description="answer 400 for an input_type (search_query, classification, clustering) the model "
+        "has no prompt for, instead of embedding the text as it is"
+    )
     matryoshka_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"],
         description="models that accept `dimensions` (comma-separated); Qwen3 configs are detected too",
@@ -181,6 +186,11 @@ class EmbeddingConfig(BaseSettings):
         30, ge=0, le=1_000_000,
         description="failed API-key attempts per minute per address before it gets 429 (key or not); 0 = off",
     )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins whose browser pages may call the API (JSON list or comma-separated, e.g. "
+                    "https://app.example.com; * = any); none = no CORS headers (browsers block other origins)",
+    )
     rate_limit_rpm: int = Field(
         0, ge=0, le=100_000_000, description="requests per minute per API key (per address without keys); 0 = off"
     )
@@ -231,7 +241,7 @@ class EmbeddingConfig(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @field_validator("matryoshka_models", "auth_exempt_paths", "fake_fail_batches",
-                     "forwarded_allow_ips", mode="before")
+                     "forwarded_allow_ips", "cors_allow_origins", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split_json_or_csv(value)
@@ -253,6 +263,15 @@ class EmbeddingConfig(BaseSettings):
         if any(key.strip() and not usable_api_key(key.strip()) for key in value):
             raise ValueError(UNUSABLE_KEY)
         return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = [origin.strip().rstrip("/") for origin in value if origin.strip()]
+        for origin in origins:  # an origin is scheme://host[:port], no path: a typo here fails the start
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return origins
 
     @field_validator("api_key_file")
     @classmethod

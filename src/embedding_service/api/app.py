@@ -20,6 +20,8 @@ from ..engine.core import EngineCore
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
+from .cohere_routes import build_cohere_router
+from .cors import install_cors
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
 from .lifecycle import RequestLifecycle
@@ -31,6 +33,7 @@ from .routes import RouteOptions, ServiceContext, build_router, read_json_body
 from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
 from .served import EMBED, RERANK, Served, ServedModels
 from .tiktoken_ids import TiktokenDecoder
+from .tokenize_routes import build_tokenize_router
 
 __all__ = ["create_app"]
 
@@ -148,6 +151,13 @@ def create_app(
     app.include_router(build_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
     mount_batch_api(app, settings)  # /v1/files, /v1/batches (docs/batch.md); off without data_dir
+
+    async def read_body(request: Request) -> bytes:  # the embeddings routes' content-type and size checks
+        return await read_json_body(request, settings.max_body_bytes)
+
+    strict = settings.input_type_strict
+    app.include_router(build_cohere_router(served, read_body, input_type_strict=strict))
+    app.include_router(build_tokenize_router(served, read_body, input_type_strict=strict))
     metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
         app, served.embed.engine if served.embed else None,
         closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
@@ -159,4 +169,5 @@ def create_app(
     install_openapi(app)
     if settings.api_docs:
         install_docs(app, title=app.title)
+    install_cors(app, settings.cors_allow_origins)  # last: outermost, a preflight never meets the key check
     return app

@@ -209,8 +209,9 @@ def install_openapi(app: FastAPI) -> None:
 
 def _description(summary: str, keys_exempt: Sequence[str] | None) -> str:
     text = (f"{summary}.\n\nEvery 4xx and 5xx answer has the OpenAI error envelope "
-            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` (schema `ErrorResponse`); each "
-            "operation lists the statuses it can answer, with an example of each cause.")
+            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` (schema `ErrorResponse`), except "
+            "the Cohere routes' own errors, in Cohere's `{\"id\", \"message\"}`; each operation lists the "
+            "statuses it can answer, with an example of each cause.")
     if keys_exempt is not None:
         open_paths = ", ".join(f"`{path}`" for path in keys_exempt)
         text += ("\n\nThis server requires an API key: `Authorization: Bearer KEY` (press **Authorize**). "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import sys
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -20,13 +18,12 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from ..engine.input_types import INPUT_TYPES
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from ..vector_types import EMBEDDING_TYPES, encode_vectors
 
 __all__ = ["EMBEDDING_EXAMPLES", "EmbeddingRequest", "encode_embeddings", "parse_embedding_request", "parse_json_body"]
-
-_LITTLE_ENDIAN = sys.byteorder == "little"
-
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -53,8 +50,10 @@ class EmbeddingRequest(BaseModel):
         ..., description="text, list of texts, token ids, or list of token-id lists"
     )
     model: StrictStr | None = Field(None, description="accepted, not used to select anything (one model is served)")
-    encoding_format: Annotated[StrictStr | None, _documents(Literal["float", "base64"] | None)] = Field(
-        "float", description="float: a JSON array; base64: little-endian float32 bytes (the OpenAI SDK's default)"
+    encoding_format: Annotated[StrictStr | None, _documents(
+        Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] | None)] = Field(
+        "float", description="float: a JSON array; base64: little-endian float32 bytes (the OpenAI SDK's default); "
+        "int8, uint8, binary, ubinary: integer arrays, as Cohere's embedding_types (docs/clients.md)"
     )
     dimensions: Annotated[StrictInt | None, _documents(Annotated[int, Field(ge=1)] | None)] = Field(
         None, description="Matryoshka models only: output size"
@@ -63,6 +62,9 @@ class EmbeddingRequest(BaseModel):
         None, description="Qwen3 task instruction for queries (text input only)"
     )
     prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
+    input_type: Annotated[StrictStr | None, _documents(
+        Literal["search_document", "search_query", "classification", "clustering"] | None)] = Field(
+        None, description="Cohere's input_type: the model's prompt or instruction for that use (docs/clients.md)")
     truncate: StrictBool | None = Field(None, description="truncate over-long inputs instead of failing")
     user: StrictStr | None = None
 
@@ -171,7 +173,7 @@ def _check_text(texts: list[str]) -> None:
 
 def _check_token_id_options(options: EmbeddingRequest) -> None:
     # A prompt is text; prepending its tokens to ids would not match how the text tokenizes. Say so.
-    for name in ("instruction", "prompt_name"):
+    for name in ("instruction", "prompt_name", "input_type"):
         if getattr(options, name) is not None:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"'{name}' applies to text input only; send the text instead of token ids",
@@ -197,10 +199,13 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}, got {got}",
                            param=field) from None
     fmt = "float" if options.encoding_format is None else options.encoding_format  # null means the default
-    if fmt not in ("float", "base64"):
+    if fmt not in EMBEDDING_TYPES:
         raise ServiceError(ErrorKind.INVALID_REQUEST,
-                           f"encoding_format must be 'float' or 'base64', got '{fmt}'",
+                           f"encoding_format must be one of {', '.join(EMBEDDING_TYPES)}, got '{fmt[:40]}'",
                            param="encoding_format")
+    if options.input_type is not None and options.input_type not in INPUT_TYPES:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"input_type must be one of {', '.join(INPUT_TYPES)}, "
+                           f"got '{options.input_type[:40]}'", param="input_type")
     if options.instruction is not None and not options.instruction.strip():
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' is empty", param="instruction")
     texts, token_ids = _parse_input(data["input"])
@@ -213,6 +218,7 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
         token_ids=token_ids,
         instruction=options.instruction,
         prompt_name=options.prompt_name,
+        input_type=options.input_type,
         dimensions=options.dimensions,
         truncate=options.truncate,
         token_ids_flat=token_ids is not None and _is_int(data["input"][0]),
@@ -224,18 +230,9 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
     return request, fmt
 
 
-def _base64_rows(vectors: np.ndarray) -> list[str]:
-    little = vectors if _LITTLE_ENDIAN else vectors.astype("<f4")
-    little = np.ascontiguousarray(little, dtype=np.float32)
-    return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
-
-
 def encode_embeddings(vectors: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:
     """The response body, serialised straight from numpy (no Python float lists)."""
-    if encoding_format == "base64":
-        rows: Any = _base64_rows(vectors)
-    else:
-        rows = np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = encode_vectors(vectors, encoding_format)  # type: ignore[arg-type]  # (checked by the parser)
     data = [{"object": "embedding", "index": i, "embedding": rows[i]} for i in range(len(vectors))]
     body = {
         "object": "list",

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..config import EmbeddingConfig
+from ..engine.input_types import resolve_input_type
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
@@ -43,12 +44,14 @@ class RouteOptions:
     max_body_bytes: int
     requested_device: str
     api_docs: bool  # /docs and /redoc are served
+    input_type_strict: bool = False  # 400 for an input_type the model has no prompt for
 
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> RouteOptions:
         return cls(model_name=settings.public_model_name, gpu_memory_utilization=settings.gpu_memory_utilization,
                    max_model_len=settings.max_model_len, max_body_bytes=settings.max_body_bytes,
-                   requested_device=settings.device, api_docs=settings.api_docs)
+                   requested_device=settings.device, api_docs=settings.api_docs,
+                   input_type_strict=settings.input_type_strict)
 
 
 class ServiceContext:
@@ -222,6 +225,10 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 admission.check()  # a client in debt is refused before its texts are tokenised
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
             with engine.accepted() as info:
+                embed_request.instruction, embed_request.prompt_name = resolve_input_type(  # the chosen model's
+                    embed_request.input_type, instruction=embed_request.instruction,
+                    prompt_name=embed_request.prompt_name, prompts=info.prompts,
+                    strict=ctx.options.input_type_strict)
                 result = await engine.embed_accepted(embed_request, info)
         body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
         headers = {

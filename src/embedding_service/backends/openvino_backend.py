@@ -211,6 +211,11 @@ class OpenVinoBackend:
             raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
 
     # --- the contract ---------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> Any:
+        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
+        return self._tokenizer
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)

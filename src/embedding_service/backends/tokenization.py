@@ -125,6 +125,18 @@ class HfTokenizer:
         return {"tokenizer": self._direct.to_str(), "special_prefix": list(self.special_prefix),
                 "special_suffix": list(self.special_suffix), "vocab_size": self.vocab_size, "pad_id": self.pad_id}
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens included (/detokenize)."""
+        if self._direct is not None:
+            return str(self._direct.decode(list(ids), skip_special_tokens=False))
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it (/tokenize's token_strs)."""
+        if self._direct is not None:
+            return [str(self._direct.id_to_token(i)) for i in ids]
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
+
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if self._direct is not None:
             return rust_ids(self._direct, texts)
@@ -148,3 +160,9 @@ class SavedTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         return rust_ids(self._direct, texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._direct.decode(list(ids), skip_special_tokens=False))
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        return [str(self._direct.id_to_token(i)) for i in ids]

@@ -81,6 +81,11 @@ class TorchBackend:
                  self._pooling, hidden)
         return info
 
+    @property
+    def decoder(self) -> Any:
+        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
+        return self._tokenizer
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)

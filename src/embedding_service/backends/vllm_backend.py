@@ -154,6 +154,11 @@ class VllmBackend:
         )
 
     # --- serving -------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> Any:
+        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
+        return self._tokenizer
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tokenizer(texts)  # type: ignore[no-any-return]
 

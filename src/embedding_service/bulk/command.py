@@ -54,6 +54,9 @@ def add_embed_arguments(bulk: argparse.ArgumentParser, config_cls: Any) -> None:
     data.add_argument("--skip-empty", action="store_true", help="skip null, missing and empty texts "
                                                                "(default: stop, naming the row)")
     data.add_argument("--include-text", action="store_true", help="write each text beside its vector")
+    data.add_argument("--vector-type", choices=["float", "int8", "uint8", "binary", "ubinary"], default="float",
+                      help="the vectors written: float32, or as /v1/embeddings' encoding_format of that name "
+                           "(docs/clients.md) [default float]")
     data.add_argument("--chunk-rows", type=_positive, default=8192,
                       help="rows per chunk: the unit written, resumed and sorted into batches [default 8192]")
     data.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run")
@@ -130,7 +133,8 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
 
     job = Job(inputs=args.inputs, output=args.output, column=args.column, id_column=args.id_column,
               skip_empty=args.skip_empty, chunk_rows=args.chunk_rows, include_text=args.include_text,
-              overwrite=args.overwrite, progress=args.progress, log_every_s=args.log_every)
+              overwrite=args.overwrite, progress=args.progress, log_every_s=args.log_every,
+              vector_type=args.vector_type)
     options = EmbedOptions(args.instruction, args.prompt_name, args.dimensions)
     urls = _urls(args)
     settings = load_settings({k: v for k, v in vars(args).items() if k in ENGINE_FIELDS})

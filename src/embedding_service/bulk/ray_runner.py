@@ -164,8 +164,7 @@ def run_on_ray(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_o
 def _run_locked(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_options: RayOptions, fmt: str,
                 lock: WorkLock, started: float) -> Summary:
     plan, _ = job.plan()
-    fingerprint = {**plan.fingerprint(), **ray_fingerprint(settings, options), "output": fmt,
-                   "include_text": job.include_text}
+    fingerprint = {**plan.fingerprint(), **ray_fingerprint(settings, options), **job.output_fingerprint(fmt)}
     state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)

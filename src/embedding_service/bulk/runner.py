@@ -22,7 +22,15 @@ from .lock import WorkLock
 from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, work_dir
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, Plan, expand_inputs, scan
-from .writers import count_rows, finalize, output_format, part_table, read_fingerprint, write_part
+from .writers import (
+    BULK_VECTOR_TYPES,
+    count_rows,
+    finalize,
+    output_format,
+    part_table,
+    read_fingerprint,
+    write_part,
+)
 
 __all__ = ["Embedder", "Job", "JobState", "Summary", "locked_output", "run_job"]
 
@@ -51,10 +59,19 @@ class Job:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
     log_every_s: float = 30.0
+    vector_type: str = "float"  # the output's vectors: float, int8, uint8, binary or ubinary (vector_types.py)
+
+    def output_fingerprint(self, fmt: str) -> dict[str, Any]:
+        """What the output depends on beside the vectors (a float job's as before typed vectors, so that its
+        unfinished runs resume)."""
+        typed = {"vector_type": self.vector_type} if self.vector_type != "float" else {}
+        return {"output": fmt, "include_text": self.include_text, **typed}
 
     def check(self) -> str:
         """The output's format, after the checks that need no file read."""
         fmt = output_format(self.output)
+        if self.vector_type not in BULK_VECTOR_TYPES:
+            raise ValueError(f"--vector-type must be one of {', '.join(BULK_VECTOR_TYPES)}, got {self.vector_type!r}")
         if fmt == "npy" and self.skip_empty:
             raise ValueError("--skip-empty with a .npy output would lose which rows were skipped; write .parquet "
                              "or .jsonl (they keep ids)")
@@ -176,7 +193,7 @@ class JobState:
         return f"chunk {chunk.spec.index} (rows {chunk.spec.start}-{chunk.spec.stop - 1})"
 
     def finish(self) -> None:
-        finalize(self.folder, self.manifest, self.job.output, self.fmt, self.fingerprint)
+        finalize(self.folder, self.manifest, self.job.output, self.fmt, self.fingerprint, self.job.vector_type)
         self.lock.remove()  # still locked until the folder is gone: no run can join it in between
 
     def summary(self, seconds: float, new_rows: int) -> Summary:
@@ -202,8 +219,8 @@ async def run_job(job: Job, embedder: Embedder) -> Summary:
 
 async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, started: float) -> Summary:
     plan, _ = await asyncio.to_thread(job.plan)
-    fingerprint = {**plan.fingerprint(), **await asyncio.to_thread(embedder.fingerprint), "output": fmt,
-                   "include_text": job.include_text}
+    fingerprint = {**plan.fingerprint(), **await asyncio.to_thread(embedder.fingerprint),
+                   **job.output_fingerprint(fmt)}
     state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)

@@ -5,6 +5,9 @@ Final formats, by the output's suffix:
   layout vector databases load); one row group per chunk; the job's fingerprint in the schema metadata.
 - .npy: a float32 matrix, rows in input order (vectors only).
 - .jsonl: `{"id": ..., "text"?: ..., "embedding": [...]}` per line.
+With --vector-type int8, uint8, binary or ubinary the final file holds those instead of float32 (parquet: a
+fixed-size list of int8/uint8; npy: an int8/uint8 matrix; jsonl: integers), by vector_types.py's rules; the
+parts stay float32, and each vector's bytes depend on it alone, so a resumed job equals an uninterrupted one.
 The final file is written beside the output and renamed over it, so it is whole or absent. The job's
 fingerprint goes with it, so that a rerun of a finished job knows it is done: in the schema metadata of a
 parquet file, in an extended attribute of an npy or jsonl one (where the file system keeps them).
@@ -22,10 +25,12 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from ..vector_types import quantize
 from .faults import fault_point
 from .manifest import Manifest, atomic_write, fsync_dir, part_name
 
 __all__ = [
+    "BULK_VECTOR_TYPES",
     "METADATA_KEY",
     "OUTPUT_FORMATS",
     "count_rows",
@@ -37,6 +42,7 @@ __all__ = [
 ]
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".npy": "npy", ".jsonl": "jsonl"}
+BULK_VECTOR_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
 METADATA_KEY = b"embedding_service.bulk"
 XATTR_KEY = "user.embedding_service.bulk"  # the same fingerprint on npy and jsonl outputs
 
@@ -70,16 +76,17 @@ def write_part(folder: Path, number: int, table: pa.Table) -> int:
     return len(data)
 
 
-def finalize(folder: Path, manifest: Manifest, output: Path, fmt: str, fingerprint: dict[str, Any]) -> None:
-    """Join the parts into `output` (atomically). Memory: one part at a time."""
+def finalize(folder: Path, manifest: Manifest, output: Path, fmt: str, fingerprint: dict[str, Any],
+             vector_type: str = "float") -> None:
+    """Join the parts into `output` (atomically), as `vector_type` vectors. Memory: one part at a time."""
     tmp = folder / ("final" + output.suffix)  # inside the work folder: nothing lands beside the output
     parts = [folder / part_name(n) for n in range(len(manifest.parts))]
     if fmt == "parquet":
-        _join_parquet(parts, tmp, fingerprint)
+        _join_parquet(parts, tmp, fingerprint, vector_type)
     elif fmt == "npy":
-        _join_npy(parts, tmp, sum(p.rows_out for p in manifest.parts), manifest.dimension or 0)
+        _join_npy(parts, tmp, sum(p.rows_out for p in manifest.parts), manifest.dimension or 0, vector_type)
     else:
-        _join_jsonl(parts, tmp)
+        _join_jsonl(parts, tmp, vector_type)
     if fmt != "parquet" and hasattr(os, "setxattr"):
         with contextlib.suppress(OSError):  # a file system without user attributes: a rerun cannot tell
             os.setxattr(tmp, XATTR_KEY, orjson.dumps(fingerprint))
@@ -124,7 +131,31 @@ def _read_part(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def _join_parquet(parts: list[Path], tmp: Path, fingerprint: dict[str, Any]) -> None:
+def _typed(matrix: np.ndarray, vector_type: str) -> np.ndarray:
+    return matrix if vector_type == "float" else quantize(matrix, vector_type)  # type: ignore[arg-type]
+
+
+def _part_typed(table: pa.Table, vector_type: str) -> pa.Table:
+    """A part's table with its float32 `embedding` column as `vector_type` vectors."""
+    if vector_type == "float":
+        return table
+    column = table.column("embedding").combine_chunks()
+    matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    typed = _typed(matrix, vector_type)
+    values = pa.array(typed.reshape(-1), pa.from_numpy_dtype(typed.dtype))
+    embedding = pa.FixedSizeListArray.from_arrays(values, typed.shape[1])
+    return table.set_column(table.column_names.index("embedding"), "embedding", embedding)
+
+
+def _typed_dim(dim: int, vector_type: str) -> tuple[str, int]:
+    """The npy dtype and width of `dim`-dimension vectors of `vector_type`."""
+    if vector_type == "float":
+        return "<f4", dim
+    packed = vector_type in ("binary", "ubinary")
+    return ("|i1" if vector_type in ("int8", "binary") else "|u1"), ((dim + 7) // 8 if packed else dim)
+
+
+def _join_parquet(parts: list[Path], tmp: Path, fingerprint: dict[str, Any], vector_type: str) -> None:
     import pyarrow.parquet as pq
 
     writer: pq.ParquetWriter | None = None
@@ -133,6 +164,7 @@ def _join_parquet(parts: list[Path], tmp: Path, fingerprint: dict[str, Any]) -> 
             table = _read_part(path)
             if not table.num_rows:
                 continue  # a chunk whose rows were all skipped (its empty columns may lack the final types)
+            table = _part_typed(table, vector_type)
             if writer is None:
                 schema = table.schema.with_metadata({METADATA_KEY: orjson.dumps(fingerprint)})
                 writer = pq.ParquetWriter(tmp, schema, compression="snappy")
@@ -149,12 +181,14 @@ def _join_parquet(parts: list[Path], tmp: Path, fingerprint: dict[str, Any]) -> 
     _fsync(tmp)
 
 
-def _join_npy(parts: list[Path], tmp: Path, rows: int, dim: int) -> None:
+def _join_npy(parts: list[Path], tmp: Path, rows: int, dim: int, vector_type: str) -> None:
+    descr, width = _typed_dim(dim, vector_type)
     with tmp.open("wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (rows, width)})
         for number, path in enumerate(parts):
             column = _read_part(path).column("embedding").combine_chunks()
-            f.write(np.asarray(column.values.to_numpy(zero_copy_only=False), dtype="<f4").tobytes())
+            matrix = np.asarray(column.values.to_numpy(zero_copy_only=False), dtype="<f4").reshape(-1, dim or 1)
+            f.write(np.ascontiguousarray(_typed(matrix, vector_type), dtype=descr).tobytes())
             if number == len(parts) // 2:
                 f.flush()
                 fault_point("final-mid-write")
@@ -162,7 +196,7 @@ def _join_npy(parts: list[Path], tmp: Path, rows: int, dim: int) -> None:
         os.fsync(f.fileno())
 
 
-def _join_jsonl(parts: list[Path], tmp: Path) -> None:
+def _join_jsonl(parts: list[Path], tmp: Path, vector_type: str) -> None:
     with tmp.open("wb") as f:
         for number, path in enumerate(parts):
             table = _read_part(path)
@@ -170,7 +204,8 @@ def _join_jsonl(parts: list[Path], tmp: Path) -> None:
             texts = table.column("text").to_pylist() if "text" in table.column_names else None
             column = table.column("embedding").combine_chunks()
             dim = column.type.list_size
-            matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(ids) else None
+            matrix = _typed(column.values.to_numpy(zero_copy_only=False).reshape(-1, dim), vector_type) \
+                if len(ids) else None
             for row, ident in enumerate(ids):
                 item: dict[str, Any] = {"id": ident}
                 if texts is not None:

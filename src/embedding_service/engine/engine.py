@@ -17,6 +17,7 @@ from .options import EngineOptions
 from .prompts import apply_prompt
 from .token_ids import check_token_ids, with_special_tokens
 from .tokenize import TokenLimitError, tokenize_bounded
+from .truncation import keep_end, keep_start
 from .types import EmbedRequest, EmbedResult
 
 __all__ = ["MIN_DIMENSIONS", "EmbeddingEngine", "EngineOptions"]
@@ -54,6 +55,13 @@ class EmbeddingEngine(EngineCore):
         vectors = truncate_dimensions(vectors, request.dimensions)
         return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
 
+    async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int]:
+        """The ids embed() would feed the model for `request` (prompt, special tokens, limits, truncation) and
+        the input limit, without embedding them: /tokenize, so a client counts what it will be billed."""
+        with self.accepted() as info:
+            seqs, _ = await self._prepare_request(request, info, time.monotonic() + self.options.request_timeout_s)
+            return seqs, self._limit(request, info)[0]
+
     async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float
                                ) -> tuple[list[list[int]], int]:
         """Prompt, tokenise, check the limits and admit (rate limits): the ids and their token count."""
@@ -63,16 +71,17 @@ class EmbeddingEngine(EngineCore):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"too many inputs: {count}; at most {self.options.max_inputs_per_request} "
                                "per request", param="input")
+        limit, limit_name = self._limit(request, info)
         if request.texts is not None:
             texts = apply_prompt(request.texts, instruction=request.instruction, prompt_name=request.prompt_name,
                                  prompts=info.prompts, default_prompt_name=info.default_prompt_name)
             try:
                 seqs = await tokenize_bounded(
                     texts, self.backend.tokenize, self.tokenizer_pool,
-                    limit=min(self.options.max_model_len, info.max_model_len),
-                    truncate=self.options.truncate if request.truncate is None else request.truncate,
+                    limit=limit, truncate=self.options.truncate if request.truncate is None else request.truncate,
                     max_total=self.options.max_request_tokens,
-                    specials=len(info.special_prefix) + len(info.special_suffix), deadline=deadline)
+                    specials=len(info.special_prefix) + len(info.special_suffix), deadline=deadline,
+                    keep_end=request.truncate_start, limit_name=limit_name)
             except TokenLimitError as exc:
                 if request.charge_refused is not None:  # a refusal is not free: its tokens count (lower bound)
                     request.charge_refused(exc.tokens_at_least)
@@ -82,7 +91,8 @@ class EmbeddingEngine(EngineCore):
         else:
             seqs = self._prepare_ids(request.token_ids or [], info, flat=request.token_ids_flat)
         try:
-            seqs = self._enforce_lengths(seqs, info, request.truncate)
+            seqs = self._enforce_lengths(seqs, info, request.truncate, limit=(limit, limit_name),
+                                         cut_start=request.truncate_start)
         except ServiceError:
             if request.charge_refused is not None:
                 request.charge_refused(sum(len(ids) for ids in seqs))
@@ -132,24 +142,30 @@ class EmbeddingEngine(EngineCore):
                              "check_embedding_ctx_length=False to send text)")
         return [with_special_tokens(ids, info.special_prefix, info.special_suffix) for ids in token_ids]
 
-    def _enforce_lengths(self, seqs: list[list[int]], info: BackendInfo, truncate: bool | None) -> list[list[int]]:
+    def _limit(self, request: EmbedRequest, info: BackendInfo) -> tuple[int, str]:
+        """The tokens one input may have, and what refusals call that limit: the model's, or max_tokens."""
         limit = min(self.options.max_model_len, info.max_model_len)
+        if request.max_tokens is None:
+            return limit, "this model's limit"
+        if not 1 <= request.max_tokens <= limit:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"max_tokens must be between 1 and this model's limit "
+                               f"of {limit}, got {request.max_tokens}", param="max_tokens")
+        return request.max_tokens, "max_tokens"
+
+    def _enforce_lengths(self, seqs: list[list[int]], info: BackendInfo, truncate: bool | None, *,
+                         limit: tuple[int, str] | None = None, cut_start: bool = False) -> list[list[int]]:
+        most, limit_name = limit or (min(self.options.max_model_len, info.max_model_len), "this model's limit")
         cut = self.options.truncate if truncate is None else truncate
         for index, ids in enumerate(seqs):
             if not ids:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] is empty", param="input")
-            if len(ids) > limit:
+            if len(ids) > most:
                 if not cut:
                     raise ServiceError(ErrorKind.INVALID_REQUEST,
-                                       f"input[{index}] has {len(ids)} tokens, more than this model's limit of "
-                                       f"{limit}; shorten it or send \"truncate\": true", param="input",
+                                       f"input[{index}] has {len(ids)} tokens, more than {limit_name} of "
+                                       f"{most}; shorten it or send \"truncate\": true", param="input",
                                        code="context_length_exceeded")
-                # Keep the start, and the closing special tokens (Qwen3 pools on its end-of-text token).
-                suffix = list(info.special_suffix)
-                if suffix and ids[-len(suffix):] == suffix:
-                    seqs[index] = [*ids[: limit - len(suffix)], *suffix]
-                else:
-                    seqs[index] = ids[:limit]
+                seqs[index] = keep_end(ids, most, info) if cut_start else keep_start(ids, most, info)
         return seqs
 
     def _check_dimensions(self, dimensions: int | None, info: BackendInfo) -> None:
@@ -164,4 +180,3 @@ class EmbeddingEngine(EngineCore):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"dimensions must be between {low} and {info.dimension}, got {dimensions}",
                                param="dimensions")
-

@@ -58,12 +58,14 @@ def _cut(text: str, start: int) -> int:
 
 async def tokenize_bounded(
     texts: Sequence[str], tokenize: Tokenize, pool: Executor, *, limit: int, truncate: bool,
-    max_total: int, specials: int, deadline: float,
+    max_total: int, specials: int, deadline: float, keep_end: bool = False, limit_name: str = "this model's limit",
 ) -> list[list[int]]:
     """Token ids of `texts`, refusing (TokenLimitError) as soon as a limit is known to be exceeded.
 
     `limit`: tokens per text (with `truncate`, longer texts are cut later, by the engine); `specials`: how
-    many special tokens the tokenizer adds to each text (not counted twice when counting slices).
+    many special tokens the tokenizer adds to each text (not counted twice when counting slices); `keep_end`:
+    truncation will keep a text's end (Cohere's truncate START), so a long text is counted from its end;
+    `limit_name`: what refusals call the limit.
     """
     loop = asyncio.get_running_loop()
 
@@ -82,7 +84,7 @@ async def tokenize_bounded(
         text = texts[index]
         if len(text) > _CHUNK_CHARS:
             ids = await _long_text(text, index, run, limit=limit, truncate=truncate, specials=specials,
-                                   total=total)
+                                   total=total, keep_end=keep_end, limit_name=limit_name)
             chunk = [ids]
         else:
             end, chars = index, 0
@@ -96,7 +98,7 @@ async def tokenize_bounded(
                 for offset, ids in enumerate(chunk):
                     if len(ids) > limit:
                         raise _too_long(index + offset, len(ids), limit, total + sum(len(s) for s in chunk),
-                                        exact=True)
+                                        exact=True, limit_name=limit_name)
         out.extend(chunk)
         total += sum(len(ids) for ids in chunk)
         index += len(chunk)
@@ -106,27 +108,46 @@ async def tokenize_bounded(
     return out
 
 
+def _cut_back(text: str, end: int) -> int:
+    """Start of the slice that ends at `end`: _cut's mirror, at most _SLICE_CHARS back, at a whitespace."""
+    start = end - _SLICE_CHARS
+    if start <= 0:
+        return 0
+    cut = min((i for i in (text.find(ch, start, end - 1) for ch in _WHITESPACE) if i >= 0), default=-1)
+    return cut if cut >= 0 else start
+
+
 async def _long_text(text: str, index: int, run: Runner, *, limit: int,
-                     truncate: bool, specials: int, total: int) -> list[int]:
-    """One long text: count it slice by slice until it is over `limit`, else tokenise it whole."""
+                     truncate: bool, specials: int, total: int, keep_end: bool = False,
+                     limit_name: str = "this model's limit") -> list[int]:
+    """One long text: count it slice by slice until it is over `limit`, else tokenise it whole. Slices go
+    from the start, or from the end when truncation keeps the end."""
     counted = 0
-    start = 0
-    while start < len(text):
-        end = _cut(text, start)
+    done = 0  # characters counted, from the start (or from the end)
+    while done < len(text):
+        if keep_end:
+            end = len(text) - done
+            start = _cut_back(text, end)
+        else:
+            start = done
+            end = _cut(text, start)
         ids = await run([text[start:end]])
+        done += end - start
         counted += max(0, len(ids[0]) - specials)
-        start = end
         if counted + specials > limit + 2:  # (+2: a slice cut inside a word may split it differently)
             if not truncate:
-                raise _too_long(index, counted + specials - 2, limit, total + counted, exact=False)
-            prefix = await run([text[:end]])  # covers the limit: the engine keeps its first `limit` tokens
-            return prefix[0]
+                raise _too_long(index, counted + specials - 2, limit, total + counted, exact=False,
+                                limit_name=limit_name)
+            # The part counted covers the limit: the engine keeps its first (or last) `limit` tokens.
+            part = await run([text[start:] if keep_end else text[:end]])
+            return part[0]
     whole = await run([text])
     return whole[0]
 
 
-def _too_long(index: int, tokens: int, limit: int, request_tokens: int, *, exact: bool) -> TokenLimitError:
+def _too_long(index: int, tokens: int, limit: int, request_tokens: int, *, exact: bool,
+              limit_name: str = "this model's limit") -> TokenLimitError:
     how_many = f"{tokens}" if exact else f"more than {tokens}"
-    return TokenLimitError(f"input[{index}] has {how_many} tokens, more than this model's limit of {limit}; "
+    return TokenLimitError(f"input[{index}] has {how_many} tokens, more than {limit_name} of {limit}; "
                            "shorten it or send \"truncate\": true", tokens_at_least=request_tokens,
                            code="context_length_exceeded")

@@ -30,8 +30,11 @@ class EmbedRequest:
     token_ids: list[list[int]] | None = None
     instruction: str | None = None
     prompt_name: str | None = None
+    input_type: str | None = None  # Cohere's; the API layer turns it into instruction/prompt_name
     dimensions: int | None = None
     truncate: bool | None = None
+    truncate_start: bool = False  # truncation cuts the start and keeps the end (Cohere's truncate START)
+    max_tokens: int | None = None  # a per-request limit below the model's (Cohere's max_tokens)
     request_id: str | None = None
     token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
     # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.

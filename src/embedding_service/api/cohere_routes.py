@@ -1,0 +1,123 @@
+"""POST /v2/embed and /v1/embed, Cohere's embed: parse, pick the embedding model, embed, encode each type asked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..engine.input_types import resolve_input_type
+from ..engine.types import EmbedRequest
+from ..errors import ServiceError, status_for
+from .cohere_protocol import (
+    CohereEmbedBody,
+    CohereEmbedCall,
+    CohereEmbedResponse,
+    CohereEmbedV1Response,
+    CohereError,
+    cohere_error_response,
+    encode_cohere_embed,
+    parse_cohere_embed,
+)
+from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .protocol import parse_json_body
+from .ratelimit import TOKEN_ADMISSION_KEY
+from .served import ServedModels
+
+__all__ = ["build_cohere_router"]
+
+log = logging.getLogger("embedding_service")
+
+BodyReader = Callable[[Request], Awaitable[bytes]]
+
+_MS = r"^[0-9]+\.[0-9]{2}$"
+_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
+           "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
+_EXAMPLES = {
+    "query": {"summary": "a search query, float and int8", "value": {
+        "texts": ["What is the capital of China?"], "input_type": "search_query",
+        "embedding_types": ["float", "int8"]}},
+    "documents": {"summary": "documents as binary vectors", "value": {
+        "texts": ["Beijing is the capital of China.", "Gravity pulls things down."],
+        "input_type": "search_document", "embedding_types": ["ubinary"]}},
+}
+
+
+def _cohere_errors() -> dict[int | str, dict[str, Any]]:
+    """The handler's errors in Cohere's shape, one response per status (install_openapi adds the OpenAI
+    envelope as an alternative where middleware answers first: keys, rate limits, a last-resort 500)."""
+    by_status: dict[int, list[str]] = {}
+    for kind in EMBEDDING_ERRORS:
+        by_status.setdefault(status_for(kind), []).append(kind.value)
+    schema = CohereError.model_json_schema()
+    return {status: {"description": f"{HTTPStatus(status).phrase}: {', '.join(kinds)} (Cohere's error shape)",
+                     "content": {"application/json": {"schema": schema, "examples": {kinds[0]: {
+                         "summary": kinds[0].replace("_", " "),
+                         "value": {"id": "3f1c2a9e-0000-4000-8000-000000000000", "message": _MESSAGES.get(
+                             status, "see the message")}}}}}}
+            for status, kinds in sorted(by_status.items())}
+
+
+_MESSAGES = {400: "texts[0] is an empty string", 413: "request body is 20000000 bytes; the limit is 16777216",
+             415: "Content-Type must be application/json, got 'text/plain'",
+             503: "the model is still loading; retry shortly", 504: "request did not finish within 120.0s",
+             500: "the model failed (RuntimeError); the error is in the server log"}
+
+
+def _engine_request(call: CohereEmbedCall, instruction: str | None, prompt_name: str | None) -> EmbedRequest:
+    return EmbedRequest(texts=call.texts, instruction=instruction, prompt_name=prompt_name,
+                        dimensions=call.output_dimension, max_tokens=call.max_tokens,
+                        truncate=call.truncate != "NONE", truncate_start=call.truncate == "START")
+
+
+async def _cohere_errors_of(answer: Awaitable[Response]) -> Response:
+    try:
+        return await answer
+    except ServiceError as exc:  # Cohere's error shape, which its SDK hands to the caller
+        if exc.status >= 500:
+            log.warning("request failed: %s", exc.message)
+        return cohere_error_response(exc)
+
+
+def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_type_strict: bool) -> APIRouter:
+    """POST /v2/embed and /v1/embed. `read_body` applies the embeddings routes' content-type and size checks."""
+    router = APIRouter()
+
+    async def answer(request: Request, version: int) -> Response:
+        models.primary.engine.check_ready()  # refuse cheaply, before reading the body
+        call = parse_cohere_embed(parse_json_body(await read_body(request)))
+        _, engine = models.for_embed(call.model)
+        with engine.accepted() as info:
+            instruction, prompt_name = resolve_input_type(call.input_type, instruction=None, prompt_name=None,
+                                                          prompts=info.prompts, strict=input_type_strict)
+            embed_request = _engine_request(call, instruction, prompt_name)
+            embed_request.request_id = request.headers.get("x-request-id")
+            admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
+            if admission is not None:
+                admission.check()
+                embed_request.admit, embed_request.charge_refused = admission, admission.charge
+            result = await engine.embed_accepted(embed_request, info)
+        return Response(encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version),
+                        media_type="application/json",
+                        headers={"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
+                                 "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"})
+
+    async def embed(request: Request) -> Response:
+        return await _cohere_errors_of(answer(request, 2))
+
+    async def embed_v1(request: Request) -> Response:
+        return await _cohere_errors_of(answer(request, 1))
+
+    for path, endpoint, response, summary in (
+            ("/v2/embed", embed, CohereEmbedResponse, "Create embeddings (Cohere embed v2, as its SDK calls it): "
+                                                      "float, int8, uint8, binary, ubinary, base64"),
+            ("/v1/embed", embed_v1, CohereEmbedV1Response, "Create embeddings (Cohere embed v1: cohere.Client, "
+             "LangChain's CohereEmbeddings); plain floats unless embedding_types is sent")):
+        router.add_api_route(path, endpoint, methods=["POST"], **operation_doc(
+            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=_TIMING,
+            responses=_cohere_errors(), tags=["embeddings"]))
+    return router
