@@ -1,4 +1,4 @@
-"""Rewrite the configuration table in README.md from EmbeddingConfig (run after adding a field)."""
+"""Rewrite the configuration table in docs/configuration.md from EmbeddingConfig (run after adding a field)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from config_table import BEGIN, END, config_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def main() -> None:
