@@ -14,6 +14,8 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO
 
+from ..bulk.manifest import fsync_dir  # (bulk/__init__ loads nothing heavy; manifest needs orjson only)
+
 __all__ = ["Disk"]
 
 
@@ -45,7 +47,7 @@ class Disk:
         os.fsync(out.fileno())
         out.close()
         os.replace(tmp, self.path(name))
-        _fsync_dir(self.files)
+        fsync_dir(self.files)
 
     def append(self, name: str, data: bytes, at: int) -> int:
         """Write `data` at offset `at` (the committed length) and fsync; the new length."""
@@ -98,11 +100,3 @@ def _lock_folder(root: Path) -> int:
         raise RuntimeError(f"data_dir {root} is in use by another server process; give each server its own "
                            "folder") from None
     return fd
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
