@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -101,6 +101,20 @@ class BackendInfo:
     engine: str = "torch"
     # "embed": rows are unit vectors; "rerank": one column, the score of a (query, document) pair.
     task: str = "embed"
+
+    @classmethod
+    def of_embedding_model(cls, options: BackendOptions, tokenizer: Any, *, engine: str, device: str, dtype: str,
+                           dimension: int, max_model_len: int, padded: bool = True,
+                           max_concurrent_batches: int = 1) -> BackendInfo:
+        """An embedding model's info: what the options, the folder's facts and the tokenizer say, plus what
+        the runtime decided (the one place the common fields are filled)."""
+        facts = options.facts
+        return cls(model=options.model_label, device=device, dtype=dtype, dimension=dimension,
+                   max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
+                   special_prefix=tuple(tokenizer.special_prefix), special_suffix=tuple(tokenizer.special_suffix),
+                   matryoshka=options.matryoshka, prompts=facts.prompts,
+                   default_prompt_name=facts.default_prompt_name, padded=padded,
+                   max_concurrent_batches=max_concurrent_batches, engine=engine)
 
 
 @runtime_checkable

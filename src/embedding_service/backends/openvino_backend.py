@@ -186,22 +186,10 @@ class OpenVinoBackend:
         dimension = int(self.embed([probe]).shape[1])
         log.info("openvino backend: %s on cpu (%s, quantize=%s, %d threads), pooling=%s, dim=%d, IR %s",
                  opts.model_label, dtype, self._quantize, compile_threads(), facts.pooling, dimension, self.ir_path)
-        return BackendInfo(
-            model=opts.model_label,
-            device="cpu",
-            dtype=dtype if self._quantize == "none" else f"{dtype}+int8",
-            dimension=dimension,
-            max_model_len=facts.length_limit(opts.max_model_len),
-            vocab_size=self._tokenizer.vocab_size,
-            special_prefix=self._tokenizer.special_prefix,
-            special_suffix=self._tokenizer.special_suffix,
-            matryoshka=opts.matryoshka,
-            prompts=facts.prompts,
-            default_prompt_name=facts.default_prompt_name,
-            padded=True,
-            max_concurrent_batches=1,
-            engine="openvino",
-        )
+        return BackendInfo.of_embedding_model(
+            opts, self._tokenizer, engine="openvino", device="cpu",
+            dtype=dtype if self._quantize == "none" else f"{dtype}+int8", dimension=dimension,
+            max_model_len=facts.length_limit(opts.max_model_len))
 
     def _hf_tokenizer(self) -> HfTokenizer:
         require_conversion_libraries(self._model_dir, "transformers")

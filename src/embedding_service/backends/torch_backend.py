@@ -61,22 +61,8 @@ class TorchBackend:
         if opts.torch_compile:
             self._compile(device, [*prefix, 0, *suffix])
         hidden = facts.hidden_size or int(self.embed([[*prefix, 0, *suffix]]).shape[1])
-        info = BackendInfo(
-            model=opts.model_label,
-            device=device,
-            dtype=dtype_name,
-            dimension=hidden,
-            max_model_len=facts.length_limit(opts.max_model_len),
-            vocab_size=tokenizer.vocab_size,
-            special_prefix=prefix,
-            special_suffix=suffix,
-            matryoshka=opts.matryoshka,
-            prompts=facts.prompts,
-            default_prompt_name=facts.default_prompt_name,
-            padded=True,
-            max_concurrent_batches=1,
-            engine="torch",
-        )
+        info = BackendInfo.of_embedding_model(opts, tokenizer, engine="torch", device=device, dtype=dtype_name,
+                                              dimension=hidden, max_model_len=facts.length_limit(opts.max_model_len))
         log.info("torch backend: %s on %s (%s), pooling=%s, dim=%d", opts.model_label, device, dtype_name,
                  self._pooling, hidden)
         return info

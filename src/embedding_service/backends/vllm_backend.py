@@ -80,22 +80,10 @@ class VllmBackend:
         log.info("vLLM backend: %s on %s (%s), pooling=%s, matryoshka=%s, max_model_len=%d, eager=%s, "
                  "engine core %s", opts.model_label, device, dtype, facts.pooling, opts.matryoshka, max_model_len,
                  opts.enforce_eager, core.where)
-        return BackendInfo(
-            model=opts.model_label,
-            device=device,
-            dtype=dtype,
-            dimension=hidden,
-            max_model_len=max_model_len,
-            vocab_size=self._tokenizer.vocab_size,
-            special_prefix=self._tokenizer.special_prefix,
-            special_suffix=self._tokenizer.special_suffix,
-            matryoshka=opts.matryoshka,
-            prompts=facts.prompts,
-            default_prompt_name=facts.default_prompt_name,
-            padded=False,  # vLLM packs sequences: a batch costs its real token count
-            max_concurrent_batches=core.concurrent_batches,
-            engine="vllm",
-        )
+        return BackendInfo.of_embedding_model(
+            opts, self._tokenizer, engine="vllm", device=device, dtype=dtype, dimension=hidden,
+            max_model_len=max_model_len, padded=False,  # vLLM packs sequences: a batch costs its real token count
+            max_concurrent_batches=core.concurrent_batches)
 
     def _boot(self, engine_args: dict[str, Any], device: str, probe: Sequence[int]) -> np.ndarray:
         """Start vLLM's engine core as `vllm_engine_core` says and run `probe` through it (its output returned)."""
