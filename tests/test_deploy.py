@@ -183,8 +183,10 @@ def test_gpu_and_autoscaling(helm: Any) -> None:
     from embedding_service.engine.engine import EmbeddingEngine
     from embedding_service.metrics import ServiceMetrics
 
-    exported = ServiceMetrics(EmbeddingEngine(FakeBackend(), engine_options())).render().decode()
-    assert re.search(rf"^{queue_metric} ", exported, re.MULTILINE)
+    metrics = ServiceMetrics()
+    metrics.add_model("m", EmbeddingEngine(FakeBackend(), engine_options()), "embed")
+    exported = metrics.render().decode()
+    assert re.search(rf'^{queue_metric}{{model="m"}} ', exported, re.MULTILINE)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from embedding_service.engine.engine import EmbeddingEngine
 from .conftest import engine_options, fake_app_over, in_process_client
 
 EMBED = "/v1/embeddings"
+M = "fake-model"  # the served name of conftest's fake app
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -58,10 +59,11 @@ async def test_metrics_parse_and_expose_every_family(client: httpx.AsyncClient) 
         assert name in families, f"{name} missing from /metrics"
         assert families[name].type == kind, name
     samples = await scrape(client)
-    assert value(samples, "embedding_engine_state", state="healthy") == 1.0
-    assert value(samples, "embedding_engine_state", state="loading") == 0.0
-    assert value(samples, "embedding_model_load_seconds") >= 0.0
-    assert value(samples, "embedding_model_info", model="fake-embedding-model", engine="fake", device="cpu",
+    # Every series of a model carries its served name (several models: one series each).
+    assert value(samples, "embedding_engine_state", model=M, state="healthy") == 1.0
+    assert value(samples, "embedding_engine_state", model=M, state="loading") == 0.0
+    assert value(samples, "embedding_model_load_seconds", model=M) >= 0.0
+    assert value(samples, "embedding_model_info", model=M, engine="fake", device="cpu",
                  dtype="float32", dimension="64", max_model_len="64") == 1.0
 
 
@@ -87,18 +89,18 @@ async def test_counters_move_with_traffic(client: httpx.AsyncClient) -> None:
     assert delta("embedding_requests_total", route="unmatched", method="GET", status="404") == 1
     assert delta("embedding_request_duration_seconds_count", route=EMBED) == 4
     assert delta("embedding_request_duration_seconds_sum", route=EMBED) > 0
-    assert delta("embedding_texts_total") == 6
-    assert delta("embedding_tokens_total") == prompt_tokens
-    assert delta("embedding_batch_size_sum") == 6
-    assert delta("embedding_batch_tokens_sum") == prompt_tokens
-    batches = delta("embedding_batch_size_count")
+    assert delta("embedding_texts_total", model=M) == 6
+    assert delta("embedding_tokens_total", model=M) == prompt_tokens
+    assert delta("embedding_batch_size_sum", model=M) == 6
+    assert delta("embedding_batch_tokens_sum", model=M) == prompt_tokens
+    batches = delta("embedding_batch_size_count", model=M)
     assert 1 <= batches <= 6
-    assert delta("embedding_batch_compute_seconds_count") == batches
+    assert delta("embedding_batch_compute_seconds_count", model=M) == batches
     # Histogram buckets are cumulative and end with +Inf == count.
-    inf_bucket = value(after, "embedding_batch_size_bucket", le="+Inf")
-    assert inf_bucket == value(after, "embedding_batch_size_count")
-    assert value(after, "embedding_queue_requests") == 0
-    assert value(after, "embedding_queue_tokens") == 0
+    inf_bucket = value(after, "embedding_batch_size_bucket", model=M, le="+Inf")
+    assert inf_bucket == value(after, "embedding_batch_size_count", model=M) > 0
+    assert value(after, "embedding_queue_requests", model=M) == 0
+    assert value(after, "embedding_queue_tokens", model=M) == 0
 
 
 async def test_queue_depth_is_read_live() -> None:
@@ -112,8 +114,8 @@ async def test_queue_depth_is_read_live() -> None:
             seen_requests = seen_tokens = 0.0
             for _ in range(200):  # bounded poll: stop once the queue shows or the requests finish
                 samples = await scrape(http)
-                seen_requests = max(seen_requests, value(samples, "embedding_queue_requests"))
-                seen_tokens = max(seen_tokens, value(samples, "embedding_queue_tokens"))
+                seen_requests = max(seen_requests, value(samples, "embedding_queue_requests", model=M))
+                seen_tokens = max(seen_tokens, value(samples, "embedding_queue_tokens", model=M))
                 if seen_requests >= 2 or all(task.done() for task in requests):
                     break
                 await asyncio.sleep(0.01)
@@ -122,7 +124,7 @@ async def test_queue_depth_is_read_live() -> None:
             assert seen_requests >= 2
             assert seen_tokens >= 2 * 4  # "a b c" is 3 words + end-of-text
             idle = await scrape(http)
-            assert value(idle, "embedding_queue_requests") == 0
+            assert value(idle, "embedding_queue_requests", model=M) == 0
     finally:
         await engine.stop()
 
@@ -138,8 +140,8 @@ async def test_apps_in_one_process_have_separate_registries() -> None:
                 httpx.AsyncClient(transport=transports[1], base_url="http://b") as second:
             for _ in range(2):
                 assert (await first.post(EMBED, json={"input": ["hello"]})).status_code == 200
-            assert value(await scrape(first), "embedding_texts_total") == 2
-            assert value(await scrape(second), "embedding_texts_total") == 0
+            assert value(await scrape(first), "embedding_texts_total", model=M) == 2
+            assert value(await scrape(second), "embedding_texts_total", model=M) == 0
     finally:
         for engine in engines:
             await engine.stop()
@@ -156,7 +158,7 @@ async def test_existing_batch_hook_keeps_working() -> None:
             assert (await http.post(EMBED, json={"input": ["a b"]})).status_code == 200
             samples = await scrape(http)
         assert seen == [(1, 3)]
-        assert value(samples, "embedding_tokens_total") == 3
+        assert value(samples, "embedding_tokens_total", model=M) == 3
     finally:
         await engine.stop()
 
@@ -166,10 +168,10 @@ async def test_loading_engine_reports_state_and_no_load_time() -> None:
     app = fake_app_over(engine)
     async with in_process_client(app) as http:
         samples = await scrape(http)
-    assert value(samples, "embedding_engine_state", state="loading") == 1.0
-    assert ("embedding_model_load_seconds", frozenset()) not in samples
+    assert value(samples, "embedding_engine_state", model=M, state="loading") == 1.0
+    assert not any(name == "embedding_model_load_seconds" for name, _ in samples)
     assert not any(name == "embedding_model_info" for name, _ in samples)
-    assert not math.isnan(value(samples, "embedding_queue_requests"))
+    assert not math.isnan(value(samples, "embedding_queue_requests", model=M))
 
 
 async def test_metrics_route_counts_itself(client: httpx.AsyncClient) -> None:
@@ -196,4 +198,4 @@ async def test_internal_errors_are_counted_and_carry_the_request_id() -> None:
     assert ok.status_code == 200
     assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="500") == 1
     assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="200") == 1
-    assert value(samples, "embedding_texts_total") == 1  # the failed batch embedded nothing
+    assert value(samples, "embedding_texts_total", model=M) == 1  # the failed batch embedded nothing

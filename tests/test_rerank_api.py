@@ -239,19 +239,21 @@ async def test_rate_limit_counts_the_tokens_of_all_pairs() -> None:
 async def test_metrics_count_pairs(both: httpx.AsyncClient) -> None:
     await both.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
     text = (await both.get("/metrics")).text
-    assert "embedding_rerank_pairs_total 4.0" in text
-    assert 'embedding_rerank_engine_state{state="healthy"} 1.0' in text
+    assert f'embedding_rerank_pairs_total{{model="{RERANK}"}} 4.0' in text
+    assert f'embedding_rerank_engine_state{{model="{RERANK}",state="healthy"}} 1.0' in text
     assert "embedding_rerank_model_info{" in text and f'model="{RERANK}"' in text
+    assert f'embedding_texts_total{{model="{EMBED}"}} 0.0' in text  # the embedding model's own series
 
 
 async def test_a_reranker_served_alone_reports_rerank_metrics_only() -> None:
     async for http in _client(embed=False):
         await http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
         text = (await http.get("/metrics")).text
-        assert "embedding_rerank_pairs_total 4.0" in text
-        assert 'embedding_rerank_engine_state{state="healthy"} 1.0' in text
-        assert "embedding_texts_total 0.0" in text  # nothing counted as embedded
-        assert "embedding_engine_state{" not in text and "embedding_model_info{" not in text
+        assert f'embedding_rerank_pairs_total{{model="{RERANK}"}} 4.0' in text
+        assert f'embedding_rerank_engine_state{{model="{RERANK}",state="healthy"}} 1.0' in text
+        # No embedding model: none of its series.
+        assert "embedding_texts_total" not in text and "embedding_engine_state" not in text
+        assert "embedding_model_info" not in text
 
 
 async def test_request_id_is_echoed(both: httpx.AsyncClient) -> None:

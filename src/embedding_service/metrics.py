@@ -11,7 +11,7 @@ scraped on its own port (see docs/ops.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -44,107 +44,115 @@ BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 class _EngineCollector(Collector):
-    """Values read from the engine at scrape time: queue depth, limits, model load time, state, model info.
-    `prefix` names the engine's metrics: "embedding" for the embedding model, "embedding_rerank" for the
-    reranker."""
+    """Values read from each engine at scrape time, one series per model (label `model`): queue depth,
+    limits, model load time, state, model info. `prefix` names the task's metrics: "embedding" for embedding
+    models, "embedding_rerank" for rerankers."""
 
-    def __init__(self, engine: EngineCore, prefix: str = "embedding") -> None:
-        self.engine = engine
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self.engines: list[tuple[str, EngineCore]] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine, p = self.engine, self.prefix
-        yield GaugeMetricFamily(f"{p}_queue_requests", "Requests queued or running in the batcher",
-                                value=engine.queued_requests)
-        yield GaugeMetricFamily(f"{p}_queue_tokens", "Tokens of the requests queued or running",
-                                value=engine.queued_tokens)
-        yield GaugeMetricFamily(f"{p}_queue_max_requests",
-                                "Queued requests at which new ones are refused with 503",
-                                value=engine.options.max_queue_requests)
-        yield GaugeMetricFamily(f"{p}_queue_max_tokens",
-                                "Queued tokens at which new requests are refused with 503",
-                                value=engine.options.max_queue_tokens)
-        if engine.load_seconds is not None:
-            yield GaugeMetricFamily(f"{p}_model_load_seconds", "Seconds the model took to load",
-                                    value=engine.load_seconds)
-        state = GaugeMetricFamily(f"{p}_engine_state", "1 for the engine's current state, else 0",
-                                  labels=["state"])
-        for candidate in EngineState:
-            state.add_metric([candidate.value], 1.0 if engine.state is candidate else 0.0)
-        yield state
-        info = engine.info
-        if info is not None:
-            labels = ["model", "engine", "device", "dtype", "dimension", "max_model_len"]
-            model = GaugeMetricFamily(f"{p}_model_info", "The model served (always 1)", labels=labels)
-            model.add_metric([info.model, info.engine, info.device, info.dtype, str(info.dimension),
-                              str(info.max_model_len)], 1.0)
-            yield model
+        p = self.prefix
+        families = {
+            "queue_requests": GaugeMetricFamily(f"{p}_queue_requests", "Requests queued or running in the batcher",
+                                                labels=["model"]),
+            "queue_tokens": GaugeMetricFamily(f"{p}_queue_tokens", "Tokens of the requests queued or running",
+                                              labels=["model"]),
+            "max_requests": GaugeMetricFamily(f"{p}_queue_max_requests",
+                                              "Queued requests at which new ones are refused with 503",
+                                              labels=["model"]),
+            "max_tokens": GaugeMetricFamily(f"{p}_queue_max_tokens",
+                                            "Queued tokens at which new requests are refused with 503",
+                                            labels=["model"]),
+            "load": GaugeMetricFamily(f"{p}_model_load_seconds", "Seconds the model took to load", labels=["model"]),
+            "state": GaugeMetricFamily(f"{p}_engine_state", "1 for the engine's current state, else 0",
+                                       labels=["model", "state"]),
+            "info": GaugeMetricFamily(f"{p}_model_info", "The model served (always 1)",
+                                      labels=["model", "engine", "device", "dtype", "dimension", "max_model_len"]),
+        }
+        for name, engine in self.engines:
+            families["queue_requests"].add_metric([name], engine.queued_requests)
+            families["queue_tokens"].add_metric([name], engine.queued_tokens)
+            families["max_requests"].add_metric([name], engine.options.max_queue_requests)
+            families["max_tokens"].add_metric([name], engine.options.max_queue_tokens)
+            if engine.load_seconds is not None:
+                families["load"].add_metric([name], engine.load_seconds)
+            for candidate in EngineState:
+                families["state"].add_metric([name, candidate.value], 1.0 if engine.state is candidate else 0.0)
+            info = engine.info
+            if info is not None:
+                families["info"].add_metric([name, info.engine, info.device, info.dtype, str(info.dimension),
+                                             str(info.max_model_len)], 1.0)
+        yield from (family for family in families.values() if family.samples)
 
 
 class ServiceMetrics:
-    """All metrics of one app. `observe_request` is the request middleware's observer; the engine's
+    """All metrics of one app. `observe_request` is the request middleware's observer; each model's engine
     `on_batch` hook is chained (an existing hook keeps being called)."""
 
-    def __init__(self, engine: EngineCore | None) -> None:
-        """`engine`: the embedding model's (None when a reranker is served alone: add_reranker)."""
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        if engine is not None:
-            self.registry.register(_EngineCollector(engine))
         reg = self.registry
         self.requests = Counter("embedding_requests", "HTTP requests answered, by route, method and status",
                                 ["route", "method", "status"], registry=reg)
         self.request_seconds = Histogram("embedding_request_duration_seconds",
                                          "Time from request arrival to the end of the response",
                                          ["route"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.batch_size = Histogram("embedding_batch_size", "Sequences per batch run by the engine",
-                                    buckets=BATCH_SIZE_BUCKETS, registry=reg)
-        self.batch_tokens = Histogram("embedding_batch_tokens", "Tokens per batch run by the engine",
-                                      buckets=BATCH_TOKEN_BUCKETS, registry=reg)
-        self.batch_seconds = Histogram("embedding_batch_compute_seconds", "Engine compute time per batch",
-                                       buckets=COMPUTE_BUCKETS, registry=reg)
-        self.texts = Counter("embedding_texts", "Texts (sequences) embedded", registry=reg)
-        self.tokens = Counter("embedding_tokens", "Tokens embedded", registry=reg)
         # Bounded: routes are templates (or "unmatched"), methods and statuses are few.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        if engine is not None:
-            self._chain_batch_hook(engine)
+        self._tasks: dict[str, tuple[_EngineCollector, tuple[Histogram, Histogram, Histogram, Counter, Counter]]] = {}
 
-    def _chain_batch_hook(self, engine: EngineCore,
-                          observe: Callable[[int, int, float], None] | None = None) -> None:
-        previous = engine.on_batch
-        observe = observe or self.observe_batch
-
-        def on_batch(size: int, tokens: int, seconds: float) -> None:
-            observe(size, tokens, seconds)
-            if previous is not None:
-                previous(size, tokens, seconds)
-
-        engine.on_batch = on_batch
-
-    def add_reranker(self, engine: EngineCore) -> None:
-        """The reranker's engine values and batches, as embedding_rerank_* (pairs instead of texts)."""
-        reg = self.registry
-        reg.register(_EngineCollector(engine, "embedding_rerank"))
-        size = Histogram("embedding_rerank_batch_size", "Pairs per batch run by the reranker",
-                         buckets=BATCH_SIZE_BUCKETS, registry=reg)
-        tokens = Histogram("embedding_rerank_batch_tokens", "Tokens per batch run by the reranker",
-                           buckets=BATCH_TOKEN_BUCKETS, registry=reg)
-        seconds = Histogram("embedding_rerank_batch_compute_seconds", "Reranker compute time per batch",
-                            buckets=COMPUTE_BUCKETS, registry=reg)
-        pairs = Counter("embedding_rerank_pairs", "(query, document) pairs scored", registry=reg)
-        pair_tokens = Counter("embedding_rerank_tokens", "Tokens of the pairs scored", registry=reg)
+    def add_model(self, name: str, engine: EngineCore, task: str) -> None:
+        """A served model's engine values and batches: embedding_* for embedding models, embedding_rerank_*
+        (pairs instead of texts) for rerankers; each series labelled with the model's served name."""
+        if task not in self._tasks:
+            self._tasks[task] = self._task_metrics(task)
+        collector, (size_h, tokens_h, seconds_h, items_c, item_tokens_c) = self._tasks[task]
+        collector.engines.append((name, engine))
+        size, tokens, seconds = size_h.labels(name), tokens_h.labels(name), seconds_h.labels(name)
+        items, item_tokens = items_c.labels(name), item_tokens_c.labels(name)
 
         def observe(n: int, n_tokens: int, took: float) -> None:
             size.observe(n)
             tokens.observe(n_tokens)
             seconds.observe(took)
-            pairs.inc(n)
-            pair_tokens.inc(n_tokens)
+            items.inc(n)
+            item_tokens.inc(n_tokens)
 
-        self._chain_batch_hook(engine, observe)
+        previous = engine.on_batch
+
+        def on_batch(n: int, n_tokens: int, took: float) -> None:
+            observe(n, n_tokens, took)
+            if previous is not None:
+                previous(n, n_tokens, took)
+
+        engine.on_batch = on_batch
+
+    def _task_metrics(self, task: str) -> tuple[_EngineCollector, tuple[Histogram, Histogram, Histogram, Counter,
+                                                                          Counter]]:
+        reg, model = self.registry, ["model"]
+        if task == "rerank":
+            p, what, unit = "embedding_rerank", "the reranker", "Pairs"
+            items = Counter("embedding_rerank_pairs", "(query, document) pairs scored", model, registry=reg)
+            item_tokens = Counter("embedding_rerank_tokens", "Tokens of the pairs scored", model, registry=reg)
+        else:
+            p, what, unit = "embedding", "the engine", "Sequences"
+            items = Counter("embedding_texts", "Texts (sequences) embedded", model, registry=reg)
+            item_tokens = Counter("embedding_tokens", "Tokens embedded", model, registry=reg)
+        collector = _EngineCollector(p)
+        reg.register(collector)
+        return collector, (
+            Histogram(f"{p}_batch_size", f"{unit} per batch run by {what}", model, buckets=BATCH_SIZE_BUCKETS,
+                      registry=reg),
+            Histogram(f"{p}_batch_tokens", f"Tokens per batch run by {what}", model, buckets=BATCH_TOKEN_BUCKETS,
+                      registry=reg),
+            Histogram(f"{p}_batch_compute_seconds", f"Compute time per batch of {what}", model,
+                      buckets=COMPUTE_BUCKETS, registry=reg),
+            items, item_tokens)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -154,13 +162,6 @@ class ServiceMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
-
-    def observe_batch(self, size: int, tokens: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_tokens.observe(tokens)
-        self.batch_seconds.observe(seconds)
-        self.texts.inc(size)
-        self.tokens.inc(tokens)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (CONTENT_TYPE)."""

@@ -158,12 +158,8 @@ def create_app(
     strict = settings.input_type_strict
     app.include_router(build_cohere_router(served, read_body, input_type_strict=strict))
     app.include_router(build_tokenize_router(served, read_body, input_type_strict=strict))
-    metrics = install_observability(  # the reranker's metrics are embedding_rerank_*, even alone
-        app, served.embed.engine if served.embed else None,
-        closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
-    if served.rerank is not None:
-        assert isinstance(served.rerank.engine, RerankEngine)
-        metrics.add_reranker(served.rerank.engine)
+    install_observability(  # rerankers' metrics are embedding_rerank_*, each labelled by model
+        app, served.all, closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
     _install_error_handlers(app)
     direct.update(direct_routes(app.routes))
     install_openapi(app)

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
-from ..engine.core import EngineCore
 from ..metrics import CONTENT_TYPE, ServiceMetrics
 from .openapi import operation_doc
 from .request_context import RequestContextMiddleware
+from .served import Served
 
 __all__ = ["install_observability"]
 
 
-def install_observability(app: FastAPI, engine: EngineCore | None,
+def install_observability(app: FastAPI, models: Sequence[Served],
                           closing: Callable[[], bool] | None = None) -> ServiceMetrics:
     """Add request ids, timing headers and Prometheus metrics to `app` (and `Connection: close` while
     `closing()`). Call after the other middleware, so that this one is outermost and also sees (and counts)
     the error middleware's 500s."""
-    metrics = ServiceMetrics(engine)
+    metrics = ServiceMetrics()
+    for model in models:
+        metrics.add_model(model.name, model.engine, model.task)
     app.state.metrics = metrics
     app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request, closing=closing)
     router = APIRouter()
