@@ -75,12 +75,12 @@ class BareHttp(asyncio.Protocol):
 async def serve(args: argparse.Namespace) -> None:
     from embedding_service.config import EmbeddingConfig
     from embedding_service.server import freeze_startup_heap
-    from embedding_service.service import EMBED, build_engines, plan_service
+    from embedding_service.service import build_embedding_engine, plan_service
 
     settings = EmbeddingConfig(_env_file=None, engine=args.engine, dtype=args.dtype,  # type: ignore[call-arg]
                                max_model_len=args.max_model_len,
                                **({"model_path": args.model_path} if args.model_path else {}))
-    engine = build_engines(plan_service(settings))[EMBED]
+    engine = build_embedding_engine(plan_service(settings).embed)
     await engine.start()
     freeze_startup_heap()
     server = await asyncio.get_running_loop().create_server(lambda: BareHttp(engine, args.served_model_name),
