@@ -189,3 +189,42 @@ async def test_ready_is_503_while_any_model_loads_and_live_stays_200() -> None:
             assert late.status_code == 503 and late.json()["error"]["code"] == "model_not_ready"
     finally:
         await models[0].engine.stop()
+
+
+# --- memory: a plan whose weights cannot fit is refused before anything loads ---------------------------------
+
+def test_memory_shortfall_names_each_model_and_what_is_available(tmp_path: Path) -> None:
+    from embedding_service.memory_fit import available_bytes, memory_shortfall
+
+    gb = 1 << 30
+    assert memory_shortfall({"a": 2 * gb, "b": 1 * gb}, 4 * gb) is None
+    assert memory_shortfall({"a": 2 * gb}, None) is None  # unknown: never a reason to refuse
+    line = memory_shortfall({"a": 3 * gb, "b": 2 * gb, "fake": 0}, 4 * gb)
+    assert line == ("the models' weights alone take 5.0 GB (a: 3.0 GB, b: 2.0 GB) but 4.0 GB of memory is "
+                    "available: serve fewer or smaller models, or give the server more memory")
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal: 8000000 kB\nMemAvailable: 4000000 kB\n")
+    cgroup.mkdir()
+    assert available_bytes(meminfo, cgroup) == 4000000 * 1024
+    (cgroup / "memory.max").write_text("3000000000\n")
+    (cgroup / "memory.current").write_text("1000000000\n")
+    assert available_bytes(meminfo, cgroup) == 2_000_000_000  # the container's limit is the tighter one
+
+
+def test_a_start_whose_models_cannot_fit_stops_before_loading(tmp_path: Path, minilm_dir: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    huge = tmp_path / "huge"
+    shutil.copytree(minilm_dir, huge, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "openvino"))
+    with (huge / "model.safetensors").open("wb") as weights:  # sparse: 4 TiB apparent, nothing on disk
+        weights.truncate(4 << 40)
+    models = _file(tmp_path, f"models:\n  - name: small\n    demo: true\n  - name: huge\n    model_path: {huge}\n")
+    result = subprocess.run([sys.executable, "-m", "embedding_service", "serve", "--engine", "torch",
+                             "--models-file", str(models), "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("embedding-service: the models' weights alone take 4096.1 GB (small: 0.1 GB, "
+                           "huge: 4096.0 GB) but "), last
+    assert "Traceback" not in result.stderr and "loading" not in result.stderr.lower()

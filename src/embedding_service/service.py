@@ -27,6 +27,7 @@ from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.rerank import RerankEngine
 from .engine.types import EMBED, RERANK
+from .memory_fit import available_bytes, memory_shortfall
 from .models_file import read_models_file
 
 __all__ = [
@@ -149,6 +150,9 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
         if len({model.name for model in planned}) < len(planned):
             raise BackendLoadError(f"the embedding model and the reranker are both named '{planned[0].name}': "
                                    "give them different names (--served-model-name, --served-rerank-model-name)")
+    shortfall = memory_shortfall({model.name: model.facts.weight_bytes for model in planned}, available_bytes())
+    if shortfall is not None:
+        raise BackendLoadError(shortfall)
     return ServicePlan(models={model.name: model for model in planned})
 
 

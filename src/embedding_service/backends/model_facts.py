@@ -59,6 +59,7 @@ class ModelFacts:
     # sentence_bert_config.json's max_seq_length: the length the model was trained and is served at by
     # sentence-transformers (all-MiniLM-L6-v2: 256 of its 512 positions). vLLM refuses a longer max_model_len.
     max_seq_length: int | None = None
+    weight_bytes: int = 0  # the weight files' size on disk (*.safetensors, *.bin): a floor on the memory needed
 
     @property
     def family(self) -> Family | None:
@@ -148,4 +149,12 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
         prompts={str(k): str(v) for k, v in (prompts or {}).items()},
         default_prompt_name=default_prompt,
         max_seq_length=_positive_int(_object(root / "sentence_bert_config.json").get("max_seq_length")),
+        weight_bytes=_weight_bytes(root),
     )
+
+
+def _weight_bytes(root: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    except OSError:
+        return 0
