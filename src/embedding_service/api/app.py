@@ -32,6 +32,7 @@ from .rerank_routes import build_rerank_router
 from .routes import RouteOptions, ServiceContext, build_router, read_json_body
 from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
 from .served import EMBED, RERANK, Served, ServedModels
+from .sparse_routes import build_sparse_router
 from .tiktoken_ids import TiktokenDecoder
 from .tokenize_routes import build_tokenize_router
 
@@ -154,6 +155,8 @@ def create_app(
 
     async def read_body(request: Request) -> bytes:  # the embeddings routes' content-type and size checks
         return await read_json_body(request, settings.max_body_bytes)
+
+    app.include_router(build_sparse_router(served, read_body))
 
     strict = settings.input_type_strict
     app.include_router(build_cohere_router(served, read_body, input_type_strict=strict))

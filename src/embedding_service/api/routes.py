@@ -26,6 +26,7 @@ from .protocol import (
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .schemas import EmbeddingResponse, Health, Liveness, ModelCard, ModelList, Readiness, ServiceInfo
 from .served import ServedModels
+from .sparse_routes import sparse_embeddings
 from .tiktoken_ids import TiktokenDecoder
 
 __all__ = ["RouteOptions", "ServiceContext", "build_router", "read_json_body"]
@@ -213,6 +214,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             _check_content_type(request)
             data = parse_json_body(await _read_body(request, ctx.options.max_body_bytes))
             named = data.get("model") if isinstance(data, dict) else None
+            if ctx.served.sparse_for_embeddings(named if isinstance(named, str) else None):
+                return await sparse_embeddings(ctx.served, request, data)
             # The model asked for (404 for an unknown name among several, 400 for a reranker's name).
             chosen, engine = ctx.served.for_embed(named if isinstance(named, str) else None)
             decoder = ctx.token_ids_decoder

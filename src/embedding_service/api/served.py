@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from ..engine.core import EngineCore
 from ..engine.engine import EmbeddingEngine
 from ..engine.rerank import RerankEngine
-from ..engine.types import EMBED, RERANK
+from ..engine.sparse import SparseEngine
+from ..engine.types import EMBED, RERANK, SPARSE
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["EMBED", "RERANK", "Served", "ServedModels"]
+__all__ = ["EMBED", "RERANK", "SPARSE", "Served", "ServedModels"]
+
+
+_KINDS = {EMBED: "an embedding model", RERANK: "a reranker", SPARSE: "a sparse model"}  # for refusals
 
 
 @dataclass(frozen=True)
 class Served:
     name: str  # the public name (`model` in requests and responses)
     engine: EngineCore
-    task: str  # "embed" or "rerank"
+    task: str  # "embed", "rerank" or "sparse"
     aliases: tuple[str, ...] = ()
 
 
@@ -71,14 +75,19 @@ class ServedModels:
         chosen = self._choose(RERANK, model)
         if not isinstance(chosen.engine, RerankEngine):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"model '{chosen.name}' is an embedding model (task: embed); it cannot rerank. "
-                               "Serve a reranker beside it (--rerank-model-path or --rerank-model)",
+                               f"model '{chosen.name}' is {_KINDS[chosen.task]} (task: {chosen.task}); it cannot "
+                               "rerank. Serve a reranker beside it (--rerank-model-path or --rerank-model)",
                                param="model", code="model_cannot_rerank")
         return chosen, chosen.engine
 
     def for_score(self, model: str | None) -> Served:
         """A reranker scores pairs itself; an embedding model scores them by cosine (as vLLM does)."""
-        return self._choose(RERANK if self.rerank is not None else EMBED, model)
+        chosen = self._choose(RERANK if self.rerank is not None else EMBED, model)
+        if chosen.task == SPARSE:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"model '{chosen.name}' is a sparse model (task: sparse); "
+                               "it cannot score pairs: name a reranker or a dense embedding model",
+                               param="model", code="model_cannot_score")
+        return chosen
 
     def for_embed(self, model: str | None) -> tuple[Served, EmbeddingEngine]:
         chosen = self._choose(EMBED, model)
@@ -86,4 +95,17 @@ class ServedModels:
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is a reranker (task: rerank); it cannot embed. Use "
                                "/v1/rerank or /v1/score with it", param="model", code="model_cannot_embed")
+        return chosen, chosen.engine
+
+    def sparse_for_embeddings(self, model: str | None) -> bool:
+        """/v1/embeddings answers sparse vectors when the model it gets is a sparse one."""
+        return self._choose(EMBED, model).task == SPARSE
+
+    def for_sparse(self, model: str | None) -> tuple[Served, SparseEngine]:
+        chosen = self._choose(SPARSE, model)
+        if not isinstance(chosen.engine, SparseEngine):
+            raise ServiceError(ErrorKind.INVALID_REQUEST,
+                               f"model '{chosen.name}' is not a sparse model (task: {chosen.task}); it has no "
+                               "sparse vectors. Serve a SPLADE model (task: sparse in the models file)",
+                               param="model", code="model_not_sparse")
         return chosen, chosen.engine

@@ -20,6 +20,7 @@ __all__ = [
     "PairBackend",
     "create_backend",
     "create_scoring_backend",
+    "create_sparse_backend",
     "read_model_facts",
 ]
 
@@ -74,3 +75,12 @@ def create_scoring_backend(engine: str, options: BackendOptions) -> PairBackend:
     from .torch_scoring import TorchScoringBackend
 
     return TorchScoringBackend(options)
+
+
+def create_sparse_backend(engine: str, options: BackendOptions) -> Backend:
+    """Build (not load) the backend of a sparse (SPLADE) model: the torch engine serves them."""
+    if engine != "torch":
+        raise BackendLoadError(f"the {engine} engine cannot serve a sparse (SPLADE) model; use engine: torch")
+    from .torch_sparse import TorchSparseBackend
+
+    return TorchSparseBackend(options)

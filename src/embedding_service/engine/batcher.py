@@ -356,7 +356,7 @@ class Batcher:
                 counted.add(id(job))
                 job.compute_s += elapsed
             if job.vectors is None:
-                job.vectors = np.empty((len(job.seqs), vectors.shape[1]), dtype=np.float32)
+                job.vectors = np.empty((len(job.seqs), vectors.shape[1]), dtype=vectors.dtype)  # (object: sparse)
             job.vectors[item.index] = vectors[row]
             job.remaining -= 1
             if job.remaining == 0:

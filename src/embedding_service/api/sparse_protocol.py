@@ -1,0 +1,144 @@
+"""The sparse-vector wire formats: TEI's `POST /embed_sparse` and the sparse answer of `/v1/embeddings`.
+
+- /embed_sparse (TEI): `{"inputs": str | [str], "truncate"?: bool, "truncation_direction"?: "right",
+  "prompt_name"?: str}` -> `[[{"index": i, "value": v}, ...], ...]`, one list per input, by index.
+  Extensions: `model` (which sparse model, as on every route) and `top_k`.
+- /v1/embeddings for a sparse model: each item `{"object": "sparse_embedding", "index": i, "embedding":
+  {"indices": [...], "values": [...]}}`, sorted by index: the shape Qdrant's `SparseVector(indices=, values=)`
+  and Milvus' sparse rows take as they are. OpenAI defines no sparse shape, and vLLM answers SPLADE on
+  /v1/embeddings with the dense vocabulary-sized vector (30,522 floats); this keeps only the non-zeros.
+`top_k` keeps each vector's k largest values: sentence-transformers' `max_active_dims`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
+
+from ..backends.sparse import SparseVector
+from ..engine.types import EmbedRequest
+from ..errors import ErrorKind, ServiceError
+
+__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseItem", "SparseResponse", "encode_openai_sparse",
+           "encode_tei_sparse", "parse_sparse", "parse_top_k"]
+
+
+class SparseBody(BaseModel):
+    """The body of POST /embed_sparse (TEI's), validated strictly; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inputs: Annotated[Any, WithJsonSchema(TypeAdapter(  # (checked by hand: parse_sparse)
+        Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                         Field(min_length=1)]).json_schema())] = Field(
+        ..., description="a text or a list of texts")
+    truncate: StrictBool | None = Field(None, description="cut over-long inputs instead of refusing them")
+    truncation_direction: Literal["right", "Right"] | None = Field(
+        None, description="TEI's; only right (keep the start) is served")
+    prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
+    model: StrictStr | None = Field(None, description="which sparse model (its name or an alias)")
+    top_k: StrictInt | None = Field(None, ge=1, description="keep each vector's k largest values")
+
+
+class SparseItem(BaseModel):
+    index: int = Field(..., ge=0, description="a vocabulary index (token id)")
+    value: float = Field(..., gt=0)
+
+
+class SparseResponse(RootModel[list[list[SparseItem]]]):
+    """One list per input, in input order: its non-zero entries, by index."""
+
+
+SPARSE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "one": {"summary": "one text", "value": {"inputs": "What is SPLADE?"}},
+    "batch": {"summary": "two texts, the 32 largest values of each", "value": {
+        "inputs": ["What is SPLADE?", "SPLADE is a sparse lexical retrieval model."], "top_k": 32}},
+}
+
+
+def _check_texts(texts: list[str], param: str) -> None:
+    for index, text in enumerate(texts):
+        where = f"{param}[{index}]"
+        if not text:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"{where} is an empty string", param=param)
+        if "\x00" in text:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"{where} contains a NUL character", param=param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"{where} is not valid Unicode (lone surrogate)",
+                               param=param) from None
+
+
+def _texts(inputs: Any) -> list[str]:
+    if isinstance(inputs, str):
+        return [inputs]
+    if not isinstance(inputs, list):
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"'inputs' must be a text or a list of texts, got "
+                           f"{type(inputs).__name__}", param="inputs")
+    if not inputs:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "'inputs' is an empty list", param="inputs")
+    for index, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"inputs[{index}] is {type(item).__name__}: text only "
+                               "(a text or a list of texts)", param="inputs")
+    return list(inputs)
+
+
+def parse_sparse(data: Any) -> tuple[EmbedRequest, str | None, int | None]:
+    """A decoded /embed_sparse body: (the engine request, the model asked for, top_k)."""
+    if not isinstance(data, dict):
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body must be a JSON object, got "
+                           f"{type(data).__name__}")
+    if data.get("inputs") is None:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "'inputs' is required: a text or a list of texts",
+                           param="inputs")
+    try:
+        body = SparseBody.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else None
+        raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}",
+                           param=field) from None
+    texts = _texts(body.inputs)
+    _check_texts(texts, "inputs")
+    return EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate), body.model, body.top_k
+
+
+def parse_top_k(data: dict[str, Any]) -> int | None:
+    """`top_k` of a /v1/embeddings body for a sparse model (an extension field)."""
+    value = data.get("top_k")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "top_k must be a positive integer", param="top_k")
+    return value
+
+
+def encode_tei_sparse(vectors: list[SparseVector]) -> bytes:
+    """TEI's answer: for each input, its non-zeros as {"index", "value"} objects, by index."""
+    return orjson.dumps([[{"index": i, "value": v} for i, v in zip(vector.indices.tolist(), vector.values.tolist(),
+                                                                     strict=True)]
+                         for vector in vectors])
+
+
+def encode_openai_sparse(vectors: list[SparseVector], model: str, prompt_tokens: int) -> bytes:
+    """The /v1/embeddings list with one {"indices", "values"} object per input."""
+    data = [{"object": "sparse_embedding", "index": n,
+             "embedding": {"indices": vector.indices.tolist(), "values": vector.values.tolist()}}
+            for n, vector in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})

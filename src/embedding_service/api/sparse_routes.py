@@ -1,0 +1,83 @@
+"""Sparse-vector handlers: TEI's POST /embed_sparse, and /v1/embeddings when the model asked for is sparse
+(api/sparse_protocol.py has the shapes). Parse, pick the served model, call its engine, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..engine.sparse import SparseResult
+from ..engine.types import EmbedRequest
+from ..errors import ErrorKind, ServiceError
+from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .protocol import parse_embedding_request, parse_json_body
+from .ratelimit import TOKEN_ADMISSION_KEY
+from .served import Served, ServedModels
+from .sparse_protocol import (
+    SPARSE_EXAMPLES,
+    SparseBody,
+    SparseResponse,
+    encode_openai_sparse,
+    encode_tei_sparse,
+    parse_sparse,
+    parse_top_k,
+)
+
+__all__ = ["build_sparse_router", "sparse_embeddings"]
+
+_JSON = "application/json"
+_MS = r"^[0-9]+\.[0-9]{2}$"
+_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
+           "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
+
+BodyReader = Callable[[Request], Awaitable[bytes]]
+
+
+def _timing(result: SparseResult) -> dict[str, str]:
+    return {"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
+            "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"}
+
+
+def _admit(request: Request, embed_request: EmbedRequest) -> None:
+    """The token rate limit, if on: a client in debt is refused before its texts are tokenised."""
+    admission = request.scope.get(TOKEN_ADMISSION_KEY)
+    if admission is not None:
+        admission.check()
+        embed_request.admit, embed_request.charge_refused = admission, admission.charge
+
+
+async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -> Response:
+    """/v1/embeddings for a sparse model: the same request, each vector as {"indices", "values"}."""
+    embed_request, encoding = parse_embedding_request(data)
+    if encoding != "float":
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "a sparse model's vectors are JSON indices and values: "
+                           "encoding_format must be 'float' (or omitted)", param="encoding_format")
+    named = data.get("model")
+    served, engine = models.for_sparse(named if isinstance(named, str) else None)
+    _admit(request, embed_request)
+    result = await engine.encode(embed_request, top_k=parse_top_k(data))
+    return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens), media_type=_JSON,
+                    headers=_timing(result))
+
+
+def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRouter:
+    """POST /embed_sparse. `read_body` applies the content-type and size checks the other routes apply."""
+    router = APIRouter()
+
+    async def embed_sparse(request: Request) -> Response:
+        primary: Served = (models.of_task("sparse") or models.all)[0]
+        primary.engine.check_ready()  # refuse cheaply, before reading the body
+        embed_request, named, top_k = parse_sparse(parse_json_body(await read_body(request)))
+        _served, engine = models.for_sparse(named)
+        _admit(request, embed_request)
+        result = await engine.encode(embed_request, top_k=top_k)
+        return Response(encode_tei_sparse(result.vectors), media_type=_JSON, headers=_timing(result))
+
+    router.add_api_route("/embed_sparse", embed_sparse, methods=["POST"], **operation_doc(
+        "Sparse (SPLADE) vectors of texts (TEI format): each input's non-zero vocabulary entries, by index",
+        response=SparseResponse, errors=EMBEDDING_ERRORS, body=SparseBody,
+        body_examples=SPARSE_EXAMPLES, headers=_TIMING, tags=["sparse"]))
+    return router

@@ -1,0 +1,60 @@
+"""The sparse (SPLADE) task on the engine core: texts become vocabulary-sized vectors of which only the
+non-zeros travel (indices ascending, values), through the same tokenisation, length rules, limits and
+token-budget batcher as embeddings (engine/inputs.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ..backends.sparse import SparseVector, top_k
+from ..errors import ErrorKind, ServiceError
+from ..logging_config import RequestLine
+from .core import EngineCore
+from .inputs import prepare_inputs
+from .types import EmbedRequest
+
+__all__ = ["MAX_TOP_K", "SparseEngine", "SparseResult", "SparseVector"]
+
+log = logging.getLogger("embedding_service")
+_generated = RequestLine(log, "Generated %d sparse vectors in %.3fs")  # one line per request (logging_config)
+
+MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k is a mistake, not a wish
+
+
+@dataclass
+class SparseResult:
+    vectors: list[SparseVector]  # one per input, in order
+    prompt_tokens: int
+    queue_time_s: float = 0.0
+    compute_time_s: float = 0.0
+
+
+class SparseEngine(EngineCore):
+    """An engine whose model gives sparse vectors (a masked-LM model with SPLADE pooling)."""
+
+    async def encode(self, request: EmbedRequest, *, top_k: int | None = None) -> SparseResult:
+        """The sparse vectors of the request's inputs; `top_k` keeps each vector's k largest values
+        (sentence-transformers' `max_active_dims`)."""
+        with self.accepted() as info:
+            if request.dimensions is not None:
+                raise ServiceError(ErrorKind.INVALID_REQUEST,
+                                   f"model {info.model} is a sparse model (one dimension per vocabulary entry): "
+                                   "'dimensions' does not apply; use top_k to keep the largest values",
+                                   param="dimensions")
+            if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"top_k must be between 1 and {MAX_TOP_K}, got "
+                                   f"{top_k}", param="top_k")
+            deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
+            with self.on_its_way():
+                seqs, total = await prepare_inputs(self, request, info, deadline)
+            started = time.perf_counter()
+            rows, queued, compute = await self.submit(seqs, deadline)
+            _generated(len(seqs), time.perf_counter() - started)
+        return SparseResult([_pruned(row, top_k) for row in rows[:, 0]], total, queued, compute)
+
+
+def _pruned(row: object, k: int | None) -> SparseVector:
+    assert isinstance(row, SparseVector), "a sparse backend returns SparseVector rows"
+    return top_k(row, k)
