@@ -184,3 +184,24 @@ async def test_bad_sparse_requests_are_clear_400s(http: httpx.AsyncClient, path:
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize(("strategy", "activation"), [("sum", "relu"), ("max", "log1p_relu")])
+async def test_a_saved_sparse_encoder_folder_keeps_its_pooling(tmp_path: Path, random_splade_dir: Path,
+                                                               strategy: str, activation: str) -> None:
+    """A sentence-transformers folder (modules.json + SpladePooling's config) is served with its pooling."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    built = SparseEncoder(modules=[Transformer(str(random_splade_dir), transformer_task="fill-mask"),
+                                   SpladePooling(pooling_strategy=strategy, activation_function=activation)],
+                          device="cpu")
+    built.save(str(tmp_path))
+    reference = SparseEncoder(str(tmp_path), device="cpu")
+    engine = await _engine(tmp_path, max_batch_size=2)
+    try:
+        result = await engine.encode(EmbedRequest(texts=DOCUMENTS))
+    finally:
+        await engine.stop()
+    assert _compare(result.vectors, _dense(reference.encode(DOCUMENTS, convert_to_tensor=True))) <= 1e-4

@@ -1,0 +1,91 @@
+"""A real server with a models file serving the demo MiniLM (dense) and SPLADE-tiny (sparse): /embed_sparse and
+/v1/embeddings give SparseEncoder.encode's vectors (same indices, values within 1e-4, fp32), and the dense
+model's answers are bit for bit those of a `--demo` server without the sparse model beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("sentence_transformers")
+
+TEXTS = ["what is splade?", "SPLADE expands a text over the vocabulary and weights each term.",
+         "Learned sparse retrieval keeps an inverted index, like BM25. " * 6, "café 東京"]
+TORCH_FP32 = ["--engine", "torch", "--dtype", "float32", "--device", "cpu", "--log-level", "WARNING"]
+
+
+def _served(args: list[str]) -> Iterator[ServerProcess]:
+    server = ServerProcess([*TORCH_FP32, *args])
+    try:
+        server.wait_healthy(240)
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path) -> Iterator[ServerProcess]:
+    path = tmp_path_factory.mktemp("models") / "models.yaml"
+    path.write_text(f"""models:
+  - name: minilm
+    demo: true
+  - name: splade
+    aliases: [splade-tiny]
+    model_path: {splade_tiny_dir}
+    task: sparse
+""")
+    yield from _served(["--models-file", str(path)])
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> Any:
+    response = httpx.post(url + path, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_sparse_vectors_equal_sparse_encoder(server: ServerProcess, splade_tiny_dir: Path) -> None:
+    from sentence_transformers import SparseEncoder
+
+    reference = SparseEncoder(str(splade_tiny_dir), device="cpu")
+    rows = reference.encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    tei = _post(server.url, "/embed_sparse", {"inputs": TEXTS})
+    openai = _post(server.url, "/v1/embeddings", {"input": TEXTS, "model": "splade-tiny"})
+    assert openai["model"] == "splade"
+    worst = 0.0
+    for items, item, row in zip(tei, openai["data"], rows, strict=True):
+        expected = np.flatnonzero(row)
+        assert [i["index"] for i in items] == expected.tolist() == item["embedding"]["indices"]
+        values = np.array([i["value"] for i in items])
+        assert values.tolist() == item["embedding"]["values"]
+        worst = max(worst, float(np.abs(values - row[expected]).max()))
+    assert worst <= 1e-4
+    assert len({len(items) for items in tei}) > 1  # the vectors differ from text to text
+    pruned = _post(server.url, "/embed_sparse", {"inputs": TEXTS[1], "top_k": 4})
+    top = reference.encode([TEXTS[1]], max_active_dims=4, convert_to_tensor=True).to_dense().numpy()[0]
+    assert [i["index"] for i in pruned[0]] == np.flatnonzero(top).tolist()
+
+
+def test_dense_model_unchanged_beside_the_sparse_one(server: ServerProcess) -> None:
+    body = {"input": TEXTS, "model": "minilm"}
+    beside = np.asarray([item["embedding"] for item in _post(server.url, "/v1/embeddings", body)["data"]])
+    default = np.asarray([item["embedding"] for item in _post(server.url, "/v1/embeddings", {"input": TEXTS})["data"]])
+    assert beside.shape == (len(TEXTS), 384)
+    np.testing.assert_array_equal(default, beside)  # no `model`: the dense one, not the sparse one
+    for alone in _served(["--demo"]):
+        np.testing.assert_array_equal(
+            np.asarray([item["embedding"] for item in _post(alone.url, "/v1/embeddings", body)["data"]]), beside)
+        refused = httpx.post(alone.url + "/embed_sparse", json={"inputs": "x"}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_sparse"
+    models = {card["id"]: card for card in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert models["splade"]["task"] == "sparse" and models["minilm"]["dimensions"] == 384
+    health = httpx.get(server.url + "/health").json()
+    assert {m["model"]: m["task"] for m in health["models"]} == {"minilm": "embed", "splade": "sparse"}
