@@ -205,3 +205,65 @@ async def test_a_saved_sparse_encoder_folder_keeps_its_pooling(tmp_path: Path, r
     finally:
         await engine.stop()
     assert _compare(result.vectors, _dense(reference.encode(DOCUMENTS, convert_to_tensor=True))) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def inference_free_dir(tmp_path_factory: pytest.TempPathFactory, random_splade_dir: Path) -> Path:
+    """An inference-free SPLADE model as sentence-transformers builds one (offline): a Router whose query route
+    is a SparseStaticEmbedding (random weights, as IDF would be: > 0, some 0) and whose document route is the
+    random masked-LM + SpladePooling."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Router, Transformer
+    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
+
+    document = Transformer(str(random_splade_dir), transformer_task="fill-mask")
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(len(document.tokenizer.get_vocab()), generator=generator) * 3
+    weights[torch.rand(weights.shape, generator=generator) < 0.2] = 0.0  # terms a query side ignores
+    query = SparseStaticEmbedding(tokenizer=document.tokenizer, weight=weights, frozen=True)
+    router = Router.for_query_document(query_modules=[query], document_modules=[document, SpladePooling()])
+    out = tmp_path_factory.mktemp("inference-free-splade")
+    SparseEncoder(modules=[router], device="cpu").save(str(out))
+    return out
+
+
+async def test_inference_free_query_side_equals_sparse_encoder(inference_free_dir: Path) -> None:
+    reference = _reference(inference_free_dir)
+    engine = await _engine(inference_free_dir, max_batch_size=2)
+    try:
+        queries = await engine.encode(EmbedRequest(texts=QUERIES + DOCUMENTS[:1]), input_type="query")
+        documents = await engine.encode(EmbedRequest(texts=DOCUMENTS), input_type="document")
+        plain = await engine.encode(EmbedRequest(texts=DOCUMENTS))
+        as_document = await engine.encode(EmbedRequest(texts=QUERIES), input_type="document")
+        with pytest.raises(ServiceError, match="input_type must be"):
+            await engine.encode(EmbedRequest(texts=["x"]), input_type="passage")
+    finally:
+        await engine.stop()
+    assert _compare(queries.vectors, _dense(reference.encode_query(QUERIES + DOCUMENTS[:1], convert_to_tensor=True))
+                    ) <= 1e-4
+    assert _compare(documents.vectors, _dense(reference.encode_document(DOCUMENTS, convert_to_tensor=True))) <= 1e-4
+    assert _compare(plain.vectors, _dense(reference.encode(DOCUMENTS, convert_to_tensor=True))) <= 1e-4
+    # The two sides really differ: a query's vector has only its own tokens; the document side expands.
+    for by_query, by_document in zip(queries.vectors, as_document.vectors, strict=False):
+        assert len(by_query.indices) < len(by_document.indices)
+    assert queries.compute_time_s == 0.0  # no forward for the query side
+
+
+async def test_input_type_over_http(inference_free_dir: Path) -> None:
+    reference = _reference(inference_free_dir)
+    sparse = await _engine(inference_free_dir)
+    app = create_app(make_settings(engine="fake"), models=[Served("splade", sparse, SPARSE)])
+    try:
+        async with in_process_client(app) as client:
+            tei = (await client.post("/embed_sparse", json={"inputs": QUERIES, "input_type": "query"})).json()
+            openai = (await client.post("/v1/embeddings", json={"input": QUERIES, "input_type": "query"})).json()
+            bad = await client.post("/embed_sparse", json={"inputs": "x", "input_type": "passage"})
+            bad_openai = await client.post("/v1/embeddings", json={"input": "x", "input_type": "passage"})
+    finally:
+        await sparse.stop()
+    rows = _dense(reference.encode_query(QUERIES, convert_to_tensor=True))
+    for items, item, row in zip(tei, openai["data"], rows, strict=True):
+        assert [i["index"] for i in items] == np.flatnonzero(row).tolist() == item["embedding"]["indices"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_type"
+    assert bad_openai.status_code == 400 and bad_openai.json()["error"]["param"] == "input_type"

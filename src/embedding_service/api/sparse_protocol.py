@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -32,8 +33,8 @@ from ..backends.sparse import SparseVector
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseItem", "SparseResponse", "encode_openai_sparse",
-           "encode_tei_sparse", "parse_sparse", "parse_top_k"]
+__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseResponse", "encode_openai_sparse",
+           "encode_tei_sparse", "parse_sparse", "parse_sparse_options"]
 
 
 class SparseBody(BaseModel):
@@ -51,6 +52,9 @@ class SparseBody(BaseModel):
     prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
     model: StrictStr | None = Field(None, description="which sparse model (its name or an alias)")
     top_k: StrictInt | None = Field(None, ge=1, description="keep each vector's k largest values")
+    input_type: Literal["query", "document"] | None = Field(
+        None, description="query or document: SparseEncoder.encode_query / encode_document (an inference-free "
+        "model's query side); omitted: SparseEncoder.encode")
 
 
 class SparseItem(BaseModel):
@@ -98,8 +102,18 @@ def _texts(inputs: Any) -> list[str]:
     return list(inputs)
 
 
-def parse_sparse(data: Any) -> tuple[EmbedRequest, str | None, int | None]:
-    """A decoded /embed_sparse body: (the engine request, the model asked for, top_k)."""
+@dataclass
+class SparseCall:
+    """A sparse request: the texts and their options, the model asked for, and the sparse options."""
+
+    request: EmbedRequest
+    model: str | None = None
+    top_k: int | None = None
+    input_type: str | None = None
+
+
+def parse_sparse(data: Any) -> SparseCall:
+    """A decoded /embed_sparse body."""
     if not isinstance(data, dict):
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body must be a JSON object, got "
                            f"{type(data).__name__}")
@@ -115,17 +129,20 @@ def parse_sparse(data: Any) -> tuple[EmbedRequest, str | None, int | None]:
                            param=field) from None
     texts = _texts(body.inputs)
     _check_texts(texts, "inputs")
-    return EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate), body.model, body.top_k
+    return SparseCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
+                      body.model, body.top_k, body.input_type)
 
 
-def parse_top_k(data: dict[str, Any]) -> int | None:
-    """`top_k` of a /v1/embeddings body for a sparse model (an extension field)."""
-    value = data.get("top_k")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def parse_sparse_options(data: dict[str, Any], request: EmbedRequest) -> SparseCall:
+    """`top_k` and `input_type` of a /v1/embeddings body for a sparse model (extension fields)."""
+    value, kind = data.get("top_k"), data.get("input_type")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ServiceError(ErrorKind.INVALID_REQUEST, "top_k must be a positive integer", param="top_k")
-    return value
+    if kind is not None and kind not in ("query", "document"):
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "input_type must be 'query' or 'document'",
+                           param="input_type")
+    named = data.get("model")
+    return SparseCall(request, named if isinstance(named, str) else None, value, kind)
 
 
 def encode_tei_sparse(vectors: list[SparseVector]) -> bytes:

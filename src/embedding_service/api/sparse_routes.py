@@ -23,7 +23,7 @@ from .sparse_protocol import (
     encode_openai_sparse,
     encode_tei_sparse,
     parse_sparse,
-    parse_top_k,
+    parse_sparse_options,
 )
 
 __all__ = ["build_sparse_router", "sparse_embeddings"]
@@ -55,10 +55,10 @@ async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -
     if encoding != "float":
         raise ServiceError(ErrorKind.INVALID_REQUEST, "a sparse model's vectors are JSON indices and values: "
                            "encoding_format must be 'float' (or omitted)", param="encoding_format")
-    named = data.get("model")
-    served, engine = models.for_sparse(named if isinstance(named, str) else None)
+    call = parse_sparse_options(data, embed_request)
+    served, engine = models.for_sparse(call.model)
     _admit(request, embed_request)
-    result = await engine.encode(embed_request, top_k=parse_top_k(data))
+    result = await engine.encode(embed_request, top_k=call.top_k, input_type=call.input_type)
     return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens), media_type=_JSON,
                     headers=_timing(result))
 
@@ -70,10 +70,10 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
     async def embed_sparse(request: Request) -> Response:
         primary: Served = (models.of_task("sparse") or models.all)[0]
         primary.engine.check_ready()  # refuse cheaply, before reading the body
-        embed_request, named, top_k = parse_sparse(parse_json_body(await read_body(request)))
-        _served, engine = models.for_sparse(named)
-        _admit(request, embed_request)
-        result = await engine.encode(embed_request, top_k=top_k)
+        call = parse_sparse(parse_json_body(await read_body(request)))
+        _served, engine = models.for_sparse(call.model)
+        _admit(request, call.request)
+        result = await engine.encode(call.request, top_k=call.top_k, input_type=call.input_type)
         return Response(encode_tei_sparse(result.vectors), media_type=_JSON, headers=_timing(result))
 
     router.add_api_route("/embed_sparse", embed_sparse, methods=["POST"], **operation_doc(

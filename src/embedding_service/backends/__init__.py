@@ -8,6 +8,7 @@ from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, Back
 from .fake import FakeOptions
 from .model_facts import ModelFacts, read_model_facts
 from .pair_tokenizer import PairBackend
+from .sparse import SparseBackend
 
 __all__ = [
     "Backend",
@@ -18,6 +19,7 @@ __all__ = [
     "FakeOptions",
     "ModelFacts",
     "PairBackend",
+    "SparseBackend",
     "create_backend",
     "create_scoring_backend",
     "create_sparse_backend",
@@ -77,7 +79,7 @@ def create_scoring_backend(engine: str, options: BackendOptions) -> PairBackend:
     return TorchScoringBackend(options)
 
 
-def create_sparse_backend(engine: str, options: BackendOptions) -> Backend:
+def create_sparse_backend(engine: str, options: BackendOptions) -> SparseBackend:
     """Build (not load) the backend of a sparse (SPLADE) model: the torch engine serves them."""
     if engine != "torch":
         raise BackendLoadError(f"the {engine} engine cannot serve a sparse (SPLADE) model; use engine: torch")

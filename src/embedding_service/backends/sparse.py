@@ -12,10 +12,24 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["SparseVector", "SpladeConfig", "pack_rows", "read_splade_config", "top_k"]
+from .base import Backend
+
+__all__ = [
+    "DOCUMENT",
+    "QUERY",
+    "SparseBackend",
+    "SparseLayout",
+    "SparseVector",
+    "SpladeConfig",
+    "pack_rows",
+    "read_sparse_layout",
+    "read_splade_config",
+    "top_k",
+]
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,26 @@ class SparseVector:
     values: np.ndarray
 
 
+QUERY, DOCUMENT = "query", "document"  # sentence-transformers' routes (encode_query, encode_document)
+
+
+class SparseBackend(Backend, Protocol):
+    """A sparse model's backend: `embed` gives the document side's SparseVector rows (pack_rows); a model with
+    an inference-free query side also encodes queries, without a forward (`query_vectors`)."""
+
+    @property
+    def has_query_encoder(self) -> bool: ...
+
+    @property
+    def default_route(self) -> str:
+        """QUERY or DOCUMENT: what a request that names no input type gets."""
+        ...
+
+    def query_vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
+        """The query side's vectors of token sequences (special tokens included, as `tokenize` gives them)."""
+        ...
+
+
 @dataclass(frozen=True)
 class SpladeConfig:
     """sentence-transformers' SpladePooling settings (its defaults where the folder has none)."""
@@ -34,29 +68,75 @@ class SpladeConfig:
     activation_function: str = "relu"  # relu: log(1 + relu(x)); log1p_relu: log(1 + log(1 + relu(x)))
 
 
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _splade_config(folder: Path) -> SpladeConfig:
+    """SpladePooling's config.json in `folder`. ValueError for settings sentence-transformers refuses too."""
+    raw = _json(folder / "config.json")
+    raw = raw if isinstance(raw, dict) else {}
+    config = SpladeConfig(pooling_strategy=str(raw.get("pooling_strategy", "max")),
+                          activation_function=str(raw.get("activation_function", "relu")))
+    if config.pooling_strategy not in ("max", "sum"):
+        raise ValueError(f"SpladePooling pooling_strategy {config.pooling_strategy!r}: max or sum")
+    if config.activation_function not in ("relu", "log1p_relu"):
+        raise ValueError(f"SpladePooling activation_function {config.activation_function!r}: relu or log1p_relu")
+    return config
+
+
 def read_splade_config(model_dir: str | Path) -> SpladeConfig:
     """The SpladePooling module's config from modules.json; a plain masked-LM folder (no modules.json, as
-    SparseEncoder loads one) gets the defaults. ValueError for settings sentence-transformers refuses too."""
+    SparseEncoder loads one) gets the defaults."""
     root = Path(model_dir)
-    try:
-        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return SpladeConfig()
+    modules = _json(root / "modules.json")
     for module in modules if isinstance(modules, list) else []:
         if isinstance(module, dict) and str(module.get("type", "")).endswith("SpladePooling"):
-            try:
-                raw = json.loads((root / str(module.get("path", "")) / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                raw = {}
-            config = SpladeConfig(pooling_strategy=str(raw.get("pooling_strategy", "max")),
-                                  activation_function=str(raw.get("activation_function", "relu")))
-            if config.pooling_strategy not in ("max", "sum"):
-                raise ValueError(f"SpladePooling pooling_strategy {config.pooling_strategy!r}: max or sum")
-            if config.activation_function not in ("relu", "log1p_relu"):
-                raise ValueError(f"SpladePooling activation_function {config.activation_function!r}: relu or "
-                                 "log1p_relu")
-            return config
+            return _splade_config(root / str(module.get("path", "")))
     return SpladeConfig()
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Where a sparse model's parts are: the masked-LM (document) encoder and its pooling, and, for an
+    inference-free model (sentence-transformers' Router: a SparseStaticEmbedding on the query route), the
+    query side's folder (its tokenizer and one weight per vocabulary entry, e.g. IDF)."""
+
+    document_dir: Path
+    splade: SpladeConfig
+    query_dir: Path | None = None
+    default_route: str = DOCUMENT  # what a request that names no input_type gets (SparseEncoder.encode)
+
+
+def read_sparse_layout(model_dir: str | Path) -> SparseLayout:
+    """The layout of `model_dir`: a plain folder or a saved SparseEncoder, or a Router (router_config.json).
+    ValueError for a layout this server cannot serve, naming what it found."""
+    root = Path(model_dir)
+    router = _json(root / "router_config.json")
+    if not isinstance(router, dict):
+        return SparseLayout(root, read_splade_config(root))
+    types, structure = router.get("types") or {}, router.get("structure") or {}
+
+    def kinds(route: str) -> list[tuple[str, str]]:
+        return [(name, str(types.get(name, "")).rsplit(".", 1)[-1]) for name in structure.get(route) or []]
+
+    document, query = kinds("document"), kinds("query")
+    if [kind for _, kind in document] not in (["Transformer", "SpladePooling"], ["MLMTransformer", "SpladePooling"]):
+        raise ValueError(f"{root}: router_config.json's document route is {[k for _, k in document]}; served: a "
+                         "masked-LM Transformer followed by SpladePooling")
+    if query and [kind for _, kind in query] != ["SparseStaticEmbedding"]:
+        raise ValueError(f"{root}: router_config.json's query route is {[k for _, k in query]}; served: one "
+                         "SparseStaticEmbedding (an inference-free query side) or none")
+    parameters = router.get("parameters") or {}
+    default = parameters.get("default_route") or next(iter(structure), "document")
+    if set(structure) - {"query", "document"} or default not in ("query", "document"):
+        raise ValueError(f"{root}: router routes {sorted(structure)} (default {default!r}); served: query and "
+                         "document")
+    return SparseLayout(root / document[0][0], _splade_config(root / document[1][0]),
+                        root / query[0][0] if query else None, str(default))
 
 
 def pack_rows(vectors: Sequence[SparseVector]) -> np.ndarray:

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .sparse import SparseVector, SpladeConfig, pack_rows, read_splade_config
-from .tokenization import HfTokenizer
+from .model_facts import read_model_facts
+from .sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_rows, read_sparse_layout
+from .tokenization import PROBES, HfTokenizer
 from .torch_backend import torch_placement
 
 __all__ = ["TorchSparseBackend"]
@@ -42,6 +43,8 @@ class TorchSparseBackend:
         self._tokenizer: HfTokenizer | None = None
         self._device: Any = None
         self._splade = SpladeConfig()
+        self._layout: SparseLayout | None = None
+        self._query_weights: np.ndarray | None = None  # inference-free query side: one weight per token id
         self._chunk = 1
 
     def load(self) -> BackendInfo:
@@ -53,11 +56,14 @@ class TorchSparseBackend:
         opts = self._options
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
-            self._splade = read_splade_config(opts.model_dir)
-            tokenizer = HfTokenizer(opts.model_dir)
-            model = AutoModelForMaskedLM.from_pretrained(opts.model_dir, dtype=torch_dtype)
+            layout = read_sparse_layout(opts.model_dir)
+            tokenizer = HfTokenizer(str(layout.document_dir))
+            model = AutoModelForMaskedLM.from_pretrained(layout.document_dir, dtype=torch_dtype)
+            if layout.query_dir is not None:
+                self._query_weights = _query_side(layout.query_dir, tokenizer)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load sparse (masked-LM) model from {opts.model_dir}: {exc}") from exc
+        self._layout, self._splade = layout, layout.splade
         head = model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
             raise BackendLoadError(f"{opts.model_dir}: its masked-LM head does not end in a linear projection "
@@ -76,7 +82,8 @@ class TorchSparseBackend:
                  dtype_name, self._splade.pooling_strategy, self._splade.activation_function, vocabulary)
         return BackendInfo(
             model=opts.model_label, device=device, dtype=dtype_name, dimension=vocabulary,
-            max_model_len=opts.facts.length_limit(opts.max_model_len), vocab_size=tokenizer.vocab_size,
+            max_model_len=read_model_facts(layout.document_dir).length_limit(opts.max_model_len),
+            vocab_size=tokenizer.vocab_size,
             special_prefix=tokenizer.special_prefix, special_suffix=tokenizer.special_suffix,
             prompts=opts.facts.prompts, default_prompt_name=opts.facts.default_prompt_name,
             padded=True, max_concurrent_batches=1, engine="torch", task="sparse")
@@ -84,6 +91,27 @@ class TorchSparseBackend:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)
+
+    @property
+    def has_query_encoder(self) -> bool:
+        return self._query_weights is not None
+
+    @property
+    def default_route(self) -> str:
+        return self._layout.default_route if self._layout is not None else DOCUMENT
+
+    def query_vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
+        """SparseStaticEmbedding: each token present (special tokens aside, as it tokenises without them)
+        gets its weight."""
+        assert self._query_weights is not None and self._tokenizer is not None, "an inference-free model"
+        head, tail = len(self._tokenizer.special_prefix), len(self._tokenizer.special_suffix)
+        out = []
+        for seq in batch:
+            ids = np.unique(np.asarray(seq[head: len(seq) - tail], dtype=np.int32))
+            values = self._query_weights[ids]
+            keep = values != 0
+            out.append(SparseVector(ids[keep], values[keep]))
+        return out
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
@@ -145,3 +173,16 @@ def _replace_module(model: Any, old: Any, new: Any) -> None:
                 setattr(module, child_name, new)
                 return
     raise BackendLoadError(f"{type(model).__name__}: its output embeddings are not one of its modules")
+
+
+def _query_side(folder: Any, tokenizer: HfTokenizer) -> np.ndarray:
+    """The weights of a SparseStaticEmbedding folder, after checking that its tokenizer gives the document
+    side's ids (the engine tokenises once, for either side)."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))["weight"].astype(np.float32)
+    if HfTokenizer(str(folder))(list(PROBES)) != tokenizer(list(PROBES)):
+        raise ValueError(f"{folder}: the query side's tokenizer differs from the document side's")
+    if weights.ndim != 1 or weights.shape[0] < tokenizer.vocab_size:
+        raise ValueError(f"{folder}: {weights.shape} weights for a vocabulary of {tokenizer.vocab_size}")
+    return weights

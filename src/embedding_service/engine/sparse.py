@@ -8,19 +8,21 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..backends.sparse import SparseVector, top_k
+from ..backends.sparse import DOCUMENT, QUERY, SparseBackend, SparseVector, top_k
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .core import EngineCore
 from .inputs import prepare_inputs
+from .options import EngineOptions
 from .types import EmbedRequest
 
-__all__ = ["MAX_TOP_K", "SparseEngine", "SparseResult", "SparseVector"]
+__all__ = ["INPUT_TYPES", "MAX_TOP_K", "SparseEngine", "SparseResult", "SparseVector"]
 
 log = logging.getLogger("embedding_service")
 _generated = RequestLine(log, "Generated %d sparse vectors in %.3fs")  # one line per request (logging_config)
 
 MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k is a mistake, not a wish
+INPUT_TYPES = (QUERY, DOCUMENT)  # sentence-transformers' encode_query / encode_document
 
 
 @dataclass
@@ -32,10 +34,17 @@ class SparseResult:
 
 
 class SparseEngine(EngineCore):
-    """An engine whose model gives sparse vectors (a masked-LM model with SPLADE pooling)."""
+    """An engine whose model gives sparse vectors (a masked-LM model with SPLADE pooling; for an
+    inference-free model, queries by a weight per token, without a forward)."""
 
-    async def encode(self, request: EmbedRequest, *, top_k: int | None = None) -> SparseResult:
-        """The sparse vectors of the request's inputs; `top_k` keeps each vector's k largest values
+    def __init__(self, backend: SparseBackend, options: EngineOptions) -> None:
+        super().__init__(backend, options)
+        self.sparse_backend = backend
+
+    async def encode(self, request: EmbedRequest, *, top_k: int | None = None, input_type: str | None = None
+                     ) -> SparseResult:
+        """The sparse vectors of the request's inputs, as SparseEncoder.encode (no input type),
+        encode_query or encode_document give them; `top_k` keeps each vector's k largest values
         (sentence-transformers' `max_active_dims`)."""
         with self.accepted() as info:
             if request.dimensions is not None:
@@ -46,13 +55,23 @@ class SparseEngine(EngineCore):
             if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"top_k must be between 1 and {MAX_TOP_K}, got "
                                    f"{top_k}", param="top_k")
+            if input_type is not None and input_type not in INPUT_TYPES:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input_type must be 'query' or 'document', got "
+                                   f"{input_type!r}", param="input_type")
+            if input_type in info.prompts and request.prompt_name is None:  # as encode_query/_document do
+                request.prompt_name = input_type
+            route = input_type or self.sparse_backend.default_route
             deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
             with self.on_its_way():
                 seqs, total = await prepare_inputs(self, request, info, deadline)
             started = time.perf_counter()
-            rows, queued, compute = await self.submit(seqs, deadline)
+            if route == QUERY and self.sparse_backend.has_query_encoder:  # a lookup: no batch, no forward
+                vectors, queued, compute = self.sparse_backend.query_vectors(seqs), 0.0, 0.0
+            else:
+                rows, queued, compute = await self.submit(seqs, deadline)
+                vectors = list(rows[:, 0])
             _generated(len(seqs), time.perf_counter() - started)
-        return SparseResult([_pruned(row, top_k) for row in rows[:, 0]], total, queued, compute)
+        return SparseResult([_pruned(row, top_k) for row in vectors], total, queued, compute)
 
 
 def _pruned(row: object, k: int | None) -> SparseVector:
