@@ -267,3 +267,16 @@ async def test_input_type_over_http(inference_free_dir: Path) -> None:
         assert [i["index"] for i in items] == np.flatnonzero(row).tolist() == item["embedding"]["indices"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_type"
     assert bad_openai.status_code == 400 and bad_openai.json()["error"]["param"] == "input_type"
+
+
+def test_a_sparse_model_is_planned_on_torch_and_refused_elsewhere(random_splade_dir: Path) -> None:
+    from embedding_service.backends import BackendLoadError
+    from embedding_service.service import build_engine, plan_model
+
+    planned = plan_model(make_settings(model_path=str(random_splade_dir), served_model_name="splade"), SPARSE)
+    assert planned.role == SPARSE and planned.engine == "torch" and planned.name == "splade"
+    assert isinstance(build_engine(planned), SparseEngine)
+    for engine in ("vllm", "openvino"):
+        vllm = plan_model(make_settings(model_path=str(random_splade_dir), engine=engine), SPARSE)
+        with pytest.raises(BackendLoadError, match=f"the {engine} engine cannot serve a sparse"):
+            build_engine(vllm)
