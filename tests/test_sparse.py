@@ -207,27 +207,6 @@ async def test_a_saved_sparse_encoder_folder_keeps_its_pooling(tmp_path: Path, r
     assert _compare(result.vectors, _dense(reference.encode(DOCUMENTS, convert_to_tensor=True))) <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def inference_free_dir(tmp_path_factory: pytest.TempPathFactory, random_splade_dir: Path) -> Path:
-    """An inference-free SPLADE model as sentence-transformers builds one (offline): a Router whose query route
-    is a SparseStaticEmbedding (random weights, as IDF would be: > 0, some 0) and whose document route is the
-    random masked-LM + SpladePooling."""
-    import torch
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.base.modules import Router, Transformer
-    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
-
-    document = Transformer(str(random_splade_dir), transformer_task="fill-mask")
-    generator = torch.Generator().manual_seed(0)
-    weights = torch.rand(len(document.tokenizer.get_vocab()), generator=generator) * 3
-    weights[torch.rand(weights.shape, generator=generator) < 0.2] = 0.0  # terms a query side ignores
-    query = SparseStaticEmbedding(tokenizer=document.tokenizer, weight=weights, frozen=True)
-    router = Router.for_query_document(query_modules=[query], document_modules=[document, SpladePooling()])
-    out = tmp_path_factory.mktemp("inference-free-splade")
-    SparseEncoder(modules=[router], device="cpu").save(str(out))
-    return out
-
-
 async def test_inference_free_query_side_equals_sparse_encoder(inference_free_dir: Path) -> None:
     reference = _reference(inference_free_dir)
     engine = await _engine(inference_free_dir, max_batch_size=2)
@@ -280,3 +259,17 @@ def test_a_sparse_model_is_planned_on_torch_and_refused_elsewhere(random_splade_
         vllm = plan_model(make_settings(model_path=str(random_splade_dir), engine=engine), SPARSE)
         with pytest.raises(BackendLoadError, match=f"the {engine} engine cannot serve a sparse"):
             build_engine(vllm)
+
+
+def test_a_saved_sparse_encoder_is_found_sparse_and_never_served_dense(tmp_path: Path,
+                                                                       inference_free_dir: Path) -> None:
+    from embedding_service.backends import BackendLoadError
+    from embedding_service.models_file import read_models_file
+    from embedding_service.service import plan_model
+
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - name: splade\n    model_path: {inference_free_dir}\n")  # no task: found
+    (entry,) = read_models_file(make_settings(models_file=str(models)))
+    assert entry.task == SPARSE
+    with pytest.raises(BackendLoadError, match="is a sparse \\(SPLADE\\) model"):
+        plan_model(make_settings(model_path=str(inference_free_dir)), EMBED)

@@ -33,7 +33,8 @@ def _served(args: list[str]) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path,
+           inference_free_dir: Path) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("models") / "models.yaml"
     path.write_text(f"""models:
   - name: minilm
@@ -42,7 +43,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path) -> I
     aliases: [splade-tiny]
     model_path: {splade_tiny_dir}
     task: sparse
-""")
+  - name: inference-free
+    model_path: {inference_free_dir}
+""")  # (no task: a saved SparseEncoder is found sparse)
     yield from _served(["--models-file", str(path)])
 
 
@@ -74,6 +77,23 @@ def test_sparse_vectors_equal_sparse_encoder(server: ServerProcess, splade_tiny_
     assert [i["index"] for i in pruned[0]] == np.flatnonzero(top).tolist()
 
 
+def test_inference_free_model_query_and_document_sides(server: ServerProcess, inference_free_dir: Path) -> None:
+    from sentence_transformers import SparseEncoder
+
+    reference = SparseEncoder(str(inference_free_dir), device="cpu")
+    for input_type, rows in (("query", reference.encode_query(TEXTS, convert_to_tensor=True)),
+                             ("document", reference.encode_document(TEXTS, convert_to_tensor=True))):
+        dense = rows.to_dense().numpy()
+        tei = _post(server.url, "/embed_sparse", {"inputs": TEXTS, "model": "inference-free",
+                                                  "input_type": input_type})
+        openai = _post(server.url, "/v1/embeddings", {"input": TEXTS, "model": "inference-free",
+                                                      "input_type": input_type})
+        for items, item, row in zip(tei, openai["data"], dense, strict=True):
+            expected = np.flatnonzero(row)
+            assert [i["index"] for i in items] == expected.tolist() == item["embedding"]["indices"]
+            assert np.abs(np.array(item["embedding"]["values"]) - row[expected]).max() <= 1e-4
+
+
 def test_dense_model_unchanged_beside_the_sparse_one(server: ServerProcess) -> None:
     body = {"input": TEXTS, "model": "minilm"}
     beside = np.asarray([item["embedding"] for item in _post(server.url, "/v1/embeddings", body)["data"]])
@@ -88,4 +108,5 @@ def test_dense_model_unchanged_beside_the_sparse_one(server: ServerProcess) -> N
     models = {card["id"]: card for card in httpx.get(server.url + "/v1/models").json()["data"]}
     assert models["splade"]["task"] == "sparse" and models["minilm"]["dimensions"] == 384
     health = httpx.get(server.url + "/health").json()
-    assert {m["model"]: m["task"] for m in health["models"]} == {"minilm": "embed", "splade": "sparse"}
+    assert {m["model"]: m["task"] for m in health["models"]} == {"minilm": "embed", "splade": "sparse",
+                                                                "inference-free": "sparse"}

@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .backends.model_facts import read_model_facts
 from .config import MODEL_FLAGS, EmbeddingConfig
-from .engine.types import TASKS
+from .engine.types import EMBED, SPARSE, TASKS
 
 __all__ = ["PER_MODEL_FIELDS", "TASKS", "ModelEntry", "ModelsFileError", "read_models_file"]
 
@@ -76,6 +77,14 @@ def read_models_file(settings: EmbeddingConfig) -> list[ModelEntry]:
     return entries
 
 
+def _task_of(model_path: Any) -> str:
+    """The task an entry without `task:` gets: sparse for a folder sentence-transformers saved as a
+    SparseEncoder, else embed."""
+    if isinstance(model_path, str) and model_path:
+        return SPARSE if read_model_facts(model_path).sentence_transformers_type == "SparseEncoder" else EMBED
+    return EMBED
+
+
 def _entry(server: EmbeddingConfig, where: str, item: Any) -> ModelEntry:
     if not isinstance(item, dict):
         raise ModelsFileError(f"{where}: expected a mapping (name:, model_path:, task:, ...)")
@@ -88,7 +97,7 @@ def _entry(server: EmbeddingConfig, where: str, item: Any) -> ModelEntry:
             hint = " (a server-wide setting: give it as a flag or EMBEDDING_ variable)" \
                 if key in EmbeddingConfig.model_fields else ""
             raise ModelsFileError(f"{where}: {key}: not a per-model field{hint}")
-    task = item.get("task", "embed")
+    task = item.get("task", _task_of(item.get("model_path")))
     if task not in TASKS:
         raise ModelsFileError(f"{where}: task: {task!r}; one of {', '.join(TASKS)}")
     aliases = item.get("aliases", [])

@@ -130,6 +130,9 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     else:
         model_dir = "" if fake else resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
     facts = read_model_facts(model_dir or None)
+    if role == EMBED and facts.sentence_transformers_type == "SparseEncoder":  # else: wrong vectors, silently
+        raise BackendLoadError(f"{model_dir} is a sparse (SPLADE) model (sentence-transformers SparseEncoder): "
+                               "serve it as task: sparse in a models file (docs/sparse.md)")
     # (a sparse model runs on the torch engine: the one with a SPLADE backend)
     kind = "torch" if role == SPARSE and settings.engine == "auto" else choose_engine(settings, facts)
     backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)

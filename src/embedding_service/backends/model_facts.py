@@ -60,6 +60,8 @@ class ModelFacts:
     # sentence-transformers (all-MiniLM-L6-v2: 256 of its 512 positions). vLLM refuses a longer max_model_len.
     max_seq_length: int | None = None
     weight_bytes: int = 0  # the weight files' size on disk (*.safetensors, *.bin): a floor on the memory needed
+    # config_sentence_transformers.json's model_type: SentenceTransformer, SparseEncoder, CrossEncoder (v5+).
+    sentence_transformers_type: str | None = None
 
     @property
     def family(self) -> Family | None:
@@ -150,6 +152,7 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
         default_prompt_name=default_prompt,
         max_seq_length=_positive_int(_object(root / "sentence_bert_config.json").get("max_seq_length")),
         weight_bytes=_weight_bytes(root),
+        sentence_transformers_type=str(st["model_type"]) if isinstance(st.get("model_type"), str) else None,
     )
 
 

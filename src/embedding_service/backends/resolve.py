@@ -38,7 +38,8 @@ def resolve_model_dir(model_name: str, model_path: str | None, demo: bool) -> st
         return demo_model_dir()
     if model_path:
         path = Path(model_path).expanduser()
-        if not (path / "config.json").is_file():
+        # (a sentence-transformers Router, e.g. an inference-free SPLADE, keeps its config.json in sub-folders)
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
             raise BackendLoadError(f"--model-path {model_path} is not a model directory (no config.json there)")
         return str(path)
     if Path(model_name).expanduser().is_dir():
