@@ -175,6 +175,8 @@ async def test_embed_sparse_and_openai_shapes(http: httpx.AsyncClient, random_sp
     ("/v1/embeddings", {"input": "a", "model": "splade", "encoding_format": "base64"}, "encoding_format", "float"),
     ("/v1/embeddings", {"input": "a", "model": "splade", "dimensions": 8}, "dimensions", "does not apply"),
     ("/v1/embeddings", {"input": "a", "model": "splade", "top_k": -1}, "top_k", "positive integer"),
+    ("/v1/embeddings", {"input": "a", "model": "splade", "return_tokens": "yes"}, "return_tokens", "true or false"),
+    ("/embed_sparse", {"inputs": "a", "return_tokens": 1}, "return_tokens", "valid boolean"),
     ("/v1/rerank", {"query": "a", "documents": ["b"], "model": "splade"}, "model", "a sparse model (task: sparse)"),
     ("/v1/score", {"text_1": "a", "text_2": "b", "model": "splade"}, "model", "cannot score"),
 ])

@@ -72,6 +72,14 @@ def test_sparse_vectors_equal_sparse_encoder(server: ServerProcess, splade_tiny_
         worst = max(worst, float(np.abs(values - row[expected]).max()))
     assert worst <= 1e-4
     assert len({len(items) for items in tei}) > 1  # the vectors differ from text to text
+    # return_tokens: each entry's vocabulary string, as SparseEncoder.decode names it.
+    named = _post(server.url, "/embed_sparse", {"inputs": TEXTS, "return_tokens": True})
+    named_openai = _post(server.url, "/v1/embeddings", {"input": TEXTS, "model": "splade", "return_tokens": True})
+    for items, item, decoded in zip(named, named_openai["data"], reference.decode(
+            reference.encode(TEXTS, convert_to_tensor=True)), strict=True):
+        assert {i["token"]: i["index"] for i in items}.keys() == {token for token, _ in decoded}
+        assert item["embedding"]["tokens"] == [i["token"] for i in items]
+    assert "sp" in {i["token"] for i in named[0]}  # "splade" -> sp ##lad ##e
     pruned = _post(server.url, "/embed_sparse", {"inputs": TEXTS[1], "top_k": 4})
     top = reference.encode([TEXTS[1]], max_active_dims=4, convert_to_tensor=True).to_dense().numpy()[0]
     assert [i["index"] for i in pruned[0]] == np.flatnonzero(top).tolist()

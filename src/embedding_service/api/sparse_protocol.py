@@ -52,6 +52,7 @@ class SparseBody(BaseModel):
     prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
     model: StrictStr | None = Field(None, description="which sparse model (its name or an alias)")
     top_k: StrictInt | None = Field(None, ge=1, description="keep each vector's k largest values")
+    return_tokens: StrictBool = Field(False, description="add each entry's vocabulary string (`token`)")
     input_type: Literal["query", "document"] | None = Field(
         None, description="query or document: SparseEncoder.encode_query / encode_document (an inference-free "
         "model's query side); omitted: SparseEncoder.encode")
@@ -60,6 +61,7 @@ class SparseBody(BaseModel):
 class SparseItem(BaseModel):
     index: int = Field(..., ge=0, description="a vocabulary index (token id)")
     value: float = Field(..., gt=0)
+    token: str | None = Field(None, description="its vocabulary string, with return_tokens")
 
 
 class SparseResponse(RootModel[list[list[SparseItem]]]):
@@ -110,6 +112,7 @@ class SparseCall:
     model: str | None = None
     top_k: int | None = None
     input_type: str | None = None
+    return_tokens: bool = False
 
 
 def parse_sparse(data: Any) -> SparseCall:
@@ -130,7 +133,7 @@ def parse_sparse(data: Any) -> SparseCall:
     texts = _texts(body.inputs)
     _check_texts(texts, "inputs")
     return SparseCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
-                      body.model, body.top_k, body.input_type)
+                      body.model, body.top_k, body.input_type, body.return_tokens)
 
 
 def parse_sparse_options(data: dict[str, Any], request: EmbedRequest) -> SparseCall:
@@ -141,21 +144,31 @@ def parse_sparse_options(data: dict[str, Any], request: EmbedRequest) -> SparseC
     if kind is not None and kind not in ("query", "document"):
         raise ServiceError(ErrorKind.INVALID_REQUEST, "input_type must be 'query' or 'document'",
                            param="input_type")
+    tokens = data.get("return_tokens", False)
+    if not isinstance(tokens, bool):
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "return_tokens must be true or false", param="return_tokens")
     named = data.get("model")
-    return SparseCall(request, named if isinstance(named, str) else None, value, kind)
+    return SparseCall(request, named if isinstance(named, str) else None, value, kind, tokens)
 
 
-def encode_tei_sparse(vectors: list[SparseVector]) -> bytes:
-    """TEI's answer: for each input, its non-zeros as {"index", "value"} objects, by index."""
-    return orjson.dumps([[{"index": i, "value": v} for i, v in zip(vector.indices.tolist(), vector.values.tolist(),
-                                                                     strict=True)]
-                         for vector in vectors])
+def encode_tei_sparse(vectors: list[SparseVector], tokens: list[list[str]] | None = None) -> bytes:
+    """TEI's answer: for each input, its non-zeros as {"index", "value"} objects (and "token"), by index."""
+    out = []
+    for n, vector in enumerate(vectors):
+        pairs = zip(vector.indices.tolist(), vector.values.tolist(), strict=True)
+        if tokens is None:
+            out.append([{"index": i, "value": v} for i, v in pairs])
+        else:
+            out.append([{"index": i, "value": v, "token": t} for (i, v), t in zip(pairs, tokens[n], strict=True)])
+    return orjson.dumps(out)
 
 
-def encode_openai_sparse(vectors: list[SparseVector], model: str, prompt_tokens: int) -> bytes:
-    """The /v1/embeddings list with one {"indices", "values"} object per input."""
+def encode_openai_sparse(vectors: list[SparseVector], model: str, prompt_tokens: int,
+                         tokens: list[list[str]] | None = None) -> bytes:
+    """The /v1/embeddings list with one {"indices", "values"(, "tokens")} object per input."""
     data = [{"object": "sparse_embedding", "index": n,
-             "embedding": {"indices": vector.indices.tolist(), "values": vector.values.tolist()}}
+             "embedding": {"indices": vector.indices.tolist(), "values": vector.values.tolist(),
+                           **({"tokens": tokens[n]} if tokens is not None else {})}}
             for n, vector in enumerate(vectors)]
     return orjson.dumps({"object": "list", "data": data, "model": model,
                          "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})

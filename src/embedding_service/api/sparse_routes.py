@@ -58,9 +58,10 @@ async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -
     call = parse_sparse_options(data, embed_request)
     served, engine = models.for_sparse(call.model)
     _admit(request, embed_request)
-    result = await engine.encode(embed_request, top_k=call.top_k, input_type=call.input_type)
-    return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens), media_type=_JSON,
-                    headers=_timing(result))
+    result = await engine.encode(embed_request, top_k=call.top_k, input_type=call.input_type,
+                                 return_tokens=call.return_tokens)
+    return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens, result.tokens),
+                    media_type=_JSON, headers=_timing(result))
 
 
 def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRouter:
@@ -73,8 +74,10 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         call = parse_sparse(parse_json_body(await read_body(request)))
         _served, engine = models.for_sparse(call.model)
         _admit(request, call.request)
-        result = await engine.encode(call.request, top_k=call.top_k, input_type=call.input_type)
-        return Response(encode_tei_sparse(result.vectors), media_type=_JSON, headers=_timing(result))
+        result = await engine.encode(call.request, top_k=call.top_k, input_type=call.input_type,
+                                     return_tokens=call.return_tokens)
+        return Response(encode_tei_sparse(result.vectors, result.tokens), media_type=_JSON,
+                        headers=_timing(result))
 
     router.add_api_route("/embed_sparse", embed_sparse, methods=["POST"], **operation_doc(
         "Sparse (SPLADE) vectors of texts (TEI format): each input's non-zero vocabulary entries, by index",

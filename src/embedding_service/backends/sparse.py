@@ -59,6 +59,10 @@ class SparseBackend(Backend, Protocol):
         """The query side's vectors of token sequences (special tokens included, as `tokenize` gives them)."""
         ...
 
+    def tokens_of(self, indices: np.ndarray) -> list[str]:
+        """The vocabulary strings of these indices (SparseEncoder.decode's)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SpladeConfig:

@@ -46,6 +46,7 @@ class TorchSparseBackend:
         self._layout: SparseLayout | None = None
         self._query_weights: np.ndarray | None = None  # inference-free query side: one weight per token id
         self._chunk = 1
+        self._strings: list[str] = []  # each vocabulary index's token (return_tokens)
 
     def load(self) -> BackendInfo:
         import torch
@@ -76,6 +77,8 @@ class TorchSparseBackend:
         vocabulary = int(self._weight.shape[0])
         self._chunk = max(1, _HEAD_CHUNK_BYTES // (4 * vocabulary))
         self._tokenizer, self._model, self._device = tokenizer, model, torch.device(device)
+        named = tokenizer.tokenizer.convert_ids_to_tokens(list(range(min(vocabulary, tokenizer.vocab_size))))
+        self._strings = [str(token) for token in named] + [""] * max(0, vocabulary - tokenizer.vocab_size)
         if opts.torch_compile:
             log.info("torch sparse backend: torch_compile is not applied to SPLADE models (eager forwards)")
         log.info("torch sparse backend: %s on %s (%s), SPLADE %s/%s, vocabulary %d", opts.model_label, device,
@@ -99,6 +102,9 @@ class TorchSparseBackend:
     @property
     def default_route(self) -> str:
         return self._layout.default_route if self._layout is not None else DOCUMENT
+
+    def tokens_of(self, indices: np.ndarray) -> list[str]:
+        return [self._strings[i] for i in indices.tolist()]
 
     def query_vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
         """SparseStaticEmbedding: each token present (special tokens aside, as it tokenises without them)

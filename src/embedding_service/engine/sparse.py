@@ -31,6 +31,7 @@ class SparseResult:
     prompt_tokens: int
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
+    tokens: list[list[str]] | None = None  # with return_tokens: each non-zero's vocabulary string
 
 
 class SparseEngine(EngineCore):
@@ -41,8 +42,8 @@ class SparseEngine(EngineCore):
         super().__init__(backend, options)
         self.sparse_backend = backend
 
-    async def encode(self, request: EmbedRequest, *, top_k: int | None = None, input_type: str | None = None
-                     ) -> SparseResult:
+    async def encode(self, request: EmbedRequest, *, top_k: int | None = None, input_type: str | None = None,
+                     return_tokens: bool = False) -> SparseResult:
         """The sparse vectors of the request's inputs, as SparseEncoder.encode (no input type),
         encode_query or encode_document give them; `top_k` keeps each vector's k largest values
         (sentence-transformers' `max_active_dims`)."""
@@ -71,7 +72,9 @@ class SparseEngine(EngineCore):
                 rows, queued, compute = await self.submit(seqs, deadline)
                 vectors = list(rows[:, 0])
             _generated(len(seqs), time.perf_counter() - started)
-        return SparseResult([_pruned(row, top_k) for row in vectors], total, queued, compute)
+        pruned = [_pruned(row, top_k) for row in vectors]
+        tokens = [self.sparse_backend.tokens_of(v.indices) for v in pruned] if return_tokens else None
+        return SparseResult(pruned, total, queued, compute, tokens)
 
 
 def _pruned(row: object, k: int | None) -> SparseVector:
