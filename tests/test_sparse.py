@@ -213,12 +213,12 @@ async def test_inference_free_query_side_equals_sparse_encoder(inference_free_di
     reference = _reference(inference_free_dir)
     engine = await _engine(inference_free_dir, max_batch_size=2)
     try:
-        queries = await engine.encode(EmbedRequest(texts=QUERIES + DOCUMENTS[:1]), input_type="query")
-        documents = await engine.encode(EmbedRequest(texts=DOCUMENTS), input_type="document")
+        queries = await engine.encode(EmbedRequest(texts=QUERIES + DOCUMENTS[:1]), side="query")
+        documents = await engine.encode(EmbedRequest(texts=DOCUMENTS), side="document")
         plain = await engine.encode(EmbedRequest(texts=DOCUMENTS))
-        as_document = await engine.encode(EmbedRequest(texts=QUERIES), input_type="document")
-        with pytest.raises(ServiceError, match="input_type must be"):
-            await engine.encode(EmbedRequest(texts=["x"]), input_type="passage")
+        as_document = await engine.encode(EmbedRequest(texts=QUERIES), side="document")
+        with pytest.raises(ServiceError, match="side must be"):
+            await engine.encode(EmbedRequest(texts=["x"]), side="passage")
     finally:
         await engine.stop()
     assert _compare(queries.vectors, _dense(reference.encode_query(QUERIES + DOCUMENTS[:1], convert_to_tensor=True))
@@ -237,8 +237,8 @@ async def test_input_type_over_http(inference_free_dir: Path) -> None:
     app = create_app(make_settings(engine="fake"), models=[Served("splade", sparse, SPARSE)])
     try:
         async with in_process_client(app) as client:
-            tei = (await client.post("/embed_sparse", json={"inputs": QUERIES, "input_type": "query"})).json()
-            openai = (await client.post("/v1/embeddings", json={"input": QUERIES, "input_type": "query"})).json()
+            tei = (await client.post("/embed_sparse", json={"inputs": QUERIES, "input_type": "search_query"})).json()
+            openai = (await client.post("/v1/embeddings", json={"input": QUERIES, "input_type": "search_query"})).json()
             bad = await client.post("/embed_sparse", json={"inputs": "x", "input_type": "passage"})
             bad_openai = await client.post("/v1/embeddings", json={"input": "x", "input_type": "passage"})
     finally:

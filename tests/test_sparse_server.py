@@ -89,8 +89,8 @@ def test_inference_free_model_query_and_document_sides(server: ServerProcess, in
     from sentence_transformers import SparseEncoder
 
     reference = SparseEncoder(str(inference_free_dir), device="cpu")
-    for input_type, rows in (("query", reference.encode_query(TEXTS, convert_to_tensor=True)),
-                             ("document", reference.encode_document(TEXTS, convert_to_tensor=True))):
+    for input_type, rows in (("search_query", reference.encode_query(TEXTS, convert_to_tensor=True)),
+                             ("search_document", reference.encode_document(TEXTS, convert_to_tensor=True))):
         dense = rows.to_dense().numpy()
         tei = _post(server.url, "/embed_sparse", {"inputs": TEXTS, "model": "inference-free",
                                                   "input_type": input_type})

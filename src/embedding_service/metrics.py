@@ -108,7 +108,8 @@ class ServiceMetrics:
 
     def add_model(self, name: str, engine: EngineCore, task: str) -> None:
         """A served model's engine values and batches: embedding_* for embedding models, embedding_rerank_*
-        (pairs instead of texts) for rerankers; each series labelled with the model's served name."""
+        (pairs instead of texts) for rerankers, embedding_sparse_* for sparse models; each series labelled
+        with the model's served name."""
         if task not in self._tasks:
             self._tasks[task] = self._task_metrics(task)
         collector, (size_h, tokens_h, seconds_h, items_c, item_tokens_c) = self._tasks[task]
@@ -139,6 +140,10 @@ class ServiceMetrics:
             p, what, unit = "embedding_rerank", "the reranker", "Pairs"
             items = Counter("embedding_rerank_pairs", "(query, document) pairs scored", model, registry=reg)
             item_tokens = Counter("embedding_rerank_tokens", "Tokens of the pairs scored", model, registry=reg)
+        elif task == "sparse":
+            p, what, unit = "embedding_sparse", "the sparse model", "Sequences"
+            items = Counter("embedding_sparse_texts", "Texts given sparse vectors", model, registry=reg)
+            item_tokens = Counter("embedding_sparse_tokens", "Tokens given sparse vectors", model, registry=reg)
         else:
             p, what, unit = "embedding", "the engine", "Sequences"
             items = Counter("embedding_texts", "Texts (sequences) embedded", model, registry=reg)

@@ -37,6 +37,11 @@ __all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseR
            "encode_tei_sparse", "parse_sparse", "parse_sparse_options"]
 
 
+# The project's input_type (Cohere's values, engine/input_types.py) to sentence-transformers' routes: a query
+# or a document side; classification and clustering are neither (SparseEncoder.encode).
+_SIDES: dict[str, str] = {"search_query": "query", "search_document": "document"}
+
+
 class SparseBody(BaseModel):
     """The body of POST /embed_sparse (TEI's), validated strictly; unknown fields are ignored."""
 
@@ -53,9 +58,9 @@ class SparseBody(BaseModel):
     model: StrictStr | None = Field(None, description="which sparse model (its name or an alias)")
     top_k: StrictInt | None = Field(None, ge=1, description="keep each vector's k largest values")
     return_tokens: StrictBool = Field(False, description="add each entry's vocabulary string (`token`)")
-    input_type: Literal["query", "document"] | None = Field(
-        None, description="query or document: SparseEncoder.encode_query / encode_document (an inference-free "
-        "model's query side); omitted: SparseEncoder.encode")
+    input_type: Literal["search_query", "search_document", "classification", "clustering"] | None = Field(
+        None, description="search_query / search_document: SparseEncoder.encode_query / encode_document (an "
+        "inference-free model's query side); otherwise SparseEncoder.encode")
 
 
 class SparseItem(BaseModel):
@@ -111,7 +116,7 @@ class SparseCall:
     request: EmbedRequest
     model: str | None = None
     top_k: int | None = None
-    input_type: str | None = None
+    side: str | None = None  # query or document (sentence-transformers' routes), or None: encode()
     return_tokens: bool = False
 
 
@@ -133,22 +138,20 @@ def parse_sparse(data: Any) -> SparseCall:
     texts = _texts(body.inputs)
     _check_texts(texts, "inputs")
     return SparseCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
-                      body.model, body.top_k, body.input_type, body.return_tokens)
+                      body.model, body.top_k, _SIDES.get(body.input_type or ""), body.return_tokens)
 
 
 def parse_sparse_options(data: dict[str, Any], request: EmbedRequest) -> SparseCall:
-    """`top_k` and `input_type` of a /v1/embeddings body for a sparse model (extension fields)."""
-    value, kind = data.get("top_k"), data.get("input_type")
+    """The sparse options of a /v1/embeddings body (parsed by parse_embedding_request, its `input_type`
+    checked there): `top_k` and `return_tokens` (extension fields), and the side `input_type` selects."""
+    value, tokens = data.get("top_k"), data.get("return_tokens", False)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ServiceError(ErrorKind.INVALID_REQUEST, "top_k must be a positive integer", param="top_k")
-    if kind is not None and kind not in ("query", "document"):
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "input_type must be 'query' or 'document'",
-                           param="input_type")
-    tokens = data.get("return_tokens", False)
     if not isinstance(tokens, bool):
         raise ServiceError(ErrorKind.INVALID_REQUEST, "return_tokens must be true or false", param="return_tokens")
     named = data.get("model")
-    return SparseCall(request, named if isinstance(named, str) else None, value, kind, tokens)
+    return SparseCall(request, named if isinstance(named, str) else None, value,
+                      _SIDES.get(request.input_type or ""), tokens)
 
 
 def encode_tei_sparse(vectors: list[SparseVector], tokens: list[list[str]] | None = None) -> bytes:

@@ -58,8 +58,7 @@ async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -
     call = parse_sparse_options(data, embed_request)
     served, engine = models.for_sparse(call.model)
     _admit(request, embed_request)
-    result = await engine.encode(embed_request, top_k=call.top_k, input_type=call.input_type,
-                                 return_tokens=call.return_tokens)
+    result = await engine.encode(embed_request, top_k=call.top_k, side=call.side, return_tokens=call.return_tokens)
     return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens, result.tokens),
                     media_type=_JSON, headers=_timing(result))
 
@@ -74,7 +73,7 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         call = parse_sparse(parse_json_body(await read_body(request)))
         _served, engine = models.for_sparse(call.model)
         _admit(request, call.request)
-        result = await engine.encode(call.request, top_k=call.top_k, input_type=call.input_type,
+        result = await engine.encode(call.request, top_k=call.top_k, side=call.side,
                                      return_tokens=call.return_tokens)
         return Response(encode_tei_sparse(result.vectors, result.tokens), media_type=_JSON,
                         headers=_timing(result))

@@ -16,13 +16,13 @@ from .inputs import prepare_inputs
 from .options import EngineOptions
 from .types import EmbedRequest
 
-__all__ = ["INPUT_TYPES", "MAX_TOP_K", "SparseEngine", "SparseResult", "SparseVector"]
+__all__ = ["MAX_TOP_K", "SIDES", "SparseEngine", "SparseResult", "SparseVector"]
 
 log = logging.getLogger("embedding_service")
 _generated = RequestLine(log, "Generated %d sparse vectors in %.3fs")  # one line per request (logging_config)
 
 MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k is a mistake, not a wish
-INPUT_TYPES = (QUERY, DOCUMENT)  # sentence-transformers' encode_query / encode_document
+SIDES = (QUERY, DOCUMENT)  # sentence-transformers' routes: encode_query / encode_document
 
 
 @dataclass
@@ -42,10 +42,10 @@ class SparseEngine(EngineCore):
         super().__init__(backend, options)
         self.sparse_backend = backend
 
-    async def encode(self, request: EmbedRequest, *, top_k: int | None = None, input_type: str | None = None,
+    async def encode(self, request: EmbedRequest, *, top_k: int | None = None, side: str | None = None,
                      return_tokens: bool = False) -> SparseResult:
-        """The sparse vectors of the request's inputs, as SparseEncoder.encode (no input type),
-        encode_query or encode_document give them; `top_k` keeps each vector's k largest values
+        """The sparse vectors of the request's inputs, as SparseEncoder.encode (no side), encode_query or
+        encode_document give them; `top_k` keeps each vector's k largest values
         (sentence-transformers' `max_active_dims`)."""
         with self.accepted() as info:
             if request.dimensions is not None:
@@ -56,12 +56,12 @@ class SparseEngine(EngineCore):
             if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"top_k must be between 1 and {MAX_TOP_K}, got "
                                    f"{top_k}", param="top_k")
-            if input_type is not None and input_type not in INPUT_TYPES:
-                raise ServiceError(ErrorKind.INVALID_REQUEST, f"input_type must be 'query' or 'document', got "
-                                   f"{input_type!r}", param="input_type")
-            if input_type in info.prompts and request.prompt_name is None:  # as encode_query/_document do
-                request.prompt_name = input_type
-            route = input_type or self.sparse_backend.default_route
+            if side is not None and side not in SIDES:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, f"side must be 'query' or 'document', got {side!r}",
+                                   param="input_type")
+            if side in info.prompts and request.prompt_name is None:  # as encode_query/_document do
+                request.prompt_name = side
+            route = side or self.sparse_backend.default_route
             deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
             with self.on_its_way():
                 seqs, total = await prepare_inputs(self, request, info, deadline)
