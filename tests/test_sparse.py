@@ -161,6 +161,12 @@ async def test_embed_sparse_and_openai_shapes(http: httpx.AsyncClient, random_sp
     assert cards["splade"]["task"] == "sparse"
 
 
+async def test_cohere_embed_refuses_a_sparse_model(http: httpx.AsyncClient) -> None:
+    answer = await http.post("/v1/embed", json={"texts": ["a"], "model": "splade", "input_type": "search_document"})
+    assert answer.status_code == 400, answer.text
+    assert "a sparse model (task: sparse); it cannot embed here. Use /embed_sparse" in answer.text
+
+
 @pytest.mark.parametrize(("path", "body", "param", "words"), [
     ("/embed_sparse", {}, "inputs", "'inputs' is required"),
     ("/embed_sparse", {"inputs": []}, "inputs", "empty list"),
@@ -179,6 +185,7 @@ async def test_embed_sparse_and_openai_shapes(http: httpx.AsyncClient, random_sp
     ("/embed_sparse", {"inputs": "a", "return_tokens": 1}, "return_tokens", "valid boolean"),
     ("/v1/rerank", {"query": "a", "documents": ["b"], "model": "splade"}, "model", "a sparse model (task: sparse)"),
     ("/v1/score", {"text_1": "a", "text_2": "b", "model": "splade"}, "model", "cannot score"),
+    ("/tokenize", {"prompt": "a", "model": "splade"}, "model", "a sparse model (task: sparse)"),
 ])
 async def test_bad_sparse_requests_are_clear_400s(http: httpx.AsyncClient, path: str, body: dict[str, Any],
                                                   param: str, words: str) -> None:

@@ -92,9 +92,10 @@ class ServedModels:
     def for_embed(self, model: str | None) -> tuple[Served, EmbeddingEngine]:
         chosen = self._choose(EMBED, model)
         if not isinstance(chosen.engine, EmbeddingEngine):
+            use = "/embed_sparse or /v1/embeddings" if chosen.task == SPARSE else "/v1/rerank or /v1/score"
             raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"model '{chosen.name}' is a reranker (task: rerank); it cannot embed. Use "
-                               "/v1/rerank or /v1/score with it", param="model", code="model_cannot_embed")
+                               f"model '{chosen.name}' is {_KINDS[chosen.task]} (task: {chosen.task}); it cannot "
+                               f"embed here. Use {use} with it", param="model", code="model_cannot_embed")
         return chosen, chosen.engine
 
     def sparse_for_embeddings(self, model: str | None) -> bool:
