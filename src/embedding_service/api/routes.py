@@ -225,7 +225,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
-            with chosen.engine.accepted() as info:
+            with chosen.engine.accepted(admitted=True) as info:  # (accepted above, before its body)
                 result = await chosen.engine.embed_accepted(embed_request, info)
         body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
         headers = {
