@@ -162,10 +162,11 @@ def test_overload_refuses_cleanly_and_keeps_accepted_latency(server_factory: typ
     assert server.stop() == 0
 
 
-async def steady_load(url: str, workers: int, until: asyncio.Event) -> tuple[
-        list[tuple[int, str]], list[tuple[str, float]]]:
-    """Closed-loop clients that keep posting until told to stop (or the server is gone)."""
-    done: list[tuple[int, str]] = []
+async def steady_load(url: str, workers: int, until: asyncio.Event, done: list[tuple[int, str]] | None = None
+                      ) -> tuple[list[tuple[int, str]], list[tuple[str, float]]]:
+    """Closed-loop clients that keep posting until told to stop (or the server is gone); `done` gets each
+    answer as it comes."""
+    done = [] if done is None else done
     errors: list[tuple[str, float]] = []  # (kind, monotonic time)
 
     async def worker(number: int) -> None:
@@ -201,8 +202,15 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(server_factory: type[Se
     async def scenario() -> tuple[list[tuple[int, str]], list[tuple[str, float]], float, int | None]:
         nonlocal signalled
         stop = asyncio.Event()
-        load = asyncio.ensure_future(steady_load(server.url, 8, stop))
-        await asyncio.sleep(1.5)
+        answered: list[tuple[int, str]] = []
+        load = asyncio.ensure_future(steady_load(server.url, 8, stop, answered))
+        # The signal comes once the load is under way: 16 answers, every client busy. After a fixed 1.5 s, as
+        # before, a busy machine (load 8) had not answered a single request yet: all 8 first requests
+        # arrived after the signal and got 503, and the test failed on "some were served".
+        started = time.monotonic()
+        while len(answered) < 16 and time.monotonic() < started + 60:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as probe:
