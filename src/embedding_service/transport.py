@@ -21,6 +21,12 @@ keep a task per request reading the connection to learn it.
 
 The fast path pays two timer calls per request (`call_later`/`cancel`, about a microsecond each).
 
+A response that starts before its request's body is all in (a 413 on the declared size, a 401, a 429) says
+`Connection: close`, and the rest of that body is never read: the connection stops reading, half-closes once
+the response is written, and closes `_LINGER_S` later (what Go's server does). uvicorn read and discarded
+such a body on the event loop until its end, on a keep-alive connection: a client declaring 2 GiB got its 413
+at once and then kept the loop busy for as long as it went on sending (512 MiB in 0.3 s on loopback).
+
 A response's head and body leave in one write (`CoalescedWrites`): uvicorn writes them separately, and each
 write on an idle socket is a system call and a TCP segment of its own. That costs one `call_soon` per
 response (the fallback for a head whose body does not follow at once), well under a system call.
@@ -47,6 +53,10 @@ log = logging.getLogger("embedding_service")
 
 # Kept free of connections for everything else a server opens: model files, threads, pipes, vLLM's sockets.
 _FD_RESERVE = 256
+
+# A connection answered before its request body was in: from the half-close after the response to the close.
+# Closing with unread input makes the kernel send a reset, which can destroy a response still on its way.
+_LINGER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,15 +92,18 @@ class CoalescedWrites:
     `writelines` call (one writev under uvloop). A head is a write that starts with `HTTP/`; one not followed
     by another write in the same event-loop turn (a 100 Continue, a streamed body's first part still being
     computed) goes out at the end of that turn. Whatever is not a head is written at once, as before: a
-    response is not held back behind the other responses of that turn. Closing writes what waits first;
-    anything else is the wrapped transport's."""
+    response is not held back behind the other responses of that turn. Closing writes what waits first; while
+    `body_unread` (a request body still arriving) it lingers instead (module doc). Anything else is the
+    wrapped transport's."""
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_lingering", "_loop", "_pending", "_transport", "body_unread")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
+        self._lingering = False
+        self.body_unread = False
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -111,10 +124,17 @@ class CoalescedWrites:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        if not self.body_unread or self._transport.is_closing():
+            self._transport.close()
+        elif not self._lingering:
+            self._lingering = True
+            self._transport.pause_reading()  # the rest of the body stays in the kernel, unread
+            if self._transport.can_write_eof():
+                self._transport.write_eof()  # FIN once the response is out: the client sees it end
+            self._loop.call_later(_LINGER_S, self._transport.close)
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._lingering or self._transport.is_closing()
 
     def get_write_buffer_size(self) -> int:
         waiting = sum(len(part) for part in self._pending) if self._pending else 0
@@ -141,10 +161,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._counted = False
         self.answered = False  # at least one response completed (drain: this connection was answered)
         self._unanswered_hooks: deque[HangupHook] = deque()  # requests begun and not answered, oldest first
+        self._keep_alive = True  # what uvicorn decided for the request whose body is arriving
+        self._writes: CoalescedWrites
 
     # --- connection --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
+        self._writes = CoalescedWrites(transport, self.loop)
+        super().connection_made(cast(asyncio.Transport, self._writes))
         if self._open[0] >= self.limits.max_connections and not self._evict_oldest():
             self.close_with(ErrorKind.OVERLOADED, "server is at its connection limit; retry shortly",
                             "too_many_connections")
@@ -254,12 +277,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._evictable.pop(self, None)
         super().on_headers_complete()
+        # Until its body is in, a response closes the connection (module doc); uvicorn reads `keep_alive` as
+        # the response starts and again as it ends. A request without a body ends before its app runs.
+        cycle = self.cycle
+        self._keep_alive, cycle.keep_alive = cycle.keep_alive, False
+        self._writes.body_unread = True
         if not self.pipeline:  # (a pipelined request's body waits behind the one in progress)
             self._arm(self.limits.body_timeout_s, self._body_timed_out)
         else:
             self._cancel()
 
     def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if not cycle.response_started:
+            cycle.keep_alive = self._keep_alive
+        self._writes.body_unread = False
         super().on_message_complete()
         self._reading_headers = True
         self._message_ended = True
@@ -275,6 +307,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         self._cancel()
+        self._keep_alive = False  # (uvicorn turns keep-alive off: the end of a body must not turn it back on)
         super().shutdown()
 
 

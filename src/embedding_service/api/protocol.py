@@ -84,14 +84,15 @@ EMBEDDING_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_json_body(body: bytes) -> Any:
+def parse_json_body(body: bytes | bytearray) -> Any:
     if not body:
         raise ServiceError(ErrorKind.INVALID_REQUEST,
                            "request body is empty; send a JSON object with 'input'")
-    if body.startswith(b"\xef\xbb\xbf"):
-        body = body[3:]  # a UTF-8 byte order mark (files saved by some editors): RFC 8259 lets us ignore it
+    text: bytes | bytearray | memoryview = body
+    if body.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (some editors): RFC 8259 lets us ignore it
+        text = memoryview(body)[3:]  # (a view: no copy of the body)
     try:
-        return orjson.loads(body)
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         detail = str(exc)
         if "UTF-8" in detail:
@@ -159,16 +160,11 @@ def _parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
 
 
 def _check_text(texts: list[str]) -> None:
+    # (Lone surrogates need no check: orjson refuses them, escaped or raw, so every text here encodes.)
     for index, text in enumerate(texts):
         if "\x00" in text:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"input[{index}] contains a NUL character",
                                param="input")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"input[{index}] is not valid Unicode (lone surrogate)",
-                               param="input") from None
 
 
 def _check_token_id_options(options: EmbeddingRequest) -> None:
@@ -181,7 +177,7 @@ def _check_token_id_options(options: EmbeddingRequest) -> None:
 
 
 def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> tuple[EmbedRequest, str]:
-    """Validate a decoded JSON body. Returns the engine request and the encoding format.
+    """Validate a JSON body decoded by `parse_json_body`. Returns the engine request and the encoding format.
 
     `token_ids_are_text`: token ids will be decoded to text (tiktoken mode), so prompts may apply to them.
     """

@@ -30,7 +30,7 @@ __all__ = ["build_rerank_router"]
 
 _JSON = "application/json"
 
-BodyReader = Callable[[Request], Awaitable[bytes]]
+BodyReader = Callable[[Request], Awaitable[bytes | bytearray]]
 
 
 def _timing(result: ScoreResult) -> dict[str, str]:

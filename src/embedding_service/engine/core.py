@@ -180,10 +180,14 @@ class EngineCore:
 
     # --- serving: what a task uses ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def accepted(self) -> Iterator[BackendInfo]:
+    def accepted(self, *, admitted: bool = False) -> Iterator[BackendInfo]:
         """Accept a request now (503 unless serving); a drain waits for it until the block ends. The HTTP
-        layer enters it before reading the body, so a body still arriving at SIGTERM is served, not refused."""
-        info = self.check_ready()
+        layer enters it before reading the body, so a body still arriving at SIGTERM is served, not refused.
+        `admitted`: the server accepted this request before its body came (the body names the model), so a
+        drain begun since does not refuse it."""
+        draining = self.state is EngineState.DRAINING and self.info is not None
+        info = self.info if admitted and draining else self.check_ready()
+        assert info is not None
         self._active_requests += 1
         try:
             yield info
