@@ -109,6 +109,11 @@ def test_span_tree_of_real_requests(server_factory: type[ServerProcess], receive
         return httpx.post(server.url + "/v1/embeddings", json={"input": [f"text {n}", "more"]}, timeout=30,
                           headers={"traceparent": callers[n][0], "X-Request-Id": f"req-{n}"})
 
+    # A caller whose trace is not sampled (flags 00): none of its request's spans may be exported.
+    unsampled = f"{0xDEAD:032x}"
+    answer = httpx.post(server.url + "/v1/embeddings", json={"input": "not traced"}, timeout=30,
+                        headers={"traceparent": f"00-{unsampled}-{0xBEEF:016x}-00"})
+    assert answer.status_code == 200
     with ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(call, callers))
     assert [a.status_code for a in answers] == [200] * 5
@@ -118,6 +123,7 @@ def test_span_tree_of_real_requests(server_factory: type[ServerProcess], receive
         servers = [s for s in spans if s.kind == SERVER_KIND and s.trace_id.hex() in {c[1] for c in callers.values()}]
         return len(servers) == 5 and sum(s.name == "batch" for s in spans) >= 2
     spans = receiver.wait_for(complete)
+    assert not [s.name for s in spans if s.trace_id.hex() == unsampled]  # (exported in order: it came first)
     by_id = {s.span_id: s for s in spans}
     children: dict[bytes, list[Any]] = {}
     for s in spans:

@@ -6,6 +6,7 @@ Installed only when tracing is on: a server without an OTLP endpoint has no such
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,17 +42,22 @@ class TracingMiddleware:
             if key == b"x-request-id":  # (the request context middleware, outside, made sure there is one)
                 attributes["embedding.request_id"] = value.decode("latin-1")
         status = 500  # what the client sees if the app fails before starting a response
+        started = False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
             await send(message)
 
         with tracer.start_as_current_span(method, context=self._w3c.extract(carrier), kind=SpanKind.SERVER,
                                           attributes=attributes) as span:
             try:
                 await self.app(scope, receive, send_status)
+            except asyncio.CancelledError:
+                if not started:
+                    status = 499  # the client went first, as the metrics count it
+                raise
             finally:
                 route = route_of(scope)
                 span.update_name(f"{method} {route}")
