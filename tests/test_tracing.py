@@ -97,8 +97,8 @@ def _traceparent(n: int) -> tuple[str, str, str]:
 
 
 def test_span_tree_of_real_requests(server_factory: type[ServerProcess], receiver: Receiver) -> None:
-    # 150 ms a batch: the requests sent while the first runs wait and go out together in the next batch.
-    server = server_factory(["--engine", "fake", "--fake-delay-ms", "150", "--otlp-endpoint", receiver.url,
+    # 400 ms a batch: the requests sent while the first runs wait and go out together in the next batch.
+    server = server_factory(["--engine", "fake", "--fake-delay-ms", "400", "--otlp-endpoint", receiver.url,
                              "--otlp-service-name", "embed-test"], env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
     server.wait_healthy(60)
     callers = {n: _traceparent(n) for n in range(5)}
@@ -163,7 +163,7 @@ def test_span_tree_of_real_requests(server_factory: type[ServerProcess], receive
         assert attrs["embedding.batch.size"] == 2 * len(links) and attrs["embedding.batch.tokens"] > 0
         [forward] = [s for s in children.get(batch.span_id, []) if s.name == "forward"]
         assert batch.start_time_unix_nano <= forward.start_time_unix_nano
-        assert forward.end_time_unix_nano - forward.start_time_unix_nano >= 140_000_000  # the fake's 150 ms
+        assert forward.end_time_unix_nano - forward.start_time_unix_nano >= 390_000_000  # the fake's 400 ms
         linked.update(dict.fromkeys(links, batch))
     assert linked.keys() == request_spans.keys()  # every request's batch links back to it
     assert max(len(b.links) for b in batches) >= 3, [len(b.links) for b in batches]
@@ -231,3 +231,48 @@ def test_collector_down_costs_only_the_spans(server_factory: type[ServerProcess]
     started = time.monotonic()
     assert server.stop(timeout=20) == 0, server.log()
     assert time.monotonic() - started < 2 + 2 + 3, server.log()  # drain + the bounded flush + slack
+
+
+@pytest.fixture
+def in_memory_tracing() -> Iterator[Any]:
+    """Tracing on in this process, into memory (what configure() sets up, with the exporter swapped)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from embedding_service import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.TRACER = provider.get_tracer("test")
+    try:
+        yield exporter
+    finally:
+        tracing.TRACER = None
+
+
+async def test_a_failed_batch_is_an_error_in_its_spans(in_memory_tracing: Any) -> None:
+    from opentelemetry.trace import StatusCode
+
+    from embedding_service.backends.fake import FakeBackend
+
+    from .conftest import fake_app
+
+    async with fake_app(backend=FakeBackend(dimension=64, max_model_len=64, fail_batches=[0])) as app:
+        failed = await app.http.post("/v1/embeddings", json={"input": ["a", "b"]})
+        ok = await app.http.post("/v1/embeddings", json={"input": "c"})
+    assert (failed.status_code, ok.status_code) == (500, 200)
+    spans = in_memory_tracing.get_finished_spans()
+    servers = [s for s in spans if s.name == "POST /v1/embeddings"]
+    batches = [s for s in spans if s.name == "batch"]
+    assert len(servers) == 2 and len(batches) == 2
+    first, second = sorted(servers, key=lambda s: s.start_time)
+    assert first.status.status_code is StatusCode.ERROR and first.attributes["http.response.status_code"] == 500
+    assert second.status.status_code is StatusCode.UNSET
+    bad = next(b for b in batches if b.links[0].context.span_id == first.context.span_id)
+    assert bad.status.status_code is StatusCode.ERROR
+    [forward] = [s for s in spans if s.name == "forward" and s.parent.span_id == bad.context.span_id]
+    assert forward.status.status_code is StatusCode.ERROR and forward.events[0].name == "exception"
+    queue = next(s for s in spans if s.name == "queue" and s.parent.span_id == first.context.span_id)
+    assert queue.status.status_code is StatusCode.ERROR

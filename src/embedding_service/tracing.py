@@ -141,10 +141,14 @@ def start_batch(traces: Iterable[Any], size: int, tokens: int) -> Any:
                    .values())  # (a request's sequences may fill several rows: one link each)
     if not sampled:
         return None
-    parent = trace.set_span_in_context(trace.NonRecordingSpan(sampled[0]))
-    return TRACER.start_span("batch", context=parent, links=[Link(each) for each in sampled],
-                             attributes={"embedding.batch.size": size, "embedding.batch.tokens": tokens,
-                                         "embedding.batch.requests": len(sampled)})
+    try:  # (on the batcher's loop: a tracing failure must cost the span, never the batch)
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(sampled[0]))
+        return TRACER.start_span("batch", context=parent, links=[Link(each) for each in sampled],
+                                 attributes={"embedding.batch.size": size, "embedding.batch.tokens": tokens,
+                                             "embedding.batch.requests": len(sampled)})
+    except Exception:
+        log.exception("tracing: no span for this batch")
+        return None
 
 
 def forward_in(batch: Any, embed: Callable[[Sequence[Sequence[int]]], T]) -> Callable[[Sequence[Sequence[int]]], T]:
