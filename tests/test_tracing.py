@@ -276,3 +276,17 @@ async def test_a_failed_batch_is_an_error_in_its_spans(in_memory_tracing: Any) -
     assert forward.status.status_code is StatusCode.ERROR and forward.events[0].name == "exception"
     queue = next(s for s in spans if s.name == "queue" and s.parent.span_id == first.context.span_id)
     assert queue.status.status_code is StatusCode.ERROR
+
+
+async def test_cohere_embed_is_traced_like_openai(in_memory_tracing: Any) -> None:
+    from .conftest import fake_app
+
+    async with fake_app() as app:
+        answer = await app.http.post("/v2/embed", json={"model": "fake-model", "texts": ["a", "b"],
+                                                        "input_type": "search_document",
+                                                        "embedding_types": ["float"]})
+    assert answer.status_code == 200, answer.text
+    spans = in_memory_tracing.get_finished_spans()
+    [server] = [s for s in spans if s.name == "POST /v2/embed"]
+    kids = {s.name for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id}
+    assert kids == {"tokenize", "queue", "serialize", "batch"}  # (the batch: this request's trace, alone in it)
