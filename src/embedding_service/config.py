@@ -168,6 +168,13 @@ class EmbeddingConfig(BaseSettings):
     api_docs: bool = Field(
         True, description="serve the API reference (/docs, /redoc, /openapi.json; open without an API key)"
     )
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s/]+",
+        description="OpenTelemetry collector's OTLP/HTTP URL (http://host:4318): trace each request there (needs "
+        "the tracing extra); unset = no tracing, no cost")
+    otlp_service_name: str = Field("embedding-service", min_length=1, description="service.name of the traces")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of new traces kept (a caller's traceparent decides its own)")
 
     # --- security and rate limits (api/security.py) ------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from .. import tracing
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
 from ..errors import ServiceError, status_for
@@ -101,8 +102,9 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                 admission.check()
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
             result = await engine.embed_accepted(embed_request, info)
-        return Response(encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version),
-                        media_type="application/json",
+        with tracing.span("serialize"):
+            body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version)
+        return Response(body, media_type="application/json",
                         headers={"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
                                  "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"})
 

@@ -1,4 +1,5 @@
-"""Wires metrics and request context into the app: the middleware, the engine hook and `GET /metrics`."""
+"""Wires metrics, request context and (when on) tracing into the app: the middleware, the engine hook and
+`GET /metrics`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Sequence
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
+from .. import tracing
 from ..metrics import CONTENT_TYPE, ServiceMetrics
 from .openapi import operation_doc
 from .request_context import RequestContextMiddleware
@@ -24,6 +26,10 @@ def install_observability(app: FastAPI, models: Sequence[Served],
     for model in models:
         metrics.add_model(model.name, model.engine, model.task)
     app.state.metrics = metrics
+    if tracing.TRACER is not None:  # inside the request context: its span has the request id
+        from .tracing_middleware import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, observer=metrics.observe_request, closing=closing)
     router = APIRouter()
 

@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from .. import tracing
 from ..engine.rerank import ScoreRequest, ScoreResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
@@ -66,8 +67,9 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
             queries=[call.query] * len(call.documents), documents=call.documents, instruction=call.instruction,
             truncate=call.truncate, max_tokens_per_doc=call.max_tokens_per_doc,
             admit=request.scope.get(TOKEN_ADMISSION_KEY)))
-        return Response(encode_rerank(call, result.scores, served.name, result.prompt_tokens), media_type=_JSON,
-                        headers=_timing(result))
+        with tracing.span("serialize"):
+            body = encode_rerank(call, result.scores, served.name, result.prompt_tokens)
+        return Response(body, media_type=_JSON, headers=_timing(result))
 
     for path, summary in (("/v1/rerank", "Rerank documents against a query (Cohere/Jina/vLLM format)"),
                           ("/rerank", "Rerank documents (alias of /v1/rerank)"),

@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from .. import __version__
+from .. import __version__, tracing
 from ..config import EmbeddingConfig
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EngineState
@@ -236,8 +236,13 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                     embed_request.input_type, instruction=embed_request.instruction,
                     prompt_name=embed_request.prompt_name, prompts=info.prompts,
                     strict=ctx.options.input_type_strict)
+                if tracing.TRACER is not None:
+                    tracing.set_attributes({"embedding.model": chosen.name, "embedding.texts": embed_request.count})
                 result = await engine.embed_accepted(embed_request, info)
-        body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
+        with tracing.span("serialize") as traced:
+            body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
+            if traced is not None:
+                traced.set_attributes({"embedding.encoding": encoding, "embedding.bytes": len(body)})
         headers = {
             "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
             "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import tracing
 from ..errors import ErrorKind, ServiceError
 
 __all__ = ["BatchPolicy", "Batcher", "batch_cost"]
@@ -43,6 +44,7 @@ class _Job:
     vectors: np.ndarray | None = None
     started_at: float | None = None
     compute_s: float = 0.0
+    trace: object = None  # the request's span context, when tracing is on (its batch links to it)
 
     @property
     def done(self) -> bool:
@@ -137,6 +139,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job = _Job(seqs=seqs, future=loop.create_future(), tokens=tokens, enqueued_at=time.perf_counter(),
                    remaining=len(seqs), queued=len(seqs))
+        if tracing.TRACER is not None:
+            job.trace = tracing.current_span_context()
         self._jobs.add(job)
         self._queued_tokens += tokens
         job.future.add_done_callback(functools.partial(self._forget_job, job))
@@ -302,8 +306,10 @@ class Batcher:
                 # The backend starts now, not when a task gets its turn: the loop may first have to run every
                 # request the previous batch answered (their responses), which left the model idle ~10 ms
                 # per batch at 64 clients.
-                started, compute = self._start_compute(batch)
-                task = asyncio.get_running_loop().create_task(self._finish_batch(batch, started, compute))
+                traced = None if tracing.TRACER is None else tracing.start_batch(
+                    [item.job.trace for item in batch], len(batch), sum(len(item.ids) for item in batch))
+                started, compute = self._start_compute(batch, traced)
+                task = asyncio.get_running_loop().create_task(self._finish_batch(batch, started, compute, traced))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
         except asyncio.CancelledError:
@@ -313,23 +319,27 @@ class Batcher:
             self.fail_all(ServiceError(ErrorKind.INTERNAL, f"batcher failed: {type(exc).__name__}"))
             raise
 
-    def _start_compute(self, batch: list[_Item]) -> tuple[float, asyncio.Future[np.ndarray]]:
+    def _start_compute(self, batch: list[_Item], traced: object = None) -> tuple[float, asyncio.Future[np.ndarray]]:
         started = time.perf_counter()
         for item in batch:
             if item.job.started_at is None:
                 item.job.started_at = started
         loop = asyncio.get_running_loop()
         try:
-            return started, loop.run_in_executor(self._executor, self._embed, [item.ids for item in batch])
+            embed = self._embed if traced is None else tracing.forward_in(traced, self._embed)
+            return started, loop.run_in_executor(self._executor, embed, [item.ids for item in batch])
         except RuntimeError as exc:  # the executor is shut down: this batch's requests get the error
             failed: asyncio.Future[np.ndarray] = loop.create_future()
             failed.set_exception(exc)
             return started, failed
 
-    async def _finish_batch(self, batch: list[_Item], started: float, compute: asyncio.Future[np.ndarray]) -> None:
+    async def _finish_batch(self, batch: list[_Item], started: float, compute: asyncio.Future[np.ndarray],
+                            traced: object = None) -> None:
         try:
             vectors = await compute
         except BaseException as exc:
+            if traced is not None:
+                tracing.end_batch(traced, exc)
             if not isinstance(exc, asyncio.CancelledError):
                 log.error("a batch of %d sequences failed; its requests get an error", len(batch),
                           exc_info=exc)
@@ -343,6 +353,8 @@ class Batcher:
         finally:
             self._running -= 1
             self._slots.release()
+        if traced is not None:
+            tracing.end_batch(traced, None)
         elapsed = time.perf_counter() - started
         tokens = sum(len(item.ids) for item in batch)
         if self._on_batch is not None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .. import tracing
 from ..backends.base import Backend, BackendDeadError, BackendInfo
 from ..errors import ErrorKind, ServiceError
 from .batcher import Batcher, BatchPolicy
@@ -230,7 +231,9 @@ class EngineCore:
         try:
             timeout = self.options.request_timeout_s if deadline is None else max(0.001, deadline - time.monotonic())
             async with asyncio.timeout(timeout):  # (in this task: submit queues before anything else runs)
-                return await self._batcher.submit(seqs)
+                if tracing.TRACER is None:
+                    return await self._batcher.submit(seqs)
+                return await tracing.traced_wait(self._batcher.submit, seqs, self.name, len(seqs))
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import tracing
 from ..backends.base import BackendInfo
 from ..backends.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
@@ -42,9 +43,12 @@ class EmbeddingEngine(EngineCore):
     async def embed_accepted(self, request: EmbedRequest, info: BackendInfo) -> EmbedResult:
         """`embed` for a request already inside `accepted()`."""
         deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
-        with self.on_its_way():
-            seqs, total = await self._prepare_request(request, info, deadline)
         count = request.count
+        with self.on_its_way(), tracing.span("tokenize") as traced:
+            seqs, total = await self._prepare_request(request, info, deadline)
+            if traced is not None:
+                traced.set_attributes({"embedding.model": self.name, "embedding.texts": count,
+                                       "embedding.tokens": total})
         _processing(count)
         started = time.perf_counter()
         vectors, queued, compute = await self.submit(seqs, deadline)

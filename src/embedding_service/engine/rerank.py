@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import tracing
 from ..backends.base import BackendInfo
 from ..backends.pair_tokenizer import PairBackend, TokenPair
 from ..errors import ErrorKind, ServiceError
@@ -54,8 +55,11 @@ class RerankEngine(EngineCore):
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         with self.accepted() as info:
-            with self.on_its_way():
+            with self.on_its_way(), tracing.span("tokenize") as traced:
                 pairs = await self._prepare_pairs(request, info)
+                if traced is not None:
+                    traced.set_attributes({"embedding.model": self.name, "embedding.pairs": len(pairs),
+                                           "embedding.tokens": sum(len(p) for p in pairs)})
             started = time.perf_counter()
             rows, queued, compute = await self.submit(pairs)
             _scored(len(request.documents), time.perf_counter() - started)
