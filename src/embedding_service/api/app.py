@@ -20,6 +20,7 @@ from ..engine.core import EngineCore
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
+from .body import read_json_body
 from .cohere_routes import build_cohere_router
 from .cors import install_cors
 from .direct_routes import DirectRoutes, direct_routes
@@ -29,7 +30,7 @@ from .observability import install_observability
 from .openapi import install_openapi
 from .ratelimit import RateLimiter, RateLimitMiddleware
 from .rerank_routes import build_rerank_router
-from .routes import RouteOptions, ServiceContext, build_router, read_json_body
+from .routes import RouteOptions, ServiceContext, build_router
 from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
 from .served import EMBED, RERANK, Served, ServedModels
 from .sparse_routes import build_sparse_router
@@ -153,7 +154,7 @@ def create_app(
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
     mount_batch_api(app, settings)  # /v1/files, /v1/batches (docs/batch.md); off without data_dir
 
-    async def read_body(request: Request) -> bytes:  # the embeddings routes' content-type and size checks
+    async def read_body(request: Request) -> bytes | bytearray:  # the embeddings routes' content-type and size checks
         return await read_json_body(request, settings.max_body_bytes)
 
     app.include_router(build_sparse_router(served, read_body))

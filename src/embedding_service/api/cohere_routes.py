@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any
 
@@ -14,6 +14,7 @@ from .. import tracing
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
 from ..errors import ServiceError, status_for
+from .body import BodyReader
 from .cohere_protocol import (
     CohereEmbedBody,
     CohereEmbedCall,
@@ -33,7 +34,6 @@ __all__ = ["build_cohere_router"]
 
 log = logging.getLogger("embedding_service")
 
-BodyReader = Callable[[Request], Awaitable[bytes]]
 
 _MS = r"^[0-9]+\.[0-9]{2}$"
 _TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -12,6 +12,7 @@ from .. import tracing
 from ..engine.rerank import ScoreRequest, ScoreResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from .body import BodyReader
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
@@ -31,7 +32,6 @@ __all__ = ["build_rerank_router"]
 
 _JSON = "application/json"
 
-BodyReader = Callable[[Request], Awaitable[bytes | bytearray]]
 
 
 def _timing(result: ScoreResult) -> dict[str, str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,6 +11,7 @@ from fastapi.responses import Response
 from ..engine.sparse import SparseResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from .body import BodyReader
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import parse_embedding_request, parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
@@ -33,7 +33,6 @@ _MS = r"^[0-9]+\.[0-9]{2}$"
 _TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
            "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
 
-BodyReader = Callable[[Request], Awaitable[bytes]]
 
 
 def _timing(result: SparseResult) -> dict[str, str]:

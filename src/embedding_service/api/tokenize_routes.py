@@ -9,7 +9,6 @@ vLLM engines have one; the fake engine has none: 400).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import orjson
@@ -21,13 +20,13 @@ from ..engine.engine import EmbeddingEngine
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from .body import BodyReader
 from .openapi import EMBEDDING_ERRORS, operation_doc
 from .protocol import parse_json_body
 from .served import ServedModels
 
 __all__ = ["DetokenizeBody", "TokenizeBody", "build_tokenize_router"]
 
-BodyReader = Callable[[Request], Awaitable[bytes]]
 
 
 class TokenizeBody(BaseModel):

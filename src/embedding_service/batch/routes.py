@@ -13,9 +13,9 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..api.body import read_json_body
 from ..api.openapi import operation_doc
 from ..api.protocol import parse_json_body
-from ..api.routes import read_json_body
 from ..api.security import CLIENT_ID_KEY
 from ..errors import ErrorKind, ServiceError
 from .disk import Disk
