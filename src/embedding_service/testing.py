@@ -183,6 +183,18 @@ def build_random_qwen3_reranker(out_dir: str | Path, *, shape: dict[str, int] | 
     return out
 
 
+def _bert_tokenizer_copy(out_dir: str | Path, vocab_dir: str | Path) -> tuple[Path, int]:
+    """`out_dir` made, with the WordPiece tokenizer files of `vocab_dir` in it, and that vocabulary's size."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(vocab_dir) / name).is_file():
+            shutil.copy(Path(vocab_dir) / name, out / name)
+    return out, sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
+
+
 def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, seed: int = 0,
                                activation: str | None = None, hidden_size: int = 128,
                                max_position_embeddings: int = 512, classifier_scale: float = 1.0,
@@ -191,17 +203,10 @@ def build_random_cross_encoder(out_dir: str | Path, vocab_dir: str | Path, *, se
     vocabulary in `vocab_dir` (all-MiniLM-L6-v2's). `activation` is written where sentence-transformers
     reads it (config.json's sentence_transformers.activation_fn); None leaves its default (sigmoid).
     """
-    import shutil
-
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(vocab_dir) / name).is_file():
-            shutil.copy(Path(vocab_dir) / name, out / name)
-    vocab = sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
+    out, vocab = _bert_tokenizer_copy(out_dir, vocab_dir)
     config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                         num_attention_heads=num_attention_heads, intermediate_size=hidden_size * 2,
                         max_position_embeddings=max_position_embeddings,
@@ -241,17 +246,10 @@ def build_random_splade(out_dir: str | Path, vocab_dir: str | Path, *, seed: int
     (all-MiniLM-L6-v2's), the shape of a SPLADE model: sentence-transformers' SparseEncoder loads the folder
     as Transformer(fill-mask) + SpladePooling. The output projection is untied and scaled and its bias set
     low, so that logits spread (vectors differ by text) and most are below zero (vectors are sparse)."""
-    import shutil
-
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(vocab_dir) / name).is_file():
-            shutil.copy(Path(vocab_dir) / name, out / name)
-    vocab = sum(1 for _ in (Path(vocab_dir) / "vocab.txt").open(encoding="utf-8"))
+    out, vocab = _bert_tokenizer_copy(out_dir, vocab_dir)
     config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=hidden_size * 2, max_position_embeddings=max_position_embeddings,
                         tie_word_embeddings=False, architectures=["BertForMaskedLM"])
