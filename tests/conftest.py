@@ -213,6 +213,17 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def serving(args: list[str], env: dict[str, str] | None = None, timeout: float = 240.0) -> Iterator[ServerProcess]:
+    """A server process, healthy for the caller's block (`for server in serving(...)`, or `yield from` in a
+    fixture), then stopped; it must exit cleanly (0: drained)."""
+    server = ServerProcess(args, env=env)
+    try:
+        server.wait_healthy(timeout)
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 @pytest.fixture
 def server_factory() -> Iterator[type[ServerProcess]]:
     started: list[ServerProcess] = []

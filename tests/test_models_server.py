@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import ServerProcess
+from .conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,8 @@ QUERY, DOCS = "What is the capital of China?", ["Beijing is the capital of China
 TORCH_FP32 = ["--engine", "torch", "--dtype", "float32", "--log-level", "WARNING"]
 
 
-def _served(args: list[str], env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess([*TORCH_FP32, *args], env=env)
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        assert server.stop() == 0, server.log()
+def _served(args: list[str]) -> Iterator[ServerProcess]:
+    return serving([*TORCH_FP32, *args])
 
 
 @pytest.fixture(scope="module")

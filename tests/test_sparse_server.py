@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import ServerProcess
+from .conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +24,7 @@ TORCH_FP32 = ["--engine", "torch", "--dtype", "float32", "--device", "cpu", "--l
 
 
 def _served(args: list[str]) -> Iterator[ServerProcess]:
-    server = ServerProcess([*TORCH_FP32, *args])
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        assert server.stop() == 0, server.log()
+    return serving([*TORCH_FP32, *args])
 
 
 @pytest.fixture(scope="module")
