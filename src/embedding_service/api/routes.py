@@ -40,19 +40,16 @@ _MS = r"^[0-9]+\.[0-9]{2}$"
 class RouteOptions:
     """The settings the handlers read (defaults live in EmbeddingConfig only)."""
 
-    model_name: str  # the public name (served_model_name, or derived from the model)
     gpu_memory_utilization: float  # reported by /health, as the spec's example shows
     max_model_len: int  # reported by /health until the model has loaded
     max_body_bytes: int
     requested_device: str
-    api_docs: bool  # /docs and /redoc are served
     input_type_strict: bool = False  # 400 for an input_type the model has no prompt for
 
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> RouteOptions:
-        return cls(model_name=settings.public_model_name, gpu_memory_utilization=settings.gpu_memory_utilization,
-                   max_model_len=settings.max_model_len, max_body_bytes=settings.max_body_bytes,
-                   requested_device=settings.device, api_docs=settings.api_docs,
+        return cls(gpu_memory_utilization=settings.gpu_memory_utilization, max_model_len=settings.max_model_len,
+                   max_body_bytes=settings.max_body_bytes, requested_device=settings.device,
                    input_type_strict=settings.input_type_strict)
 
 
