@@ -15,10 +15,11 @@ import socket
 import sys
 
 from . import tracing
+from .backends.base import BackendDeadError, BackendLoadError
 from .config import EmbeddingConfig
 from .logging_config import configure_logging
 from .models_file import ModelsFileError
-from .service import ServicePlan
+from .service import ServicePlan, build_engines, onednn_cache_for, openmp_waits_for, plan_service
 
 __all__ = ["prepare", "serve", "serve_planned"]
 
@@ -52,8 +53,6 @@ def _worker_main(sock: socket.socket, settings: EmbeddingConfig, plan: ServicePl
 def serve(settings: EmbeddingConfig) -> int:
     """`serve`: decide the plan once, set the CPU runtime's knobs it calls for, then serve it in this process
     or in `workers` processes (each given the same plan)."""
-    from .backends.base import BackendLoadError
-    from .service import onednn_cache_for, openmp_waits_for, plan_service
 
     configure_logging(settings.log_level, settings.log_format)
     if settings.otlp_endpoint and (reason := tracing.missing()):  # before any model loads
@@ -85,8 +84,6 @@ def serve(settings: EmbeddingConfig) -> int:
 def prepare(settings: EmbeddingConfig) -> int:
     """`prepare`: plan, build and load every model as a start would (downloads, exports and compile caches
     land where `serve` looks for them), then close them and exit 0; non-zero with the reason otherwise."""
-    from .backends.base import BackendLoadError
-    from .service import build_engines, plan_service
 
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -117,9 +114,7 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
     """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
     from .api.app import create_app
     from .api.served import Served
-    from .backends.base import BackendDeadError, BackendLoadError
     from .server import DrainingServer, freeze_startup_heap, uvicorn_config
-    from .service import build_engines
 
     failures: list[BaseException] = []
     server: DrainingServer | None = None
