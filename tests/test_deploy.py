@@ -40,7 +40,7 @@ def env_field(name: str) -> str:
 GPU_HPA_VALUES: dict[str, Any] = {
     "gpu": {"enabled": True, "resourceName": "nvidia.com/gpu", "count": 2},
     "autoscaling": {"enabled": True},
-    "metrics": {"serviceMonitor": {"enabled": True}},
+    "metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
     "modelCache": {"mountPath": "/models", "existingClaim": "hf-cache"},
     "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
     "embedding": {"engine": "vllm", "device": "cuda", "shutdown_timeout": 60},
@@ -178,6 +178,10 @@ def test_gpu_and_autoscaling(helm: Any) -> None:
     queue_metric = metrics[0]["pods"]["metric"]["name"]
     assert metrics[1]["resource"]["name"] == "cpu"
     assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
+    dashboard = objects["ConfigMap"]  # the chart's own dashboard file, verbatim, for Grafana's sidecar
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["embedding-service.json"]) == json.loads(
+        (CHART / "dashboards" / "embedding-service.json").read_text())
     # The HPA's metric must be one the service really exports.
     from embedding_service.backends.fake import FakeBackend
     from embedding_service.engine.engine import EmbeddingEngine
