@@ -82,6 +82,9 @@ class EmbeddingConfig(BaseSettings):
         True, description="vLLM: reuse the computed prefix of a prompt seen before (a shared instruction), where "
         "vLLM supports it for the model (causal, last-token pooling); false computes every prompt whole"
     )
+    batch_invariant: bool = Field(
+        False, description="compute each input alone, so that its vector's bytes never depend on what it was "
+        "batched with (bit-exact resume over --url, docs/bulk.md); several times slower")
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: int8 weights and activations on the openvino engine (faster, not exact; "
         "see docs/openvino.md); none keeps exact vectors"

@@ -21,8 +21,8 @@ log = logging.getLogger("embedding_service")
 # bulk takes them from the same flags and EMBEDDING_* variables, so it embeds exactly as the server would.
 ENGINE_FIELDS = ("model_name", "model_path", "demo", "served_model_name", "engine", "device", "dtype",
                  "max_model_len", "max_batch_size", "max_batch_tokens", "truncate", "matryoshka_models",
-                 "enforce_eager", "torch_compile", "vllm_engine_core", "prefix_caching", "quantize",
-                 "openvino_cache_dir", "gpu_memory_utilization", "tensor_parallel_size",
+                 "enforce_eager", "torch_compile", "vllm_engine_core", "prefix_caching", "batch_invariant",
+                 "quantize", "openvino_cache_dir", "gpu_memory_utilization", "tensor_parallel_size",
                  "log_level", "fake_delay_ms", "fake_fail_batches", "fake_die_after")
 
 

@@ -253,6 +253,8 @@ class EngineCore:
         with self._running_lock:
             self.batches_running += 1
         try:
+            if self.options.batch_invariant:
+                return _one_by_one(self.backend.embed, seqs)
             return self.backend.embed(seqs)
         except BackendDeadError as exc:
             self._mark_dead(exc)
@@ -279,3 +281,14 @@ class EngineCore:
     def _batch_done(self, size: int, tokens: int, seconds: float) -> None:
         if self.on_batch is not None:
             self.on_batch(size, tokens, seconds)
+
+
+
+def _one_by_one(run: Callable[[Sequence[Sequence[int]]], np.ndarray], seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    """`run` once per input: each input's vector is computed from its own ids alone, in the same shapes every
+    time, so its bytes cannot depend on its batch. Measured on torch fp32 MiniLM, both matter: padding beside
+    longer inputs moves the last bits (the attention's reductions), and so does the number of rows beside it
+    (the GEMM kernels a small batch gets differ), even among inputs of one length."""
+    if len(seqs) == 1:
+        return run(seqs)
+    return np.concatenate([run([seq]) for seq in seqs])

@@ -23,6 +23,7 @@ class EngineOptions:
     max_queue_requests: int
     max_queue_tokens: int
     request_timeout_s: float
+    batch_invariant: bool = False
 
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> EngineOptions:
