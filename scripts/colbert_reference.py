@@ -13,7 +13,6 @@ can tell a changed fixture from a changed server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -33,18 +32,6 @@ DOCUMENTS = ["Late interaction keeps one vector per token; MaxSim sums each quer
              "Paris is the capital of France.", "Hello, world! (punctuation: ; . , ? -- all of it)",
              "short",
              "A long document " + "that repeats itself, sentence after sentence, " * 6 + "until it is cut."]
-
-
-def tensor_digest(folder: Path) -> str:
-    """sha256 over every tensor of the folder's weight files (names, shapes, float32 bytes), in order."""
-    from safetensors.numpy import load_file
-
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
-        for name, array in sorted(load_file(str(path)).items()):
-            digest.update(f"{path.relative_to(folder)}:{name}:{array.shape}".encode())
-            digest.update(array.astype("<f4").tobytes())
-    return digest.hexdigest()
 
 
 def pylate_side(folder: str, out: str) -> None:
@@ -82,7 +69,7 @@ def pylate_python() -> Path:
 def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from embedding_service.backends.resolve import demo_model_dir
-    from embedding_service.testing import build_random_colbert
+    from embedding_service.testing import build_random_colbert, tensor_digest
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = build_random_colbert(Path(scratch) / "colbert", demo_model_dir())

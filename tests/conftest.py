@@ -298,6 +298,15 @@ def random_splade_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
 
 
 @pytest.fixture(scope="session")
+def colbert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A random ColBERT model in PyLate's layout (tests/data/colbert_reference.json holds PyLate's outputs)."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_colbert
+
+    return build_random_colbert(tmp_path_factory.mktemp("tiny-colbert"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
 def inference_free_dir(tmp_path_factory: pytest.TempPathFactory, random_splade_dir: Path) -> Path:
     """An inference-free SPLADE model as sentence-transformers builds one (offline): a Router whose query route
     is a SparseStaticEmbedding (random weights, as IDF would be: > 0, some 0) and whose document route is the

@@ -19,6 +19,7 @@ __all__ = [
     "build_random_qwen3",
     "build_random_qwen3_reranker",
     "generated_corpus",
+    "tensor_digest",
 ]
 
 TINY_QWEN3_SHAPE: dict[str, int] = {
@@ -322,3 +323,18 @@ def build_random_colbert(out_dir: str | Path, vocab_dir: str | Path, *, seed: in
         "document_length": document_length, "attend_to_expansion_tokens": False,
         "skiplist_words": list(string.punctuation), "do_query_expansion": True}, indent=2))
     return out
+
+
+def tensor_digest(folder: str | Path) -> str:
+    """sha256 over every tensor of the folder's weight files (names, shapes, float32 bytes), in order: the
+    same for the same weights, whatever wrote the files."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    root, digest = Path(folder), hashlib.sha256()
+    for path in sorted(root.rglob("*.safetensors")):
+        for name, array in sorted(load_file(str(path)).items()):
+            digest.update(f"{path.relative_to(root).as_posix()}:{name}:{array.shape}".encode())
+            digest.update(array.astype("<f4").tobytes())
+    return digest.hexdigest()

@@ -33,8 +33,8 @@ from ..backends.sparse import SparseVector
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseResponse", "encode_openai_sparse",
-           "encode_tei_sparse", "parse_sparse", "parse_sparse_options"]
+__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseResponse", "check_texts",
+           "encode_openai_sparse", "encode_tei_sparse", "parse_sparse", "parse_sparse_options", "texts_of"]
 
 
 # The project's input_type (Cohere's values, engine/input_types.py) to sentence-transformers' routes: a query
@@ -80,7 +80,7 @@ SPARSE_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_texts(texts: list[str], param: str) -> None:
+def check_texts(texts: list[str], param: str) -> None:
     for index, text in enumerate(texts):
         where = f"{param}[{index}]"
         if not text:
@@ -94,7 +94,7 @@ def _check_texts(texts: list[str], param: str) -> None:
                                param=param) from None
 
 
-def _texts(inputs: Any) -> list[str]:
+def texts_of(inputs: Any) -> list[str]:
     if isinstance(inputs, str):
         return [inputs]
     if not isinstance(inputs, list):
@@ -135,8 +135,8 @@ def parse_sparse(data: Any) -> SparseCall:
         field = str(err["loc"][0]) if err.get("loc") else None
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}",
                            param=field) from None
-    texts = _texts(body.inputs)
-    _check_texts(texts, "inputs")
+    texts = texts_of(body.inputs)
+    check_texts(texts, "inputs")
     return SparseCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
                       body.model, body.top_k, _SIDES.get(body.input_type or ""), body.return_tokens)
 

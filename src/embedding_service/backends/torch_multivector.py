@@ -37,7 +37,7 @@ class TorchMultiVectorBackend:
         self._device: Any = None
         self.config = ColbertConfig()
         self.skiplist: frozenset[int] = frozenset()
-        self._markers = (None, None)  # (query, document) marker ids; None: no marker (an empty prefix)
+        self._markers: tuple[int | None, int | None] = (None, None)  # (query, document) ids; None: no marker
         self._expansion_id = 0
         self._closing: int | None = None  # the last special token of every text ([SEP])
 
