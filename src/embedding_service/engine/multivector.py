@@ -74,8 +74,9 @@ class MultiVectorEngine(EngineCore):
             firsts = list(dict.fromkeys(request.queries))
             queries, query_tokens = await self._marked(
                 EmbedRequest(texts=firsts, truncate=request.truncate), info, True)
+            cut = True if request.max_tokens_per_doc is not None else request.truncate  # Cohere's: cut to it
             documents, document_tokens = await self._marked(
-                EmbedRequest(texts=request.documents, truncate=request.truncate,
+                EmbedRequest(texts=request.documents, truncate=cut,
                              max_tokens=_doc_limit(request, self.multi_backend)), info, False)
             if query_tokens + document_tokens > self.options.max_request_tokens:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"request has {query_tokens + document_tokens} "
