@@ -16,13 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_service.api.app import create_app
-from embedding_service.api.served import EMBED, MULTIVECTOR, Served
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.engine.engine import EmbeddingEngine
+from embedding_service.api.served import EMBED, MULTIVECTOR
 from embedding_service.engine.multivector import MultiVectorEngine
 
-from .conftest import backend_options, engine_options, in_process_client, make_settings
+from .conftest import backend_options, beside_a_fake_dense, engine_options, make_settings, task_found
 
 pytest.importorskip("torch")
 
@@ -58,16 +55,8 @@ def test_the_fixture_is_the_model_pylate_encoded(colbert_dir: Path) -> None:
 @pytest.fixture
 async def http(colbert_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     colbert = await _engine(colbert_dir, max_inputs_per_request=8, max_token_vectors_bytes=16 * 1024)
-    dense = EmbeddingEngine(FakeBackend(dimension=64, max_model_len=64), engine_options(max_model_len=64))
-    await dense.start()
-    app = create_app(make_settings(engine="fake"), models=[Served("dense", dense, EMBED),
-                                                           Served("colbert", colbert, MULTIVECTOR)])
-    try:
-        async with in_process_client(app) as client:
-            yield client
-    finally:
-        await colbert.stop()
-        await dense.stop()
+    async with beside_a_fake_dense("colbert", colbert, MULTIVECTOR) as client:
+        yield client
 
 
 async def _post(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Any:
@@ -137,7 +126,7 @@ async def test_maxsim_scores_equal_pylate(http: httpx.AsyncClient) -> None:
     ("/embed_all", {"inputs": ["a"] * 9}, 400, "input", "too many inputs: 9"),
     ("/embed_all", {"inputs": "word " * 20}, 400, "input", "more than this model's limit of 15"),
     ("/embed_all", {"inputs": "word " * 50, "is_query": False}, 400, "input", "limit of 47"),
-    ("/embed_all", {"inputs": "a", "model": "dense"}, 400, "model", "not a multi-vector model"),
+    ("/embed_all", {"inputs": "a", "model": "dense"}, 400, "model", "not a multi-vector (ColBERT) model"),
     ("/embed_all", {"inputs": "a", "is_query": "yes"}, 400, "is_query", "valid boolean"),
     ("/embed_all", {"inputs": "a", "is_query": True, "input_type": "search_document"}, 400, "is_query",
      "contradicts"),
@@ -176,14 +165,10 @@ async def test_models_list_the_task(http: httpx.AsyncClient) -> None:
 def test_a_pylate_folder_is_found_multivector_planned_on_torch_and_never_served_dense(tmp_path: Path,
                                                                                       colbert_dir: Path) -> None:
     from embedding_service.backends import BackendLoadError
-    from embedding_service.models_file import read_models_file
     from embedding_service.service import build_engine, plan_model
 
-    models = tmp_path / "models.yaml"
-    models.write_text(f"models:\n  - name: colbert\n    model_path: {colbert_dir}\n")  # no task: found
-    (entry,) = read_models_file(make_settings(models_file=str(models)))
-    assert entry.task == MULTIVECTOR
-    planned = plan_model(entry.settings, MULTIVECTOR)
+    assert task_found(tmp_path, colbert_dir) == MULTIVECTOR
+    planned = plan_model(make_settings(model_path=str(colbert_dir)), MULTIVECTOR)
     assert planned.engine == "torch" and isinstance(build_engine(planned), MultiVectorEngine)
     for engine in ("vllm", "openvino"):
         with pytest.raises(BackendLoadError, match=f"the {engine} engine cannot serve a multi-vector"):

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic import Field, StrictBool, StrictStr
 
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
-from .sparse_protocol import check_texts, texts_of
+from .sparse_protocol import TeiTextsBody, tei_body
 
 __all__ = ["EMBED_ALL_EXAMPLES", "EmbedAllBody", "EmbedAllCall", "encode_openai_multivector", "encode_tei_multivector",
            "parse_embed_all", "parse_vector_dtype", "side_of"]
@@ -31,19 +31,9 @@ _SIDES = {"search_query": True, "search_document": False}  # the project's input
 _DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 
-class EmbedAllBody(BaseModel):
-    """The body of POST /embed_all (TEI's), validated strictly; unknown fields are ignored."""
+class EmbedAllBody(TeiTextsBody):
+    """The body of POST /embed_all (TEI's)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    inputs: Annotated[Any, WithJsonSchema(TypeAdapter(  # (checked by hand: texts_of)
-        Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                         Field(min_length=1)]).json_schema())] = Field(
-        ..., description="a text or a list of texts")
-    truncate: StrictBool | None = Field(None, description="cut over-long inputs instead of refusing them")
-    truncation_direction: Literal["right", "Right"] | None = Field(
-        None, description="TEI's; only right (keep the start) is served")
-    prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
     model: StrictStr | None = Field(None, description="which multi-vector model (its name or an alias)")
     is_query: StrictBool | None = Field(None, description="encode as queries (true, the default: PyLate's) or "
                                         "as documents (false)")
@@ -98,21 +88,7 @@ class EmbedAllCall:
 
 def parse_embed_all(data: Any) -> EmbedAllCall:
     """A decoded /embed_all body."""
-    if not isinstance(data, dict):
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body must be a JSON object, got "
-                           f"{type(data).__name__}")
-    if data.get("inputs") is None:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "'inputs' is required: a text or a list of texts",
-                           param="inputs")
-    try:
-        body = EmbedAllBody.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err.get("loc") else None
-        raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}",
-                           param=field) from None
-    texts = texts_of(body.inputs)
-    check_texts(texts, "inputs")
+    body, texts = tei_body(data, EmbedAllBody)
     return EmbedAllCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
                         body.model, side_of(body.is_query, body.input_type))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..engine.core import EngineCore
 from ..engine.engine import EmbeddingEngine
@@ -21,6 +22,8 @@ from ..errors import ErrorKind, ServiceError
 
 __all__ = ["EMBED", "MULTIVECTOR", "RERANK", "SPARSE", "Served", "ServedModels"]
 
+
+E = TypeVar("E", bound=EngineCore)
 
 _KINDS = {EMBED: "an embedding model", RERANK: "a reranker", SPARSE: "a sparse model",  # for refusals
           MULTIVECTOR: "a multi-vector (ColBERT) model"}
@@ -113,19 +116,17 @@ class ServedModels:
         return self._choose(EMBED, model).task
 
     def for_sparse(self, model: str | None) -> tuple[Served, SparseEngine]:
-        chosen = self._choose(SPARSE, model)
-        if not isinstance(chosen.engine, SparseEngine):
-            raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"model '{chosen.name}' is not a sparse model (task: {chosen.task}); it has no "
-                               "sparse vectors. Serve a SPLADE model (task: sparse in the models file)",
-                               param="model", code="model_not_sparse")
-        return chosen, chosen.engine
+        return self._of_kind(SPARSE, SparseEngine, model, "sparse vectors. Serve a SPLADE model (task: sparse in "
+                             "the models file)", "model_not_sparse")
 
     def for_multivector(self, model: str | None) -> tuple[Served, MultiVectorEngine]:
-        chosen = self._choose(MULTIVECTOR, model)
-        if not isinstance(chosen.engine, MultiVectorEngine):
-            raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"model '{chosen.name}' is not a multi-vector model (task: {chosen.task}); it has "
-                               "no token vectors. Serve a ColBERT model (task: multivector in the models file)",
-                               param="model", code="model_not_multivector")
+        return self._of_kind(MULTIVECTOR, MultiVectorEngine, model, "token vectors. Serve a ColBERT model "
+                             "(task: multivector in the models file)", "model_not_multivector")
+
+    def _of_kind(self, task: str, kind: type[E], model: str | None, lacks: str, code: str) -> tuple[Served, E]:
+        """The model named (or the task's default), refused unless its engine is of `kind`."""
+        chosen = self._choose(task, model)
+        if not isinstance(chosen.engine, kind):
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"model '{chosen.name}' is not {_KINDS[task]} (task: "
+                               f"{chosen.task}); it has no {lacks}", param="model", code=code)
         return chosen, chosen.engine

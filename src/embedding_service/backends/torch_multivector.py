@@ -20,6 +20,7 @@ from .model_facts import read_model_facts
 from .multivector import ColbertConfig, read_colbert_config
 from .tokenization import HfTokenizer
 from .torch_backend import torch_placement
+from .torch_sparse import padded_batch
 
 __all__ = ["TorchMultiVectorBackend"]
 
@@ -40,6 +41,7 @@ class TorchMultiVectorBackend:
         self._markers: tuple[int | None, int | None] = (None, None)  # (query, document) ids; None: no marker
         self._expansion_id = 0
         self._closing: int | None = None  # the last special token of every text ([SEP])
+        self._positions = 1 << 30  # the longest sequence the model takes (set by load)
 
     def load(self) -> BackendInfo:
         import torch
@@ -78,9 +80,10 @@ class TorchMultiVectorBackend:
             log.info("torch multi-vector backend: torch_compile is not applied to ColBERT models (eager forwards)")
         log.info("torch multi-vector backend: %s on %s (%s), %d-dim token vectors, query %d / document %d tokens",
                  opts.model_label, device, dtype_name, config.dimension, config.query_length, config.document_length)
+        self._positions = read_model_facts(opts.model_dir).length_limit(opts.max_model_len)
         return BackendInfo(
             model=opts.model_label, device=device, dtype=dtype_name, dimension=config.dimension,
-            max_model_len=read_model_facts(opts.model_dir).length_limit(opts.max_model_len),
+            max_model_len=self._positions,
             vocab_size=tokenizer.vocab_size,
             special_prefix=tokenizer.special_prefix, special_suffix=tokenizer.special_suffix,
             prompts=opts.facts.prompts, default_prompt_name=opts.facts.default_prompt_name,
@@ -103,8 +106,9 @@ class TorchMultiVectorBackend:
         return self._tokenizer(texts)
 
     def side_limit(self, query: bool) -> int:
-        """The most tokens a text may have (special tokens included) before its marker goes in."""
-        length = self.config.query_length if query else self.config.document_length
+        """The most tokens a text may have (special tokens included) before its marker goes in: the side's
+        length, within the model's positions (both less the marker)."""
+        length = min(self.config.query_length if query else self.config.document_length, self._positions)
         return length - 1 if self._markers[0 if query else 1] is not None else length
 
     def mark(self, seq: Sequence[int], query: bool) -> list[int]:
@@ -129,12 +133,8 @@ class TorchMultiVectorBackend:
         import torch
 
         assert self._model is not None and self._tokenizer is not None, "load() first"
-        rows, longest = len(batch), max(len(ids) for ids in batch)
-        ids = torch.full((rows, longest), self._tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, longest), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : self._attended(seq)] = 1
+        rows = len(batch)
+        ids, mask = padded_batch(batch, self._tokenizer.pad_id, [self._attended(seq) for seq in batch])
         with torch.inference_mode():
             states = self._model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device))[0]
             for weight, bias in self._layers:

@@ -98,7 +98,7 @@ class MultiVectorEngine(EngineCore):
     async def _marked(self, request: EmbedRequest, info: BackendInfo, query: bool) -> tuple[list[list[int]], int]:
         """Tokenised under the side's limit (and the request's checks), then marked and expanded as PyLate
         does; the token count is the texts' own (what rate limits and usage count)."""
-        side = replace(info, max_model_len=min(info.max_model_len, self.multi_backend.side_limit(query)))
+        side = replace(info, max_model_len=self.multi_backend.side_limit(query))
         deadline = time.monotonic() + self.options.request_timeout_s
         with self.on_its_way():
             seqs, total = await prepare_inputs(self, request, side, deadline)
