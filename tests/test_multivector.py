@@ -136,6 +136,7 @@ async def test_maxsim_scores_equal_pylate(http: httpx.AsyncClient) -> None:
     ("/v1/embeddings", {"input": "a", "model": "colbert", "dtype": "float16"}, 400, "dtype", "base64"),
     ("/v1/embeddings", {"input": "a", "model": "colbert", "dtype": "int4"}, 400, "dtype", "float32 or float16"),
     ("/v1/embeddings", {"input": "a", "model": "colbert", "dimensions": 8}, 400, "dimensions", "does not apply"),
+    ("/v1/embeddings", {"input": "a", "model": "colbert", "instruction": "x"}, 400, "instruction", "does not apply"),
     ("/v1/embeddings", {"input": "a", "model": "colbert", "input_type": "clustering"}, 400, "input_type",
      "queries or documents"),
     ("/v1/embeddings", {"input": ["word " * 30] * 8, "model": "colbert", "is_query": False}, 413, "input",

@@ -53,6 +53,9 @@ class MultiVectorEngine(EngineCore):
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"model {info.model} is a multi-vector model: "
                                    "'dimensions' does not apply (its vectors have the projection's size, "
                                    f"{info.dimension})", param="dimensions")
+            if request.instruction is not None:
+                raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' does not apply to a multi-vector "
+                                   "(ColBERT) model: its markers say query or document", param="instruction")
             started = time.perf_counter()
             marked, total = await self._marked(request, info, query)
             self._check_size(marked, info, "input")
