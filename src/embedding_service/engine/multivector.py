@@ -56,10 +56,10 @@ class MultiVectorEngine(EngineCore):
             if request.instruction is not None:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, "'instruction' does not apply to a multi-vector "
                                    "(ColBERT) model: its markers say query or document", param="instruction")
-            started = time.perf_counter()
-            marked, total = await self._marked(request, info, query)
+            started, deadline = time.perf_counter(), time.monotonic() + self.options.request_timeout_s
+            marked, total = await self._marked(request, info, query, deadline)
             self._check_size(marked, info, "input")
-            rows, queued, compute = await self.submit(marked, time.monotonic() + self.options.request_timeout_s)
+            rows, queued, compute = await self.submit(marked, deadline)
             vectors = [self._kept(row, seq, query) for row, seq in zip(rows[:, 0], marked, strict=True)]
             _generated(len(marked), time.perf_counter() - started)
         return MultiVectorResult(vectors, total, queued, compute)
@@ -74,13 +74,13 @@ class MultiVectorEngine(EngineCore):
             if len(request.documents) > self.max_documents:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"too many documents: {len(request.documents)}; at "
                                    f"most {self.max_documents} per request", param=request.param)
-            firsts = list(dict.fromkeys(request.queries))
+            firsts, deadline = list(dict.fromkeys(request.queries)), time.monotonic() + self.options.request_timeout_s
             queries, query_tokens = await self._marked(
-                EmbedRequest(texts=firsts, truncate=request.truncate), info, True)
+                EmbedRequest(texts=firsts, truncate=request.truncate), info, True, deadline)
             cut = True if request.max_tokens_per_doc is not None else request.truncate  # Cohere's: cut to it
             documents, document_tokens = await self._marked(
                 EmbedRequest(texts=request.documents, truncate=cut,
-                             max_tokens=_doc_limit(request, self.multi_backend)), info, False)
+                             max_tokens=_doc_limit(request, self.multi_backend)), info, False, deadline)
             if query_tokens + document_tokens > self.options.max_request_tokens:
                 raise ServiceError(ErrorKind.INVALID_REQUEST, f"request has {query_tokens + document_tokens} "
                                    f"tokens in all; at most {self.options.max_request_tokens} per request: split it",
@@ -88,8 +88,7 @@ class MultiVectorEngine(EngineCore):
             if request.admit is not None:
                 request.admit(query_tokens + document_tokens)
             started = time.perf_counter()
-            rows, queued, compute = await self.submit(queries + documents,
-                                                      time.monotonic() + self.options.request_timeout_s)
+            rows, queued, compute = await self.submit(queries + documents, deadline)
             vectors = [self._kept(row, seq, i < len(queries))
                        for i, (row, seq) in enumerate(zip(rows[:, 0], queries + documents, strict=True))]
             index = {text: i for i, text in enumerate(firsts)}
@@ -98,11 +97,11 @@ class MultiVectorEngine(EngineCore):
             _generated(len(rows), time.perf_counter() - started)
         return ScoreResult(scores, query_tokens + document_tokens, queued, compute)
 
-    async def _marked(self, request: EmbedRequest, info: BackendInfo, query: bool) -> tuple[list[list[int]], int]:
+    async def _marked(self, request: EmbedRequest, info: BackendInfo, query: bool, deadline: float
+                      ) -> tuple[list[list[int]], int]:
         """Tokenised under the side's limit (and the request's checks), then marked and expanded as PyLate
         does; the token count is the texts' own (what rate limits and usage count)."""
         side = replace(info, max_model_len=self.multi_backend.side_limit(query))
-        deadline = time.monotonic() + self.options.request_timeout_s
         with self.on_its_way():
             seqs, total = await prepare_inputs(self, request, side, deadline)
         return [self.multi_backend.mark(seq, query) for seq in seqs], total
