@@ -22,10 +22,12 @@ import pytest
 from fastapi import FastAPI
 
 from embedding_service.api.app import create_app
+from embedding_service.api.served import Served
 from embedding_service.backends.base import BackendOptions
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.backends.model_facts import read_model_facts
 from embedding_service.config import EmbeddingConfig
+from embedding_service.engine.core import EngineCore
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,6 +94,31 @@ def fake_app_over(engine: EmbeddingEngine, *, on_fatal: Callable[[BaseException]
 def in_process_client(app: FastAPI, root_path: str = "") -> httpx.AsyncClient:
     """A client whose requests go straight into `app` (close it, or use it as `async with`)."""
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path=root_path), base_url="http://test")
+
+
+def task_found(tmp_path: Path, model_dir: Path) -> str:
+    """The task a models file entry without `task:` gets for `model_dir`."""
+    from embedding_service.models_file import read_models_file
+
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - name: found\n    model_path: {model_dir}\n")
+    (entry,) = read_models_file(make_settings(models_file=str(models)))
+    return entry.task
+
+
+@asynccontextmanager
+async def beside_a_fake_dense(name: str, engine: EngineCore, task: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client of an app serving a started `engine` (as `name`, of `task`) after a fake dense model
+    "dense" (64 dimensions, 64 tokens); both engines are stopped after."""
+    dense = EmbeddingEngine(FakeBackend(dimension=64, max_model_len=64), engine_options(max_model_len=64))
+    await dense.start()
+    app = create_app(make_settings(engine="fake"), models=[Served("dense", dense, "embed"), Served(name, engine, task)])
+    try:
+        async with in_process_client(app) as client:
+            yield client
+    finally:
+        await engine.stop()
+        await dense.stop()
 
 
 @asynccontextmanager
@@ -295,6 +322,15 @@ def random_splade_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
     from embedding_service.testing import build_random_splade
 
     return build_random_splade(tmp_path_factory.mktemp("tiny-splade"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def colbert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A random ColBERT model in PyLate's layout (tests/data/colbert_reference.json holds PyLate's outputs)."""
+    pytest.importorskip("torch")
+    from embedding_service.testing import build_random_colbert
+
+    return build_random_colbert(tmp_path_factory.mktemp("tiny-colbert"), minilm_dir)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,8 @@ async def test_the_post_routes_that_take_a_bare_request_are_direct() -> None:
     async with fake_app() as served:
         assert set(direct_routes(served.app.routes)) == {"/v1/embeddings", "/embeddings", "/v1/rerank",
                                                           "/rerank", "/v2/rerank", "/v1/score", "/v1/embed",
-                                                          "/v2/embed", "/tokenize", "/detokenize", "/embed_sparse"}
+                                                          "/v2/embed", "/tokenize", "/detokenize", "/embed_sparse",
+                                                          "/embed_all"}
 
 
 @pytest.mark.parametrize("root_path", ["", "/api"])

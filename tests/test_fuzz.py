@@ -95,7 +95,7 @@ def _run_schemathesis(server: ServerProcess, tmp_path: Path, *extra: str) -> dic
 _OPERATIONS = {"GET /", "GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}",
                "POST /v1/embeddings", "POST /embeddings", "POST /v1/rerank", "POST /rerank", "POST /v2/rerank",
                "POST /v1/score", "POST /v2/embed", "POST /v1/embed", "POST /tokenize", "POST /detokenize",
-               "GET /health/live", "GET /health/ready", "POST /embed_sparse"}
+               "GET /health/live", "GET /health/ready", "POST /embed_sparse", "POST /embed_all"}
 
 
 @pytest.mark.slow

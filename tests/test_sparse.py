@@ -14,14 +14,12 @@ import pytest
 
 from embedding_service.api.app import create_app
 from embedding_service.api.served import EMBED, SPARSE, Served
-from embedding_service.backends.fake import FakeBackend
 from embedding_service.backends.sparse import SparseVector, top_k
-from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.sparse import SparseEngine
 from embedding_service.engine.types import EmbedRequest
 from embedding_service.errors import ServiceError
 
-from .conftest import backend_options, engine_options, in_process_client, make_settings
+from .conftest import backend_options, beside_a_fake_dense, engine_options, in_process_client, make_settings, task_found
 
 pytest.importorskip("torch")
 pytest.importorskip("sentence_transformers")
@@ -126,16 +124,8 @@ def test_top_k_keeps_the_largest_sorted_by_index() -> None:
 @pytest.fixture
 async def http(random_splade_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     sparse = await _engine(random_splade_dir, max_inputs_per_request=8)
-    dense = EmbeddingEngine(FakeBackend(dimension=64, max_model_len=64), engine_options(max_model_len=64))
-    await dense.start()
-    app = create_app(make_settings(engine="fake"), models=[Served("dense", dense, EMBED),
-                                                           Served("splade", sparse, SPARSE)])
-    try:
-        async with in_process_client(app) as client:
-            yield client
-    finally:
-        await sparse.stop()
-        await dense.stop()
+    async with beside_a_fake_dense("splade", sparse, SPARSE) as client:
+        yield client
 
 
 async def test_embed_sparse_and_openai_shapes(http: httpx.AsyncClient, random_splade_dir: Path) -> None:
@@ -273,12 +263,8 @@ def test_a_sparse_model_is_planned_on_torch_and_refused_elsewhere(random_splade_
 def test_a_saved_sparse_encoder_is_found_sparse_and_never_served_dense(tmp_path: Path,
                                                                        inference_free_dir: Path) -> None:
     from embedding_service.backends import BackendLoadError
-    from embedding_service.models_file import read_models_file
     from embedding_service.service import plan_model
 
-    models = tmp_path / "models.yaml"
-    models.write_text(f"models:\n  - name: splade\n    model_path: {inference_free_dir}\n")  # no task: found
-    (entry,) = read_models_file(make_settings(models_file=str(models)))
-    assert entry.task == SPARSE
+    assert task_found(tmp_path, inference_free_dir) == SPARSE  # no task: found
     with pytest.raises(BackendLoadError, match="is a sparse \\(SPLADE\\) model"):
         plan_model(make_settings(model_path=str(inference_free_dir)), EMBED)

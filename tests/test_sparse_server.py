@@ -1,9 +1,11 @@
-"""A real server with a models file serving the demo MiniLM (dense) and SPLADE-tiny (sparse): /embed_sparse and
-/v1/embeddings give SparseEncoder.encode's vectors (same indices, values within 1e-4, fp32), and the dense
-model's answers are bit for bit those of a `--demo` server without the sparse model beside it."""
+"""A real server with a models file serving the demo MiniLM (dense), SPLADE-tiny (sparse) and a random ColBERT
+(multi-vector): /embed_sparse and /v1/embeddings give SparseEncoder.encode's vectors (same indices, values
+within 1e-4, fp32), the ColBERT's token vectors and MaxSim scores are PyLate's (Cohere's SDK reranks with it),
+and the dense model's answers are bit for bit those of a `--demo` server without the others beside it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ def _served(args: list[str]) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path,
-           inference_free_dir: Path) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path, inference_free_dir: Path,
+           colbert_dir: Path) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("models") / "models.yaml"
     path.write_text(f"""models:
   - name: minilm
@@ -40,7 +42,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path,
     task: sparse
   - name: inference-free
     model_path: {inference_free_dir}
-""")  # (no task: a saved SparseEncoder is found sparse)
+  - name: colbert
+    model_path: {colbert_dir}
+""")  # (no task: a saved SparseEncoder is found sparse, a PyLate folder multivector)
     yield from _served(["--models-file", str(path)])
 
 
@@ -112,4 +116,22 @@ def test_dense_model_unchanged_beside_the_sparse_one(server: ServerProcess) -> N
     assert models["splade"]["task"] == "sparse" and models["minilm"]["dimensions"] == 384
     health = httpx.get(server.url + "/health").json()
     assert {m["model"]: m["task"] for m in health["models"]} == {"minilm": "embed", "splade": "sparse",
-                                                                "inference-free": "sparse"}
+                                                                "inference-free": "sparse", "colbert": "multivector"}
+
+
+def test_colbert_beside_them_equals_pylate(server: ServerProcess) -> None:
+    """Token vectors and MaxSim scores as PyLate computes them (tests/data/colbert_reference.json), the scores
+    through Cohere's (sync) SDK unchanged: the ColBERT is the default reranker here (no cross-encoder)."""
+    cohere = pytest.importorskip("cohere")
+    reference = json.loads((Path(__file__).parent / "data" / "colbert_reference.json").read_text())
+    queries, documents = reference["queries"][:3], reference["documents"]
+    openai = _post(server.url, "/v1/embeddings", {"input": queries, "model": "colbert", "input_type": "search_query"})
+    for item, theirs in zip(openai["data"], reference["query_vectors"], strict=False):
+        assert np.abs(np.asarray(item["embedding"]) - np.asarray(theirs)).max() <= 1e-5
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
+    for query, expected in zip(queries, reference["scores"], strict=False):
+        # max_tokens_per_doc: Cohere's cut (the long document goes past the model's document_length)
+        answer = client.rerank(model="rerank-v3.5", query=query, documents=documents, max_tokens_per_doc=4096)
+        assert [r.index for r in answer.results] == list(np.argsort(expected)[::-1])
+        ours = sorted((r.index, r.relevance_score) for r in answer.results)
+        assert np.abs(np.asarray([score for _, score in ours]) - np.asarray(expected)).max() <= 1e-5

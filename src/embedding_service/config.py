@@ -112,6 +112,10 @@ class EmbeddingConfig(BaseSettings):
     max_request_tokens: int = Field(
         300_000, ge=1, le=100_000_000, description="most tokens in one request, all inputs together"
     )
+    max_token_vectors_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1 << 31, description="largest answer of a multi-vector (ColBERT) model's "
+        "token vectors, counted as float32 bytes (tokens x dimension x 4); a request over it gets 413"
+    )
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, le=1 << 31, description="largest request body in bytes (413 above)"
     )

@@ -108,7 +108,8 @@ class ServiceMetrics:
 
     def add_model(self, name: str, engine: EngineCore, task: str) -> None:
         """A served model's engine values and batches: embedding_* for embedding models, embedding_rerank_*
-        (pairs instead of texts) for rerankers, embedding_sparse_* for sparse models; each series labelled
+        (pairs instead of texts) for rerankers, embedding_sparse_* for sparse models, embedding_multivector_* for
+        multi-vector (ColBERT) ones; each series labelled
         with the model's served name."""
         if task not in self._tasks:
             self._tasks[task] = self._task_metrics(task)
@@ -144,6 +145,12 @@ class ServiceMetrics:
             p, what, unit = "embedding_sparse", "the sparse model", "Sequences"
             items = Counter("embedding_sparse_texts", "Texts given sparse vectors", model, registry=reg)
             item_tokens = Counter("embedding_sparse_tokens", "Tokens given sparse vectors", model, registry=reg)
+        elif task == "multivector":
+            p, what, unit = "embedding_multivector", "the multi-vector model", "Sequences"
+            items = Counter("embedding_multivector_texts", "Texts given token vectors (queries, documents)", model,
+                            registry=reg)
+            item_tokens = Counter("embedding_multivector_tokens", "Tokens given token vectors (markers and query "
+                                  "expansion included)", model, registry=reg)
         else:
             p, what, unit = "embedding", "the engine", "Sequences"
             items = Counter("embedding_texts", "Texts (sequences) embedded", model, registry=reg)

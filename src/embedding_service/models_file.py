@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from .backends.model_facts import read_model_facts
+from .backends.multivector import is_colbert_folder
 from .config import MODEL_FLAGS, EmbeddingConfig
-from .engine.types import EMBED, SPARSE, TASKS
+from .engine.types import EMBED, MULTIVECTOR, SPARSE, TASKS
 
 __all__ = ["PER_MODEL_FIELDS", "TASKS", "ModelEntry", "ModelsFileError", "read_models_file"]
 
@@ -27,7 +28,7 @@ PER_MODEL_FIELDS = frozenset({
     "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "torch_compile", "vllm_engine_core",
     "prefix_caching", "batch_invariant", "quantize", "openvino_cache_dir", "truncate", "max_inputs_per_request",
     "max_request_tokens", "max_queue_requests", "max_queue_tokens", "request_timeout_s", "max_rerank_documents",
-    "matryoshka_models",
+    "matryoshka_models", "max_token_vectors_bytes",
 })
 _ENTRY_FIELDS = frozenset({"name", "aliases", "task", "model_path", "model_name", "demo"})
 _MAX_MODELS = 64
@@ -80,9 +81,11 @@ def read_models_file(settings: EmbeddingConfig) -> list[ModelEntry]:
 
 def _task_of(model_path: Any) -> str:
     """The task an entry without `task:` gets: sparse for a folder sentence-transformers saved as a
-    SparseEncoder, else embed."""
+    SparseEncoder, multivector for one PyLate saved (ColBERT), else embed."""
     if isinstance(model_path, str) and model_path:
-        return SPARSE if read_model_facts(model_path).sentence_transformers_type == "SparseEncoder" else EMBED
+        if read_model_facts(model_path).sentence_transformers_type == "SparseEncoder":
+            return SPARSE
+        return MULTIVECTOR if is_colbert_folder(model_path) else EMBED
     return EMBED
 
 
@@ -113,7 +116,7 @@ def _entry(server: EmbeddingConfig, where: str, item: Any) -> ModelEntry:
     for flag in (*MODEL_FLAGS, "models_file"):
         values[flag] = EmbeddingConfig.model_fields[flag].get_default()
     values.update({key: item[key] for key in PER_MODEL_FIELDS if key in item})
-    if task != "rerank":  # (an embedding or sparse model: the model flags)
+    if task != "rerank":  # (an embedding, sparse or multi-vector model: the model flags)
         values.update(served_model_name=name, demo=bool(item.get("demo")), model_path=item.get("model_path"))
         if item.get("model_name"):
             values["model_name"] = item["model_name"]

@@ -23,23 +23,27 @@ from .backends import (
     BackendOptions,
     FakeOptions,
     create_backend,
+    create_multivector_backend,
     create_scoring_backend,
     create_sparse_backend,
 )
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
+from .backends.multivector import is_colbert_folder
 from .backends.resolve import resolve_model_dir
 from .config import EmbeddingConfig
 from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
+from .engine.multivector import MultiVectorEngine
 from .engine.rerank import RerankEngine
 from .engine.sparse import SparseEngine
-from .engine.types import EMBED, RERANK, SPARSE
+from .engine.types import EMBED, MULTIVECTOR, RERANK, SPARSE
 from .memory_fit import available_bytes, memory_shortfall
 from .models_file import read_models_file
 
 __all__ = [
     "EMBED",
+    "MULTIVECTOR",
     "RERANK",
     "SPARSE",
     "EngineKind",
@@ -64,7 +68,7 @@ EngineKind = Literal["torch", "vllm", "openvino", "fake"]
 class ModelPlan:
     """One model to serve, fully decided: nothing downstream resolves a folder or picks an engine again."""
 
-    role: str  # its task: EMBED, RERANK or SPARSE
+    role: str  # its task: EMBED, RERANK, SPARSE or MULTIVECTOR
     model_dir: str  # the local folder ("" for the fake engine, which loads nothing)
     facts: ModelFacts  # what the folder says about the model (also in backend.facts)
     engine: EngineKind  # `auto` already resolved
@@ -133,8 +137,12 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     if role == EMBED and facts.sentence_transformers_type == "SparseEncoder":  # else: wrong vectors, silently
         raise BackendLoadError(f"{model_dir} is a sparse (SPLADE) model (sentence-transformers SparseEncoder): "
                                "serve it as task: sparse in a models file (docs/sparse.md)")
-    # (a sparse model runs on the torch engine: the one with a SPLADE backend)
-    kind = "torch" if role == SPARSE and settings.engine == "auto" else choose_engine(settings, facts)
+    if role == EMBED and is_colbert_folder(model_dir):  # a pooled vector of it would be made up
+        raise BackendLoadError(f"{model_dir} is a multi-vector (ColBERT, PyLate) model: serve it as task: "
+                               "multivector in a models file (docs/sparse.md)")
+    # (sparse and multi-vector models run on the torch engine: the one with their backends)
+    auto_torch = role in (SPARSE, MULTIVECTOR) and settings.engine == "auto"
+    kind = "torch" if auto_torch else choose_engine(settings, facts)
     backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)
     if role == RERANK:  # (on openvino always with fp32 weights: int8 is for the embedding model)
         backend = replace(backend, model_label=settings.public_rerank_model_name or "reranker", matryoshka=False)
@@ -146,7 +154,7 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
         backend=backend,
         engine_options=EngineOptions.from_config(settings),
         fake=FakeOptions.from_config(settings) if kind == "fake" else None,
-        max_documents=settings.max_rerank_documents if role == RERANK else None,
+        max_documents=settings.max_rerank_documents if role in (RERANK, MULTIVECTOR) else None,
     )
 
 
@@ -177,6 +185,10 @@ def build_engine(model: ModelPlan) -> EngineCore:
                             max_documents=model.max_documents)
     if model.role == SPARSE:
         return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options)
+    if model.role == MULTIVECTOR:
+        assert model.max_documents is not None  # planned for its scoring
+        return MultiVectorEngine(create_multivector_backend(model.engine, model.backend), model.engine_options,
+                                 max_documents=model.max_documents)
     return build_embedding_engine(model)
 
 

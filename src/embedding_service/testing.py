@@ -14,10 +14,12 @@ from typing import Any
 __all__ = [
     "QWEN3_0_6B_SHAPE",
     "TINY_QWEN3_SHAPE",
+    "build_random_colbert",
     "build_random_cross_encoder",
     "build_random_qwen3",
     "build_random_qwen3_reranker",
     "generated_corpus",
+    "tensor_digest",
 ]
 
 TINY_QWEN3_SHAPE: dict[str, int] = {
@@ -266,3 +268,73 @@ def build_random_splade(out_dir: str | Path, vocab_dir: str | Path, *, seed: int
             bias.fill_(-6.0)
     model.save_pretrained(out)
     return out
+
+
+def build_random_colbert(out_dir: str | Path, vocab_dir: str | Path, *, seed: int = 0, hidden_size: int = 64,
+                         embedding_size: int = 32, query_length: int = 16, document_length: int = 48) -> Path:
+    """A random-weight ColBERT model in PyLate's layout, on the WordPiece vocabulary in `vocab_dir`
+    (all-MiniLM-L6-v2's): a BERT encoder (Transformer), a projection without bias (pylate.models.Dense) and
+    config_sentence_transformers.json with PyLate's defaults ([Q] / [D] markers added to the tokenizer as PyLate
+    adds them, query expansion, punctuation skip-list) and short query/document lengths.
+
+    The weights come from numpy's generator (not torch's initialisers), so the folder's tensors are the same
+    under any torch/transformers version: tests/data/colbert_reference.json was computed by PyLate, in a venv of
+    its own (scripts/colbert_reference.py), on exactly these tensors."""
+    import string
+
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
+    tokenizer.add_tokens(["[Q] ", "[D] "])  # as PyLate's ColBERT() does on a base encoder
+    tokenizer.save_pretrained(out)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=512,
+                        architectures=["BertModel"])
+    config.save_pretrained(out)
+    rng = np.random.RandomState(seed)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in BertModel(config, add_pooling_layer=False).state_dict().items()}
+    tensors: dict[str, np.ndarray] = {}
+    for name in sorted(shapes):
+        if "LayerNorm" in name:
+            tensors[name] = np.full(shapes[name], 1.0 if name.endswith("weight") else 0.0, dtype=np.float32)
+        else:  # sharper attention (query/key x4): each token's state depends on the text around it
+            scale = 0.4 if ".attention.self.query." in name or ".attention.self.key." in name else 0.1
+            tensors[name] = (rng.standard_normal(shapes[name]) * scale).astype(np.float32)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "1_Dense").mkdir(exist_ok=True)
+    projection = (rng.standard_normal((embedding_size, hidden_size)) / hidden_size**0.5).astype(np.float32)
+    save_file({"linear.weight": projection}, str(out / "1_Dense" / "model.safetensors"), metadata={"format": "pt"})
+    (out / "1_Dense" / "config.json").write_text(json.dumps({
+        "in_features": hidden_size, "out_features": embedding_size, "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity", "use_residual": False}, indent=2))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"}], indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 511, "do_lower_case": False}))
+    (out / "config_sentence_transformers.json").write_text(json.dumps({
+        "model_type": "ColBERT", "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "MaxSim",
+        "query_prefix": "[Q] ", "document_prefix": "[D] ", "query_length": query_length,
+        "document_length": document_length, "attend_to_expansion_tokens": False,
+        "skiplist_words": list(string.punctuation), "do_query_expansion": True}, indent=2))
+    return out
+
+
+def tensor_digest(folder: str | Path) -> str:
+    """sha256 over every tensor of the folder's weight files (names, shapes, float32 bytes), in order: the
+    same for the same weights, whatever wrote the files."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    root, digest = Path(folder), hashlib.sha256()
+    for path in sorted(root.rglob("*.safetensors")):
+        for name, array in sorted(load_file(str(path)).items()):
+            digest.update(f"{path.relative_to(root).as_posix()}:{name}:{array.shape}".encode())
+            digest.update(array.astype("<f4").tobytes())
+    return digest.hexdigest()

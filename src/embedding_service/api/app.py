@@ -26,6 +26,7 @@ from .cors import install_cors
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
 from .lifecycle import RequestLifecycle
+from .multivector_routes import build_multivector_router
 from .observability import install_observability
 from .openapi import install_openapi
 from .ratelimit import RateLimiter, RateLimitMiddleware
@@ -158,6 +159,7 @@ def create_app(
         return await read_json_body(request, settings.max_body_bytes)
 
     app.include_router(build_sparse_router(served, read_body))
+    app.include_router(build_multivector_router(served, read_body))
 
     strict = settings.input_type_strict
     app.include_router(build_cohere_router(served, read_body, input_type_strict=strict))

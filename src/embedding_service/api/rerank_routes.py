@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import tracing
-from ..engine.rerank import ScoreRequest, ScoreResult
+from ..engine.multivector import MultiVectorEngine
+from ..engine.rerank import RerankEngine, ScoreRequest, ScoreResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 from .body import BodyReader
@@ -55,9 +56,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
     router = APIRouter()
 
     def _check_ready_first() -> None:  # refuse cheaply, before reading the body
-        primary = models.rerank or models.embed
-        assert primary is not None
-        primary.engine.check_ready()
+        (models.rerank or models.embed or models.primary).engine.check_ready()
 
     async def rerank(request: Request) -> Response:
         _check_ready_first()
@@ -83,10 +82,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         call = parse_score(parse_json_body(await read_body(request)))
         served = models.for_score(call.model)
         admit = request.scope.get(TOKEN_ADMISSION_KEY)
-        if served.task == "rerank":
-            from ..engine.rerank import RerankEngine
-
-            assert isinstance(served.engine, RerankEngine)
+        if isinstance(served.engine, RerankEngine | MultiVectorEngine):  # a reranker, or MaxSim
             result = await served.engine.score(ScoreRequest(
                 queries=call.queries, documents=call.documents, instruction=call.instruction,
                 truncate=call.truncate, param="text_2", admit=admit))

@@ -13,9 +13,10 @@ from fastapi.responses import Response
 from .. import __version__, tracing
 from ..config import EmbeddingConfig
 from ..engine.input_types import resolve_input_type
-from ..engine.types import EngineState
+from ..engine.types import MULTIVECTOR, SPARSE, EngineState
 from ..errors import ErrorKind, ServiceError
 from .body import read_json_body
+from .multivector_routes import multivector_embeddings
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import (
     EMBEDDING_EXAMPLES,
@@ -177,8 +178,11 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         with ctx.engine.accepted():  # accepted from here: a drain waits for the body to arrive
             data = parse_json_body(await read_json_body(request, ctx.options.max_body_bytes))
             named = data.get("model") if isinstance(data, dict) else None
-            if ctx.served.sparse_for_embeddings(named if isinstance(named, str) else None):
+            task = ctx.served.task_for_embeddings(named if isinstance(named, str) else None)
+            if task == SPARSE:
                 return await sparse_embeddings(ctx.served, request, data)
+            if task == MULTIVECTOR:
+                return await multivector_embeddings(ctx.served, request, data)
             # The model asked for (404 for an unknown name among several, 400 for a reranker's name).
             chosen, engine = ctx.served.for_embed(named if isinstance(named, str) else None)
             decoder = ctx.token_ids_decoder

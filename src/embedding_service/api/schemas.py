@@ -60,7 +60,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    task: Literal["embed", "rerank", "sparse"] | None = Field(None, description="what the model serves")
+    task: Literal["embed", "rerank", "sparse", "multivector"] | None = Field(None, description="what the model serves")
     aliases: list[str] | None = Field(None, description="other names the model answers to")
     max_model_len: int | None = Field(None, description="longest input in tokens (null while loading)")
     dimensions: int | None = Field(None, description="an embedding model's vector size (once loaded)")
@@ -73,7 +73,7 @@ class ModelList(BaseModel):
 
 class ModelHealth(BaseModel):
     model: str
-    task: Literal["embed", "rerank", "sparse"]
+    task: Literal["embed", "rerank", "sparse", "multivector"]
     status: EngineState
     engine: str | None
     device: str | None

@@ -10,25 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..engine.core import EngineCore
 from ..engine.engine import EmbeddingEngine
+from ..engine.multivector import MultiVectorEngine
 from ..engine.rerank import RerankEngine
 from ..engine.sparse import SparseEngine
-from ..engine.types import EMBED, RERANK, SPARSE
+from ..engine.types import EMBED, MULTIVECTOR, RERANK, SPARSE
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["EMBED", "RERANK", "SPARSE", "Served", "ServedModels"]
+__all__ = ["EMBED", "MULTIVECTOR", "RERANK", "SPARSE", "Served", "ServedModels"]
 
 
-_KINDS = {EMBED: "an embedding model", RERANK: "a reranker", SPARSE: "a sparse model"}  # for refusals
+E = TypeVar("E", bound=EngineCore)
+
+_KINDS = {EMBED: "an embedding model", RERANK: "a reranker", SPARSE: "a sparse model",  # for refusals
+          MULTIVECTOR: "a multi-vector (ColBERT) model"}
+# Where each task's model is served, for refusals that send a client elsewhere.
+_ROUTES = {SPARSE: "/embed_sparse or /v1/embeddings", RERANK: "/v1/rerank or /v1/score",
+           MULTIVECTOR: "/v1/embeddings, /embed_all, /v1/rerank or /v1/score"}
 
 
 @dataclass(frozen=True)
 class Served:
     name: str  # the public name (`model` in requests and responses)
     engine: EngineCore
-    task: str  # "embed", "rerank" or "sparse"
+    task: str  # "embed", "rerank", "sparse" or "multivector"
     aliases: tuple[str, ...] = ()
 
 
@@ -53,7 +61,8 @@ class ServedModels:
 
     @property
     def rerank(self) -> Served | None:
-        return next(iter(self.of_task(RERANK)), None)
+        """The default reranker: the first cross-encoder, else the first multi-vector model (MaxSim)."""
+        return next(iter(self.of_task(RERANK) or self.of_task(MULTIVECTOR)), None)
 
     def named(self, model: str | None) -> Served | None:
         return self._by_name.get(model) if model is not None else None
@@ -65,15 +74,18 @@ class ServedModels:
         if named is not None:
             return named
         candidates = self.of_task(task)
+        if task == RERANK and not candidates:  # a ColBERT model reranks (MaxSim) where no cross-encoder is
+            candidates = self.of_task(MULTIVECTOR)
         if model is not None and len(candidates) > 1:
             names = "', '".join(m.name for m in self.all)
             raise ServiceError(ErrorKind.NOT_FOUND, f"model '{model}' is not served here; this server serves "
                                f"'{names}'", param="model", code="model_not_found")
         return candidates[0] if candidates else self.all[0]
 
-    def for_rerank(self, model: str | None) -> tuple[Served, RerankEngine]:
+    def for_rerank(self, model: str | None) -> tuple[Served, RerankEngine | MultiVectorEngine]:
+        """A reranker, or a multi-vector model (it scores by MaxSim)."""
         chosen = self._choose(RERANK, model)
-        if not isinstance(chosen.engine, RerankEngine):
+        if not isinstance(chosen.engine, RerankEngine | MultiVectorEngine):
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is {_KINDS[chosen.task]} (task: {chosen.task}); it cannot "
                                "rerank. Serve a reranker beside it (--rerank-model-path or --rerank-model)",
@@ -82,7 +94,7 @@ class ServedModels:
 
     def for_score(self, model: str | None) -> Served:
         """A reranker scores pairs itself; an embedding model scores them by cosine (as vLLM does)."""
-        chosen = self._choose(RERANK if self.rerank is not None else EMBED, model)
+        chosen = self._choose(RERANK if self.rerank is not None else EMBED, model)  # (a ColBERT model: MaxSim)
         if chosen.task == SPARSE:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"model '{chosen.name}' is a sparse model (task: sparse); "
                                "it cannot score pairs: name a reranker or a dense embedding model",
@@ -92,21 +104,29 @@ class ServedModels:
     def for_embed(self, model: str | None) -> tuple[Served, EmbeddingEngine]:
         chosen = self._choose(EMBED, model)
         if not isinstance(chosen.engine, EmbeddingEngine):
-            use = "/embed_sparse or /v1/embeddings" if chosen.task == SPARSE else "/v1/rerank or /v1/score"
+            use = _ROUTES.get(chosen.task, "/v1/rerank or /v1/score")
             raise ServiceError(ErrorKind.INVALID_REQUEST,
                                f"model '{chosen.name}' is {_KINDS[chosen.task]} (task: {chosen.task}); it cannot "
                                f"embed here. Use {use} with it", param="model", code="model_cannot_embed")
         return chosen, chosen.engine
 
-    def sparse_for_embeddings(self, model: str | None) -> bool:
-        """/v1/embeddings answers sparse vectors when the model it gets is a sparse one."""
-        return self._choose(EMBED, model).task == SPARSE
+    def task_for_embeddings(self, model: str | None) -> str:
+        """/v1/embeddings answers sparse vectors or token vectors when the model it gets is a sparse or a
+        multi-vector one: that model's task."""
+        return self._choose(EMBED, model).task
 
     def for_sparse(self, model: str | None) -> tuple[Served, SparseEngine]:
-        chosen = self._choose(SPARSE, model)
-        if not isinstance(chosen.engine, SparseEngine):
-            raise ServiceError(ErrorKind.INVALID_REQUEST,
-                               f"model '{chosen.name}' is not a sparse model (task: {chosen.task}); it has no "
-                               "sparse vectors. Serve a SPLADE model (task: sparse in the models file)",
-                               param="model", code="model_not_sparse")
+        return self._of_kind(SPARSE, SparseEngine, model, "sparse vectors. Serve a SPLADE model (task: sparse in "
+                             "the models file)", "model_not_sparse")
+
+    def for_multivector(self, model: str | None) -> tuple[Served, MultiVectorEngine]:
+        return self._of_kind(MULTIVECTOR, MultiVectorEngine, model, "token vectors. Serve a ColBERT model "
+                             "(task: multivector in the models file)", "model_not_multivector")
+
+    def _of_kind(self, task: str, kind: type[E], model: str | None, lacks: str, code: str) -> tuple[Served, E]:
+        """The model named (or the task's default), refused unless its engine is of `kind`."""
+        chosen = self._choose(task, model)
+        if not isinstance(chosen.engine, kind):
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"model '{chosen.name}' is not {_KINDS[task]} (task: "
+                               f"{chosen.task}); it has no {lacks}", param="model", code=code)
         return chosen, chosen.engine

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import (
@@ -33,8 +33,9 @@ from ..backends.sparse import SparseVector
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseResponse", "encode_openai_sparse",
-           "encode_tei_sparse", "parse_sparse", "parse_sparse_options"]
+__all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseResponse", "TeiTextsBody", "check_texts",
+           "encode_openai_sparse", "encode_tei_sparse", "parse_sparse", "parse_sparse_options", "tei_body",
+           "texts_of"]
 
 
 # The project's input_type (Cohere's values, engine/input_types.py) to sentence-transformers' routes: a query
@@ -42,12 +43,16 @@ __all__ = ["SPARSE_EXAMPLES", "SparseBody", "SparseCall", "SparseItem", "SparseR
 _SIDES: dict[str, str] = {"search_query": "query", "search_document": "document"}
 
 
-class SparseBody(BaseModel):
-    """The body of POST /embed_sparse (TEI's), validated strictly; unknown fields are ignored."""
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class TeiTextsBody(BaseModel):
+    """The fields TEI's text routes share (/embed_sparse, /embed_all), validated strictly; unknown fields are
+    ignored."""
 
     model_config = ConfigDict(extra="allow")
 
-    inputs: Annotated[Any, WithJsonSchema(TypeAdapter(  # (checked by hand: parse_sparse)
+    inputs: Annotated[Any, WithJsonSchema(TypeAdapter(  # (checked by hand: tei_body)
         Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                          Field(min_length=1)]).json_schema())] = Field(
         ..., description="a text or a list of texts")
@@ -55,6 +60,11 @@ class SparseBody(BaseModel):
     truncation_direction: Literal["right", "Right"] | None = Field(
         None, description="TEI's; only right (keep the start) is served")
     prompt_name: StrictStr | None = Field(None, description="a sentence-transformers prompt of the model")
+
+
+class SparseBody(TeiTextsBody):
+    """The body of POST /embed_sparse (TEI's)."""
+
     model: StrictStr | None = Field(None, description="which sparse model (its name or an alias)")
     top_k: StrictInt | None = Field(None, ge=1, description="keep each vector's k largest values")
     return_tokens: StrictBool = Field(False, description="add each entry's vocabulary string (`token`)")
@@ -80,7 +90,7 @@ SPARSE_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_texts(texts: list[str], param: str) -> None:
+def check_texts(texts: list[str], param: str) -> None:
     for index, text in enumerate(texts):
         where = f"{param}[{index}]"
         if not text:
@@ -94,7 +104,7 @@ def _check_texts(texts: list[str], param: str) -> None:
                                param=param) from None
 
 
-def _texts(inputs: Any) -> list[str]:
+def texts_of(inputs: Any) -> list[str]:
     if isinstance(inputs, str):
         return [inputs]
     if not isinstance(inputs, list):
@@ -120,8 +130,8 @@ class SparseCall:
     return_tokens: bool = False
 
 
-def parse_sparse(data: Any) -> SparseCall:
-    """A decoded /embed_sparse body."""
+def tei_body(data: Any, schema: type[Body]) -> tuple[Body, list[str]]:
+    """A decoded TEI-style body (`inputs` and options) validated by `schema`, and its texts."""
     if not isinstance(data, dict):
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"request body must be a JSON object, got "
                            f"{type(data).__name__}")
@@ -129,14 +139,20 @@ def parse_sparse(data: Any) -> SparseCall:
         raise ServiceError(ErrorKind.INVALID_REQUEST, "'inputs' is required: a text or a list of texts",
                            param="inputs")
     try:
-        body = SparseBody.model_validate(data)
+        body = schema.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err.get("loc") else None
         raise ServiceError(ErrorKind.INVALID_REQUEST, f"invalid '{field}': {err['msg'].lower()}",
                            param=field) from None
-    texts = _texts(body.inputs)
-    _check_texts(texts, "inputs")
+    texts = texts_of(data["inputs"])
+    check_texts(texts, "inputs")
+    return body, texts
+
+
+def parse_sparse(data: Any) -> SparseCall:
+    """A decoded /embed_sparse body."""
+    body, texts = tei_body(data, SparseBody)
     return SparseCall(EmbedRequest(texts=texts, prompt_name=body.prompt_name, truncate=body.truncate),
                       body.model, body.top_k, _SIDES.get(body.input_type or ""), body.return_tokens)
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..engine.multivector import MultiVectorResult
 from ..engine.sparse import SparseResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
@@ -26,21 +27,21 @@ from .sparse_protocol import (
     parse_sparse_options,
 )
 
-__all__ = ["build_sparse_router", "sparse_embeddings"]
+__all__ = ["TIMING", "admit_tokens", "build_sparse_router", "sparse_embeddings", "timing_headers"]
 
 _JSON = "application/json"
 _MS = r"^[0-9]+\.[0-9]{2}$"
-_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
+TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
            "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
 
 
 
-def _timing(result: SparseResult) -> dict[str, str]:
+def timing_headers(result: SparseResult | MultiVectorResult) -> dict[str, str]:
     return {"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
             "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"}
 
 
-def _admit(request: Request, embed_request: EmbedRequest) -> None:
+def admit_tokens(request: Request, embed_request: EmbedRequest) -> None:
     """The token rate limit, if on: a client in debt is refused before its texts are tokenised."""
     admission = request.scope.get(TOKEN_ADMISSION_KEY)
     if admission is not None:
@@ -56,10 +57,10 @@ async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -
                            "encoding_format must be 'float' (or omitted)", param="encoding_format")
     call = parse_sparse_options(data, embed_request)
     served, engine = models.for_sparse(call.model)
-    _admit(request, embed_request)
+    admit_tokens(request, embed_request)
     result = await engine.encode(embed_request, top_k=call.top_k, side=call.side, return_tokens=call.return_tokens)
     return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens, result.tokens),
-                    media_type=_JSON, headers=_timing(result))
+                    media_type=_JSON, headers=timing_headers(result))
 
 
 def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRouter:
@@ -71,14 +72,14 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         primary.engine.check_ready()  # refuse cheaply, before reading the body
         call = parse_sparse(parse_json_body(await read_body(request)))
         _served, engine = models.for_sparse(call.model)
-        _admit(request, call.request)
+        admit_tokens(request, call.request)
         result = await engine.encode(call.request, top_k=call.top_k, side=call.side,
                                      return_tokens=call.return_tokens)
         return Response(encode_tei_sparse(result.vectors, result.tokens), media_type=_JSON,
-                        headers=_timing(result))
+                        headers=timing_headers(result))
 
     router.add_api_route("/embed_sparse", embed_sparse, methods=["POST"], **operation_doc(
         "Sparse (SPLADE) vectors of texts (TEI format): each input's non-zero vocabulary entries, by index",
         response=SparseResponse, errors=EMBEDDING_ERRORS, body=SparseBody,
-        body_examples=SPARSE_EXAMPLES, headers=_TIMING, tags=["sparse"]))
+        body_examples=SPARSE_EXAMPLES, headers=TIMING, tags=["sparse"]))
     return router

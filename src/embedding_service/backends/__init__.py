@@ -7,6 +7,7 @@ import dataclasses
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, BackendOptions
 from .fake import FakeOptions
 from .model_facts import ModelFacts, read_model_facts
+from .multivector import MultiVectorBackend
 from .pair_tokenizer import PairBackend
 from .sparse import SparseBackend
 
@@ -18,9 +19,11 @@ __all__ = [
     "BackendOptions",
     "FakeOptions",
     "ModelFacts",
+    "MultiVectorBackend",
     "PairBackend",
     "SparseBackend",
     "create_backend",
+    "create_multivector_backend",
     "create_scoring_backend",
     "create_sparse_backend",
     "read_model_facts",
@@ -86,3 +89,12 @@ def create_sparse_backend(engine: str, options: BackendOptions) -> SparseBackend
     from .torch_sparse import TorchSparseBackend
 
     return TorchSparseBackend(options)
+
+
+def create_multivector_backend(engine: str, options: BackendOptions) -> MultiVectorBackend:
+    """Build (not load) the backend of a multi-vector (ColBERT) model: the torch engine serves them."""
+    if engine != "torch":
+        raise BackendLoadError(f"the {engine} engine cannot serve a multi-vector (ColBERT) model; use engine: torch")
+    from .torch_multivector import TorchMultiVectorBackend
+
+    return TorchMultiVectorBackend(options)

@@ -24,7 +24,7 @@ from .sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_row
 from .tokenization import PROBES, HfTokenizer
 from .torch_backend import torch_placement
 
-__all__ = ["TorchSparseBackend"]
+__all__ = ["TorchSparseBackend", "padded_batch"]
 
 log = logging.getLogger("embedding_service")
 
@@ -123,12 +123,8 @@ class TorchSparseBackend:
         import torch
 
         assert self._model is not None and self._tokenizer is not None, "load() first"
-        rows, longest = len(batch), max(len(ids) for ids in batch)
-        ids = torch.full((rows, longest), self._tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, longest), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
+        rows = len(batch)
+        ids, mask = padded_batch(batch, self._tokenizer.pad_id, [len(seq) for seq in batch])
         lengths = torch.as_tensor([len(seq) for seq in batch])
         with torch.inference_mode():
             ids, mask = ids.to(self._device), mask.to(self._device)
@@ -169,6 +165,19 @@ class TorchSparseBackend:
         self._model = None
         self._weight = self._bias = None
         self._tokenizer = None
+
+
+def padded_batch(batch: Sequence[Sequence[int]], pad_id: int, attended: Sequence[int]) -> tuple[Any, Any]:
+    """(ids, attention mask) of a batch, right-padded with `pad_id`; row i attends to its first attended[i]."""
+    import torch
+
+    rows, longest = len(batch), max(len(ids) for ids in batch)
+    ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, longest), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : attended[row]] = 1
+    return ids, mask
 
 
 def _replace_module(model: Any, old: Any, new: Any) -> None:

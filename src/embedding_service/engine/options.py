@@ -23,6 +23,7 @@ class EngineOptions:
     max_queue_requests: int
     max_queue_tokens: int
     request_timeout_s: float
+    max_token_vectors_bytes: int  # a multi-vector model's answer, as float32 bytes
     batch_invariant: bool = False
 
     @classmethod

@@ -8,11 +8,11 @@ from enum import StrEnum
 
 import numpy as np
 
-__all__ = ["EMBED", "RERANK", "SPARSE", "TASKS", "EmbedRequest", "EmbedResult", "EngineState"]
+__all__ = ["EMBED", "MULTIVECTOR", "RERANK", "SPARSE", "TASKS", "EmbedRequest", "EmbedResult", "EngineState"]
 
 # The tasks a model serves (a model of the models file has one; docs/architecture.md: how to add one).
-EMBED, RERANK, SPARSE = "embed", "rerank", "sparse"
-TASKS = (EMBED, RERANK, SPARSE)
+EMBED, RERANK, SPARSE, MULTIVECTOR = "embed", "rerank", "sparse", "multivector"
+TASKS = (EMBED, RERANK, SPARSE, MULTIVECTOR)
 
 
 class EngineState(StrEnum):
