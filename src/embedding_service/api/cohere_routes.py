@@ -25,7 +25,8 @@ from .cohere_protocol import (
     encode_cohere_embed,
     parse_cohere_embed,
 )
-from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .embed_headers import EMBED_HEADERS, embed_headers
+from .openapi import EMBEDDING_ERRORS, operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .served import ServedModels
@@ -35,9 +36,6 @@ __all__ = ["build_cohere_router"]
 log = logging.getLogger("embedding_service")
 
 
-_MS = r"^[0-9]+\.[0-9]{2}$"
-_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
-           "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
 _EXAMPLES = {
     "query": {"summary": "a search query, float and int8", "value": {
         "texts": ["What is the capital of China?"], "input_type": "search_query",
@@ -104,9 +102,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
             result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize"):
             body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version)
-        return Response(body, media_type="application/json",
-                        headers={"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-                                 "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"})
+        return Response(body, media_type="application/json", headers=embed_headers(result))
 
     async def embed(request: Request) -> Response:
         return await _cohere_errors_of(answer(request, 2))
@@ -120,6 +116,6 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
             ("/v1/embed", embed_v1, CohereEmbedV1Response, "Create embeddings (Cohere embed v1: cohere.Client, "
              "LangChain's CohereEmbeddings); plain floats unless embedding_types is sent")):
         router.add_api_route(path, endpoint, methods=["POST"], **operation_doc(
-            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=_TIMING,
+            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=EMBED_HEADERS,
             responses=_cohere_errors(), tags=["embeddings"]))
     return router

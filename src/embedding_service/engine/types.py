@@ -52,3 +52,11 @@ class EmbedResult:
     prompt_tokens: int
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
+    cached: int | None = None  # inputs the result cache answered; None: no cache
+
+    @property
+    def cache_state(self) -> str | None:
+        """`hit` (every input from the cache), `miss` (none), `partial`; None without a cache."""
+        if self.cached is None:
+            return None
+        return "hit" if self.cached == len(self.vectors) else "partial" if self.cached else "miss"
