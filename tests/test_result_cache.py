@@ -192,6 +192,21 @@ async def test_models_and_numerics_never_share_an_entry() -> None:
             await engine.stop()
 
 
+@pytest.mark.parametrize("per_key", [False, True])
+async def test_api_keys_share_entries_unless_per_key(per_key: bool) -> None:
+    engine = await _engine(ResultCache(1 << 20, per_key=per_key))
+    body = {"input": ["a text two clients send"]}
+    try:
+        async with fake_app(engine=engine, api_keys=["first-key-123", "second-key-456"]) as app:
+            states = []
+            for key in ("first-key-123", "first-key-123", "second-key-456"):
+                answer = await app.http.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"})
+                states.append(answer.headers["x-embedding-cache"])
+    finally:
+        await engine.stop()
+    assert states == ["miss", "hit", "miss" if per_key else "hit"]
+
+
 async def test_metrics_count_hits_misses_evictions_and_bytes() -> None:
     engine = await _engine(ResultCache(2 * ENTRY))
     try:
@@ -226,3 +241,35 @@ async def test_a_request_answered_whole_skips_the_batcher() -> None:
     assert second[0].tobytes() == first[0][::-1].tobytes()
     second[0][0, 0] = 5.0  # the rows handed out are the caller's to change; the cache keeps its bytes
     assert (await through_cache(cache, [[3]], submit))[0].tobytes() == first[0][1:].tobytes()
+
+
+@pytest.mark.slow
+async def test_minilm_on_torch_fp32_a_hit_is_the_computed_vector_and_the_reference(minilm_dir) -> None:
+    """The real model: the cached answer is the first answer's bytes, an uncached engine's bytes for the same
+    request, and within fp32 rounding of sentence-transformers; a partial hit's new row is its own vector."""
+    st = pytest.importorskip("sentence_transformers")
+    from embedding_service.backends.torch_backend import TorchBackend
+    from tests.conftest import backend_options
+
+    texts = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome"]
+    engines = [EmbeddingEngine(TorchBackend(backend_options(minilm_dir, device="cpu", dtype="float32")),
+                               engine_options(max_model_len=256), cache)
+               for cache in (ResultCache(1 << 20).for_model("minilm"), None)]
+    for engine in engines:
+        await engine.start()
+    try:
+        cached, plain = engines
+        first = await cached.embed(EmbedRequest(texts=texts))
+        again = await cached.embed(EmbedRequest(texts=texts))
+        uncached = await plain.embed(EmbedRequest(texts=texts))
+        assert (first.cache_state, again.cache_state) == ("miss", "hit")
+        assert again.vectors.tobytes() == first.vectors.tobytes() == uncached.vectors.tobytes()
+        reference = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, normalize_embeddings=True)
+        assert float(np.min(np.sum(again.vectors * reference, axis=1))) >= 0.9999
+        mixed = await cached.embed(EmbedRequest(texts=[texts[0], "A woman is playing violin."]))
+        assert mixed.cache_state == "partial" and mixed.vectors[0].tobytes() == first.vectors[0].tobytes()
+        alone = await plain.embed(EmbedRequest(texts=["A woman is playing violin."]))
+        assert mixed.vectors[1].tobytes() == alone.vectors[0].tobytes()  # computed alone, as the miss was
+    finally:
+        for engine in engines:
+            await engine.stop()

@@ -137,6 +137,8 @@ class EmbeddingConfig(BaseSettings):
                                            "across restarts (the redis extra); unset = memory only")
     result_cache_redis_ttl_s: float = Field(7 * 86400.0, gt=0.0, le=10 * 365 * 86400.0,
                                             description="seconds a Redis cache entry lives after it was written")
+    result_cache_per_key: bool = Field(False, description="keep each API key's result cache entries apart (no "
+                                       "client can tell what another embedded); false = shared by all clients")
 
     # --- robustness ----------------------------------------------------------------------------------
     max_queue_requests: int = Field(1024, ge=1, le=1_000_000, description="queued requests before 503")

@@ -220,7 +220,7 @@ def open_result_cache(options: ResultCacheOptions | None) -> ResultCache | None:
         from .engine.redis_store import RedisStore
 
         redis = RedisStore(options.redis_url, options.redis_ttl_s)
-    return ResultCache(options.max_bytes, redis)
+    return ResultCache(options.max_bytes, redis, per_key=options.per_key)
 
 
 # libgomp's spin before an idle OpenMP worker sleeps, for the torch and vLLM engines. libgomp's default

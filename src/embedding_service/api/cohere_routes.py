@@ -14,6 +14,7 @@ from .. import tracing
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
 from ..errors import ServiceError, status_for
+from .access import CLIENT_ID_KEY
 from .body import BodyReader
 from .cohere_protocol import (
     CohereEmbedBody,
@@ -95,6 +96,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                                                           prompts=info.prompts, strict=input_type_strict)
             embed_request = _engine_request(call, instruction, prompt_name)
             embed_request.request_id = request.headers.get("x-request-id")
+            embed_request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
             admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
             if admission is not None:
                 admission.check()

@@ -15,6 +15,7 @@ from ..config import EmbeddingConfig
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError
+from .access import CLIENT_ID_KEY
 from .body import read_json_body
 from .embed_headers import EMBED_HEADERS, embed_headers
 from .openapi import EMBEDDING_ERRORS, operation_doc
@@ -186,6 +187,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if decoder is not None:
                 embed_request = decoder.to_text(embed_request)
             embed_request.request_id = request.headers.get("x-request-id")
+            embed_request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
             admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised

@@ -16,11 +16,12 @@ __all__ = ["Submit", "through_cache"]
 Submit = Callable[[Sequence[Sequence[int]]], Awaitable[tuple[np.ndarray, float, float]]]
 
 
-async def through_cache(cache: ModelCache, seqs: Sequence[Sequence[int]], submit: Submit
-                        ) -> tuple[np.ndarray, float, float, int]:
+async def through_cache(cache: ModelCache, seqs: Sequence[Sequence[int]], submit: Submit,
+                        client: str | None = None) -> tuple[np.ndarray, float, float, int]:
     """The rows of `seqs` (float32, writable), queue and compute seconds of the misses' batch, and how many
-    inputs the cache answered. A request answered whole never reaches the batcher."""
-    keys = cache.keys(seqs)
+    inputs the cache answered. A request answered whole never reaches the batcher. `client`: the caller's
+    id, for a per-key cache."""
+    keys = cache.keys(seqs, client)
     found = cache.get(keys)
     missing = [i for i, value in enumerate(found) if value is None]
     stats = cache.stats

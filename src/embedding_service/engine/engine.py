@@ -67,7 +67,7 @@ class EmbeddingEngine(EngineCore):
         if cache is not None and seqs:
             cache.bind(info)
             vectors, queued, compute, cached = await through_cache(
-                cache, seqs, lambda misses: self.submit(misses, deadline))
+                cache, seqs, lambda misses: self.submit(misses, deadline), request.client_id)
         else:
             vectors, queued, compute = await self.submit(seqs, deadline)
         elapsed = time.perf_counter() - started

@@ -40,6 +40,7 @@ class ResultCacheOptions:
     max_bytes: int  # 0: no memory cache
     redis_url: str | None
     redis_ttl_s: float
+    per_key: bool  # each API key its own entries
 
     @property
     def enabled(self) -> bool:
@@ -48,4 +49,4 @@ class ResultCacheOptions:
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> ResultCacheOptions:
         return cls(max_bytes=settings.result_cache_bytes, redis_url=settings.result_cache_redis,
-                   redis_ttl_s=settings.result_cache_redis_ttl_s)
+                   redis_ttl_s=settings.result_cache_redis_ttl_s, per_key=settings.result_cache_per_key)

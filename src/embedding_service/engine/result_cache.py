@@ -43,9 +43,10 @@ class CacheStats:
 class ResultCache:
     """The process's cache: a byte-bounded LRU (`max_bytes`; 0 = keep nothing) and an optional Redis store."""
 
-    def __init__(self, max_bytes: int, redis: RedisLike | None = None) -> None:
+    def __init__(self, max_bytes: int, redis: RedisLike | None = None, *, per_key: bool = False) -> None:
         self.max_bytes = max_bytes
         self.redis = redis
+        self.per_key = per_key  # each client (API key) its own entries: keys() mixes its id in
         self.bytes = 0
         self._entries: OrderedDict[bytes, tuple[bytes, CacheStats]] = OrderedDict()
 
@@ -108,10 +109,13 @@ class ModelCache:
             self._namespace = hashlib.blake2b(seed.encode(), digest_size=16).digest()
             self._prefix = b"es:rc1:" + self._namespace.hex().encode() + b":"
 
-    def keys(self, seqs: Sequence[Sequence[int]]) -> list[bytes]:
-        """Each sequence's key: blake2b-256 of its ids (int32), keyed by the model's namespace."""
+    def keys(self, seqs: Sequence[Sequence[int]], client: str | None = None) -> list[bytes]:
+        """Each sequence's key: blake2b-256 of its ids (int32), keyed by the model's namespace (and, with
+        per_key, by the client's id: `key-<digest>` of its API key; None without keys)."""
         assert self._namespace is not None, "bind() the loaded model's info first"
         ns = self._namespace
+        if self.cache.per_key and client is not None:
+            ns = hashlib.blake2b(ns + client.encode(), digest_size=32).digest()
         return [hashlib.blake2b(array("i", ids).tobytes(), digest_size=DIGEST_BYTES, key=ns).digest()
                 for ids in seqs]
 

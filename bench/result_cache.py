@@ -1,0 +1,134 @@
+"""The exact result cache (docs/cache.md) on a re-indexing workload: a corpus indexed once, then indexed
+again with 0%, 50% or 100% of its documents unchanged, against a server with the cache (the default) and one
+with `--result-cache-bytes 0`, side by side, in alternating rounds.
+
+    python -m bench.result_cache                                   # MiniLM (demo), torch engine, fp32
+    python -m bench.result_cache --docs 256 --rounds 3 --repeats 0,50,100 -- --demo --engine torch
+
+Both servers run at once (each started once; only one is driven at a time). Each round and share, for each
+server in turn (the order alternates by round): index a fresh corpus of `--docs` documents (not timed: it
+fills the cache; skipped for the uncached server, which keeps no state), then time re-indexing a corpus of
+the same size where `share`% of the documents are from the first and the rest new, in requests of `--batch`
+documents, `--concurrency` in flight, base64 vectors (what a bulk client asks for). Every round draws fresh
+documents, so no round finds an earlier round's entries. Reports documents/s per server and share, and the
+ratio cached / uncached: the median over rounds and the range of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .loadgen import drive, run_async, wait_ready
+from .peers import free_port
+from .workloads import _WORDS
+
+__all__ = ["main"]
+
+DEFAULT_SERVER = ["--demo", "--engine", "torch", "--dtype", "float32"]
+
+
+def _documents(rng: random.Random, count: int, words: tuple[int, int]) -> list[str]:
+    # A serial first: every document distinct, even if two word draws collide.
+    return [f"{rng.randrange(10**12)} " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words)))
+            for _ in range(count)]
+
+
+def _start(name: str, args: list[str], src: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(src)}
+    log = (log_dir / f"{name}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "embedding_service", "serve", "--host", "127.0.0.1", "--port",
+                             str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}/v1/embeddings"
+
+
+def _index(url: str, docs: list[str], batch: int, concurrency: int) -> float:
+    """Documents/s of sending `docs` in requests of `batch`; raises if any request failed."""
+    requests = [docs[i:i + batch] for i in range(0, len(docs), batch)]
+    result = run_async(drive(url, requests, concurrency=concurrency, duration_s=3600, encoding="base64"))
+    if result.errors or result.texts != len(docs):
+        raise RuntimeError(f"{result.errors} failed requests: {result.error_samples}")
+    return result.texts / result.wall_s
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    server = argv[argv.index("--") + 1:] if "--" in argv else list(DEFAULT_SERVER)
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.result_cache", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=256, help="documents per corpus")
+    parser.add_argument("--words", default="40,100", help="words per document, min,max (MiniLM: ~1.3 tokens a word)")
+    parser.add_argument("--repeats", default="0,50,100", help="percent of unchanged documents, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="documents per request")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
+    parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/<time>-cache.json)")
+    return parser.parse_args(argv), server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, server = parse_args(argv)
+    low, high = (int(x) for x in args.words.split(","))
+    shares = [int(x) for x in args.repeats.split(",")]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path(__file__).parent / "results" / f"{stamp}-cache.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    targets = {"cached": server, "uncached": [*server, "--result-cache-bytes", "0"]}
+    procs = {name: _start(name, flags, args.src, out.parent) for name, flags in targets.items()}
+    rows: list[dict[str, Any]] = []
+    try:
+        for proc, url in procs.values():
+            run_async(wait_ready(url, model=None, timeout_s=600, alive=lambda p=proc: p.poll() is None))
+            _index(url, _documents(random.Random(-1), 64, (low, high)), args.batch, args.concurrency)  # warm-up
+        for round_no in range(args.rounds):
+            order = list(procs) if round_no % 2 == 0 else list(reversed(procs))
+            for share in shares:
+                for name in order:
+                    rng = random.Random(f"{round_no}/{share}/{name}")
+                    first = _documents(rng, args.docs, (low, high))
+                    kept = round(args.docs * share / 100)
+                    second = rng.sample(first, kept) + _documents(rng, args.docs - kept, (low, high))
+                    rng.shuffle(second)
+                    url = procs[name][1]
+                    if name == "cached":  # the first indexing fills its cache (the other keeps no state)
+                        _index(url, first, args.batch, args.concurrency)
+                    rate = _index(url, second, args.batch, args.concurrency)
+                    rows.append({"round": round_no, "share": share, "server": name, "docs_per_s": rate})
+                    print(f"round {round_no} repeats {share:3d}% {name:8s} {rate:9.1f} docs/s", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(60)
+    table = _table(rows, shares, args.rounds)
+    out.write_text(json.dumps({"args": {**vars(args), "src": str(args.src), "out": str(out)}, "server": server,
+                               "rows": rows, "table": table}, indent=1))
+    print(table)
+    print(f"results: {out}")
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], shares: list[int], rounds: int) -> str:
+    lines = ["| repeats | cached docs/s | uncached docs/s | cached / uncached: median (range) |", "|---|---|---|---|"]
+    for share in shares:
+        rate = {(r["server"], r["round"]): r["docs_per_s"] for r in rows if r["share"] == share}
+        ratios = [rate["cached", n] / rate["uncached", n] for n in range(rounds)]
+        cached = statistics.median(rate["cached", n] for n in range(rounds))
+        uncached = statistics.median(rate["uncached", n] for n in range(rounds))
+        lines.append(f"| {share}% | {cached:.1f} | {uncached:.1f} | {statistics.median(ratios):.2f}x "
+                     f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
