@@ -20,9 +20,9 @@ from ..backends.base import BackendInfo
 
 __all__ = ["ENTRY_OVERHEAD", "CacheStats", "ModelCache", "ResultCache"]
 
-# Python's own cost of one entry beyond its key and value bytes: the two bytes objects' headers (~33 each),
-# the OrderedDict's slot and link (~100) and the tuple holding value and owner (~56). An estimate, so that a
-# bound of N bytes holds within a few percent for small vectors too.
+# Python's own cost of one entry beyond its key and value bytes: the two bytes objects' headers (33 each) and
+# the OrderedDict's slot, link and value tuple (~126, tracemalloc over 20,000 entries): ~192, rounded up, so
+# that a bound of N bytes holds for small vectors too.
 ENTRY_OVERHEAD = 220
 DIGEST_BYTES = 32  # blake2b-256 of the ids: a collision is out of reach (2^-128 for 2^64 entries)
 
