@@ -4,6 +4,7 @@ with `--result-cache-bytes 0`, side by side, in alternating rounds.
 
     python -m bench.result_cache                                   # MiniLM (demo), torch engine, fp32
     python -m bench.result_cache --docs 256 --rounds 3 --repeats 0,50,100 -- --demo --engine torch
+    python -m bench.result_cache --overhead      # the cache's own CPU cost per document, in-process
 
 Both servers run at once (each started once; only one is driven at a time). Each round and share, for each
 server in turn (the order alternates by round): index a fresh corpus of `--docs` documents (not timed: it
@@ -52,13 +53,22 @@ def _start(name: str, args: list[str], src: Path, log_dir: Path) -> tuple[subpro
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
 
 
-def _index(url: str, docs: list[str], batch: int, concurrency: int) -> float:
-    """Documents/s of sending `docs` in requests of `batch`; raises if any request failed."""
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the server process has used so far: its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _index(url: str, docs: list[str], batch: int, concurrency: int, pid: int) -> tuple[float, float]:
+    """Documents/s of sending `docs` in requests of `batch`, and the server's CPU ms per document (steadier
+    than wall time on a shared machine); raises if any request failed."""
     requests = [docs[i:i + batch] for i in range(0, len(docs), batch)]
+    cpu = _cpu_s(pid)
     result = run_async(drive(url, requests, concurrency=concurrency, duration_s=3600, encoding="base64"))
+    cpu = _cpu_s(pid) - cpu
     if result.errors or result.texts != len(docs):
         raise RuntimeError(f"{result.errors} failed requests: {result.error_samples}")
-    return result.texts / result.wall_s
+    return result.texts / result.wall_s, cpu * 1000 / len(docs)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -73,12 +83,46 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--batch", type=int, default=32, help="documents per request")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src")
+    parser.add_argument("--overhead", action="store_true", help="only measure the cache's own cost per document "
+                        "(through_cache over a free engine, all misses then all hits), in-process")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/<time>-cache.json)")
     return parser.parse_args(argv), server
 
 
+def overhead(docs: int = 9600, batch: int = 32, tokens: int = 120, dimension: int = 384) -> dict[str, float]:
+    """µs per document that the cache adds on a miss (key, lookup, store, assembling the answer) and costs
+    on a hit, against handing the same sequences to a submit that costs nothing."""
+    import asyncio
+
+    import numpy as np
+
+    from embedding_service.engine.cached import through_cache
+    from embedding_service.engine.result_cache import ResultCache
+
+    rng = random.Random(0)
+    batches = [[[rng.randrange(30000) for _ in range(tokens)] for _ in range(batch)] for _ in range(docs // batch)]
+    rows = np.random.default_rng(0).standard_normal((batch, dimension)).astype(np.float32)
+
+    async def submit(seqs: Any) -> tuple[Any, float, float]:
+        return rows[:len(seqs)], 0.0, 0.0
+
+    async def timed(use_cache: bool) -> float:
+        started = time.process_time()
+        for seqs in batches:
+            await (through_cache(cache, seqs, submit) if use_cache else submit(seqs))
+        return (time.process_time() - started) * 1e6 / docs
+
+    cache = ResultCache(1 << 30).for_model("bench")
+    cache._namespace = b"bench".ljust(16)
+    bare = asyncio.run(timed(False))
+    return {"miss_us_per_doc": asyncio.run(timed(True)) - bare, "hit_us_per_doc": asyncio.run(timed(True)) - bare}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, server = parse_args(argv)
+    if args.overhead:
+        print(json.dumps(overhead()))
+        return 0
     low, high = (int(x) for x in args.words.split(","))
     shares = [int(x) for x in args.repeats.split(",")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -90,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for proc, url in procs.values():
             run_async(wait_ready(url, model=None, timeout_s=600, alive=lambda p=proc: p.poll() is None))
-            _index(url, _documents(random.Random(-1), 64, (low, high)), args.batch, args.concurrency)  # warm-up
+            _index(url, _documents(random.Random(-1), 64, (low, high)), args.batch, args.concurrency, proc.pid)
         for round_no in range(args.rounds):
             order = list(procs) if round_no % 2 == 0 else list(reversed(procs))
             for share in shares:
@@ -100,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                     kept = round(args.docs * share / 100)
                     second = rng.sample(first, kept) + _documents(rng, args.docs - kept, (low, high))
                     rng.shuffle(second)
-                    url = procs[name][1]
+                    proc, url = procs[name]
                     if name == "cached":  # the first indexing fills its cache (the other keeps no state)
-                        _index(url, first, args.batch, args.concurrency)
-                    rate = _index(url, second, args.batch, args.concurrency)
-                    rows.append({"round": round_no, "share": share, "server": name, "docs_per_s": rate})
-                    print(f"round {round_no} repeats {share:3d}% {name:8s} {rate:9.1f} docs/s", flush=True)
+                        _index(url, first, args.batch, args.concurrency, proc.pid)
+                    rate, cpu_ms = _index(url, second, args.batch, args.concurrency, proc.pid)
+                    rows.append({"round": round_no, "share": share, "server": name, "docs_per_s": rate,
+                                 "server_cpu_ms_per_doc": cpu_ms})
+                    print(f"round {round_no} repeats {share:3d}% {name:8s} {rate:9.1f} docs/s "
+                          f"{cpu_ms:8.2f} server CPU ms/doc", flush=True)
     finally:
         for proc, _ in procs.values():
             proc.terminate()
@@ -119,14 +165,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows: list[dict[str, Any]], shares: list[int], rounds: int) -> str:
-    lines = ["| repeats | cached docs/s | uncached docs/s | cached / uncached: median (range) |", "|---|---|---|---|"]
+    lines = ["| repeats | docs/s cached, uncached | docs/s ratio: median (range) | server CPU ms/doc cached, "
+             "uncached | CPU ratio uncached / cached: median (range) |", "|---|---|---|---|---|"]
     for share in shares:
-        rate = {(r["server"], r["round"]): r["docs_per_s"] for r in rows if r["share"] == share}
-        ratios = [rate["cached", n] / rate["uncached", n] for n in range(rounds)]
-        cached = statistics.median(rate["cached", n] for n in range(rounds))
-        uncached = statistics.median(rate["uncached", n] for n in range(rounds))
-        lines.append(f"| {share}% | {cached:.1f} | {uncached:.1f} | {statistics.median(ratios):.2f}x "
-                     f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+        cells = []
+        for metric, better_high in (("docs_per_s", True), ("server_cpu_ms_per_doc", False)):
+            value = {(r["server"], r["round"]): r[metric] for r in rows if r["share"] == share}
+            ratios = [value["cached", n] / value["uncached", n] for n in range(rounds)]
+            ratios = ratios if better_high else [1 / r for r in ratios]  # > 1: the cache is better
+            cached = statistics.median(value["cached", n] for n in range(rounds))
+            uncached = statistics.median(value["uncached", n] for n in range(rounds))
+            cells += [f"{cached:.2f}, {uncached:.2f}",
+                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
+        lines.append(f"| {share}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -144,3 +144,22 @@ async def test_an_outage_fails_no_request(redis_server: RedisServer) -> None:
         assert "embedding_result_cache_redis_errors_total 1.0" in metrics
     finally:
         await engine.stop()
+
+
+@pytest.mark.slow
+def test_two_served_instances_share_it_from_their_flags(redis_server: RedisServer) -> None:
+    """The flag's whole path (CLI -> plan -> engines): two real server processes on one Redis."""
+    import httpx
+
+    from tests.conftest import serving
+
+    body = {"input": ["one text, two servers"], "encoding_format": "base64"}
+    args = ["--engine", "fake", "--result-cache-redis", redis_server.url]
+    for first in serving(args):
+        for second in serving([*args, "--result-cache-bytes", "0"]):
+            computed = httpx.post(first.url + "/v1/embeddings", json=body, timeout=30)
+            shared = httpx.post(second.url + "/v1/embeddings", json=body, timeout=30)
+            metrics = httpx.get(second.url + "/metrics", timeout=30).text
+    assert (computed.headers["x-embedding-cache"], shared.headers["x-embedding-cache"]) == ("miss", "hit")
+    assert shared.json()["data"] == computed.json()["data"]
+    assert 'embedding_result_cache_redis_hits_total{model="fake-embedding-model"} 1.0' in metrics
