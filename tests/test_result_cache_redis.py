@@ -154,7 +154,7 @@ def test_two_served_instances_share_it_from_their_flags(redis_server: RedisServe
     from tests.conftest import serving
 
     body = {"input": ["one text, two servers"], "encoding_format": "base64"}
-    args = ["--engine", "fake", "--result-cache-redis", redis_server.url]
+    args = ["--engine", "fake", "--served-model-name", "shared", "--result-cache-redis", redis_server.url]
     for first in serving(args):
         for second in serving([*args, "--result-cache-bytes", "0"]):
             computed = httpx.post(first.url + "/v1/embeddings", json=body, timeout=30)
@@ -162,4 +162,4 @@ def test_two_served_instances_share_it_from_their_flags(redis_server: RedisServe
             metrics = httpx.get(second.url + "/metrics", timeout=30).text
     assert (computed.headers["x-embedding-cache"], shared.headers["x-embedding-cache"]) == ("miss", "hit")
     assert shared.json()["data"] == computed.json()["data"]
-    assert 'embedding_result_cache_redis_hits_total{model="fake-embedding-model"} 1.0' in metrics
+    assert 'embedding_result_cache_redis_hits_total{model="shared"} 1.0' in metrics
