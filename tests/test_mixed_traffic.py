@@ -94,7 +94,8 @@ async def _mixed(url: str, streams: dict[str, tuple[str, list[dict[str, Any]], i
 
 def _serve_mixed(args: list[str], streams: dict[str, tuple[str, list[dict[str, Any]], int]],
                  env: dict[str, str] | None = None) -> None:
-    server = ServerProcess([*args, "--dtype", "float32", "--log-level", "INFO"], env=env)
+    # (no result cache: every answer under load must be computed in the mix, not the first answer's bytes)
+    server = ServerProcess([*args, "--dtype", "float32", "--log-level", "INFO", "--result-cache-bytes", "0"], env=env)
     try:
         server.wait_healthy(300)
         result = asyncio.run(_mixed(server.url, streams))

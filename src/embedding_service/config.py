@@ -39,9 +39,8 @@ class EmbeddingConfig(BaseSettings):
     # --- the spec's fields -------------------------------------------------------------------------
     model_name: str = Field(DEFAULT_MODEL, description="Hugging Face model id")
     model_path: str | None = Field(None, description="local model directory; wins over model_name")
-    gpu_memory_utilization: float = Field(
-        0.4, gt=0.0, le=1.0, description="fraction of GPU memory vLLM may take (0.0-1.0]"
-    )
+    gpu_memory_utilization: float = Field(0.4, gt=0.0, le=1.0,
+                                          description="fraction of GPU memory vLLM may take (0.0-1.0]")
     max_model_len: int = Field(3072, ge=8, le=1_048_576, description="maximum input length in tokens")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="number of GPUs")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -68,9 +67,8 @@ class EmbeddingConfig(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=16, le=10_000_000, description="token budget of one batch (padded length x texts)"
     )
-    enforce_eager: bool = Field(
-        False, description="vLLM: skip torch.compile and CUDA graphs (loads faster, runs slower)"
-    )
+    enforce_eager: bool = Field(False,
+                                description="vLLM: skip torch.compile and CUDA graphs (loads faster, runs slower)")
     torch_compile: bool = Field(
         False, description="torch engine: torch.compile the model; on CUDA its forwards replay as CUDA graphs "
         "(about a minute more at start, small batches several times faster on a GPU)"
@@ -135,11 +133,20 @@ class EmbeddingConfig(BaseSettings):
         "sends by default) and embed their text; default: ids of the served model's own tokenizer",
     )
 
+    # --- the exact result cache (docs/cache.md) ----------------------------------------------------------
+    result_cache_bytes: int = Field(256 * 1024**2, ge=0, le=1 << 40, description="memory for the exact result "
+                                    "cache (vectors of token ids seen before, LRU, per process); 0 = none")
+    result_cache_redis: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="Redis URL "
+                                           "(redis://host:6379/0) of a result cache shared by instances and kept "
+                                           "across restarts (the redis extra); unset = memory only")
+    result_cache_redis_ttl_s: float = Field(7 * 86400.0, gt=0.0, le=10 * 365 * 86400.0,
+                                            description="seconds a Redis cache entry lives after it was written")
+    result_cache_per_key: bool = Field(False, description="keep each API key's result cache entries apart (no "
+                                       "client can tell what another embedded); false = shared by all clients")
+
     # --- robustness ----------------------------------------------------------------------------------
     max_queue_requests: int = Field(1024, ge=1, le=1_000_000, description="queued requests before 503")
-    max_queue_tokens: int = Field(
-        1_000_000, ge=1, le=1_000_000_000, description="queued tokens before refusing with 503"
-    )
+    max_queue_tokens: int = Field(1_000_000, ge=1, le=1_000_000_000, description="queued tokens before 503")
     request_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0, description="per-request time limit")
     shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0, description="seconds to drain on SIGTERM")
 
@@ -236,9 +243,7 @@ class EmbeddingConfig(BaseSettings):
     )
 
     # --- fault injection for the fake engine (tests and demos only) -------------------------------------
-    fake_delay_ms: float = Field(
-        0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds slept per batch"
-    )
+    fake_delay_ms: float = Field(0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds slept per batch")
     fake_load_delay_ms: float = Field(
         0.0, ge=0.0, le=600_000.0, description="engine fake: milliseconds the model load takes"
     )

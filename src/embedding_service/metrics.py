@@ -24,13 +24,14 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine.types import EngineState
 
 if TYPE_CHECKING:
     from .engine.core import EngineCore
+    from .engine.result_cache import ModelCache
 
 __all__ = ["CONTENT_TYPE", "ServiceMetrics"]
 
@@ -87,6 +88,42 @@ class _EngineCollector(Collector):
         yield from (family for family in families.values() if family.samples)
 
 
+class _CacheCollector(Collector):
+    """The result cache's counters (docs/cache.md), read at scrape time: per model, inputs answered from it
+    (and of those from Redis), inputs computed, entries evicted, bytes and entries held in memory; and the
+    Redis store's failures (one store per process)."""
+
+    def __init__(self) -> None:
+        self.caches: list[tuple[str, ModelCache]] = []
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        p, model = "embedding_result_cache", ["model"]
+        counters = {name: CounterMetricFamily(f"{p}_{name}", text, labels=model) for name, text in (
+            ("hits", "Inputs answered from the result cache (memory or Redis), without a forward"),
+            ("redis_hits", "Inputs answered from the result cache's Redis store"),
+            ("misses", "Inputs the result cache did not hold (computed, then stored)"),
+            ("evictions", "Entries dropped from the memory cache to stay within result_cache_bytes"))}
+        gauges = {name: GaugeMetricFamily(f"{p}_{name}", text, labels=model) for name, text in (
+            ("bytes", "Bytes the memory cache holds (keys, vectors and per-entry overhead)"),
+            ("entries", "Vectors the memory cache holds"))}
+        stores = {}
+        for name, cache in self.caches:
+            stats = cache.stats
+            for key, family in counters.items():
+                family.add_metric([name], getattr(stats, key))
+            for key, gauge in gauges.items():
+                gauge.add_metric([name], getattr(stats, key))
+            if cache.cache.redis is not None:
+                stores[id(cache.cache.redis)] = cache.cache.redis
+        yield from counters.values()
+        yield from gauges.values()
+        if stores:
+            errors = CounterMetricFamily(f"{p}_redis_errors", "Failed calls to the result cache's Redis store "
+                                         "(each one computes instead and pauses the store for a few seconds)")
+            errors.add_metric([], sum(getattr(store, "errors", 0) for store in stores.values()))
+            yield errors
+
+
 class ServiceMetrics:
     """All metrics of one app. `observe_request` is the request middleware's observer; each model's engine
     `on_batch` hook is chained (an existing hook keeps being called)."""
@@ -105,6 +142,7 @@ class ServiceMetrics:
         # Bounded: routes are templates (or "unmatched"), methods and statuses are few.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._tasks: dict[str, tuple[_EngineCollector, tuple[Histogram, Histogram, Histogram, Counter, Counter]]] = {}
+        self._caches: _CacheCollector | None = None
 
     def add_model(self, name: str, engine: EngineCore, task: str) -> None:
         """A served model's engine values and batches: embedding_* for embedding models, embedding_rerank_*
@@ -115,6 +153,12 @@ class ServiceMetrics:
             self._tasks[task] = self._task_metrics(task)
         collector, (size_h, tokens_h, seconds_h, items_c, item_tokens_c) = self._tasks[task]
         collector.engines.append((name, engine))
+        result_cache = getattr(engine, "result_cache", None)
+        if result_cache is not None:
+            if self._caches is None:
+                self._caches = _CacheCollector()
+                self.registry.register(self._caches)
+            self._caches.caches.append((name, result_cache))
         size, tokens, seconds = size_h.labels(name), tokens_h.labels(name), seconds_h.labels(name)
         items, item_tokens = items_c.labels(name), item_tokens_c.labels(name)
 

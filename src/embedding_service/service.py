@@ -32,10 +32,13 @@ from .backends.model_facts import ModelFacts, read_model_facts
 from .backends.multivector import is_colbert_folder
 from .backends.resolve import resolve_model_dir
 from .config import EmbeddingConfig
+from .engine.cache_fingerprint import model_fingerprint
 from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.multivector import MultiVectorEngine
+from .engine.options import ResultCacheOptions
 from .engine.rerank import RerankEngine
+from .engine.result_cache import ResultCache
 from .engine.sparse import SparseEngine
 from .engine.types import EMBED, MULTIVECTOR, RERANK, SPARSE
 from .memory_fit import available_bytes, memory_shortfall
@@ -54,6 +57,7 @@ __all__ = [
     "build_engines",
     "choose_engine",
     "onednn_cache_for",
+    "open_result_cache",
     "openmp_waits_for",
     "plan_model",
     "plan_service",
@@ -89,6 +93,7 @@ class ServicePlan:
     """Every model the service runs, by served name, in the order given (the first of a task is its default)."""
 
     models: dict[str, ModelPlan]
+    result_cache: ResultCacheOptions | None = None  # None or not enabled: no cache
 
     def of_task(self, task: str) -> list[ModelPlan]:
         return [model for model in self.models.values() if model.role == task]
@@ -174,11 +179,13 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
     shortfall = memory_shortfall({model.name: model.facts.weight_bytes for model in planned}, available_bytes())
     if shortfall is not None:
         raise BackendLoadError(shortfall)
-    return ServicePlan(models={model.name: model for model in planned})
+    return ServicePlan(models={model.name: model for model in planned},
+                       result_cache=ResultCacheOptions.from_config(settings))
 
 
-def build_engine(model: ModelPlan) -> EngineCore:
-    """The (not yet started) engine of one planned model, for its task. `await engine.start()` loads it."""
+def build_engine(model: ModelPlan, cache: ResultCache | None = None) -> EngineCore:
+    """The (not yet started) engine of one planned model, for its task. `await engine.start()` loads it.
+    An embedding model answers from `cache` where it can (rerankers and sparse models do not use it yet)."""
     if model.role == RERANK:
         assert model.max_documents is not None  # planned for the reranker's role
         return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
@@ -189,20 +196,44 @@ def build_engine(model: ModelPlan) -> EngineCore:
         assert model.max_documents is not None  # planned for its scoring
         return MultiVectorEngine(create_multivector_backend(model.engine, model.backend), model.engine_options,
                                  max_documents=model.max_documents)
-    return build_embedding_engine(model)
+    return build_embedding_engine(model, cache)
 
 
-def build_embedding_engine(model: ModelPlan) -> EmbeddingEngine:
-    """The engine of a planned embedding model (bulk embedding needs one)."""
+def build_embedding_engine(model: ModelPlan, cache: ResultCache | None = None) -> EmbeddingEngine:
+    """The engine of a planned embedding model (bulk embedding needs one; it builds it without a cache)."""
     if model.role != EMBED:
         raise BackendLoadError(f"model '{model.name}' is not an embedding model (task: {model.role}); it cannot "
                                "embed")
-    return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options)
+    model_cache = None
+    if cache is not None:
+        backend, facts = model.backend, model.facts
+        numerics = {"engine": model.engine, "dtype": backend.dtype, "device": backend.device,
+                    "quantize": backend.quantize, "torch_compile": backend.torch_compile,
+                    "enforce_eager": backend.enforce_eager, "prefix_caching": backend.prefix_caching,
+                    "tensor_parallel_size": backend.tensor_parallel_size, "pooling": facts.pooling,
+                    "normalize": facts.normalize, "task": model.role,
+                    "batch_invariant": model.engine_options.batch_invariant}
+        model_cache = cache.for_model(model_fingerprint(model.model_dir, numerics, by_content=cache.redis is not None))
+    return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options, model_cache)
 
 
 def build_engines(plan: ServicePlan) -> dict[str, EngineCore]:
-    """The engine of every planned model, by served name."""
-    return {name: build_engine(model) for name, model in plan.models.items()}
+    """The engine of every planned model, by served name, the embedding models over one result cache."""
+    cache = open_result_cache(plan.result_cache)
+    return {name: build_engine(model, cache) for name, model in plan.models.items()}
+
+
+def open_result_cache(options: ResultCacheOptions | None) -> ResultCache | None:
+    """The process's result cache, or None when off (docs/cache.md). Raises ImportError for a Redis URL
+    without the redis package."""
+    if options is None or not options.enabled:
+        return None
+    redis = None
+    if options.redis_url is not None:
+        from .engine.redis_store import RedisStore
+
+        redis = RedisStore(options.redis_url, options.redis_ttl_s)
+    return ResultCache(options.max_bytes, redis, per_key=options.per_key)
 
 
 # libgomp's spin before an idle OpenMP worker sleeps, for the torch and vLLM engines. libgomp's default

@@ -14,6 +14,7 @@ from .. import tracing
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
 from ..errors import ServiceError, status_for
+from .access import CLIENT_ID_KEY
 from .body import BodyReader
 from .cohere_protocol import (
     CohereEmbedBody,
@@ -25,7 +26,8 @@ from .cohere_protocol import (
     encode_cohere_embed,
     parse_cohere_embed,
 )
-from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .embed_headers import EMBED_HEADERS, embed_headers
+from .openapi import EMBEDDING_ERRORS, operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .served import ServedModels
@@ -35,9 +37,6 @@ __all__ = ["build_cohere_router"]
 log = logging.getLogger("embedding_service")
 
 
-_MS = r"^[0-9]+\.[0-9]{2}$"
-_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
-           "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
 _EXAMPLES = {
     "query": {"summary": "a search query, float and int8", "value": {
         "texts": ["What is the capital of China?"], "input_type": "search_query",
@@ -97,6 +96,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                                                           prompts=info.prompts, strict=input_type_strict)
             embed_request = _engine_request(call, instruction, prompt_name)
             embed_request.request_id = request.headers.get("x-request-id")
+            embed_request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
             admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
             if admission is not None:
                 admission.check()
@@ -104,9 +104,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
             result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize"):
             body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version)
-        return Response(body, media_type="application/json",
-                        headers={"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-                                 "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"})
+        return Response(body, media_type="application/json", headers=embed_headers(result))
 
     async def embed(request: Request) -> Response:
         return await _cohere_errors_of(answer(request, 2))
@@ -120,6 +118,6 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
             ("/v1/embed", embed_v1, CohereEmbedV1Response, "Create embeddings (Cohere embed v1: cohere.Client, "
              "LangChain's CohereEmbeddings); plain floats unless embedding_types is sent")):
         router.add_api_route(path, endpoint, methods=["POST"], **operation_doc(
-            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=_TIMING,
+            summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=EMBED_HEADERS,
             responses=_cohere_errors(), tags=["embeddings"]))
     return router

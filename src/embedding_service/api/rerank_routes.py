@@ -13,6 +13,7 @@ from ..engine.multivector import MultiVectorEngine
 from ..engine.rerank import RerankEngine, ScoreRequest, ScoreResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from .access import CLIENT_ID_KEY
 from .body import BodyReader
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import parse_json_body
@@ -87,7 +88,8 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
                 queries=call.queries, documents=call.documents, instruction=call.instruction,
                 truncate=call.truncate, param="text_2", admit=admit))
         else:
-            result = await _cosine(served.engine, call.queries, call.documents, call, admit)
+            result = await _cosine(served.engine, call.queries, call.documents, call, admit,
+                                   request.scope.get(CLIENT_ID_KEY))
         return Response(encode_score(result.scores, served.name, result.prompt_tokens), media_type=_JSON,
                         headers=_timing(result))
 
@@ -99,7 +101,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
 
 
 async def _cosine(engine: object, queries: list[str], documents: list[str], call: object,
-                  admit: Callable[[int], None] | None) -> ScoreResult:
+                  admit: Callable[[int], None] | None, client_id: str | None) -> ScoreResult:
     """An embedding model's score of a pair: the cosine of the two unit vectors (vLLM's behaviour)."""
     from ..engine.engine import EmbeddingEngine
 
@@ -109,7 +111,8 @@ async def _cosine(engine: object, queries: list[str], documents: list[str], call
                            "model's cosine score, put it in the texts", param="instruction")
     firsts = list(dict.fromkeys(queries))  # 1:N embeds the query once
     texts = firsts + documents
-    result = await engine.embed(EmbedRequest(texts=texts, truncate=getattr(call, "truncate", None), admit=admit))
+    result = await engine.embed(EmbedRequest(texts=texts, truncate=getattr(call, "truncate", None), admit=admit,
+                                             client_id=client_id))
     index = {text: i for i, text in enumerate(firsts)}
     left = result.vectors[[index[q] for q in queries]]
     right = result.vectors[len(firsts):]

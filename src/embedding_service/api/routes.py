@@ -15,9 +15,11 @@ from ..config import EmbeddingConfig
 from ..engine.input_types import resolve_input_type
 from ..engine.types import MULTIVECTOR, SPARSE, EngineState
 from ..errors import ErrorKind, ServiceError
+from .access import CLIENT_ID_KEY
 from .body import read_json_body
+from .embed_headers import EMBED_HEADERS, embed_headers
 from .multivector_routes import multivector_embeddings
-from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .openapi import EMBEDDING_ERRORS, operation_doc
 from .protocol import (
     EMBEDDING_EXAMPLES,
     EmbeddingRequest,
@@ -34,7 +36,6 @@ from .tiktoken_ids import TiktokenDecoder
 __all__ = ["RouteOptions", "ServiceContext", "build_router"]
 
 _JSON = "application/json"
-_MS = r"^[0-9]+\.[0-9]{2}$"
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             if decoder is not None:
                 embed_request = decoder.to_text(embed_request)
             embed_request.request_id = request.headers.get("x-request-id")
+            embed_request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
             admission = request.scope.get(TOKEN_ADMISSION_KEY)  # token rate limit, if on
             if admission is not None:
                 admission.check()  # a client in debt is refused before its texts are tokenised
@@ -206,19 +208,13 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
             if traced is not None:
                 traced.set_attributes({"embedding.encoding": encoding, "embedding.bytes": len(body)})
-        headers = {
-            "X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-            "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}",
-        }
-        return Response(body, media_type=_JSON, headers=headers)
+        return Response(body, media_type=_JSON, headers=embed_headers(result))
 
-    timing = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
-              "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
     for path, summary in (("/v1/embeddings", "Create embeddings (OpenAI format)"),
                           ("/embeddings", "Create embeddings (the same, at the spec's short path)")):
         router.add_api_route(path, embeddings, methods=["POST"], **operation_doc(
             summary, response=EmbeddingResponse, errors=EMBEDDING_ERRORS, body=EmbeddingRequest,
-            body_examples=EMBEDDING_EXAMPLES, headers=timing, tags=["embeddings"]))
+            body_examples=EMBEDDING_EXAMPLES, headers=EMBED_HEADERS, tags=["embeddings"]))
     return router
 
 

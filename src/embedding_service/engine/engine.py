@@ -9,14 +9,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import tracing
-from ..backends.base import BackendInfo
+from ..backends.base import Backend, BackendInfo
 from ..backends.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
+from .cached import through_cache
 from .core import EngineCore, invalid_unicode
 from .inputs import enforce_lengths, input_limit, prepare_inputs
 from .options import EngineOptions
 from .prompts import apply_prompt
+from .result_cache import ModelCache
 from .types import EmbedRequest, EmbedResult
 
 __all__ = ["MIN_DIMENSIONS", "EmbeddingEngine", "EngineOptions"]
@@ -34,7 +36,17 @@ MIN_DIMENSIONS = 32
 
 class EmbeddingEngine(EngineCore):
     """An engine whose model embeds: `embed()` serves requests once healthy; `prepare` and `embed_batch`
-    serve bulk jobs."""
+    serve bulk jobs. With a `result_cache` (docs/cache.md), requests answer from it where they can; bulk jobs
+    never use it (their vectors depend on their own batches only, so that a resumed run equals one run)."""
+
+    def __init__(self, backend: Backend, options: EngineOptions, result_cache: ModelCache | None = None) -> None:
+        super().__init__(backend, options)
+        self.result_cache = result_cache
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.result_cache is not None and self.result_cache.cache.redis is not None:
+            await self.result_cache.cache.redis.close()
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         with self.accepted() as info:
@@ -51,11 +63,18 @@ class EmbeddingEngine(EngineCore):
                                        "embedding.tokens": total})
         _processing(count)
         started = time.perf_counter()
-        vectors, queued, compute = await self.submit(seqs, deadline)
+        cache, cached = self.result_cache, None
+        if cache is not None and seqs:
+            cache.bind(info)
+            vectors, queued, compute, cached = await through_cache(
+                cache, seqs, lambda misses: self.submit(misses, deadline), request.client_id)
+        else:
+            vectors, queued, compute = await self.submit(seqs, deadline)
         elapsed = time.perf_counter() - started
         _generated(count, elapsed, count / max(elapsed, 1e-9))
-        vectors = truncate_dimensions(vectors, request.dimensions)
-        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute)
+        vectors = truncate_dimensions(vectors, request.dimensions)  # after the cache: one entry serves every size
+        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute,
+                           cached=cached)
 
     async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int]:
         """The ids embed() would feed the model for `request` (prompt, special tokens, limits, truncation) and

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import EmbeddingConfig
 
-__all__ = ["EngineOptions"]
+__all__ = ["EngineOptions", "ResultCacheOptions"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +32,22 @@ class EngineOptions:
 
 
 _ENGINE_FIELDS = tuple(EngineOptions.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class ResultCacheOptions:
+    """The exact result cache of a server process (docs/cache.md): memory bound, optional Redis store."""
+
+    max_bytes: int  # 0: no memory cache
+    redis_url: str | None
+    redis_ttl_s: float
+    per_key: bool  # each API key its own entries
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 or self.redis_url is not None
+
+    @classmethod
+    def from_config(cls, settings: EmbeddingConfig) -> ResultCacheOptions:
+        return cls(max_bytes=settings.result_cache_bytes, redis_url=settings.result_cache_redis,
+                   redis_ttl_s=settings.result_cache_redis_ttl_s, per_key=settings.result_cache_per_key)

@@ -36,6 +36,7 @@ class EmbedRequest:
     truncate_start: bool = False  # truncation cuts the start and keeps the end (Cohere's truncate START)
     max_tokens: int | None = None  # a per-request limit below the model's (Cohere's max_tokens)
     request_id: str | None = None
+    client_id: str | None = None  # the caller's API key id (key-<digest>), for a per-key result cache
     token_ids_flat: bool = False  # `input` was one flat list of ids (error messages name input[pos])
     # Called with the request's token count before it is queued (rate limits); raises ServiceError to refuse.
     admit: Callable[[int], None] | None = None
@@ -52,3 +53,11 @@ class EmbedResult:
     prompt_tokens: int
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
+    cached: int | None = None  # inputs the result cache answered; None: no cache
+
+    @property
+    def cache_state(self) -> str | None:
+        """`hit` (every input from the cache), `miss` (none), `partial`; None without a cache."""
+        if self.cached is None:
+            return None
+        return "hit" if self.cached == len(self.vectors) else "partial" if self.cached else "miss"
