@@ -44,8 +44,9 @@ def test_batch_invariant_server_in_process_and_over_url_give_the_same_bytes(serv
     padding otherwise moves the last bits): alone or together, in-process or over --url (so a resumed job equals
     an uninterrupted one exactly), prompts included."""
     settings = ["--demo", "--engine", "torch", "--dtype", "float32", "--batch-invariant"]
+    cache_off = ["--result-cache-bytes", "0"]  # every answer computed, none a cached copy of the first
     instruction = "Given a web search query, retrieve relevant passages"
-    server = server_factory(settings)
+    server = server_factory([*settings, *cache_off])
     server.wait_healthy(300)
     together = served_texts(server, TEXTS)
     instructed = served_texts(server, TEXTS, instruction=instruction)
