@@ -149,6 +149,31 @@ async def test_the_batch_yields_the_engine_to_online_requests(tmp_path: Path) ->
         assert busy < idle / 4, (idle, busy, after)
 
 
+async def test_a_cancel_stops_lines_waiting_behind_online_traffic(tmp_path: Path) -> None:
+    """Lines queued in the engine's background lane while online requests keep it busy are dropped by a
+    cancel (they would wait as long as the load lasts); what was done stays."""
+    async with batch_app(tmp_path, delay_ms=10, batch_concurrency=8) as (http, api, engine):
+        stop = asyncio.Event()
+
+        async def online_client() -> None:
+            while not stop.is_set():
+                assert (await http.post("/v1/embeddings", json={"input": ["online"] * 8})).status_code == 200
+
+        clients = [asyncio.create_task(online_client()) for _ in range(4)]
+        try:
+            batch = await _submit(http, _corpus(500))
+            while engine.background_requests < 8:  # the lines wait in the engine, behind the load
+                await asyncio.sleep(0.01)
+            assert api.runner.stats.in_flight == 8
+            assert (await http.post(f"/v1/batches/{batch['id']}/cancel")).status_code == 200
+            ended = await asyncio.wait_for(_wait(http, batch["id"], DONE), 30)  # (a hang guard)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert ended["status"] == "cancelled"
+        assert engine.background_requests == 0 and api.runner.stats.in_flight == 0
+
+
 async def test_bad_uploads_get_clear_4xx(tmp_path: Path) -> None:
     async with batch_app(tmp_path, batch_max_file_bytes=4096) as (http, _, _engine):
         async def status(**kwargs: Any) -> tuple[int, str | None]:
