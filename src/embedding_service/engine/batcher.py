@@ -263,7 +263,7 @@ class Batcher:
         batch ends). Never while an online request is being tokenised or one is already running; nor, for
         `background_guard_s` after the last online batch, while the clients it answered have not all come
         back: a closed-loop client is a few ms away, and a batch started in that gap would hold it up."""
-        if not self._background.live or self._background_running or self._incoming() > 0:
+        if self._background.live <= 0 or not self._background.items or self._background_running or self._incoming():
             return None
         if self._arrivals < self._answered:
             left = self._answered_at + self._background_guard_s - time.perf_counter()

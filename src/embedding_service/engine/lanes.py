@@ -86,8 +86,7 @@ class Lane:
         for job in list(self.jobs):
             if not job.future.done():
                 job.future.set_exception(error)
-        self.items.clear()
-        self.live = 0
+        self.items.clear()  # (`live` drops to 0 as each failed job's `forget` runs)
 
     def take(self, max_size: int, max_tokens: int, *, padded: bool) -> list[Item]:
         """The next batch: at most `max_size` items and `max_tokens` by `batch_cost` (the first item always
