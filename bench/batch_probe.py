@@ -6,7 +6,8 @@ command's in-process speed on the same texts.
     python -m bench.batch_probe --url http://127.0.0.1:8890 [--lines 20000] [--clients 8] [--seconds 10] \
         [--rounds 3] [--idle-lines 4000] [--embed-args "--demo --engine torch --dtype float32"]
 
-Online load: `--clients` closed-loop clients, each posting one ~12-word text after the other for `--seconds`.
+Online load: `--clients` closed-loop clients, each posting one ~12-word text after the other for `--seconds`
+(with `--think-ms` between a client's answer and its next request: a load that leaves the engine idle gaps).
 Each round: the load alone (A), then the load with a fresh `--lines`-line batch running (B; cancelled after),
 then an `--idle-lines` batch alone (its texts/s from in_progress to completed) and `embedding-service embed`
 on the same texts (texts/s of its embedding, model load excluded, from its own log). Prints one JSON object.
@@ -43,7 +44,7 @@ def _batch_file(lines: int, texts: int, offset: int) -> bytes:
         "input": [_text(offset + i * texts + k) for k in range(texts)]}}) + b"\n" for i in range(lines))
 
 
-async def _online(http: httpx.AsyncClient, clients: int, seconds: float) -> list[float]:
+async def _online(http: httpx.AsyncClient, clients: int, seconds: float, think_s: float = 0.0) -> list[float]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -55,6 +56,8 @@ async def _online(http: httpx.AsyncClient, clients: int, seconds: float) -> list
             answer.raise_for_status()
             latencies.append(time.perf_counter() - start)
             i += 1
+            if think_s:
+                await asyncio.sleep(think_s)
 
     await asyncio.gather(*(client(n) for n in range(clients)))
     return latencies
@@ -90,17 +93,33 @@ async def _wait_done(http: httpx.AsyncClient, batch_id: str) -> dict[str, Any]:
     return state
 
 
+async def _engine_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    """Texts embedded and engine seconds by lane, summed over the models (from /metrics)."""
+    totals = {"texts": 0.0, "online": 0.0, "batch": 0.0}
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line.startswith("embedding_texts_total{"):
+            totals["texts"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("embedding_engine_busy_seconds_total{"):
+            totals["batch" if 'lane="batch"' in line else "online"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 async def _online_with_batch(http: httpx.AsyncClient, args: argparse.Namespace, offset: int
                              ) -> tuple[dict[str, float], float]:
-    """The load beside a running batch: its latencies, and the batch's texts/s meanwhile."""
+    """The load beside a running batch: its latencies, the batch's texts/s meanwhile (texts the engine
+    embedded less the online requests' one each: the batch's own count moves only per committed chunk) and
+    its share of the engine's time."""
     batch_id = await _start_batch(http, _batch_file(args.lines, args.texts, offset))
     await _until_running(http, batch_id)
     await asyncio.sleep(1.0)  # (the batch under way: its first chunk admitted)
-    before = (await _state(http, batch_id))["request_counts"]["completed"]
+    before = await _engine_counters(http)
     started = time.perf_counter()
-    under = _summary(await _online(http, args.clients, args.seconds))
-    after = (await _state(http, batch_id))["request_counts"]["completed"]
-    rate = (after - before) * args.texts / (time.perf_counter() - started)
+    latencies = await _online(http, args.clients, args.seconds, args.think_ms / 1000)
+    after = await _engine_counters(http)
+    under = _summary(latencies)
+    rate = (after["texts"] - before["texts"] - len(latencies)) / (time.perf_counter() - started)
+    busy = {lane: after[lane] - before[lane] for lane in ("online", "batch")}
+    under["batch_engine_share"] = round(busy["batch"] / max(1e-9, busy["online"] + busy["batch"]), 3)
     await http.post(f"/v1/batches/{batch_id}/cancel")
     state = await _wait_done(http, batch_id)
     assert state["status"] == "cancelled", state["status"]
@@ -141,7 +160,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=args.url, timeout=120) as http:
         await _online(http, args.clients, 2.0)  # warm-up
         for r in range(args.rounds):
-            alone = _summary(await _online(http, args.clients, args.seconds))
+            alone = _summary(await _online(http, args.clients, args.seconds, args.think_ms / 1000))
             under, under_rate = await _online_with_batch(http, args, 10_000_000 * (r + 1))
             idle_texts = [_text(50_000_000 * (r + 1) + i) for i in range(args.idle_lines)]
             idle_file = b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
@@ -172,6 +191,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--think-ms", type=float, default=0.0, help="each client's pause between requests")
     parser.add_argument("--idle-lines", type=int, default=4000, help="lines (one text each) of the idle batch")
     parser.add_argument("--embed-args", default="--demo --engine torch --dtype float32",
                         help="the embed command's model options ('' to skip it)")

@@ -77,6 +77,10 @@ class Batcher:
         self._background_idle_s = policy.background_idle_s
         self._background_guard_s = max(policy.background_guard_s, policy.batch_timeout_s)
         self._background_running = 0
+        # Seconds a background batch takes (moving average), small ones (True) and full ones: one starts only
+        # once the engine has been idle that long, so it fills gaps at least its own length.
+        self._background_cost = {True: 0.0, False: 0.0}
+        self._background_small = True  # the class of the background batch running (one at a time)
         self._online_at = -float("inf")  # when the last online request was submitted (perf_counter)
         # Seconds from dispatch to answer of the batches of each lane: the batch share of the engine.
         self.busy_seconds = {"online": 0.0, "batch": 0.0}
@@ -250,7 +254,8 @@ class Batcher:
             wait = self._background_wait()
             if wait == 0.0:
                 size, tokens = self._max_size, self._max_tokens
-                if time.perf_counter() - self._online_at < self._background_idle_s:
+                self._background_small = self._online_recently()
+                if self._background_small:
                     size = max(1, size // self._background_divisor)
                     tokens = max(1, tokens // self._background_divisor)
                 return self._background.take(size, tokens, padded=self._padded), True
@@ -258,18 +263,23 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait)
 
+    def _online_recently(self) -> bool:
+        return time.perf_counter() - self._online_at < self._background_idle_s
+
     def _background_wait(self) -> float | None:
         """0.0: a background batch may start now; else how long until it may (None: until work arrives or a
-        batch ends). Never while an online request is being tokenised or one is already running; nor, for
-        `background_guard_s` after the last online batch, while the clients it answered have not all come
-        back: a closed-loop client is a few ms away, and a batch started in that gap would hold it up."""
+        batch ends). Never while an online request is being tokenised or a background batch runs; and only
+        once the engine has been idle since the last online request or answer for as long as a background
+        batch takes (a gap shorter than that is likely one between a client's requests), and, while the
+        clients the last batch answered have not all come back, for `background_guard_s` too (a
+        closed-loop client is a few ms away, and a batch started in that gap would hold it up)."""
         if self._background.live <= 0 or not self._background.items or self._background_running or self._incoming():
             return None
+        need = self._background_cost[self._online_recently()]
         if self._arrivals < self._answered:
-            left = self._answered_at + self._background_guard_s - time.perf_counter()
-            if left > 0:
-                return left
-        return 0.0
+            need = max(need, self._background_guard_s)
+        left = max(self._online_at, self._answered_at) + need - time.perf_counter()
+        return left if left > 0 else 0.0
 
     def _start_compute(self, batch: list[Item], traced: object = None) -> tuple[float, asyncio.Future[np.ndarray]]:
         started = time.perf_counter()
@@ -309,6 +319,8 @@ class Batcher:
             self.busy_seconds["batch" if background else "online"] += time.perf_counter() - started
             if background:
                 self._background_running -= 1
+                took, old = time.perf_counter() - started, self._background_cost[self._background_small]
+                self._background_cost[self._background_small] = took if old == 0.0 else 0.7 * old + 0.3 * took
                 self._arrived.set()  # the next background batch may go
         if traced is not None:
             tracing.end_batch(traced, None)
