@@ -140,3 +140,19 @@ async def test_a_cancelled_background_job_is_dropped_and_close_fails_the_rest() 
     outcome = await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 5)
     assert isinstance(outcome[0], ServiceError)
     assert all(first >= BACKGROUND + 100 for batch in embed.batches[1:] for first in batch), embed.batches
+
+
+async def test_background_work_fills_only_idle_gaps_as_long_as_its_own_batches() -> None:
+    """A client that pauses 10 ms between requests leaves gaps far shorter than a background batch (200 ms):
+    once one has been measured, none starts in such a gap (it would hold up the client's next request)."""
+    embed = Recorder(delay_s=0.2)
+    batcher = make(embed)  # (no guard for answered clients: the idle-gap rule alone)
+    await batcher.submit(seqs(ONLINE - 100, 1))  # online traffic just now
+    background = asyncio.ensure_future(batcher.submit(seqs(BACKGROUND, 40), background=True))
+    await _until(lambda: len(embed.batches) >= 2)  # the first small background batch: its cost is measured
+    measured = len(embed.batches)
+    for i in range(6):
+        await asyncio.sleep(0.01)
+        await batcher.submit(seqs(ONLINE + i, 1))
+    assert embed.lanes()[measured:measured + 6] == ["online"] * 6, embed.lanes()
+    background.cancel()
