@@ -5,9 +5,10 @@ the first batch that failed it. The queue is bounded; past its bounds `submit` r
 
 Two lanes (lanes.py): online requests, and background work (Batch API lines) with bounds of its own, so
 that it never makes an online request be refused. Online work always goes first; a background batch goes
-only when no online request is queued, being tokenised or expected back (a client the last batch answered),
-one at a time, and small (1/`background_divisor` of a batch) unless no online request came for
-`background_idle_s`: an online request arriving meanwhile waits at most that one small forward.
+only when no online request is queued, being tokenised or expected back (a client the last batch answered)
+and the engine has been idle as long as a background batch takes; one at a time, and small
+(1/`background_divisor` of a batch) unless no online request came for `background_idle_s`: an online
+request arriving meanwhile waits at most that one small forward.
 """
 
 from __future__ import annotations
