@@ -66,9 +66,13 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("{{outcome}}", f"sum by (outcome) (rate(embedding_batch_lines_total[{R}]))"),
     ]),
     ("Batch API: batches", "short", [
-        ("unfinished", "sum(embedding_batch_active)"),
+        ("{{status}}", "sum by (status) (embedding_batch_unfinished)"),
         ("lines in flight", "sum(embedding_batch_lines_in_flight)"),
-        ("lines held back for online traffic", "sum(embedding_batch_lines_waiting)"),
+        ("{{model}} lines queued in the engine", f"embedding_queue_background_requests{{{M}}}"),
+    ]),
+    ("Batch API: share of the engine", "percentunit", [
+        ("{{model}}", f"sum by (model) (rate(embedding_engine_busy_seconds_total{{lane=\"batch\",{M}}}[{R}])) / "
+                      f"sum by (model) (rate(embedding_engine_busy_seconds_total{{{M}}}[{R}]))"),
     ]),
 ]
 

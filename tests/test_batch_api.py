@@ -102,7 +102,8 @@ def test_openai_sdk_flow_answers_equal_the_online_endpoint(server: ServerProcess
     assert done['embedding_batch_lines_total{outcome="completed"}'] >= 2
     assert done['embedding_batch_lines_total{outcome="failed"}'] >= 2
     assert done['embedding_batch_batches_total{status="completed"}'] >= 1
-    assert "embedding_batch_lines_waiting" in done and "embedding_batch_active" in done
+    assert done['embedding_batch_unfinished{status="in_progress"}'] == 0 and "embedding_batch_active" in done
+    assert 'embedding_queue_background_requests{model="fake-model"} 0.0' in metrics
 
 
 def test_rerank_and_score_endpoints_run_too(server: ServerProcess) -> None:

@@ -71,7 +71,7 @@ async def _wait(http: httpx.AsyncClient, batch_id: str, until: tuple[str, ...] =
 
 
 async def test_past_its_window_a_batch_expires_and_the_rest_is_reported(tmp_path: Path) -> None:
-    async with batch_app(tmp_path, delay_ms=5) as (http, api, _):
+    async with batch_app(tmp_path, delay_ms=5, batch_concurrency=4) as (http, api, _):  # (chunks of 16 lines)
         batch = await _submit(http, _corpus(200))
         await _wait(http, batch["id"], ("in_progress",))
         await api.store.call(lambda: api.store.update_batch(batch["id"], expires_at=int(time.time()) - 1))
@@ -147,6 +147,37 @@ async def test_the_batch_yields_the_engine_to_online_requests(tmp_path: Path) ->
         after = await lines_in(1.0)
         assert idle > 20 and after > 20, (idle, busy, after)
         assert busy < idle / 4, (idle, busy, after)
+
+
+async def test_a_cancel_stops_lines_waiting_behind_online_traffic(tmp_path: Path) -> None:
+    """Lines queued in the engine's background lane while online requests keep it busy are dropped by a
+    cancel (they would wait as long as the load lasts); what was done stays."""
+    async with batch_app(tmp_path, delay_ms=10, batch_concurrency=8) as (http, api, engine):
+        stop = asyncio.Event()
+
+        async def online_client() -> None:
+            while not stop.is_set():
+                assert (await http.post("/v1/embeddings", json={"input": ["online"] * 8})).status_code == 200
+
+        clients = [asyncio.create_task(online_client()) for _ in range(4)]
+        try:
+            batch = await _submit(http, _corpus(500))
+            while engine.background_requests < 8:  # the lines wait in the engine, behind the load
+                await asyncio.sleep(0.01)
+            assert api.runner.stats.in_flight == 8
+            assert (await http.post(f"/v1/batches/{batch['id']}/cancel")).status_code == 200
+            ended = await asyncio.wait_for(_wait(http, batch["id"], DONE), 30)  # (a hang guard)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert ended["status"] == "cancelled"
+        assert engine.background_requests == 0 and api.runner.stats.in_flight == 0
+        metrics = (await http.get("/metrics")).text
+        assert 'embedding_queue_background_requests{model="fake-model"} 0.0' in metrics
+        busy = {lane: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                for lane in ("online", "batch") if line.startswith("embedding_engine_busy_seconds_total")
+                and f'lane="{lane}"' in line}
+        assert busy["online"] > 0 and busy["batch"] >= 0, busy
 
 
 async def test_bad_uploads_get_clear_4xx(tmp_path: Path) -> None:

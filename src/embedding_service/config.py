@@ -238,8 +238,8 @@ class EmbeddingConfig(BaseSettings):
         30.0, gt=0.0, le=36_500.0, description="files are deleted this many days after they were made"
     )
     batch_concurrency: int = Field(
-        4, ge=1, le=1024, description="batch requests in flight at once (they run only while no online "
-        "request waits in the engine's queue)",
+        64, ge=1, le=1024, description="batch requests in flight at once (they wait in the engine's background "
+        "lane, which runs only while online requests leave it idle: enough to fill a batch)",
     )
 
     # --- fault injection for the fake engine (tests and demos only) -------------------------------------

@@ -53,13 +53,18 @@ class _EngineCollector(Collector):
         self.prefix = prefix
         self.engines: list[tuple[str, EngineCore]] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         p = self.prefix
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "queue_requests": GaugeMetricFamily(f"{p}_queue_requests", "Requests queued or running in the batcher",
                                                 labels=["model"]),
             "queue_tokens": GaugeMetricFamily(f"{p}_queue_tokens", "Tokens of the requests queued or running",
                                               labels=["model"]),
+            "background": GaugeMetricFamily(f"{p}_queue_background_requests", "Batch API lines queued or running "
+                                            "in the batcher's background lane (not in queue_requests)",
+                                            labels=["model"]),
+            "busy": CounterMetricFamily(f"{p}_engine_busy_seconds", "Seconds the engine spent on batches, by "
+                                        "lane: online requests, or Batch API lines (batch)", labels=["model", "lane"]),
             "max_requests": GaugeMetricFamily(f"{p}_queue_max_requests",
                                               "Queued requests at which new ones are refused with 503",
                                               labels=["model"]),
@@ -75,6 +80,9 @@ class _EngineCollector(Collector):
         for name, engine in self.engines:
             families["queue_requests"].add_metric([name], engine.queued_requests)
             families["queue_tokens"].add_metric([name], engine.queued_tokens)
+            families["background"].add_metric([name], engine.background_requests)
+            for lane, seconds in engine.busy_seconds.items():
+                families["busy"].add_metric([name, lane], seconds)
             families["max_requests"].add_metric([name], engine.options.max_queue_requests)
             families["max_tokens"].add_metric([name], engine.options.max_queue_tokens)
             if engine.load_seconds is not None:

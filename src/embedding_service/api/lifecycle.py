@@ -23,6 +23,7 @@ from collections.abc import Callable
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..engine.priority import in_background
 from ..errors import ErrorKind, ServiceError, send_error
 
 __all__ = ["HANGUP_EXTENSION", "HangupHook", "RequestLifecycle"]
@@ -133,8 +134,8 @@ class RequestLifecycle:
             if not started:
                 await send_error(send, ServiceError(ErrorKind.CLIENT_CLOSED, "client closed the request"))
             return True
-        if started or request_task.cancelling() > 1:
-            return False
+        if started or request_task.cancelling() > 1 or in_background():
+            return False  # (in background: a Batch API line whose batch stopped; its runner drops it)
         # The server cancelled the request: its graceful-shutdown time ran out. Say so (503, retry
         # elsewhere) rather than let the server answer a bare 500, then end the task as it asked.
         log.warning("%s %s cancelled: shutdown_timeout ran out before it finished",

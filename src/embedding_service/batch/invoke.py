@@ -3,7 +3,8 @@ posting that body would get (the same parsing, limits, model choice, encoding an
 
 The call enters the app below the API-key and rate-limit middleware (the batch was authorised when it was
 made; its owner is put in the scope as that middleware would) at the request-lifecycle layer, which turns
-anything a handler raises into the OpenAI envelope.
+anything a handler raises into the OpenAI envelope. It runs at background priority (engine/priority.py): the
+engines serve it only when online requests leave them idle.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message
 
 from ..api.lifecycle import RequestLifecycle
 from ..api.security import CLIENT_ID_KEY
+from ..engine.priority import background
 
 __all__ = ["Answer", "Invoker"]
 
@@ -72,5 +74,6 @@ class Invoker:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        await self._inner()(scope, receive, send)
+        with background():
+            await self._inner()(scope, receive, send)
         return Answer(status, b"".join(chunks), content_type)

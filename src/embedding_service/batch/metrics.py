@@ -1,4 +1,6 @@
-"""The Batch API's Prometheus metrics, read from the runner at scrape time (no database query per scrape)."""
+"""The Batch API's Prometheus metrics, read from the runner at scrape time (no database query per scrape).
+The engine side (batch lines queued in each engine, the engine seconds spent on them) is in the engine's own
+metrics (../metrics.py): `embedding_queue_background_requests`, `embedding_engine_busy_seconds_total{lane}`."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ class BatchStats:
     lines: Counter[str] = field(default_factory=Counter)  # by outcome: completed, failed
     batches: Counter[str] = field(default_factory=Counter)  # by final status
     active: int = 0  # unfinished batches, every key's, as of the runner's last look
-    in_flight: int = 0  # lines inside the app now
-    waiting: int = 0  # lines held back while online requests use the engines
+    statuses: Counter[str] = field(default_factory=Counter)  # those, by status
+    in_flight: int = 0  # lines inside the app now (queued in an engine's background lane, or running)
 
 
 class BatchCollector(Collector):
@@ -39,7 +41,10 @@ class BatchCollector(Collector):
         yield batches
         yield GaugeMetricFamily("embedding_batch_active", "Unfinished batches (validating, running, finishing)",
                                 value=s.active)
-        yield GaugeMetricFamily("embedding_batch_lines_in_flight", "Batch lines inside the server now",
-                                value=s.in_flight)
-        yield GaugeMetricFamily("embedding_batch_lines_waiting", "Batch lines held back for online requests",
-                                value=s.waiting)
+        unfinished = GaugeMetricFamily("embedding_batch_unfinished", "Unfinished batches, by status (as of the "
+                                       "runner's last step)", labels=["status"])
+        for status in ("validating", "in_progress", "finalizing", "cancelling"):
+            unfinished.add_metric([status], s.statuses[status])
+        yield unfinished
+        yield GaugeMetricFamily("embedding_batch_lines_in_flight", "Batch lines inside the server now (waiting "
+                                "in an engine's background lane or running)", value=s.in_flight)

@@ -4,8 +4,9 @@ Durability: lines run in small chunks; a chunk's output and error lines are appe
 batch's row records the new line count and file lengths in one commit. After a kill -9 the runner starts
 the batch again at the recorded line, cutting the files back to the recorded lengths first: no line lost
 and none written twice, and (line ids derived from the batch id and line number) the same bytes as a run
-that never stopped. Online traffic first: a line enters the engine only while no request waits in its
-queue, and at most `concurrency` lines are in flight.
+that never stopped. Online traffic first: lines run at background priority (invoke.py), so the engines'
+batchers serve them only in the time online requests leave idle; at most `concurrency` lines are in flight,
+and a cancel or the window's end drops those still waiting.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any, TypeVar
 
 import orjson
 
-from ..engine.types import EngineState
 from .disk import Disk
 from .invoke import Invoker
 from .lines import BatchLine, read_lines, validate_file
@@ -31,10 +33,12 @@ from .store import BatchRow, FileRow, Store
 __all__ = ["BatchRunner", "RunnerOptions"]
 
 log = logging.getLogger("embedding_service")
+T = TypeVar("T")
 
 _CHUNK_LINES = 16  # lines per durable step: a cancel or a crash loses at most this much work in flight
 _HOUSEKEEPING_S = 3600.0
-_QUIET_S = 0.05  # no online request in the engines this long: the batch may admit a line
+_STOP_POLL_S = 0.1  # how often lines waiting for the engine look for a cancel or the window's end
+_PROGRESS_S = 30.0  # a running batch logs its progress this often
 _RETRY_STATUSES = (429, 503)  # overloaded, loading, draining: the line waits and runs again
 
 
@@ -52,14 +56,12 @@ class _Stop(Exception):
 
 
 class BatchRunner:
-    def __init__(self, store: Store, disk: Disk, invoker: Invoker, options: RunnerOptions,
-                 engines: Callable[[], Sequence[object]]) -> None:
+    def __init__(self, store: Store, disk: Disk, invoker: Invoker, options: RunnerOptions) -> None:
         self.store, self.disk, self.invoker, self.options = store, disk, invoker, options
-        self._engines = engines
         self._wake = asyncio.Event()
         self._cancels: set[str] = set()
         self.stats = BatchStats()
-        self._online_seen = 0.0  # when an online request was last seen in an engine (monotonic)
+        self._progress_at = 0.0  # when the running batch last logged its progress (monotonic)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -84,7 +86,7 @@ class BatchRunner:
         while True:
             self._wake.clear()
             active = await self.store.call(self.store.active_batches)
-            self.stats.active = len(active)
+            self._count_statuses(active)
             if active:
                 batch = active[0]
                 try:
@@ -100,6 +102,10 @@ class BatchRunner:
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_S:
                 await self.housekeep()
                 last_housekeeping = time.monotonic()
+
+    def _count_statuses(self, active: list[BatchRow]) -> None:
+        self.stats.active = len(active)
+        self.stats.statuses = Counter(row.status for row in active)
 
     async def _run(self, batch: BatchRow) -> None:
         if batch.status == "validating":
@@ -133,6 +139,7 @@ class BatchRunner:
         await asyncio.to_thread(self.disk.truncate, batch.out_name, batch.out_bytes)
         await asyncio.to_thread(self.disk.truncate, batch.err_name, batch.err_bytes)
         lines = read_lines(path, batch.endpoint, start=batch.next_line, max_line_bytes=self.options.max_line_bytes)
+        self._progress_at = time.monotonic()
         try:
             size = max(_CHUNK_LINES, 4 * self.options.concurrency)
             while True:
@@ -160,7 +167,12 @@ class BatchRunner:
 
     async def _run_chunk(self, batch: BatchRow, chunk: list[BatchLine]) -> BatchRow:
         gate = asyncio.Semaphore(self.options.concurrency)  # (a chunk holds 4x as many lines: they overlap)
-        answers = await asyncio.gather(*(self._one(batch, line, gate) for line in chunk))
+        stop = asyncio.Event()
+        watch = asyncio.create_task(self._watch_stop(batch, stop))
+        try:
+            answers = await asyncio.gather(*(self._one(batch, line, gate, stop) for line in chunk))
+        finally:
+            watch.cancel()
         done = 0
         out, err = bytearray(), bytearray()
         completed = failed = 0
@@ -181,26 +193,41 @@ class BatchRunner:
                 completed=batch.completed + completed, failed=batch.failed + failed))
             self.stats.lines.update(completed=completed, failed=failed)
             batch = await self._reload(batch)
+            await self._progress(batch)
         if done < len(chunk):
             self._check_stop(batch)
         return batch
 
-    async def _one(self, batch: BatchRow, line: BatchLine, gate: asyncio.Semaphore) -> tuple[bool, bytes] | None:
+    async def _watch_stop(self, batch: BatchRow, stop: asyncio.Event) -> None:
+        """Set `stop` once the batch is cancelled or past its window: lines still waiting for an engine busy
+        with online traffic give up then (a cancel stops within a fraction of a second)."""
+        while not self._stopping(batch):
+            await asyncio.sleep(_STOP_POLL_S)
+        stop.set()
+
+    def _stopping(self, batch: BatchRow) -> bool:
+        return batch.id in self._cancels or (batch.expires_at is not None and _now() >= batch.expires_at)
+
+    async def _one(self, batch: BatchRow, line: BatchLine, gate: asyncio.Semaphore, stop: asyncio.Event
+                   ) -> tuple[bool, bytes] | None:
+        """The line's output or error line; None if the batch stopped before it was answered."""
         line_id, request_id = request_ids(batch.id, line.index)
         delay = 0.2
         async with gate:
             while True:
-                if not await self._online_first(batch):
+                if stop.is_set():
                     return None
                 self.stats.in_flight += 1
                 try:
-                    answer = await self.invoker.post(batch.endpoint, line.body, owner=batch.owner,
-                                                     request_id=request_id)
+                    answer = await _unless(stop, self.invoker.post(batch.endpoint, line.body, owner=batch.owner,
+                                                                   request_id=request_id))
                 finally:
                     self.stats.in_flight -= 1
+                if answer is None:
+                    return None
                 if answer.status not in _RETRY_STATUSES:
                     break
-                await asyncio.sleep(delay)  # the engine is busy or loading: this line waits its turn
+                await _unless(stop, asyncio.sleep(delay))  # the engine is busy or loading: the line waits
                 delay = min(delay * 2, 5.0)
         body = answer.body
         if not answer.content_type.startswith("application/json") or b"\n" in body or not body:
@@ -211,28 +238,15 @@ class BatchRunner:
         ok = 200 <= answer.status < 300
         return ok, output_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=body)
 
-    async def _online_first(self, batch: BatchRow) -> bool:
-        """Wait until every engine is serving and, for `_QUIET_S`, every request in them was one of the batch's
-        own lines (clients that send one request after another leave short gaps: a line admitted in such a gap
-        would hold up their next request); False if the batch stops meanwhile."""
-        self.stats.waiting += 1
-        try:
-            return await self._wait_for_quiet(batch)
-        finally:
-            self.stats.waiting -= 1
-
-    async def _wait_for_quiet(self, batch: BatchRow) -> bool:
-        while True:
-            if batch.id in self._cancels or (batch.expires_at is not None and _now() >= batch.expires_at):
-                return False
-            engines = self._engines()
-            now = time.monotonic()
-            if sum(int(getattr(e, "queued_requests", 0)) for e in engines) > self.stats.in_flight:
-                self._online_seen = now
-            elif now - self._online_seen >= _QUIET_S and all(
-                    getattr(e, "state", None) is EngineState.HEALTHY for e in engines):
-                return True
-            await asyncio.sleep(0.005)
+    async def _progress(self, batch: BatchRow) -> None:
+        """Log a running batch's progress every `_PROGRESS_S` (its request_counts are in its object always)."""
+        now = time.monotonic()
+        if now - self._progress_at < _PROGRESS_S:
+            return
+        self._progress_at = now
+        self._count_statuses(await self.store.call(self.store.active_batches))
+        log.info("batch %s: %d of %d requests done (%d completed, %d failed)", batch.id, batch.next_line,
+                 batch.total, batch.completed, batch.failed)
 
     # --- endings --------------------------------------------------------------------------------------
     async def _stopped(self, batch: BatchRow, why: str) -> BatchRow:
@@ -312,3 +326,17 @@ class BatchRunner:
 
 def _now() -> int:
     return int(time.time())
+
+
+async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+    """`await work`, unless `stop` is set first: then the work is cancelled and the answer is None."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()

@@ -53,13 +53,10 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
         log.info("batch store: removed %d unreferenced file(s) left by an interrupted write", removed)
     retention_s = settings.batch_retention_days * 86_400
 
-    def engines() -> list[Any]:
-        return list(getattr(app.state, "engines", ()))
-
     runner = BatchRunner(store, disk, Invoker(app), RunnerOptions(
         max_lines=settings.batch_max_lines, max_line_bytes=settings.max_body_bytes + _LINE_OVERHEAD,
         max_stored_bytes=settings.batch_max_stored_bytes, retention_s=retention_s,
-        concurrency=settings.batch_concurrency), engines)
+        concurrency=settings.batch_concurrency))
     app.include_router(build_batch_router(store, disk, runner, max_file_bytes=settings.batch_max_file_bytes,
                                           max_stored_bytes=settings.batch_max_stored_bytes, retention_s=retention_s))
     inner = app.router.lifespan_context

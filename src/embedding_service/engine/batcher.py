@@ -2,15 +2,22 @@
 
 Each request (a job) is answered exactly once: with its vectors in its own order, or with the error of
 the first batch that failed it. The queue is bounded; past its bounds `submit` refuses at once.
+
+Two lanes (lanes.py): online requests, and background work (Batch API lines) with bounds of its own, so
+that it never makes an online request be refused. Online work always goes first; a background batch goes
+only when no online request is queued, being tokenised or expected back (a client the last batch answered)
+and the engine has been idle as long as a background batch takes; one at a time, and small
+(1/`background_divisor` of a batch) unless no online request came for `background_idle_s`: an online
+request arriving meanwhile waits at most that one small forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,43 +26,14 @@ import numpy as np
 
 from .. import tracing
 from ..errors import ErrorKind, ServiceError
+from .lanes import Item, Job, Lane, batch_cost
 
-__all__ = ["BatchPolicy", "Batcher", "batch_cost"]
+__all__ = ["BatchPolicy", "Batcher", "batch_cost"]  # (batch_cost: lanes.py's, for the bulk runner)
 
-
-def batch_cost(count: int, longest: int, total: int, *, padded: bool) -> int:
-    """What a batch costs against the token budget: padded, its size x its longest sequence; packed (vLLM),
-    the sum of its sequences. The one rule for the batcher and the bulk runner's own batches."""
-    return count * longest if padded else total
 
 log = logging.getLogger("embedding_service")
 
 EmbedFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
-
-
-@dataclass(eq=False)
-class _Job:
-    seqs: Sequence[Sequence[int]]
-    future: asyncio.Future[np.ndarray]
-    tokens: int
-    enqueued_at: float
-    remaining: int = 0
-    queued: int = 0  # of its items, still in the queue
-    vectors: np.ndarray | None = None
-    started_at: float | None = None
-    compute_s: float = 0.0
-    trace: object = None  # the request's span context, when tracing is on (its batch links to it)
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-
-@dataclass(eq=False)
-class _Item:
-    job: _Job
-    index: int
-    ids: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -69,6 +47,9 @@ class BatchPolicy:
     max_concurrent_batches: int
     max_queue_requests: int
     max_queue_tokens: int
+    background_divisor: int = 4  # while online traffic is about, a background batch is this much smaller
+    background_idle_s: float = 1.0  # no online request for this long: background batches take full size
+    background_guard_s: float = 0.05  # (or batch_timeout_s if longer) how long answered clients may take back
 
 
 class Batcher:
@@ -90,14 +71,21 @@ class Batcher:
         self._timeout = policy.batch_timeout_s
         self._padded = policy.padded
         self._slots = asyncio.Semaphore(policy.max_concurrent_batches)
-        self._max_queue_requests = policy.max_queue_requests
-        self._max_queue_tokens = policy.max_queue_tokens
         self._on_batch = on_batch
-        self._items: deque[_Item] = deque()  # may hold items of cancelled jobs: skipped when reached
-        self._live = 0  # items in `_items` whose job still wants them
+        self._online = Lane(policy.max_queue_requests, policy.max_queue_tokens)
+        self._background = Lane(policy.max_queue_requests, policy.max_queue_tokens)  # (bounds of its own)
+        self._background_divisor = max(1, policy.background_divisor)
+        self._background_idle_s = policy.background_idle_s
+        self._background_guard_s = max(policy.background_guard_s, policy.batch_timeout_s)
+        self._background_running = 0
+        # Seconds a background batch takes (moving average), small ones (True) and full ones: one starts only
+        # once the engine has been idle that long, so it fills gaps at least its own length.
+        self._background_cost = {True: 0.0, False: 0.0}
+        self._background_small = True  # the class of the background batch running (one at a time)
+        self._online_at = -float("inf")  # when the last online request was submitted (perf_counter)
+        # Seconds from dispatch to answer of the batches of each lane: the batch share of the engine.
+        self.busy_seconds = {"online": 0.0, "batch": 0.0}
         self._arrived = asyncio.Event()
-        self._jobs: set[_Job] = set()
-        self._queued_tokens = 0
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._running = 0  # batches between dispatch and the release of their slot
@@ -111,42 +99,51 @@ class Batcher:
     # --- public ----------------------------------------------------------------------------------------
     @property
     def queued_requests(self) -> int:
-        return len(self._jobs)
+        """Online requests queued or running (background work is not counted: it never refuses them)."""
+        return len(self._online.jobs)
 
     @property
     def queued_tokens(self) -> int:
-        return self._queued_tokens
+        return self._online.tokens
+
+    @property
+    def background_requests(self) -> int:
+        return len(self._background.jobs)
+
+    @property
+    def background_tokens(self) -> int:
+        return self._background.tokens
 
     def start(self) -> None:
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def submit(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, float, float]:
-        """Embed `seqs`; returns (vectors, queue seconds, compute seconds). Raises ServiceError."""
+    async def submit(self, seqs: Sequence[Sequence[int]], *, background: bool = False
+                     ) -> tuple[np.ndarray, float, float]:
+        """Embed `seqs`; returns (vectors, queue seconds, compute seconds). Raises ServiceError.
+        `background`: low priority (a Batch API line), in its own bounded lane."""
         if self._closed_error is not None:
             raise self._closed_error
         tokens = sum(len(s) for s in seqs)
-        if self._jobs and (
-            len(self._jobs) >= self._max_queue_requests or self._queued_tokens + tokens > self._max_queue_tokens
-        ):
+        lane = self._background if background else self._online
+        if lane.full(tokens):
             raise ServiceError(
                 ErrorKind.OVERLOADED,
-                f"server is at capacity ({len(self._jobs)} requests, {self._queued_tokens} tokens queued); "
-                "retry shortly",
+                f"server is at capacity ({len(lane.jobs)} requests, {lane.tokens} tokens queued); retry shortly",
                 code="overloaded",
                 retry_after_s=1,
             )
         loop = asyncio.get_running_loop()
-        job = _Job(seqs=seqs, future=loop.create_future(), tokens=tokens, enqueued_at=time.perf_counter(),
-                   remaining=len(seqs), queued=len(seqs))
+        now = time.perf_counter()
+        job = Job(seqs=seqs, future=loop.create_future(), tokens=tokens, enqueued_at=now,
+                  remaining=len(seqs), queued=len(seqs))
         if tracing.TRACER is not None:
             job.trace = tracing.current_span_context()
-        self._jobs.add(job)
-        self._queued_tokens += tokens
-        job.future.add_done_callback(functools.partial(self._forget_job, job))
-        self._items.extend(_Item(job, i, ids) for i, ids in enumerate(seqs))
-        self._live += len(seqs)
-        self._arrivals += 1
+        lane.add(job)
+        job.future.add_done_callback(functools.partial(self._forget_job, lane, job))
+        if not background:
+            self._online_at = now
+            self._arrivals += 1
         self._arrived.set()
         vectors = await job.future  # cancellation (client gone, timeout) cancels the future: items are skipped
         started = job.started_at if job.started_at is not None else job.enqueued_at
@@ -163,7 +160,7 @@ class Batcher:
 
     async def wait_idle(self) -> None:
         """Return when no job is queued or running (used by graceful drain)."""
-        while self._jobs or self._inflight:
+        while self._online.jobs or self._background.jobs or self._inflight:
             await asyncio.sleep(0.01)
 
     def wake(self) -> None:
@@ -171,90 +168,22 @@ class Batcher:
         self._arrived.set()
 
     def fail_all(self, error: BaseException) -> None:
-        for job in list(self._jobs):
-            if not job.future.done():
-                job.future.set_exception(error)
-        self._items.clear()
-        self._live = 0
+        self._online.fail_all(error)
+        self._background.fail_all(error)
 
     # --- internals ---------------------------------------------------------------------------------------
-    def _forget_job(self, job: _Job, _future: object) -> None:
-        if job in self._jobs:
-            self._jobs.discard(job)
-            self._queued_tokens -= job.tokens
-        if job.queued and (job.future.cancelled() or job.future.exception() is not None):
-            # O(1): its queued items stay where they are and are skipped when reached (rebuilding the queue
-            # per job made a storm of hang-ups quadratic: 240 cancellations stalled the loop 3 s). The queue
-            # is compacted only once dead items outnumber live ones, so their memory stays bounded.
-            self._live -= job.queued
-            job.queued = 0
-            if len(self._items) > 2 * self._live + 1024:
-                self._items = deque(item for item in self._items if not item.job.done)
-
-    def _cost(self, count: int, longest: int, total: int) -> int:
-        return batch_cost(count, longest, total, padded=self._padded)
-
-    def _take_batch(self) -> list[_Item]:
-        if self._padded:
-            return self._take_similar_lengths()
-        batch: list[_Item] = []
-        longest = total = 0
-        while self._items and len(batch) < self._max_size:
-            item = self._items[0]
-            if item.job.done:
-                self._items.popleft()
-                continue
-            n = len(item.ids)
-            if batch and self._cost(len(batch) + 1, max(longest, n), total + n) > self._max_tokens:
-                break
-            self._items.popleft()
-            self._took(item)
-            batch.append(item)
-            longest, total = max(longest, n), total + n
-        return batch
-
-    def _take_similar_lengths(self) -> list[_Item]:
-        """Padded backends pay (longest x count): batch the oldest item with the queued items nearest its
-        length, looking a few batches deep. The oldest always goes first, so nothing starves."""
-        window: list[_Item] = []
-        while self._items and len(window) < 4 * self._max_size:
-            item = self._items.popleft()
-            if not item.job.done:
-                window.append(item)
-        if not window:
-            return []
-        anchor = len(window[0].ids)
-        order = [0, *sorted(range(1, len(window)), key=lambda i: (abs(len(window[i].ids) - anchor), i))]
-        chosen: list[int] = []
-        longest = 0
-        for index in order:
-            if len(chosen) == self._max_size:
-                break
-            n = len(window[index].ids)
-            if chosen and max(longest, n) * (len(chosen) + 1) > self._max_tokens:
-                continue
-            chosen.append(index)
-            longest = max(longest, n)
-        picked = set(chosen)
-        self._items.extendleft(reversed([item for i, item in enumerate(window) if i not in picked]))
-        batch = [window[i] for i in sorted(chosen)]
-        for item in batch:
-            self._took(item)
-        return batch
-
-    def _took(self, item: _Item) -> None:
-        item.job.queued -= 1
-        self._live -= 1
+    def _forget_job(self, lane: Lane, job: Job, _future: object) -> None:
+        lane.forget(job)
 
     def _pending_count(self) -> int:
-        return self._live
+        return self._online.live
 
     def _returning(self) -> int:
         """Clients answered by the last batch that may be on their way back (counted once)."""
         answered, self._answered = self._answered, 0
         return answered
 
-    def _note_answered(self, batch: list[_Item]) -> None:
+    def _note_answered(self, batch: list[Item]) -> None:
         self._answered = len({id(item.job) for item in batch if item.job.done and not item.job.future.cancelled()})
         self._answered_at = time.perf_counter()
         self._arrivals = 0
@@ -287,29 +216,20 @@ class Batcher:
         try:
             while True:
                 await self._slots.acquire()
-                while not self._items:
-                    self._arrived.clear()
-                    await self._arrived.wait()
-                # Wait to fill a batch while other batches run (new work queues up meanwhile and goes out
-                # together once a slot frees), while accepted requests are still being tokenised, or while
-                # clients the last batch answered have not all come back: they are moments away (sending
-                # the first one back alone split every batch at 16 HTTP clients into 1 + 15, then into two
-                # alternating halves). An idle backend with nothing on its way starts at once.
-                returning, now = self._returning(), time.perf_counter()
-                if self._timeout > 0 and self._wait_deadline(now, returning) is not None:
-                    await self._wait_to_fill(now, returning)
-                batch = self._take_batch()
+                batch, background = await self._next_batch()
                 if not batch:
                     self._slots.release()
                     continue
                 self._running += 1
+                self._background_running += background
                 # The backend starts now, not when a task gets its turn: the loop may first have to run every
                 # request the previous batch answered (their responses), which left the model idle ~10 ms
                 # per batch at 64 clients.
                 traced = None if tracing.TRACER is None else tracing.start_batch(
                     [item.job.trace for item in batch], len(batch), sum(len(item.ids) for item in batch))
                 started, compute = self._start_compute(batch, traced)
-                task = asyncio.get_running_loop().create_task(self._finish_batch(batch, started, compute, traced))
+                task = asyncio.get_running_loop().create_task(
+                    self._finish_batch(batch, started, compute, traced, background=background))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
         except asyncio.CancelledError:
@@ -319,7 +239,50 @@ class Batcher:
             self.fail_all(ServiceError(ErrorKind.INTERNAL, f"batcher failed: {type(exc).__name__}"))
             raise
 
-    def _start_compute(self, batch: list[_Item], traced: object = None) -> tuple[float, asyncio.Future[np.ndarray]]:
+    async def _next_batch(self) -> tuple[list[Item], bool]:
+        """The next batch to run (empty: nothing after all) and whether it is background work."""
+        while True:
+            if self._online.items:
+                # Wait to fill a batch while other batches run (new work queues up meanwhile and goes out
+                # together once a slot frees), while accepted requests are still being tokenised, or while
+                # clients the last batch answered have not all come back: they are moments away (sending
+                # the first one back alone split every batch at 16 HTTP clients into 1 + 15, then into two
+                # alternating halves). An idle backend with nothing on its way starts at once.
+                returning, now = self._returning(), time.perf_counter()
+                if self._timeout > 0 and self._wait_deadline(now, returning) is not None:
+                    await self._wait_to_fill(now, returning)
+                return self._online.take(self._max_size, self._max_tokens, padded=self._padded), False
+            wait = self._background_wait()
+            if wait == 0.0:
+                size, tokens = self._max_size, self._max_tokens
+                self._background_small = self._online_recently()
+                if self._background_small:
+                    size = max(1, size // self._background_divisor)
+                    tokens = max(1, tokens // self._background_divisor)
+                return self._background.take(size, tokens, padded=self._padded), True
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait)
+
+    def _online_recently(self) -> bool:
+        return time.perf_counter() - self._online_at < self._background_idle_s
+
+    def _background_wait(self) -> float | None:
+        """0.0: a background batch may start now; else how long until it may (None: until work arrives or a
+        batch ends). Never while an online request is being tokenised or a background batch runs; and only
+        once the engine has been idle since the last online request or answer for as long as a background
+        batch takes (a gap shorter than that is likely one between a client's requests), and, while the
+        clients the last batch answered have not all come back, for `background_guard_s` too (a
+        closed-loop client is a few ms away, and a batch started in that gap would hold it up)."""
+        if self._background.live <= 0 or not self._background.items or self._background_running or self._incoming():
+            return None
+        need = self._background_cost[self._online_recently()]
+        if self._arrivals < self._answered:
+            need = max(need, self._background_guard_s)
+        left = max(self._online_at, self._answered_at) + need - time.perf_counter()
+        return left if left > 0 else 0.0
+
+    def _start_compute(self, batch: list[Item], traced: object = None) -> tuple[float, asyncio.Future[np.ndarray]]:
         started = time.perf_counter()
         for item in batch:
             if item.job.started_at is None:
@@ -333,8 +296,8 @@ class Batcher:
             failed.set_exception(exc)
             return started, failed
 
-    async def _finish_batch(self, batch: list[_Item], started: float, compute: asyncio.Future[np.ndarray],
-                            traced: object = None) -> None:
+    async def _finish_batch(self, batch: list[Item], started: float, compute: asyncio.Future[np.ndarray],
+                            traced: object = None, *, background: bool = False) -> None:
         try:
             vectors = await compute
         except BaseException as exc:
@@ -348,11 +311,18 @@ class Batcher:
                     item.job.future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self._note_answered(batch)
+            if not background:
+                self._note_answered(batch)
             return
         finally:
             self._running -= 1
             self._slots.release()
+            self.busy_seconds["batch" if background else "online"] += time.perf_counter() - started
+            if background:
+                self._background_running -= 1
+                took, old = time.perf_counter() - started, self._background_cost[self._background_small]
+                self._background_cost[self._background_small] = took if old == 0.0 else 0.7 * old + 0.3 * took
+                self._arrived.set()  # the next background batch may go
         if traced is not None:
             tracing.end_batch(traced, None)
         elapsed = time.perf_counter() - started
@@ -373,4 +343,5 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0:
                 job.future.set_result(job.vectors)
-        self._note_answered(batch)
+        if not background:  # (its clients are the batch runner's lines, not clients on their way back)
+            self._note_answered(batch)

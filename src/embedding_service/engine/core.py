@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from ..backends.base import Backend, BackendDeadError, BackendInfo
 from ..errors import ErrorKind, ServiceError
 from .batcher import Batcher, BatchPolicy
 from .options import EngineOptions
+from .priority import in_background
 from .types import EngineState
 
 __all__ = ["EngineCore", "EngineOptions", "invalid_unicode"]
@@ -168,6 +170,20 @@ class EngineCore:
     def queued_tokens(self) -> int:
         return self._batcher.queued_tokens if self._batcher else 0
 
+    @property
+    def background_requests(self) -> int:
+        """Background work (Batch API lines) queued or running: not in `queued_requests`."""
+        return self._batcher.background_requests if self._batcher else 0
+
+    @property
+    def background_tokens(self) -> int:
+        return self._batcher.background_tokens if self._batcher else 0
+
+    @property
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds the engine spent on batches of each lane, "online" and "batch" (since it started)."""
+        return dict(self._batcher.busy_seconds) if self._batcher else {"online": 0.0, "batch": 0.0}
+
     def check_ready(self) -> BackendInfo:
         if self.state is EngineState.HEALTHY and self.info is not None:
             return self.info
@@ -199,13 +215,15 @@ class EngineCore:
     def on_its_way(self) -> Iterator[None]:
         """A request being tokenised and checked: the idle batcher waits for it (at most batch_timeout_ms)
         rather than send an earlier one alone. Leave the block right before `submit`, which queues without
-        yielding, so the batcher never sees it neither incoming nor queued; a refusal wakes the batcher."""
-        self._preparing += 1
+        yielding, so the batcher never sees it neither incoming nor queued; a refusal wakes the batcher.
+        Background work (Batch API lines) is not counted: no batch waits for it."""
+        counted = not in_background()
+        self._preparing += counted
         try:
             yield
         finally:
-            self._preparing -= 1
-            if self._batcher is not None:
+            self._preparing -= counted
+            if self._batcher is not None and counted:
                 self._batcher.wake()
 
     @property
@@ -224,16 +242,20 @@ class EngineCore:
 
     async def submit(self, seqs: Sequence[Sequence[int]], deadline: float | None = None
                      ) -> tuple[np.ndarray, float, float]:
-        """Batch `seqs` with everyone else's: (rows, queue seconds, compute seconds), errors as ServiceError."""
+        """Batch `seqs` with everyone else's: (rows, queue seconds, compute seconds), errors as ServiceError.
+        In `priority.background()` they go in the batcher's background lane, with no timeout: they wait for
+        idle capacity as long as online traffic lasts (their runner bounds and cancels them)."""
         assert self._batcher is not None
         if self.state is EngineState.UNHEALTHY:  # died while this request was being tokenised
             self.check_ready()
+        background = in_background()
+        submit = functools.partial(self._batcher.submit, background=background)
         try:
             timeout = self.options.request_timeout_s if deadline is None else max(0.001, deadline - time.monotonic())
-            async with asyncio.timeout(timeout):  # (in this task: submit queues before anything else runs)
+            async with asyncio.timeout(None if background else timeout):  # (submit queues before anything runs)
                 if tracing.TRACER is None:
-                    return await self._batcher.submit(seqs)
-                return await tracing.traced_wait(self._batcher.submit, seqs, self.name, len(seqs))
+                    return await submit(seqs)
+                return await tracing.traced_wait(submit, seqs, self.name, len(seqs))
         except TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
                                code="timeout") from None
