@@ -69,7 +69,7 @@ class EngineCore:
         started = time.perf_counter()
         self._load_busy = True
         try:
-            info = await loop.run_in_executor(self._compute, self._load)
+            info = await self._load_model()
         except BaseException as exc:
             self.load_error = exc
             self.state = EngineState.UNHEALTHY
@@ -87,6 +87,10 @@ class EngineCore:
             self.state = EngineState.HEALTHY
         log.info("model %s ready on %s (%s, dim %d) in %.1fs", info.model, info.device, info.dtype,
                  info.dimension, self.load_seconds)
+
+    async def _load_model(self) -> BackendInfo:
+        """The backend's load, on the compute thread (engine/remote.py gets the model's facts instead)."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._load)
 
     def _batch_policy(self, info: BackendInfo) -> BatchPolicy:
         opts = self.options

@@ -1,0 +1,113 @@
+"""The frames between API processes and the engine process (`api_processes > 1`), over a Unix socket.
+
+Per request, token ids go one way and vectors the other as raw little-endian arrays behind a fixed header:
+no JSON, no pickle on the hot path (a MiniLM vector is 1.5 KB of float32, written once and read once). The
+rare messages (the models' facts when they are ready, a model's state, an error) are pickled: they come from
+the parent process, which the API processes trust as they trust their own code.
+
+A frame is `<IB` (payload length, type) and the payload:
+- SUBMIT  (API -> engine): `<QHId` request id, model index, sequence count, seconds left; then int32 lengths,
+  then the int32 ids of every sequence, one after the other;
+- CANCEL  (API -> engine): `<Q` request id (its client hung up: the engine drops it);
+- ROWS    (engine -> API): `<QIIdd` request id, rows, dimension, queue and compute seconds; then float32 rows;
+- ERROR   (engine -> API): `<Q` request id, then a pickled `ServiceError` description;
+- HELLO   (API -> engine): pickled {"pid"}; MODELS and STATE (engine -> API): pickled, see remote.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ErrorKind, ServiceError
+
+__all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "content", "decode_error", "decode_id",
+           "decode_rows", "decode_submit", "encode_cancel", "encode_error", "encode_rows", "encode_submit", "frame",
+           "message", "read_frame"]
+
+SUBMIT, CANCEL, ROWS, ERROR, HELLO, MODELS, STATE = range(1, 8)
+
+_HEAD = struct.Struct("<IB")
+_SUBMIT = struct.Struct("<QHId")
+_ROWS = struct.Struct("<QIIdd")
+_ID = struct.Struct("<Q")
+MAX_FRAME = 1 << 31  # a request is bounded far below (max_request_tokens, max_inputs_per_request)
+
+
+def frame(kind: int, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return _HEAD.pack(len(body), kind) + body
+
+
+def message(kind: int, content: Any) -> bytes:
+    """A rare message (HELLO, MODELS, STATE): pickled."""
+    return frame(kind, pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def content(payload: bytes) -> Any:
+    """A rare message's content (HELLO, MODELS, STATE)."""
+    return pickle.loads(payload)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next frame's type and payload; IncompleteReadError at the end of the stream."""
+    length, kind = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+    if length >= MAX_FRAME:
+        raise ValueError(f"frame of {length} bytes")
+    return kind, await reader.readexactly(length)
+
+
+def encode_submit(request_id: int, model: int, seqs: Sequence[Sequence[int]], seconds_left: float) -> bytes:
+    lengths = np.fromiter(map(len, seqs), dtype="<i4", count=len(seqs))
+    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype="<i4", count=int(lengths.sum()))
+    return frame(SUBMIT, _SUBMIT.pack(request_id, model, len(seqs), seconds_left), lengths.tobytes(), ids.tobytes())
+
+
+def decode_submit(payload: bytes) -> tuple[int, int, list[list[int]], float]:
+    """(request id, model index, sequences as lists of ints, seconds left)."""
+    request_id, model, count, seconds_left = _SUBMIT.unpack_from(payload)
+    lengths = np.frombuffer(payload, dtype="<i4", count=count, offset=_SUBMIT.size)
+    flat = np.frombuffer(payload, dtype="<i4", offset=_SUBMIT.size + 4 * count).tolist()
+    ends = itertools.accumulate(lengths.tolist())
+    seqs, start = [], 0
+    for end in ends:
+        seqs.append(flat[start:end])
+        start = end
+    return request_id, model, seqs, seconds_left
+
+
+def encode_rows(request_id: int, rows: np.ndarray, queue_s: float, compute_s: float) -> bytes:
+    rows = np.ascontiguousarray(rows, dtype="<f4")
+    count, dim = rows.shape
+    return frame(ROWS, _ROWS.pack(request_id, count, dim, queue_s, compute_s), rows.tobytes())
+
+
+def decode_rows(payload: bytes) -> tuple[int, np.ndarray, float, float]:
+    request_id, count, dim, queue_s, compute_s = _ROWS.unpack_from(payload)
+    rows = np.frombuffer(payload, dtype="<f4", count=count * dim, offset=_ROWS.size).reshape(count, dim)
+    return request_id, rows.astype(np.float32, copy=False), queue_s, compute_s
+
+
+def encode_error(request_id: int, exc: ServiceError) -> bytes:
+    described = (exc.kind.value, exc.message, exc.param, exc.code, exc.retry_after_s)
+    return frame(ERROR, _ID.pack(request_id), pickle.dumps(described))
+
+
+def decode_error(payload: bytes) -> tuple[int, ServiceError]:
+    (request_id,) = _ID.unpack_from(payload)
+    kind, text, param, code, retry_after_s = pickle.loads(payload[_ID.size:])
+    return request_id, ServiceError(ErrorKind(kind), text, param=param, code=code, retry_after_s=retry_after_s)
+
+
+def encode_cancel(request_id: int) -> bytes:
+    return frame(CANCEL, _ID.pack(request_id))
+
+
+def decode_id(payload: bytes) -> int:
+    return int(_ID.unpack_from(payload)[0])
