@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.peers import Peer, Server
 from bench.workloads import TextMaker, select_workloads
@@ -67,14 +68,19 @@ def _run_one(args: argparse.Namespace, processes: int, round_no: int, maker: Tex
         warm = maker.requests(short, 2000, salt=-1 - round_no)
         asyncio.run(drive_wrk(url, warm, concurrency=args.concurrency, duration_s=2))
         requests = maker.requests(short, int(args.duration * 8000), salt=round_no * 10 + processes)
-        before = server.cpu_seconds() or 0.0
+        assert server.process is not None
+        engine_process = psutil.Process(server.process.pid)  # (with N=1, the whole server)
+        before, before_engine = server.cpu_seconds() or 0.0, sum(engine_process.cpu_times()[:2])
         result = asyncio.run(drive_wrk(url, requests, concurrency=args.concurrency, duration_s=args.duration))
         cpu = (server.cpu_seconds() or 0.0) - before
+        engine_cpu = sum(engine_process.cpu_times()[:2]) - before_engine
     finally:
         server.stop()
     row = {"round": round_no, "api_processes": processes, "requests": result.requests, "errors": result.errors,
            "requests_per_s": round(result.requests / max(result.wall_s, 1e-9), 1),
            "server_cpu_ms_per_request": round(1000 * cpu / max(result.requests, 1), 3),
+           "engine_process_cpu_ms_per_request": round(1000 * engine_cpu / max(result.requests, 1), 3),
+           "client_cpu_ms_per_request": round(1000 * result.client_cpu_s / max(result.requests, 1), 3),
            "p50_ms": round(result.percentiles_ms[0], 2) if result.percentiles_ms else None,
            "p99_ms": round(result.percentiles_ms[2], 2) if result.percentiles_ms else None}
     print(json.dumps(row), flush=True)

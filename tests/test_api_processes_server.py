@@ -38,8 +38,14 @@ def minilm_two(minilm_dir: Path) -> Iterator[ServerProcess]:
 
 
 def _api_processes(server: ServerProcess) -> list[psutil.Process]:
-    return [child for child in psutil.Process(server.proc.pid).children()
-            if "spawn_main" in " ".join(child.cmdline())]
+    found = []
+    for child in psutil.Process(server.proc.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # (exited, not yet reaped)
+            continue
+    return found
 
 
 def _wait_all_ready(url: str) -> None:

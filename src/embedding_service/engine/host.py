@@ -27,23 +27,56 @@ __all__ = ["EngineHost"]
 log = logging.getLogger("embedding_service")
 
 
-def _forget(running: dict[int, asyncio.Task[None]], request_id: int, _task: asyncio.Task[None]) -> None:
-    running.pop(request_id, None)
+class _Peer:
+    """One API process's connection: its requests in flight, by id (a CANCEL or its end cancels them)."""
+
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self.channel = wire.Channel(self.on_frame, self.on_lost)
+
+    def on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == wire.SUBMIT:
+            request_id, index, seqs, seconds_left = wire.decode_submit(payload)
+            task = asyncio.get_running_loop().create_task(self.host.run(self.channel, request_id, index, seqs,
+                                                                        seconds_left))
+            self.running[request_id] = task
+            task.add_done_callback(functools.partial(self._forget, request_id))
+        elif kind == wire.CANCEL:
+            cancelled = self.running.pop(wire.decode_id(payload), None)
+            if cancelled is not None:
+                cancelled.cancel()
+        elif kind == wire.HELLO:
+            log.debug("API process %s connected", wire.content(payload).get("pid"))
+            self.host.hello(self.channel)
+
+    def _forget(self, request_id: int, _task: asyncio.Task[None]) -> None:
+        self.running.pop(request_id, None)
+
+    def on_lost(self, _exc: Exception | None) -> None:
+        # The API process exited (or died): its requests have no one to answer.
+        self.host.peers.discard(self.channel)
+        for task in self.running.values():
+            task.cancel()
 
 
 class EngineHost:
     def __init__(self, engines: Sequence[EngineCore], api_processes: int) -> None:
         self.engines = list(engines)
         self.api_processes = api_processes
-        self._writers: set[asyncio.StreamWriter] = set()
+        self.peers: set[wire.Channel] = set()
         self._hellos = 0
         self._models: bytes | None = None  # the MODELS frame, once every model has loaded
         self._announced = False
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, path: str) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path)
+        self._server = await asyncio.get_running_loop().create_unix_server(self._connected, path)
+
+    def _connected(self) -> wire.Channel:
+        peer = _Peer(self)
+        self.peers.add(peer.channel)
+        return peer.channel
 
     def models_loaded(self) -> None:
         """Every engine has loaded: the API processes may serve once all have connected."""
@@ -54,51 +87,27 @@ class EngineHost:
         self._models = wire.message(wire.MODELS, facts)
         self._announce()
 
+    def hello(self, channel: wire.Channel) -> None:
+        self._hellos += 1
+        if self._announced and self._models is not None:
+            channel.put(self._models)  # (a restarted API process)
+        else:
+            self._announce()
+
     def _announce(self) -> None:
         if self._models is None or (not self._announced and self._hellos < self.api_processes):
             return
         self._announced = True
-        for writer in self._writers:
-            writer.write(self._models)
+        for peer in self.peers:
+            peer.put(self._models)
 
     def model_died(self, index: int, death: str) -> None:
         """Tell every API process (their requests for it answer 503 and they exit, as one process does)."""
-        for writer in self._writers:
-            writer.write(wire.message(wire.STATE, {index: death}))
+        for peer in self.peers:
+            peer.put(wire.message(wire.STATE, {index: death}))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        running: dict[int, asyncio.Task[None]] = {}
-        self._writers.add(writer)
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                kind, payload = await wire.read_frame(reader)
-                if kind == wire.SUBMIT:
-                    request_id, index, seqs, seconds_left = wire.decode_submit(payload)
-                    task = loop.create_task(self._run(writer, request_id, index, seqs, seconds_left))
-                    running[request_id] = task
-                    task.add_done_callback(functools.partial(_forget, running, request_id))
-                elif kind == wire.CANCEL:
-                    cancelled = running.pop(wire.decode_id(payload), None)
-                    if cancelled is not None:
-                        cancelled.cancel()
-                elif kind == wire.HELLO:
-                    self._hellos += 1
-                    log.debug("API process %s connected", wire.content(payload).get("pid"))
-                    if self._announced and self._models is not None:
-                        writer.write(self._models)
-                    else:
-                        self._announce()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the API process exited (or died): its requests have no one to answer
-        finally:
-            self._writers.discard(writer)
-            for task in running.values():
-                task.cancel()
-            writer.close()
-
-    async def _run(self, writer: asyncio.StreamWriter, request_id: int, index: int, seqs: list[list[int]],
-                   seconds_left: float) -> None:
+    async def run(self, channel: wire.Channel, request_id: int, index: int, seqs: list[list[int]],
+                  seconds_left: float) -> None:
         try:
             engine = self.engines[index]
             rows, queued, compute = await engine.submit(seqs, time.monotonic() + seconds_left)
@@ -107,11 +116,11 @@ class EngineHost:
             out = wire.encode_error(request_id, exc)
         except IndexError:
             out = wire.encode_error(request_id, ServiceError(ErrorKind.INTERNAL, f"no model {index}"))
-        if not writer.is_closing():
-            writer.write(out)
+        if not channel.closing:
+            channel.put(out)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.close()
+        for peer in list(self.peers):
+            peer.close()

@@ -34,8 +34,6 @@ __all__ = ["EngineLink", "RemoteEmbeddingEngine", "TokenizerOnly", "tokenizer_re
 
 log = logging.getLogger("embedding_service")
 
-_BACKSTOP_S = 5.0  # beyond the request's own timeout (the engine process answers it): a link that went quiet
-
 
 def tokenizer_recipe(backend: Any) -> tuple[str, Any]:
     """How an API process gets the same token ids as `backend` (loaded): ("fake", (vocab, eos)), ("saved",
@@ -90,10 +88,10 @@ class EngineLink:
         self.engines: list[RemoteEmbeddingEngine] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[np.ndarray, float, float]]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel: wire.Channel | None = None
+        self._closed = False
         self._models: asyncio.Future[list[tuple[BackendInfo, tuple[str, Any]]]] | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._reading: asyncio.Task[None] | None = None
 
     async def model(self, index: int) -> tuple[BackendInfo, tuple[str, Any]]:
         """The model's facts and tokenizer recipe, once the engine process has loaded every model and every
@@ -107,33 +105,28 @@ class EngineLink:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         self._models = loop.create_future()
-        reader, self._writer = await asyncio.open_unix_connection(self.path)
-        self._writer.write(wire.message(wire.HELLO, {"pid": os.getpid()}))
-        self._reading = loop.create_task(self._read(reader), name="engine-link")
+        _, self._channel = await loop.create_unix_connection(lambda: wire.Channel(self._on_frame, self._on_lost),
+                                                             self.path)
+        self._channel.put(wire.message(wire.HELLO, {"pid": os.getpid()}))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        why = "the engine process closed the connection"
-        try:
-            while True:
-                kind, payload = await wire.read_frame(reader)
-                if kind == wire.ROWS:
-                    request_id, rows, queued, compute = wire.decode_rows(payload)
-                    self._answer(request_id, (rows, queued, compute))
-                elif kind == wire.ERROR:
-                    request_id, exc = wire.decode_error(payload)
-                    self._answer(request_id, exc)
-                elif kind == wire.MODELS:
-                    assert self._models is not None
-                    if not self._models.done():
-                        self._models.set_result(wire.content(payload))
-                elif kind == wire.STATE:
-                    for index, death in wire.content(payload).items():
-                        self.engines[index].engine_died(death)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            why = f"the engine process is gone ({type(exc).__name__})"
-        except asyncio.CancelledError:
-            return
-        self._lost(why)
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == wire.ROWS:
+            request_id, rows, queued, compute = wire.decode_rows(payload)
+            self._answer(request_id, (rows, queued, compute))
+        elif kind == wire.ERROR:
+            request_id, exc = wire.decode_error(payload)
+            self._answer(request_id, exc)
+        elif kind == wire.MODELS:
+            assert self._models is not None
+            if not self._models.done():
+                self._models.set_result(wire.content(payload))
+        elif kind == wire.STATE:
+            for index, death in wire.content(payload).items():
+                self.engines[index].engine_died(death)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._lost(f"the engine process is gone ({type(exc).__name__ if exc else 'connection closed'})")
 
     def _answer(self, request_id: int, outcome: Any) -> None:
         future = self._pending.pop(request_id, None)
@@ -158,26 +151,24 @@ class EngineLink:
 
     async def submit(self, index: int, seqs: Sequence[Sequence[int]], seconds_left: float
                      ) -> tuple[np.ndarray, float, float]:
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        channel = self._channel
+        if channel is None or channel.closing:
             raise ServiceError(ErrorKind.UNHEALTHY, "the embedding engine is unavailable", code="engine_unhealthy")
         request_id = next(self._ids)
         future: asyncio.Future[tuple[np.ndarray, float, float]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        writer.write(wire.encode_submit(request_id, index, seqs, seconds_left))
-        try:
-            async with asyncio.timeout(seconds_left + _BACKSTOP_S):
-                return await future
+        channel.put(wire.encode_submit(request_id, index, seqs, seconds_left))
+        try:  # (the engine process answers a timeout itself, and a dead one closes the connection)
+            return await future
         except BaseException:
-            if self._pending.pop(request_id, None) is not None and not writer.is_closing():
-                writer.write(wire.encode_cancel(request_id))  # the client hung up, or the link went quiet
+            if self._pending.pop(request_id, None) is not None and not channel.closing:
+                channel.put(wire.encode_cancel(request_id))  # the client hung up
             raise
 
     async def close(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
 
 
 class RemoteEmbeddingEngine(EmbeddingEngine):

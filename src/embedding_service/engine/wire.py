@@ -20,16 +20,18 @@ import asyncio
 import itertools
 import pickle
 import struct
-from collections.abc import Sequence
-from typing import Any
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
 from ..errors import ErrorKind, ServiceError
 
-__all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "content", "decode_error", "decode_id",
-           "decode_rows", "decode_submit", "encode_cancel", "encode_error", "encode_rows", "encode_submit", "frame",
-           "message", "read_frame"]
+__all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "Channel", "content", "decode_error",
+           "decode_id", "decode_rows", "decode_submit", "encode_cancel", "encode_error", "encode_rows", "encode_submit",
+           "frame", "message"]
 
 SUBMIT, CANCEL, ROWS, ERROR, HELLO, MODELS, STATE = range(1, 8)
 
@@ -37,7 +39,62 @@ _HEAD = struct.Struct("<IB")
 _SUBMIT = struct.Struct("<QHId")
 _ROWS = struct.Struct("<QIIdd")
 _ID = struct.Struct("<Q")
+assert array("i").itemsize == 4 and sys.byteorder == "little"  # the frames' int32, as the machine writes them
 MAX_FRAME = 1 << 31  # a request is bounded far below (max_request_tokens, max_inputs_per_request)
+
+
+class Channel(asyncio.Protocol):
+    """One end of the connection: whole frames to `on_frame(kind, payload)` as they arrive (many per read under
+    load), `on_lost(exc)` once at its end; `put` queues a frame and frames put in one event-loop turn go out
+    in one write (one send, and one wake-up of the peer, for many requests or answers)."""
+
+    def __init__(self, on_frame: Callable[[int, bytes], None], on_lost: Callable[[Exception | None], None]) -> None:
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._parts: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, size = 0, len(buffer)
+        while size - offset >= _HEAD.size:
+            length, kind = _HEAD.unpack_from(buffer, offset)
+            if length >= MAX_FRAME:
+                raise ValueError(f"frame of {length} bytes")
+            end = offset + _HEAD.size + length
+            if end > size:
+                break
+            self.on_frame(kind, bytes(buffer[offset + _HEAD.size:end]))
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(exc)
+
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def put(self, data: bytes) -> None:
+        if not self._parts:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._parts.append(data)
+
+    def _flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if not self.closing:
+            assert self.transport is not None
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 def frame(kind: int, *parts: bytes) -> bytes:
@@ -55,29 +112,26 @@ def content(payload: bytes) -> Any:
     return pickle.loads(payload)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next frame's type and payload; IncompleteReadError at the end of the stream."""
-    length, kind = _HEAD.unpack(await reader.readexactly(_HEAD.size))
-    if length >= MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes")
-    return kind, await reader.readexactly(length)
-
-
 def encode_submit(request_id: int, model: int, seqs: Sequence[Sequence[int]], seconds_left: float) -> bytes:
-    lengths = np.fromiter(map(len, seqs), dtype="<i4", count=len(seqs))
-    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype="<i4", count=int(lengths.sum()))
+    lengths = array("i", map(len, seqs))
+    ids = array("i")
+    for seq in seqs:
+        ids.extend(seq)
     return frame(SUBMIT, _SUBMIT.pack(request_id, model, len(seqs), seconds_left), lengths.tobytes(), ids.tobytes())
 
 
 def decode_submit(payload: bytes) -> tuple[int, int, list[list[int]], float]:
     """(request id, model index, sequences as lists of ints, seconds left)."""
     request_id, model, count, seconds_left = _SUBMIT.unpack_from(payload)
-    lengths = np.frombuffer(payload, dtype="<i4", count=count, offset=_SUBMIT.size)
-    flat = np.frombuffer(payload, dtype="<i4", offset=_SUBMIT.size + 4 * count).tolist()
-    ends = itertools.accumulate(lengths.tolist())
+    start = _SUBMIT.size + 4 * count
+    flat = array("i")
+    flat.frombytes(payload[start:])
+    if count == 1:  # (most requests: one text)
+        return request_id, model, [flat.tolist()], seconds_left
+    ids = flat.tolist()
     seqs, start = [], 0
-    for end in ends:
-        seqs.append(flat[start:end])
+    for end in itertools.accumulate(struct.unpack_from(f"<{count}i", payload, _SUBMIT.size)):
+        seqs.append(ids[start:end])
         start = end
     return request_id, model, seqs, seconds_left
 
