@@ -120,7 +120,11 @@ def test_a_killed_api_process_is_replaced(minilm_two: ServerProcess) -> None:
     assert "exited with -9: starting another" in minilm_two.log()
 
 
-def test_the_queue_bound_holds_across_api_processes_and_sigterm_drains_them(
+def _sample(scrape: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines() if line.startswith(prefix))
+
+
+def test_the_queue_bound_and_metrics_span_api_processes_and_sigterm_drains_them(
         server_factory: type[ServerProcess]) -> None:
     server = server_factory([*FAKE, "--fake-delay-ms", "300", "--max-queue-requests", "2", "--max-batch-size", "1",
                              "--shutdown-timeout", "5"])
@@ -134,6 +138,13 @@ def test_the_queue_bound_holds_across_api_processes_and_sigterm_drains_them(
     async def scenario() -> tuple[list[int], list[int]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             burst = [r.status_code for r in await asyncio.gather(*await send(http, 8))]
+            for _ in range(4):  # one view, whichever API process answers the scrape
+                scrape = (await http.get("/metrics", headers={"Connection": "close"})).text
+                assert _sample(scrape, 'embedding_requests_total{method="POST",route="/v1/embeddings",status="200"}') \
+                    == burst.count(200)
+                assert _sample(scrape, 'embedding_requests_total{method="POST",route="/v1/embeddings",status="503"}') \
+                    == burst.count(503)
+                assert _sample(scrape, "embedding_texts_total{") == burst.count(200)  # (the engine process's)
             inflight = await send(http, 2)  # (the queue's bound: both accepted)
             await asyncio.sleep(0.2)
             server.proc.send_signal(signal.SIGTERM)

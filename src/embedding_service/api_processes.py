@@ -36,6 +36,7 @@ from .engine.core import EngineCore
 from .engine.host import EngineHost
 from .engine.remote import EngineLink, RemoteEmbeddingEngine
 from .engine.types import EMBED
+from .metrics import QueueGauges, ServiceMetrics, use_multiprocess_files
 from .service import ServicePlan, build_engines
 
 __all__ = ["remote_engines", "run_api_processes", "unsupported"]
@@ -92,6 +93,7 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
 class _EngineProcess:
     def __init__(self, engines: dict[str, EngineCore], count: int, target: ApiTarget, shutdown_timeout: float
                  ) -> None:
+        self.models = list(engines.items())
         self.engines = list(engines.values())
         self.count = count
         self.target = target
@@ -108,6 +110,12 @@ class _EngineProcess:
         loop = asyncio.get_running_loop()
         folder = tempfile.mkdtemp(prefix="embedding-engine-")  # 0700: only this user's processes connect
         path = os.path.join(folder, "engine.sock")
+        os.mkdir(os.path.join(folder, "metrics"))
+        use_multiprocess_files(os.path.join(folder, "metrics"))  # one /metrics view (metrics.py)
+        metrics = ServiceMetrics()  # (its files: the batches; the API processes' hold their requests)
+        for name, engine in self.models:
+            metrics.add_model(name, engine, EMBED)
+        gauges = loop.create_task(QueueGauges(self.models).run(), name="queue-gauges")
         sock = bind()
         await self.host.start(path)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,6 +146,7 @@ class _EngineProcess:
                 log.warning("exiting with a batch still running (shutdown_timeout %gs)", self.shutdown_timeout)
                 os._exit(self.code)
         finally:
+            gauges.cancel()
             await self.host.close()
             for engine in self.engines:
                 await engine.stop()

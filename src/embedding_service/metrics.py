@@ -6,25 +6,31 @@ the queue, model and engine-state values are read live from the engine at scrape
 
 With `workers > 1` every worker process has its own registry: a scrape through the shared port reaches one
 worker at random. Run one worker per instance (the spec's recommendation) and scale out with instances, each
-scraped on its own port (see docs/ops.md).
+scraped on its own port (see docs/ops.md). With `api_processes > 1` there is one view: counters and histograms
+(requests in the API processes, batches in the engine process) go to prometheus-client's multiprocess files
+and any API process renders them all; the queue gauges are the engine process's (`QueueGauges`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .engine.types import EngineState
@@ -32,7 +38,7 @@ from .engine.types import EngineState
 if TYPE_CHECKING:
     from .engine.core import EngineCore
 
-__all__ = ["CONTENT_TYPE", "ServiceMetrics"]
+__all__ = ["CONTENT_TYPE", "QueueGauges", "ServiceMetrics", "use_multiprocess_files"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -72,8 +78,9 @@ class _EngineCollector(Collector):
                                       labels=["model", "engine", "device", "dtype", "dimension", "max_model_len"]),
         }
         for name, engine in self.engines:
-            families["queue_requests"].add_metric([name], engine.queued_requests)
-            families["queue_tokens"].add_metric([name], engine.queued_tokens)
+            if engine.queue_here:  # (else the engine process's QueueGauges report it)
+                families["queue_requests"].add_metric([name], engine.queued_requests)
+                families["queue_tokens"].add_metric([name], engine.queued_tokens)
             families["max_requests"].add_metric([name], engine.options.max_queue_requests)
             families["max_tokens"].add_metric([name], engine.options.max_queue_tokens)
             if engine.load_seconds is not None:
@@ -91,8 +98,13 @@ class ServiceMetrics:
     """All metrics of one app. `observe_request` is the request middleware's observer; each model's engine
     `on_batch` hook is chained (an existing hook keeps being called)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        # api_processes > 1: what /metrics renders is every process's files plus this process's live values.
+        self._shared: CollectorRegistry | None = None
+        if multiprocess_dir is not None:
+            self._shared = CollectorRegistry()
+            MultiProcessCollector(self._shared, multiprocess_dir)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -150,6 +162,8 @@ class ServiceMetrics:
             item_tokens = Counter("embedding_tokens", "Tokens embedded", model, registry=reg)
         collector = _EngineCollector(p)
         reg.register(collector)
+        if self._shared is not None:
+            self._shared.register(collector)
         return collector, (
             Histogram(f"{p}_batch_size", f"{unit} per batch run by {what}", model, buckets=BATCH_SIZE_BUCKETS,
                       registry=reg),
@@ -170,4 +184,33 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (CONTENT_TYPE)."""
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self._shared is None else self._shared)
+
+
+def use_multiprocess_files(folder: str) -> None:
+    """From now on this process's counters, histograms and gauges live in `folder`'s files (and so do those of
+    processes started after, which inherit the variable): prometheus-client reads it when first imported."""
+    import os
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+
+
+class QueueGauges:
+    """The engine process's queue depths, written to the multiprocess files every `period_s` (api_processes > 1)."""
+
+    def __init__(self, models: Sequence[tuple[str, EngineCore]], period_s: float = 0.25) -> None:
+        self.models = list(models)
+        self.period_s = period_s
+        labels = ["model"]
+        self.requests = Gauge("embedding_queue_requests", "Requests queued or running in the batcher", labels,
+                              multiprocess_mode="livemax", registry=None)
+        self.tokens = Gauge("embedding_queue_tokens", "Tokens of the requests queued or running", labels,
+                            multiprocess_mode="livemax", registry=None)
+
+    async def run(self) -> None:
+        while True:
+            for name, engine in self.models:
+                self.requests.labels(name).set(engine.queued_requests)
+                self.tokens.labels(name).set(engine.queued_tokens)
+            await asyncio.sleep(self.period_s)

@@ -51,6 +51,7 @@ class EngineCore:
         # Called (on the event loop) once when the backend dies: the server exits for its supervisor.
         self.on_dead: Callable[[BaseException], None] | None = None
         self.batches_running = 0  # inside backend.embed, on the compute threads
+        self.queue_here = True  # the batcher's queue is this process's (not an API process's proxy: remote.py)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batcher: Batcher | None = None

@@ -179,6 +179,7 @@ class RemoteEmbeddingEngine(EmbeddingEngine):
         self._link = link
         self._index = index
         self._model_dir = model_dir
+        self.queue_here = False
         link.engines.append(self)
 
     async def _load_model(self) -> BackendInfo:
