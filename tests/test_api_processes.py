@@ -4,6 +4,7 @@ Unix socket to an EngineHost (the engine process's side), against the same engin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,11 +13,14 @@ import pytest
 
 from embedding_service.api_processes import unsupported
 from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake_scoring import FakeScoringBackend
+from embedding_service.backends.pair_tokenizer import TokenPair
 from embedding_service.engine import wire
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.host import EngineHost
-from embedding_service.engine.remote import EngineLink, RemoteEmbeddingEngine
-from embedding_service.engine.types import EmbedRequest, EngineState
+from embedding_service.engine.remote import EngineLink, RemoteEmbeddingEngine, RemoteRerankEngine
+from embedding_service.engine.rerank import RerankEngine, ScoreRequest
+from embedding_service.engine.types import SPARSE, EmbedRequest, EngineState
 from embedding_service.errors import ErrorKind, ServiceError
 from embedding_service.service import plan_service
 
@@ -27,6 +31,9 @@ def test_submit_and_rows_frames_round_trip() -> None:
     seqs = [[5, 6, 7], [1], [2**31 - 1, 0]]
     payload = wire.encode_submit(42, 3, seqs, 12.5)[5:]
     assert wire.decode_submit(payload) == (42, 3, seqs, 12.5)
+    pairs = [TokenPair([1, 5, 2, 6, 2], head=3, tail=1, second_start=3), TokenPair([7, 8], head=1, tail=0)]
+    _, _, back_pairs, _ = wire.decode_submit(wire.encode_submit(1, 0, pairs, 1.0)[5:])
+    assert back_pairs == pairs and [p.second_start for p in back_pairs] == [3, None]  # type: ignore[attr-defined]
     rows = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
     request_id, back, queued, compute = wire.decode_rows(wire.encode_rows(9, rows, 0.25, 0.5)[5:])
     assert (request_id, queued, compute) == (9, 0.25, 0.5)
@@ -162,7 +169,6 @@ async def test_api_processes_wait_for_all_of_them_to_connect(tmp_path: Path) -> 
     ({"workers": 2}, "workers=2"),
     ({"data_dir": "/tmp/x"}, "data_dir"),
     ({"rate_limit_rpm": 10}, "rate_limit_rpm"),
-    ({"rerank_model_path": "fake-reranker"}, "api_processes=1"),
 ])
 def test_what_api_processes_cannot_serve_yet_is_refused_naming_the_setting(settings: dict[str, object],
                                                                             named: str) -> None:
@@ -171,6 +177,35 @@ def test_what_api_processes_cannot_serve_yet_is_refused_naming_the_setting(setti
     assert why is not None and named in why and "\n" not in why
 
 
-def test_an_embedding_model_alone_is_served_by_api_processes() -> None:
-    config = make_settings(engine="fake", api_processes=2)
-    assert unsupported(config, plan_service(config)) is None
+def test_embedding_models_and_rerankers_are_served_by_api_processes_sparse_ones_not_yet() -> None:
+    config = make_settings(engine="fake", api_processes=2, rerank_model_path="fake-reranker")
+    plan = plan_service(config)
+    assert unsupported(config, plan) is None
+    name, model = next(iter(plan.models.items()))
+    plan.models[name] = dataclasses.replace(model, role=SPARSE)
+    why = unsupported(config, plan)
+    assert why is not None and f"'{name}' (sparse)" in why and "api_processes=1" in why
+
+
+async def test_a_remote_reranker_scores_as_the_local_one(tmp_path: Path) -> None:
+    opts = engine_options(max_model_len=64, batch_timeout_ms=2)
+    engine = RerankEngine(FakeScoringBackend(max_model_len=64), opts, max_documents=100)
+    host = EngineHost([engine], 1)
+    path = str(tmp_path / "engine.sock")
+    await host.start(path)
+    remote = RemoteRerankEngine(EngineLink(path), 0, opts, "unused", max_documents=100)
+    starting = asyncio.ensure_future(remote.start())
+    await engine.start()
+    host.models_loaded()
+    await starting
+    try:
+        documents = ["the cat sat", "a dog ran far away", "cat and dog", "word " * 100]
+        request = {"queries": ["cat dog"] * 4, "documents": documents, "truncate": True}
+        local, far = await engine.score(ScoreRequest(**request)), await remote.score(ScoreRequest(**request))
+        assert far.scores.tobytes() == local.scores.tobytes() and far.prompt_tokens == local.prompt_tokens
+        with pytest.raises(ServiceError, match="too many documents"):
+            await remote.score(ScoreRequest(queries=["q"] * 101, documents=["d"] * 101))
+    finally:
+        await remote.stop()
+        await host.close()
+        await engine.stop()

@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from bench.api_processes import wait_every_process_ready
 from embedding_service.api.app import create_app
-from embedding_service.api.served import EMBED, Served
+from embedding_service.api.served import Served
 from embedding_service.service import build_engines, plan_service
 
 from .conftest import ServerProcess, in_process_client, make_settings, serving
@@ -28,13 +29,15 @@ TEXTS = ["The capital of China is Beijing.", "Gravity pulls apples down.", "zouz
 FAKE = ["--engine", "fake", "--log-level", "WARNING", "--api-processes", "2"]
 
 
-def _minilm_args(minilm_dir: Path) -> list[str]:
-    return ["--engine", "torch", "--dtype", "float32", "--model-path", str(minilm_dir), "--log-level", "WARNING"]
+QUERY, DOCS = "What is the capital of China?", ["Beijing is the capital of China.", "Gravity.", "China is in Asia."]
 
 
 @pytest.fixture(scope="module")
-def minilm_two(minilm_dir: Path) -> Iterator[ServerProcess]:
-    yield from serving([*_minilm_args(minilm_dir), "--api-processes", "2"])
+def minilm_two(minilm_dir: Path, cross_encoder_dir: Path) -> Iterator[ServerProcess]:
+    """MiniLM and a (random) cross-encoder, torch fp32, behind two API processes."""
+    yield from serving(["--engine", "torch", "--dtype", "float32", "--model-path", str(minilm_dir),
+                        "--rerank-model-path", str(cross_encoder_dir), "--log-level", "WARNING",
+                        "--api-processes", "2"])
 
 
 def _api_processes(server: ServerProcess) -> list[psutil.Process]:
@@ -57,30 +60,40 @@ def _vectors(answer: httpx.Response) -> list[bytes]:
     return [base64.b64decode(item["embedding"]) for item in answer.json()["data"]]
 
 
-async def _one_process_vectors(minilm_dir: Path) -> list[list[bytes]]:
-    """What one process answers: the same app over an engine built from the same settings, in this process."""
-    settings = make_settings(engine="torch", dtype="float32", model_path=str(minilm_dir))
+async def _one_process_answers(minilm_dir: Path, cross_encoder_dir: Path) -> tuple[list[list[bytes]], list[Any]]:
+    """What one process answers: the same app over engines built from the same settings, in this process."""
+    settings = make_settings(engine="torch", dtype="float32", model_path=str(minilm_dir),
+                             rerank_model_path=str(cross_encoder_dir))
     plan = plan_service(settings)
     engines = build_engines(plan)
-    app = create_app(settings, models=[Served(name, engines[name], EMBED) for name in plan.models])
-    out = []
+    app = create_app(settings, models=[Served(name, engines[name], model.role) for name, model in plan.models.items()])
+    vectors, ranks = [], []
     async with in_process_client(app) as http:
         for engine in engines.values():
             await engine.start()
         for text in TEXTS:  # one request at a time: each its own batch, in both servers
-            out.append(_vectors(await http.post("/v1/embeddings", json={"input": [text], "encoding_format": "base64"})))
+            vectors.append(_vectors(await http.post("/v1/embeddings", json={"input": [text],
+                                                                            "encoding_format": "base64"})))
+        for top in (1, 3):
+            ranks.append((await http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": top})
+                          ).json()["results"])
         for engine in engines.values():
             await engine.stop()
-    return out
+    return vectors, ranks
 
 
-def test_vectors_are_byte_for_byte_those_of_one_process(minilm_two: ServerProcess, minilm_dir: Path) -> None:
-    want = asyncio.run(_one_process_vectors(minilm_dir))
+def test_vectors_and_scores_are_byte_for_byte_those_of_one_process(minilm_two: ServerProcess, minilm_dir: Path,
+                                                                    cross_encoder_dir: Path) -> None:
+    want_vectors, want_ranks = asyncio.run(_one_process_answers(minilm_dir, cross_encoder_dir))
     _wait_all_ready(minilm_two.url)
     for _ in range(2):  # new connections: both API processes answer some
         got = [_vectors(httpx.post(minilm_two.url + "/v1/embeddings", headers={"Connection": "close"},
                                    json={"input": [text], "encoding_format": "base64"})) for text in TEXTS]
-        assert got == want
+        assert got == want_vectors
+        ranks = [httpx.post(minilm_two.url + "/v1/rerank", headers={"Connection": "close"},
+                            json={"query": QUERY, "documents": DOCS, "top_n": top}).json()["results"]
+                 for top in (1, 3)]
+        assert ranks == want_ranks  # (scores as JSON floats: float32 printed exactly)
 
 
 def test_concurrent_load_has_no_errors_and_the_same_vectors(minilm_two: ServerProcess) -> None:

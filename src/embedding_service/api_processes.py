@@ -1,8 +1,9 @@
 """`api_processes > 1`: N API processes in front of one engine process (this one).
 
 Each API process accepts HTTP on the one listening socket (bound here, inherited), parses, tokenises, checks
-limits and serialises, exactly as a single server does; its engines are `RemoteEmbeddingEngine`s that send
-token ids to this process and get float32 rows back (engine/remote.py, engine/wire.py). This process loads
+limits and serialises, exactly as a single server does; its engines are `RemoteEmbeddingEngine`s and
+`RemoteRerankEngine`s that send token ids to this process and get float32 rows back (engine/remote.py,
+engine/wire.py). This process loads
 each model once and batches the requests of every API process together (engine/host.py), so the queue
 bounds, batch sizes and model memory are those of one server. Unlike `workers` (N full servers, N copies of
 the model, N queues), only the request path is multiplied.
@@ -34,8 +35,8 @@ from .backends.base import BackendDeadError
 from .config import EmbeddingConfig
 from .engine.core import EngineCore
 from .engine.host import EngineHost
-from .engine.remote import EngineLink, RemoteEmbeddingEngine
-from .engine.types import EMBED
+from .engine.remote import EngineLink, RemoteEmbeddingEngine, RemoteRerankEngine
+from .engine.types import EMBED, RERANK
 from .metrics import QueueGauges, ServiceMetrics, use_multiprocess_files
 from .service import ServicePlan, build_engines
 
@@ -62,9 +63,9 @@ def unsupported(settings: EmbeddingConfig, plan: ServicePlan) -> str | None:
     if settings.rate_limit_rpm or settings.rate_limit_tpm:
         return (f"rate_limit_rpm / rate_limit_tpm need api_processes=1: the limits live in one process "
                 f"(got {n}); put the limits in a proxy, or serve with one API process")
-    others = [f"'{name}' ({model.role})" for name, model in plan.models.items() if model.role != EMBED]
+    others = [f"'{name}' ({model.role})" for name, model in plan.models.items() if model.role not in (EMBED, RERANK)]
     if others:
-        return (f"api_processes={n} serves embedding models only so far; {', '.join(others)} need "
+        return (f"api_processes={n} serves embedding models and rerankers so far; {', '.join(others)} need "
                 "api_processes=1")
     return None
 
@@ -72,8 +73,15 @@ def unsupported(settings: EmbeddingConfig, plan: ServicePlan) -> str | None:
 def remote_engines(plan: ServicePlan, path: str) -> dict[str, EngineCore]:
     """An API process's engines: proxies of the engine process's, by served name, over one link."""
     link = EngineLink(path)
-    return {name: RemoteEmbeddingEngine(link, index, model.engine_options, model.backend.model_dir)
-            for index, (name, model) in enumerate(plan.models.items())}
+    engines: dict[str, EngineCore] = {}
+    for index, (name, model) in enumerate(plan.models.items()):
+        if model.role == RERANK:
+            assert model.max_documents is not None  # planned for the reranker's role
+            engines[name] = RemoteRerankEngine(link, index, model.engine_options, model.backend.model_dir,
+                                               max_documents=model.max_documents)
+        else:
+            engines[name] = RemoteEmbeddingEngine(link, index, model.engine_options, model.backend.model_dir)
+    return engines
 
 
 def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.socket], target: ApiTarget,
@@ -81,7 +89,8 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
     """Load the planned models here and serve them to `count` API processes running `target(sock, path,
     index)`; 0 after a drain, 1 when a model failed (to load, or later) or API processes kept dying."""
     engines = build_engines(plan)
-    runner = _EngineProcess(engines, count, target, shutdown_timeout)
+    roles = {name: model.role for name, model in plan.models.items()}
+    runner = _EngineProcess(engines, roles, count, target, shutdown_timeout)
     try:
         import uvloop
 
@@ -91,8 +100,9 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
 
 
 class _EngineProcess:
-    def __init__(self, engines: dict[str, EngineCore], count: int, target: ApiTarget, shutdown_timeout: float
-                 ) -> None:
+    def __init__(self, engines: dict[str, EngineCore], roles: dict[str, str], count: int, target: ApiTarget,
+                 shutdown_timeout: float) -> None:
+        self.roles = roles
         self.models = list(engines.items())
         self.engines = list(engines.values())
         self.count = count
@@ -114,8 +124,9 @@ class _EngineProcess:
         use_multiprocess_files(os.path.join(folder, "metrics"))  # one /metrics view (metrics.py)
         metrics = ServiceMetrics()  # (its files: the batches; the API processes' hold their requests)
         for name, engine in self.models:
-            metrics.add_model(name, engine, EMBED)
-        gauges = loop.create_task(QueueGauges(self.models).run(), name="queue-gauges")
+            metrics.add_model(name, engine, self.roles[name])
+        queues = QueueGauges([(name, engine, self.roles[name]) for name, engine in self.models])
+        gauges = loop.create_task(queues.run(), name="queue-gauges")
         sock = bind()
         await self.host.start(path)
         for sig in (signal.SIGTERM, signal.SIGINT):

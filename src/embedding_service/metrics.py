@@ -49,6 +49,9 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
+_PREFIX = {"rerank": "embedding_rerank", "sparse": "embedding_sparse"}  # a task's metric names (else embedding_*)
+
+
 class _EngineCollector(Collector):
     """Values read from each engine at scrape time, one series per model (label `model`): queue depth,
     limits, model load time, state, model info. `prefix` names the task's metrics: "embedding" for embedding
@@ -197,20 +200,25 @@ def use_multiprocess_files(folder: str) -> None:
 
 
 class QueueGauges:
-    """The engine process's queue depths, written to the multiprocess files every `period_s` (api_processes > 1)."""
+    """The engine process's queue depths, written to the multiprocess files every `period_s` (api_processes > 1),
+    under each task's prefix (embedding_queue_*, embedding_rerank_queue_*)."""
 
-    def __init__(self, models: Sequence[tuple[str, EngineCore]], period_s: float = 0.25) -> None:
-        self.models = list(models)
+    def __init__(self, models: Sequence[tuple[str, EngineCore, str]], period_s: float = 0.25) -> None:
         self.period_s = period_s
-        labels = ["model"]
-        self.requests = Gauge("embedding_queue_requests", "Requests queued or running in the batcher", labels,
-                              multiprocess_mode="livemax", registry=None)
-        self.tokens = Gauge("embedding_queue_tokens", "Tokens of the requests queued or running", labels,
-                            multiprocess_mode="livemax", registry=None)
+        self.models: list[tuple[str, EngineCore, Gauge, Gauge]] = []
+        made: dict[str, tuple[Gauge, Gauge]] = {}
+        for name, engine, task in models:
+            p = _PREFIX.get(task, "embedding")
+            if p not in made:
+                made[p] = (Gauge(f"{p}_queue_requests", "Requests queued or running in the batcher", ["model"],
+                                 multiprocess_mode="livemax", registry=None),
+                           Gauge(f"{p}_queue_tokens", "Tokens of the requests queued or running", ["model"],
+                                 multiprocess_mode="livemax", registry=None))
+            self.models.append((name, engine, *made[p]))
 
     async def run(self) -> None:
         while True:
-            for name, engine in self.models:
-                self.requests.labels(name).set(engine.queued_requests)
-                self.tokens.labels(name).set(engine.queued_tokens)
+            for name, engine, requests, tokens in self.models:
+                requests.labels(name).set(engine.queued_requests)
+                tokens.labels(name).set(engine.queued_tokens)
             await asyncio.sleep(self.period_s)

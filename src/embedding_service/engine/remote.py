@@ -5,8 +5,10 @@ tokenises (with its own copy of the model's tokenizer), checks the limits and ad
 one process does (engine/inputs.py), then `submit` sends the token ids to the engine process over the
 `EngineLink` (one Unix socket per API process, engine/wire.py) and awaits the rows. The engine's queue
 bounds, timeouts and failures come back as the same ServiceErrors, so every route answers as it does in one
-process. The link's end (the engine process gone) or a model's death there turns the model unhealthy here
-and calls `on_dead`, as a local engine's death does: the API process answers 503 and exits.
+process. A `RemoteRerankEngine` does the same for a reranker's pairs (tokenised and fitted here; their
+token-type split travels with the ids). The link's end (the engine process gone) or a model's death there
+turns the model unhealthy here and calls `on_dead`, as a local engine's death does: the API process answers
+503 and exits.
 """
 
 from __future__ import annotations
@@ -16,32 +18,42 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
 from ..backends.base import BackendDeadError, BackendInfo
 from ..backends.fake import FakeBackend
+from ..backends.fake_scoring import FakeScoringBackend
+from ..backends.pair_tokenizer import PairTokenizer, TokenPair
 from ..backends.tokenization import HfTokenizer, SavedTokenizer
 from ..errors import ErrorKind, ServiceError
 from . import wire
+from .core import EngineCore
 from .engine import EmbeddingEngine
 from .options import EngineOptions
+from .rerank import RerankEngine
 from .types import EngineState
 
-__all__ = ["EngineLink", "RemoteEmbeddingEngine", "TokenizerOnly", "tokenizer_recipe"]
+__all__ = ["EngineLink", "RemoteEmbeddingEngine", "RemoteRerankEngine", "TokenizerOnly", "tokenizer_recipe"]
 
 log = logging.getLogger("embedding_service")
 
 
 def tokenizer_recipe(backend: Any) -> tuple[str, Any]:
     """How an API process gets the same token ids as `backend` (loaded): ("fake", (vocab, eos)), ("saved",
-    a SavedTokenizer's state: the checked Rust encoder, no transformers), or ("hf", None): load the model
-    folder's tokenizer with transformers."""
+    a SavedTokenizer's state: the checked Rust encoder, no transformers), ("hf", None): load the model
+    folder's tokenizer with transformers; a reranker's: ("pairs", (its PairTokenizer's state or None, facts))
+    or ("fake-pairs", None)."""
     active = getattr(backend, "active", backend)  # (backends/fallback.py: the backend that loaded)
     if isinstance(active, FakeBackend):
         return "fake", (active.vocab_size, active.eos_token_id)
+    if isinstance(active, FakeScoringBackend):
+        return "fake-pairs", None
+    pairs = getattr(active, "pairs", None)
+    if isinstance(pairs, PairTokenizer):  # a reranker's
+        return "pairs", (pairs.state(), pairs.facts)
     state = getattr(getattr(active, "decoder", None), "state", lambda: None)()
     return ("saved", state) if state is not None else ("hf", None)
 
@@ -52,12 +64,26 @@ class TokenizerOnly:
     def __init__(self, recipe: tuple[str, Any], model_dir: str) -> None:
         kind, detail = recipe
         self.decoder: Any = None
+        self._pairs: Callable[..., list[TokenPair]] | None = None
         if kind == "fake":
             vocab_size, eos = detail
-            self._tokenize = FakeBackend(vocab_size=vocab_size, eos_token_id=eos).tokenize
+            self._tokenize: Callable[[Sequence[str]], list[list[int]]] = FakeBackend(
+                vocab_size=vocab_size, eos_token_id=eos).tokenize
+        elif kind == "fake-pairs":
+            scorer = FakeScoringBackend()
+            self._tokenize, self._pairs = scorer.tokenize, scorer.encode_pairs
+        elif kind == "pairs":
+            state, facts = detail
+            pairs = PairTokenizer.from_state(state, facts) if state else PairTokenizer.load(model_dir, facts)
+            self._tokenize, self._pairs = pairs.texts, pairs
         else:
             self.decoder = SavedTokenizer(detail) if kind == "saved" else HfTokenizer(model_dir)
             self._tokenize = self.decoder
+
+    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str],
+                     instruction: str | None = None) -> list[TokenPair]:
+        assert self._pairs is not None, "not a reranker's tokenizer"
+        return self._pairs(queries, documents, instruction)
 
     def load(self) -> BackendInfo:
         raise RuntimeError("a remote engine's model loads in the engine process")
@@ -85,7 +111,7 @@ class EngineLink:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.engines: list[RemoteEmbeddingEngine] = []
+        self.engines: list[_RemoteCore] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[np.ndarray, float, float]]] = {}
         self._channel: wire.Channel | None = None
@@ -171,14 +197,16 @@ class EngineLink:
             self._channel.close()
 
 
-class RemoteEmbeddingEngine(EmbeddingEngine):
-    """An embedding engine whose model and batcher are in the engine process (module docstring)."""
+class _RemoteCore(EngineCore):
+    """What every task's remote engine changes of the core: the load (facts from the engine process, the
+    tokenizer here), submit (over the link), a death told by the engine process, and stop."""
 
-    def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str) -> None:
-        super().__init__(_NotLoaded(), options)
-        self._link = link
-        self._index = index
-        self._model_dir = model_dir
+    _link: EngineLink
+    _index: int
+    _model_dir: str
+
+    def _attach(self, link: EngineLink, index: int, model_dir: str) -> None:
+        self._link, self._index, self._model_dir = link, index, model_dir
         self.queue_here = False
         link.engines.append(self)
 
@@ -198,11 +226,7 @@ class RemoteEmbeddingEngine(EmbeddingEngine):
         if self.state is EngineState.UNHEALTHY:
             self.check_ready()
         left = self.options.request_timeout_s if deadline is None else max(0.001, deadline - time.monotonic())
-        try:
-            return await self._link.submit(self._index, seqs, left)
-        except TimeoutError:
-            raise ServiceError(ErrorKind.TIMEOUT, f"request did not finish within {self.options.request_timeout_s}s",
-                               code="timeout") from None
+        return await self._link.submit(self._index, seqs, left)
 
     def engine_died(self, death: str) -> None:
         """The model died in the engine process (or the link is gone): unhealthy, and the server exits."""
@@ -216,3 +240,25 @@ class RemoteEmbeddingEngine(EmbeddingEngine):
     async def stop(self) -> None:
         await super().stop()
         await self._link.close()
+
+
+class RemoteEmbeddingEngine(_RemoteCore, EmbeddingEngine):
+    """An embedding engine whose model and batcher are in the engine process (module docstring)."""
+
+    def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str) -> None:
+        EmbeddingEngine.__init__(self, _NotLoaded(), options)
+        self._attach(link, index, model_dir)
+
+
+class RemoteRerankEngine(_RemoteCore, RerankEngine):
+    """A reranker whose model and batcher are in the engine process: pairs are tokenised and fitted here."""
+
+    def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str, *,
+                 max_documents: int) -> None:
+        RerankEngine.__init__(self, _NotLoaded(), options, max_documents=max_documents)
+        self._attach(link, index, model_dir)
+
+    async def _load_model(self) -> BackendInfo:
+        info = await super()._load_model()
+        self.pair_backend = cast(TokenizerOnly, self.backend)
+        return info

@@ -6,8 +6,8 @@ rare messages (the models' facts when they are ready, a model's state, an error)
 the parent process, which the API processes trust as they trust their own code.
 
 A frame is `<IB` (payload length, type) and the payload:
-- SUBMIT  (API -> engine): `<QHId` request id, model index, sequence count, seconds left; then int32 lengths,
-  then the int32 ids of every sequence, one after the other;
+- SUBMIT  (API -> engine): `<QHId?` request id, model index, sequence count, seconds left, pairs; then int32
+  lengths, (pairs: int32 second-segment starts, -1 for none), then the int32 ids of every sequence in turn;
 - CANCEL  (API -> engine): `<Q` request id (its client hung up: the engine drops it);
 - ROWS    (engine -> API): `<QIIdd` request id, rows, dimension, queue and compute seconds; then float32 rows;
 - ERROR   (engine -> API): `<Q` request id, then a pickled `ServiceError` description;
@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from ..backends.pair_tokenizer import TokenPair
 from ..errors import ErrorKind, ServiceError
 
 __all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "Channel", "content", "decode_error",
@@ -36,7 +37,7 @@ __all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "Cha
 SUBMIT, CANCEL, ROWS, ERROR, HELLO, MODELS, STATE = range(1, 8)
 
 _HEAD = struct.Struct("<IB")
-_SUBMIT = struct.Struct("<QHId")
+_SUBMIT = struct.Struct("<QHId?")
 _ROWS = struct.Struct("<QIIdd")
 _ID = struct.Struct("<Q")
 assert array("i").itemsize == 4 and sys.byteorder == "little"  # the frames' int32, as the machine writes them
@@ -117,22 +118,34 @@ def encode_submit(request_id: int, model: int, seqs: Sequence[Sequence[int]], se
     ids = array("i")
     for seq in seqs:
         ids.extend(seq)
-    return frame(SUBMIT, _SUBMIT.pack(request_id, model, len(seqs), seconds_left), lengths.tobytes(), ids.tobytes())
+    pairs = bool(seqs) and isinstance(seqs[0], TokenPair)
+    head = _SUBMIT.pack(request_id, model, len(seqs), seconds_left, pairs)
+    if not pairs:
+        return frame(SUBMIT, head, lengths.tobytes(), ids.tobytes())
+    # A reranker's pairs: where each second segment starts (the model's token types), -1 for none.
+    marked = cast(Sequence[TokenPair], seqs)
+    starts = array("i", (-1 if seq.second_start is None else seq.second_start for seq in marked))
+    return frame(SUBMIT, head, lengths.tobytes(), starts.tobytes(), ids.tobytes())
 
 
 def decode_submit(payload: bytes) -> tuple[int, int, list[list[int]], float]:
-    """(request id, model index, sequences as lists of ints, seconds left)."""
-    request_id, model, count, seconds_left = _SUBMIT.unpack_from(payload)
-    start = _SUBMIT.size + 4 * count
+    """(request id, model index, sequences as lists of ints (TokenPairs for a reranker's), seconds left)."""
+    request_id, model, count, seconds_left, pairs = _SUBMIT.unpack_from(payload)
+    start = _SUBMIT.size + 4 * count * (2 if pairs else 1)
     flat = array("i")
     flat.frombytes(payload[start:])
-    if count == 1:  # (most requests: one text)
+    if count == 1 and not pairs:  # (most requests: one text)
         return request_id, model, [flat.tolist()], seconds_left
     ids = flat.tolist()
-    seqs, start = [], 0
+    seqs: list[list[int]] = []
+    start = 0
     for end in itertools.accumulate(struct.unpack_from(f"<{count}i", payload, _SUBMIT.size)):
         seqs.append(ids[start:end])
         start = end
+    if pairs:
+        starts = struct.unpack_from(f"<{count}i", payload, _SUBMIT.size + 4 * count)
+        seqs = [TokenPair(seq, head=0, tail=0, second_start=None if at < 0 else at) for seq, at in zip(seqs, starts,
+                                                                                                      strict=True)]
     return request_id, model, seqs, seconds_left
 
 
