@@ -13,10 +13,12 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from . import tracing
 from .backends.base import BackendDeadError, BackendLoadError
 from .config import EmbeddingConfig
+from .engine.core import EngineCore
 from .logging_config import configure_logging
 from .models_file import ModelsFileError
 from .service import ServicePlan, build_engines, onednn_cache_for, openmp_waits_for, plan_service
@@ -50,6 +52,31 @@ def _worker_main(sock: socket.socket, settings: EmbeddingConfig, plan: ServicePl
     sys.exit(serve_planned(settings, plan, sock))
 
 
+def _api_process_main(sock: socket.socket, path: str, index: int, settings: EmbeddingConfig,
+                      plan: ServicePlan) -> None:
+    """An `api_processes > 1` API process: a draining server on `sock` whose engines are the engine process's
+    (over the Unix socket at `path`)."""
+    from .api_processes import remote_engines
+
+    os.setpgid(0, 0)  # the engine process forwards signals: a terminal's Ctrl-C must not reach us twice
+    configure_logging(settings.log_level, settings.log_format)
+    sys.exit(serve_planned(settings, plan, sock, engines=functools.partial(remote_engines, path=path)))
+
+
+def _serve_api_processes(settings: EmbeddingConfig, plan: ServicePlan) -> int:
+    from .api_processes import run_api_processes, unsupported
+    from .server import listening_socket
+
+    if (why := unsupported(settings, plan)) is not None:
+        return _fail(why, 2)
+    try:
+        return run_api_processes(settings.api_processes, plan, lambda: listening_socket(settings),
+                                 functools.partial(_api_process_main, settings=settings, plan=plan),
+                                 settings.shutdown_timeout)
+    except (BackendLoadError, ImportError) as exc:
+        return _fail(str(exc))
+
+
 def serve(settings: EmbeddingConfig) -> int:
     """`serve`: decide the plan once, set the CPU runtime's knobs it calls for, then serve it in this process
     or in `workers` processes (each given the same plan)."""
@@ -71,6 +98,8 @@ def serve(settings: EmbeddingConfig) -> int:
     os.environ.update(chosen)  # before torch is imported (it loads OpenMP) and before the first kernel
     if chosen:
         log.info("CPU runtime settings: %s", " ".join(f"{k}={v}" for k, v in chosen.items()))
+    if settings.api_processes > 1:
+        return _serve_api_processes(settings, plan)
     if settings.workers > 1:
         from .server import listening_socket
         from .supervisor import run_workers
@@ -110,8 +139,10 @@ def prepare(settings: EmbeddingConfig) -> int:
     return 0
 
 
-def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None) -> int:
-    """One server process: build the planned engines and the app, serve until drained (on `sock` when given)."""
+def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None, *,
+                  engines: Callable[[ServicePlan], dict[str, EngineCore]] = build_engines) -> int:
+    """One server process: build the planned engines (`engines(plan)`: the models here, or an API process's
+    proxies of the engine process's) and the app, serve until drained (on `sock` when given)."""
     from .api.app import create_app
     from .api.served import Served
     from .server import DrainingServer, freeze_startup_heap, uvicorn_config
@@ -125,10 +156,10 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
             server.should_exit = True
 
     try:
-        engines = build_engines(plan)
+        built = engines(plan)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    models = [Served(name, engines[name], model.role, model.aliases) for name, model in plan.models.items()]
+    models = [Served(name, built[name], model.role, model.aliases) for name, model in plan.models.items()]
     if settings.otlp_endpoint:  # in each worker process: the exporter's thread does not survive a fork
         try:
             tracing.configure(settings.otlp_endpoint, settings.otlp_service_name, settings.trace_sample_ratio)
@@ -138,7 +169,7 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
         app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
-    server = DrainingServer(uvicorn_config(app, settings), list(engines.values()), settings.shutdown_timeout)
+    server = DrainingServer(uvicorn_config(app, settings), list(built.values()), settings.shutdown_timeout)
     log.info("serving %s on http://%s:%d", ", ".join(f"{m.name} ({m.task})" for m in models), settings.host,
              settings.port)
     try:

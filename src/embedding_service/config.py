@@ -49,6 +49,7 @@ class EmbeddingConfig(BaseSettings):
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8890, ge=1, le=65535, description="listen port")
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own engine")
+    api_processes: int = Field(1, ge=1, le=64, description="HTTP processes in front of one engine (docs/ops.md)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch, in texts")
     batch_timeout_ms: float = Field(
         10.0, ge=0.0, le=10_000.0,

@@ -6,25 +6,31 @@ the queue, model and engine-state values are read live from the engine at scrape
 
 With `workers > 1` every worker process has its own registry: a scrape through the shared port reaches one
 worker at random. Run one worker per instance (the spec's recommendation) and scale out with instances, each
-scraped on its own port (see docs/ops.md).
+scraped on its own port (see docs/ops.md). With `api_processes > 1` there is one view: counters and histograms
+(requests in the API processes, batches in the engine process) go to prometheus-client's multiprocess files
+and any API process renders them all; the queue gauges are the engine process's (`QueueGauges`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .engine.types import EngineState
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
     from .engine.core import EngineCore
     from .engine.result_cache import ModelCache
 
-__all__ = ["CONTENT_TYPE", "ServiceMetrics"]
+__all__ = ["CONTENT_TYPE", "QueueGauges", "ServiceMetrics", "use_multiprocess_files"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -42,6 +48,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+_PREFIX = {"rerank": "embedding_rerank", "sparse": "embedding_sparse"}  # a task's metric names (else embedding_*)
 
 
 class _EngineCollector(Collector):
@@ -78,11 +87,12 @@ class _EngineCollector(Collector):
                                       labels=["model", "engine", "device", "dtype", "dimension", "max_model_len"]),
         }
         for name, engine in self.engines:
-            families["queue_requests"].add_metric([name], engine.queued_requests)
-            families["queue_tokens"].add_metric([name], engine.queued_tokens)
-            families["background"].add_metric([name], engine.background_requests)
-            for lane, seconds in engine.busy_seconds.items():
-                families["busy"].add_metric([name, lane], seconds)
+            if engine.queue_here:  # (else the engine process's QueueGauges report the queue)
+                families["queue_requests"].add_metric([name], engine.queued_requests)
+                families["queue_tokens"].add_metric([name], engine.queued_tokens)
+                families["background"].add_metric([name], engine.background_requests)
+                for lane, seconds in engine.busy_seconds.items():
+                    families["busy"].add_metric([name, lane], seconds)
             families["max_requests"].add_metric([name], engine.options.max_queue_requests)
             families["max_tokens"].add_metric([name], engine.options.max_queue_tokens)
             if engine.load_seconds is not None:
@@ -136,8 +146,13 @@ class ServiceMetrics:
     """All metrics of one app. `observe_request` is the request middleware's observer; each model's engine
     `on_batch` hook is chained (an existing hook keeps being called)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        # api_processes > 1: what /metrics renders is every process's files plus this process's live values.
+        self._shared: CollectorRegistry | None = None
+        if multiprocess_dir is not None:
+            self._shared = CollectorRegistry()
+            MultiProcessCollector(self._shared, multiprocess_dir)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -209,6 +224,8 @@ class ServiceMetrics:
             item_tokens = Counter("embedding_tokens", "Tokens embedded", model, registry=reg)
         collector = _EngineCollector(p)
         reg.register(collector)
+        if self._shared is not None:
+            self._shared.register(collector)
         return collector, (
             Histogram(f"{p}_batch_size", f"{unit} per batch run by {what}", model, buckets=BATCH_SIZE_BUCKETS,
                       registry=reg),
@@ -229,4 +246,38 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (CONTENT_TYPE)."""
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self._shared is None else self._shared)
+
+
+def use_multiprocess_files(folder: str) -> None:
+    """From now on this process's counters, histograms and gauges live in `folder`'s files (and so do those of
+    processes started after, which inherit the variable): prometheus-client reads it when first imported."""
+    import os
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+
+
+class QueueGauges:
+    """The engine process's queue depths, written to the multiprocess files every `period_s` (api_processes > 1),
+    under each task's prefix (embedding_queue_*, embedding_rerank_queue_*)."""
+
+    def __init__(self, models: Sequence[tuple[str, EngineCore, str]], period_s: float = 0.25) -> None:
+        self.period_s = period_s
+        self.models: list[tuple[str, EngineCore, Gauge, Gauge]] = []
+        made: dict[str, tuple[Gauge, Gauge]] = {}
+        for name, engine, task in models:
+            p = _PREFIX.get(task, "embedding")
+            if p not in made:
+                made[p] = (Gauge(f"{p}_queue_requests", "Requests queued or running in the batcher", ["model"],
+                                 multiprocess_mode="livemax", registry=None),
+                           Gauge(f"{p}_queue_tokens", "Tokens of the requests queued or running", ["model"],
+                                 multiprocess_mode="livemax", registry=None))
+            self.models.append((name, engine, *made[p]))
+
+    async def run(self) -> None:
+        while True:
+            for name, engine, requests, tokens in self.models:
+                requests.labels(name).set(engine.queued_requests)
+                tokens.labels(name).set(engine.queued_tokens)
+            await asyncio.sleep(self.period_s)

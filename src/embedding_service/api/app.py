@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -164,8 +165,10 @@ def create_app(
     strict = settings.input_type_strict
     app.include_router(build_cohere_router(served, read_body, input_type_strict=strict))
     app.include_router(build_tokenize_router(served, read_body, input_type_strict=strict))
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if settings.api_processes > 1 else None
     install_observability(  # rerankers' metrics are embedding_rerank_*, each labelled by model
-        app, served.all, closing=lambda: any(each.state is EngineState.DRAINING for each in engines))
+        app, served.all, closing=lambda: any(each.state is EngineState.DRAINING for each in engines),
+        multiprocess_dir=shared)
     _install_error_handlers(app)
     direct.update(direct_routes(app.routes))
     install_openapi(app)

@@ -18,11 +18,12 @@ __all__ = ["install_observability"]
 
 
 def install_observability(app: FastAPI, models: Sequence[Served],
-                          closing: Callable[[], bool] | None = None) -> ServiceMetrics:
+                          closing: Callable[[], bool] | None = None,
+                          multiprocess_dir: str | None = None) -> ServiceMetrics:
     """Add request ids, timing headers and Prometheus metrics to `app` (and `Connection: close` while
     `closing()`). Call after the other middleware, so that this one is outermost and also sees (and counts)
-    the error middleware's 500s."""
-    metrics = ServiceMetrics()
+    the error middleware's 500s. `multiprocess_dir`: /metrics shows every process's (api_processes > 1)."""
+    metrics = ServiceMetrics(multiprocess_dir)
     for model in models:
         metrics.add_model(model.name, model.engine, model.task)
     app.state.metrics = metrics
@@ -34,7 +35,7 @@ def install_observability(app: FastAPI, models: Sequence[Served],
     router = APIRouter()
 
     @router.get("/metrics", response_class=Response, **operation_doc(
-        "Prometheus metrics of this process", media_type="text/plain", tags=["service"]))
+        "Prometheus metrics of this server", media_type="text/plain", tags=["service"]))
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

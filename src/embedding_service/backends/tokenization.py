@@ -152,11 +152,15 @@ class SavedTokenizer:
     def __init__(self, state: dict[str, Any]) -> None:
         from tokenizers import Tokenizer
 
+        self._state = state
         self._direct = Tokenizer.from_str(state["tokenizer"])
         self.special_prefix = tuple(int(i) for i in state["special_prefix"])
         self.special_suffix = tuple(int(i) for i in state["special_suffix"])
         self.vocab_size = int(state["vocab_size"])
         self.pad_id = int(state["pad_id"])
+
+    def state(self) -> dict[str, Any]:
+        return self._state
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         return rust_ids(self._direct, texts)

@@ -53,6 +53,7 @@ class EngineCore:
         # Called (on the event loop) once when the backend dies: the server exits for its supervisor.
         self.on_dead: Callable[[BaseException], None] | None = None
         self.batches_running = 0  # inside backend.embed, on the compute threads
+        self.queue_here = True  # the batcher's queue is this process's (not an API process's proxy: remote.py)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batcher: Batcher | None = None
@@ -71,7 +72,7 @@ class EngineCore:
         started = time.perf_counter()
         self._load_busy = True
         try:
-            info = await loop.run_in_executor(self._compute, self._load)
+            info = await self._load_model()
         except BaseException as exc:
             self.load_error = exc
             self.state = EngineState.UNHEALTHY
@@ -89,6 +90,10 @@ class EngineCore:
             self.state = EngineState.HEALTHY
         log.info("model %s ready on %s (%s, dim %d) in %.1fs", info.model, info.device, info.dtype,
                  info.dimension, self.load_seconds)
+
+    async def _load_model(self) -> BackendInfo:
+        """The backend's load, on the compute thread (engine/remote.py gets the model's facts instead)."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._load)
 
     def _batch_policy(self, info: BackendInfo) -> BatchPolicy:
         opts = self.options
