@@ -70,6 +70,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("lines in flight", "sum(embedding_batch_lines_in_flight)"),
         ("{{model}} lines queued in the engine", f"embedding_queue_background_requests{{{M}}}"),
     ]),
+    ("Result cache: hit ratio and evictions/s", "percentunit", [
+        ("{{model}} hit ratio", f"sum by (model) (rate(embedding_result_cache_hits_total{{{M}}}[{R}])) / "
+                                f"(sum by (model) (rate(embedding_result_cache_hits_total{{{M}}}[{R}])) + "
+                                f"sum by (model) (rate(embedding_result_cache_misses_total{{{M}}}[{R}])))"),
+        ("{{model}} evictions/s", f"sum by (model) (rate(embedding_result_cache_evictions_total{{{M}}}[{R}]))"),
+    ]),
     ("Batch API: share of the engine", "percentunit", [
         ("{{model}}", f"sum by (model) (rate(embedding_engine_busy_seconds_total{{lane=\"batch\",{M}}}[{R}])) / "
                       f"sum by (model) (rate(embedding_engine_busy_seconds_total{{{M}}}[{R}]))"),

@@ -6,6 +6,7 @@ the `.env` file, then the class defaults (which `config/embedding_config.py` let
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
@@ -296,22 +297,16 @@ class EmbeddingConfig(BaseSettings):
     @field_validator("api_key_file")
     @classmethod
     def _key_file_readable(cls, value: str | None) -> str | None:
-        import os
-
         if value is not None and not os.access(value, os.R_OK):
             raise ValueError(f"API key file {value!r} does not exist or is not readable")
         return value
 
     @model_validator(mode="after")
-    def _quantize_needs_openvino(self) -> EmbeddingConfig:
+    def _settings_agree(self) -> EmbeddingConfig:
         # Refused, not ignored: a user asking for int8 on an engine that cannot do it would get fp32 silently.
         if self.quantize != "none" and self.engine in ("torch", "vllm"):
             raise ValueError(f"quantize {self.quantize} runs on the openvino engine, not {self.engine} "
                              "(use --engine openvino, or auto)")
-        return self
-
-    @model_validator(mode="after")
-    def _models_file_names_the_models(self) -> EmbeddingConfig:
         # Refused, not merged: which model a request gets must not depend on how two sources were combined.
         if self.models_file is not None:
             clash = [name for name in MODEL_FLAGS if name in self.model_fields_set
@@ -319,10 +314,6 @@ class EmbeddingConfig(BaseSettings):
             if clash:
                 raise ValueError(f"models_file lists every model: drop {', '.join(clash)} (name the models "
                                  "in the file)")
-        return self
-
-    @model_validator(mode="after")
-    def _one_batch_runner(self) -> EmbeddingConfig:
         # One process owns the SQLite writer and runs the batches: workers would each run every batch.
         if self.data_dir and self.workers > 1:
             raise ValueError("data_dir (the Batch API) needs workers=1: one process runs the batches; "
