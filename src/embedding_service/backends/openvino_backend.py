@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions, first_line
-from .device import resolve_cpu_dtype
+from .device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
 from .pooling import l2_normalize, pool_numpy
 from .tokenization import HfTokenizer, SavedTokenizer
 
@@ -171,6 +171,8 @@ class OpenVinoBackend:
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
         dtype = resolve_cpu_dtype(opts.dtype)
+        if self._quantize == "int8" and (reason := int8_slow_reason(cpu_flags())):
+            log.warning("openvino: --quantize int8 gains little on this CPU: %s", reason)
         runtime_version = ov.get_version()
         folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
