@@ -318,7 +318,7 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: li
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     if quantize == "int8" and (smoothed := smooth_decoder(model, calibration_batches(model.config.vocab_size,
                                                                                       suffix))):
-        log.info("openvino: SmoothQuant (alpha %.2f) on %d norms before int8", ALPHA, smoothed)
+        log.info("openvino: SmoothQuant (alpha %.2f) on %d layer inputs before int8", ALPHA, smoothed)
     export_module(last_hidden_module(model), ("input_ids", "attention_mask"), pad_batch(EXAMPLE_ROWS, pad_id), target,
                   quantize)
 

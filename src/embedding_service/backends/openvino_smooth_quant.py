@@ -73,7 +73,9 @@ def smooth_decoder(model: Any, batches: list[np.ndarray], alpha: float = ALPHA) 
 
     handles = [fcs[0].register_forward_pre_hook(record(i)) for i, (_norm, fcs) in enumerate(groups)]
     try:
-        outputs = [forward(ids) for ids in batches]  # all batches feed the maxima; the first is the reference
+        reference = forward(batches[0])  # every batch feeds the maxima; the first also checks the result
+        for ids in batches[1:]:
+            forward(ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -87,7 +89,7 @@ def smooth_decoder(model: Any, batches: list[np.ndarray], alpha: float = ALPHA) 
             for fc in fcs:
                 fc.weight.mul_(scale)
     # Exact only where the norm is weight * normalised(x) (not Gemma's (1 + weight) * ...): check, else undo.
-    if not torch.allclose(forward(batches[0]), outputs[0], rtol=1e-3, atol=1e-3 * float(outputs[0].abs().max())):
+    if not torch.allclose(forward(batches[0]), reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max())):
         with torch.no_grad():
             for param, before in zip(params, saved, strict=True):
                 param.copy_(before)
