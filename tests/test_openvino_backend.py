@@ -283,6 +283,19 @@ def test_a_cached_int8_start_needs_no_nncf(minilm_dir: Path, cache_dir: Path) ->
     assert cosines(np.asarray(result["vectors"]), embed_all(int8, TEXTS)).min() >= 0.99999
 
 
+@pytest.mark.parametrize(("flags", "warned"), [("avx2 fma avx512f avx512bw", True),
+                                               ("avx2 avx512f avx512_vnni", False)])
+def test_an_int8_start_says_so_where_the_cpu_makes_int8_slow(minilm_dir: Path, cache_dir: Path, flags: str,
+                                                              warned: bool, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Without VNNI/AMX OpenVINO runs int8 as fp32 arithmetic (issue 41): the start log says so, from the
+    detected flags (faked here; the kernels still run on the real CPU)."""
+    monkeypatch.setattr(openvino_backend, "cpu_flags", lambda: frozenset(flags.split()))
+    with caplog.at_level("WARNING", logger="embedding_service"):
+        _load(minilm_dir, cache_dir, quantize="int8").close()
+    assert any("int8 gains little on this CPU" in r.getMessage() for r in caplog.records) == warned
+
+
 def test_a_changed_or_broken_saved_tokenizer_is_not_used(tmp_path: Path, minilm_dir: Path, cache_dir: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """The saved tokenizer is keyed by the model folder's tokenizer files: edit one and transformers' path

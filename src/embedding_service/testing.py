@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OUTLIER_CHANNELS",
     "QWEN3_0_6B_SHAPE",
     "TINY_QWEN3_SHAPE",
     "build_random_colbert",
@@ -30,6 +31,10 @@ TINY_QWEN3_SHAPE: dict[str, int] = {
     "head_dim": 32,
     "intermediate_size": 256,
 }
+
+# Four residual channels of TINY_QWEN3_SHAPE's 128, x20 to x100, one in each group of 32 channels (OpenVINO's
+# dynamic quantisation scales activations per group of 32, so every group holds an outlier).
+OUTLIER_CHANNELS: dict[int, float] = {5: 20.0, 40: 40.0, 77: 60.0, 110: 100.0}
 
 # From the Qwen3-Embedding-0.6B model card / config.json.
 QWEN3_0_6B_SHAPE: dict[str, int] = {
@@ -88,8 +93,17 @@ def _train_tokenizer(vocab_size: int, seed: int, *, reranker: bool = False, word
 
 def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = None, vocab_size: int = 32768,
                        max_position_embeddings: int = 32768, seed: int = 0,
-                       dtype: str = "float32") -> Path:
-    """Write a random-weight Qwen3 embedding model (sentence-transformers layout) to `out_dir`."""
+                       dtype: str = "float32", outlier_channels: dict[int, float] | None = None) -> Path:
+    """Write a random-weight Qwen3 embedding model (sentence-transformers layout) to `out_dir`.
+
+    `outlier_channels` ({hidden channel: factor}) gives it what trained LLMs have and random weights lack: a few
+    hidden channels 20-100x the others at the input of every linear layer (LLM.int8(), SmoothQuant), which is
+    what int8 activations quantised per tensor, token or group must survive. The channels' weights in every
+    layer's two RMSNorms are scaled by the factor, so the norms' outputs (the inputs of q/k/v and gate/up)
+    carry them and the layers' outputs mix them into the residual stream. (Scaling the embedding columns
+    instead puts the outliers in the int8-compressed embedding table, whose per-row scale then breaks the
+    weights before any activation is quantised: a weaker test of activation quantisation.)
+    """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
@@ -114,6 +128,11 @@ def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = No
     model = Qwen3Model(config)
     with torch.no_grad():  # the pad row starts all-zero; give it values like any other token
         model.embed_tokens.weight[tokenizer.pad_token_id].normal_(0.0, config.initializer_range)
+        for channel, factor in (outlier_channels or {}).items():
+            layer: Any
+            for layer in model.layers:
+                layer.input_layernorm.weight[channel] *= factor
+                layer.post_attention_layernorm.weight[channel] *= factor
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     config.dtype = dtype

@@ -7,7 +7,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["CPU_FLAGS_OVERRIDE_ENV", "cpu_flags", "cpu_has_native_bf16", "resolve_cpu_dtype"]
+__all__ = ["CPU_FLAGS_OVERRIDE_ENV", "cpu_flags", "cpu_has_native_bf16", "int8_dot_product_isa", "int8_slow_reason",
+           "resolve_cpu_dtype"]
 
 log = logging.getLogger("embedding_service")
 
@@ -53,3 +54,26 @@ def resolve_cpu_dtype(requested: str) -> str:
     if requested == "bfloat16" and not cpu_has_native_bf16():
         log.warning("dtype bfloat16 requested on a CPU without native bf16: it will be emulated and slow")
     return requested
+
+
+# The instructions that make int8 matrix work cheap: one instruction per 4 int8 products summed into int32.
+# OpenVINO's CPU plugin quantises activations at run time (--quantize int8) only with one of the first two
+# (dnnl_fullyconnected_primitive.cpp: avx2_vnni or avx512_core_vnni; AMX CPUs have both); without them it runs
+# int8 weights with fp32 arithmetic, and oneDNN's static int8 falls back to its slow generic gemm.
+_INT8_DOT_PRODUCT_FLAGS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+
+
+def int8_dot_product_isa(flags: frozenset[str]) -> str | None:
+    """The best int8 dot-product instruction set among `flags` (cpu_flags()), None where there is none."""
+    return next((name for flag, name in _INT8_DOT_PRODUCT_FLAGS if flag in flags), None)
+
+
+def int8_slow_reason(flags: frozenset[str]) -> str | None:
+    """Why --quantize int8 gains little on this CPU, or None where it pays (or the flags are unknown: no
+    /proc/cpuinfo, so nothing to say). Measured in bench/RESULTS.md (issue 41)."""
+    if not flags or not any(f.startswith(("avx", "amx")) for f in flags) or int8_dot_product_isa(flags):
+        return None
+    return ("this CPU has no int8 dot-product instructions (no AVX-VNNI, AVX-512 VNNI or AMX among its flags), so "
+            "OpenVINO does not quantise activations and int8 runs as int8 weights with fp32 arithmetic: measured "
+            "1.08x `vllm serve` fp32 on MiniLM batches (1.8x with VNNI or AMX) and 0.45-0.84x on the Qwen3-0.6B "
+            "shape (docs/openvino.md). The exact path is about as fast here: consider dropping --quantize int8")

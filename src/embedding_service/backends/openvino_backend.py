@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions, first_line
-from .device import resolve_cpu_dtype
+from .device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
+from .openvino_smooth_quant import ALPHA, calibration_batches, smooth_decoder
 from .pooling import l2_normalize, pool_numpy
 from .tokenization import HfTokenizer, SavedTokenizer
 
@@ -38,7 +39,7 @@ T = TypeVar("T")
 
 QUANTIZE_MODES = ("none", "int8")
 # Bumped whenever the export itself changes, so caches written by an older export are not reused.
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"  # 3: int8 of Llama-style decoders smoothed first (openvino_smooth_quant.py)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_STATE = "tokenizer-state.json"
 # OpenVINO's precision hint per dtype (float16 is first resolved to bf16 or fp32 like on the other engines).
@@ -171,14 +172,17 @@ class OpenVinoBackend:
         if not facts.config_found:
             raise BackendLoadError(f"cannot read {self._model_dir}/config.json")
         dtype = resolve_cpu_dtype(opts.dtype)
+        if self._quantize == "int8" and (reason := int8_slow_reason(cpu_flags())):
+            log.warning("openvino: --quantize int8 gains little on this CPU: %s", reason)
         runtime_version = ov.get_version()
         folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
         saved = load_saved_tokenizer(folder, fingerprint, SavedTokenizer)
         self._tokenizer = saved if saved is not None else self._hf_tokenizer()
-        self._pad_id = self._tokenizer.pad_id
-        self.ir_path = cached_export(self._cache_dir, folder, self._model_dir, self._quantize, runtime_version,
-                                     lambda target: _export(self._model_dir, target, self._quantize, self._pad_id))
+        self._pad_id, suffix = self._tokenizer.pad_id, list(self._tokenizer.special_suffix)
+        self.ir_path = cached_export(
+            self._cache_dir, folder, self._model_dir, self._quantize, runtime_version,
+            lambda target: _export(self._model_dir, target, self._quantize, self._pad_id, suffix))
         if isinstance(self._tokenizer, HfTokenizer):  # checked by this start: saved for the next ones
             save_tokenizer_state(folder, fingerprint, self._tokenizer.state())
         self._request = compile_ir(ov, self.ir_path, dtype, self._quantize)
@@ -301,8 +305,9 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
     return ids, mask
 
 
-def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
-    """torch model -> OpenVINO IR with dynamic batch and length (fp32 weights kept), int8 weights if asked.
+def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: list[int]) -> None:
+    """torch model -> OpenVINO IR with dynamic batch and length (fp32 weights kept), int8 weights if asked
+    (a Llama-style decoder smoothed first: openvino_smooth_quant.py; `suffix` closes its calibration rows).
 
     Converted from the torch model with OpenVINO's own converter (optimum-intel would pin an older
     transformers). torch is needed only here, once per model and settings.
@@ -311,6 +316,9 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int) -> None:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if quantize == "int8" and (smoothed := smooth_decoder(model, calibration_batches(model.config.vocab_size,
+                                                                                      suffix))):
+        log.info("openvino: SmoothQuant (alpha %.2f) on %d layer inputs before int8", ALPHA, smoothed)
     export_module(last_hidden_module(model), ("input_ids", "attention_mask"), pad_batch(EXAMPLE_ROWS, pad_id), target,
                   quantize)
 

@@ -1,0 +1,116 @@
+"""int8 schemes on a model with activation outlier channels, and on the plain random shape: cosine to fp32.
+
+    python -m bench.int8_outliers [--data ../shared/data/retrieval-docstrings.jsonl] [--out DIR]
+
+Builds the tiny random Qwen3 (testing.py) twice, plain and with OUTLIER_CHANNELS (x20-x100 at every linear
+layer's input), and reports min / mean cosine to OpenVINO fp32 over 500 texts (docstring documents and queries
+from --data, else generated sentences) for: the int8 path before SmoothQuant (int8 weights, activations
+quantised per group of 32 at run time), the same after SmoothQuant (today's `--quantize int8`), int8 weights
+only, and NNCF's static int8 (per-channel weights, per-tensor activations) calibrated on 300 other texts, with
+and without NNCF's SmoothQuant. Accuracy only: speed is bench/cpu_runtimes.py and `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _texts(data: Path | None) -> tuple[list[str], list[str]]:
+    if data is not None and data.is_file():
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:1500]]
+        return ([r["query"] + "\n" + r["document"] for r in rows[:300]],
+                [r["document"] for r in rows[1000:1300]] + [r["query"] for r in rows[1300:1500]])
+    from embedding_service.testing import generated_corpus
+
+    lines = generated_corpus(40_000, seed=7)
+    return lines[:300], lines[300:800]
+
+
+def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cache: Path) -> dict[str, Any]:
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    from embedding_service.backends import openvino_backend
+    from embedding_service.backends.base import BackendOptions
+    from embedding_service.backends.model_facts import read_model_facts
+    from embedding_service.backends.openvino_backend import OpenVinoBackend, pad_batch
+    from embedding_service.config import EmbeddingConfig
+
+    def backend(quantize: str, folder: str = "exports") -> OpenVinoBackend:
+        settings = EmbeddingConfig(_env_file=None, device="cpu", dtype="float32", max_model_len=512, quantize=quantize,
+                                   openvino_cache_dir=str(cache / folder))  # type: ignore[call-arg]
+        made = OpenVinoBackend(BackendOptions.from_config(settings, str(model_dir), read_model_facts(str(model_dir))))
+        made.load()
+        return made
+
+    fp32 = backend("none")
+    ids = [t[:128] for t in fp32.tokenize(eval_texts)]
+    reference = np.concatenate([fp32.embed(ids[i : i + 16]) for i in range(0, len(ids), 16)])
+    results: dict[str, Any] = {}
+
+    def record(name: str, made: OpenVinoBackend) -> None:
+        vectors = np.concatenate([made.embed(ids[i : i + 16]) for i in range(0, len(ids), 16)])
+        cos = (vectors * reference).sum(axis=1)
+        results[name] = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
+        print(f"{model_dir.name}: {name}: cos min {cos.min():.5f} mean {cos.mean():.5f}", flush=True)
+
+    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", backend("int8"))
+    smooth = openvino_backend.smooth_decoder
+    openvino_backend.smooth_decoder = lambda *_args, **_kw: 0  # type: ignore[assignment]
+    try:
+        record("int8 weights + dynamic activations, no SmoothQuant (before issue 41)", backend("int8", "no-smoothing"))
+    finally:
+        openvino_backend.smooth_decoder = smooth
+    core, base = ov.Core(), ov.Core().read_model(str(fp32.ir_path))
+    settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+    def swap(model: Any, group: int) -> OpenVinoBackend:
+        fp32._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
+                                           ).create_infer_request()
+        return fp32
+
+    weights = nncf.compress_weights(base.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    record("int8 weights only (fp32 activations)", swap(weights, 0))
+    calib = [t[:128] for t in fp32.tokenize(calib_texts)]
+    dataset = nncf.Dataset([dict(zip(("input_ids", "attention_mask"), pad_batch(calib[i : i + 8], fp32._pad_id),
+                                     strict=True)) for i in range(0, len(calib), 8)])
+    for alpha in (-1.0, 0.5, 0.95):
+        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))
+        static = nncf.quantize(base.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                               subset_size=len(calib) // 8, advanced_parameters=advanced)
+        record(f"NNCF static int8, SmoothQuant {'off' if alpha < 0 else f'a={alpha}'}", swap(static, 0))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                        / "retrieval-docstrings.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("bench/runs/int8_outliers.json"))
+    args = parser.parse_args(argv)
+    from embedding_service.testing import OUTLIER_CHANNELS, build_random_qwen3
+
+    calib_texts, eval_texts = _texts(args.data)
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, channels in (("plain", None), ("outliers", OUTLIER_CHANNELS)):
+            model_dir = build_random_qwen3(Path(tmp) / name, outlier_channels=channels)
+            report[name] = measure(model_dir, calib_texts, eval_texts, Path(tmp) / f"cache-{name}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
