@@ -273,3 +273,16 @@ async def test_minilm_on_torch_fp32_a_hit_is_the_computed_vector_and_the_referen
     finally:
         for engine in engines:
             await engine.stop()
+
+
+def test_engine_library_versions_are_part_of_the_key() -> None:
+    """A cache shared through Redis must not answer an upgraded runtime with its predecessor's vectors: the
+    versions an engine's numbers depend on (and the openvino export's format) go into the fingerprint."""
+    from importlib import metadata
+
+    from embedding_service.backends import numerics_versions
+    from embedding_service.backends.openvino_backend import EXPORT_VERSION
+
+    assert numerics_versions("torch")["torch"] == metadata.version("torch")
+    assert numerics_versions("openvino")["openvino_export"] == EXPORT_VERSION
+    assert numerics_versions("fake") == {}

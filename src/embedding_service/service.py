@@ -26,6 +26,7 @@ from .backends import (
     create_multivector_backend,
     create_scoring_backend,
     create_sparse_backend,
+    numerics_versions,
 )
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
@@ -212,7 +213,8 @@ def build_embedding_engine(model: ModelPlan, cache: ResultCache | None = None) -
                     "enforce_eager": backend.enforce_eager, "prefix_caching": backend.prefix_caching,
                     "tensor_parallel_size": backend.tensor_parallel_size, "pooling": facts.pooling,
                     "normalize": facts.normalize, "task": model.role,
-                    "batch_invariant": model.engine_options.batch_invariant}
+                    "batch_invariant": model.engine_options.batch_invariant,
+                    "versions": numerics_versions(model.engine)}
         model_cache = cache.for_model(model_fingerprint(model.model_dir, numerics, by_content=cache.redis is not None))
     return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options, model_cache)
 

