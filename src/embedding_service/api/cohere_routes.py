@@ -24,6 +24,7 @@ from .cohere_protocol import (
     CohereError,
     cohere_error_response,
     encode_cohere_embed,
+    long_input_warnings,
     parse_cohere_embed,
 )
 from .embed_headers import EMBED_HEADERS, embed_headers
@@ -71,7 +72,8 @@ _MESSAGES = {400: "texts[0] is an empty string", 413: "request body is 20000000 
 def _engine_request(call: CohereEmbedCall, instruction: str | None, prompt_name: str | None) -> EmbedRequest:
     return EmbedRequest(texts=call.texts, instruction=instruction, prompt_name=prompt_name,
                         dimensions=call.output_dimension, max_tokens=call.max_tokens,
-                        truncate=call.truncate != "NONE", truncate_start=call.truncate == "START")
+                        truncate=None if call.truncate is None else call.truncate != "NONE",
+                        truncate_start=call.truncate == "START", long_inputs=call.long_inputs)
 
 
 async def _cohere_errors_of(answer: Awaitable[Response]) -> Response:
@@ -103,7 +105,8 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
             result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize"):
-            body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version)
+            body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version,
+                                       warnings=long_input_warnings(result.truncated, result.chunked))
         return Response(body, media_type="application/json", headers=embed_headers(result))
 
     async def embed(request: Request) -> Response:
