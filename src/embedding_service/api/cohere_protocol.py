@@ -3,8 +3,7 @@
 except that v1 without `embedding_types` answers `embeddings_floats`, a plain list of vectors.
 
 Parsing is by hand, for errors that name the field; unknown fields (`priority`, ...) are accepted and ignored.
-Errors are Cohere's shape, `{"id", "message"}`: the SDK raises them as `BadRequestError` & co. with the
-body, whose `message` is what a person reads.
+Errors are Cohere's shape, `{"id", "message"}` (cohere_errors.py).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, RootModel
-from starlette.responses import Response
 
 from ..engine.input_types import INPUT_TYPES
 from ..errors import ErrorKind, ServiceError
@@ -27,8 +25,6 @@ __all__ = [
     "CohereEmbedCall",
     "CohereEmbedResponse",
     "CohereEmbedV1Response",
-    "CohereError",
-    "cohere_error_response",
     "encode_cohere_embed",
     "long_input_warnings",
     "parse_cohere_embed",
@@ -76,13 +72,6 @@ class EmbeddingsByType(BaseModel):
     binary: list[list[int]] | None = None
     ubinary: list[list[int]] | None = None
     base64: list[str] | None = None
-
-
-class CohereError(BaseModel):
-    """Cohere's error body (its SDK raises it as BadRequestError & co., the body attached)."""
-
-    id: str
-    message: str
 
 
 class CohereEmbedResponse(BaseModel):
@@ -219,15 +208,3 @@ def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int,
         "meta": {"api_version": {"version": str(version)}, "billed_units": {"input_tokens": tokens},
                  **({"warnings": warnings} if warnings else {})},
     }, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _cohere_message(message: str) -> str:
-    """The engine's wording, in Cohere's field names (it knows only the OpenAI request's)."""
-    message = message.replace('send "truncate": true', 'send "truncate": "END" (or "START")')
-    return "texts[" + message[len("input["):] if message.startswith("input[") else message
-
-
-def cohere_error_response(error: ServiceError) -> Response:
-    body = {"id": str(uuid.uuid4()), "message": _cohere_message(error.message)}
-    return Response(orjson.dumps(body), status_code=error.status, media_type="application/json",
-                    headers=error.http_headers() or None)
