@@ -59,6 +59,11 @@ async def test_server_chunk_equals_the_windows_weighted_mean(chunking: FakeApp) 
     assert rows[0].tobytes() == backend.embed(backend.tokenize(["short one"]))[0].tobytes()
     assert response.json()["usage"]["prompt_tokens"] == 3 + tokens_a + tokens_b
     assert response.headers["X-Chunked-Inputs"] == f"1:{windows_a},2:{windows_b}"
+    # A text over a tokenisation slice (32K characters) is tokenised slice by slice: the same ids.
+    longer = words(9000)
+    assert len(longer) > 40_000
+    sliced = await chunking.http.post("/v1/embeddings", json={"input": longer, "long_inputs": "chunk"})
+    assert sliced.status_code == 400  # over this app's max_chunked_input_tokens (1000)
     # Token ids are chunked the same way as the text they stand for.
     ids = backend.tokenize([long_a])[0][:-1]
     same = await chunking.http.post("/v1/embeddings", json={"input": [ids]})
@@ -148,6 +153,18 @@ async def test_a_1mb_input_holds_at_most_two_waves_in_flight() -> None:
         assert response.headers["X-Chunked-Inputs"] == f"0:{windows}"
         assert response.json()["usage"]["prompt_tokens"] == 200_000 + windows
         assert 0 < peak[0] <= WAVES_IN_FLIGHT * budget  # never the whole input's windows at once
+
+
+async def test_a_text_longer_than_a_tokenisation_slice_is_chunked_from_its_slices() -> None:
+    async with fake_app(options={"long_inputs": "chunk"}) as app:
+        backend = app.engine.backend
+        assert isinstance(backend, FakeBackend)
+        text = words(9000)  # ~54K characters: four 16K-character slices
+        response = await app.http.post("/v1/embeddings", json={"input": text})
+        expected, windows, tokens = _reference(backend, text)
+        np.testing.assert_allclose(_rows(response.json())[0], expected, atol=1e-6)
+        assert response.json()["usage"]["prompt_tokens"] == tokens
+        assert response.headers["X-Chunked-Inputs"] == f"0:{windows}"
 
 
 async def test_tokenize_shows_a_chunked_input_whole(chunking: FakeApp) -> None:

@@ -151,6 +151,15 @@ async def test_cohere_chunk_says_so_in_meta_warnings(minilm: Model) -> None:
     assert response.headers["X-Chunked-Inputs"] == f"1:{windows}"
 
 
+async def test_a_text_longer_than_a_tokenisation_slice(minilm: Model) -> None:
+    text = " ".join([LONG] * 14)  # ~36K characters: tokenised in slices, equal to WordPiece on the whole
+    assert len(text) > 32_768
+    expected, windows, _ = minilm.chunked(text)
+    response = await minilm.http.post("/v1/embeddings", json={"input": text, "long_inputs": "chunk"})
+    np.testing.assert_allclose(np.array(response.json()["data"][0]["embedding"]), expected, atol=2e-5)
+    assert response.headers["X-Chunked-Inputs"] == f"0:{windows}"
+
+
 async def test_truncate_keeps_either_end_and_says_so(minilm: Model) -> None:
     prefix, suffix = minilm.specials()
     body = minilm.tokenizer.encode(LONG, add_special_tokens=False)

@@ -13,7 +13,8 @@ The rule (docs/clients.md, "Long inputs"):
   is. vLLM's chunked processing does the same for every pooling type (a token-weighted mean); for [CLS] and
   last-token models it is the only combination that reads the whole text (the last window alone would drop
   the rest), and a window's [CLS] or end token summarises that window as it would a short text.
-- Memory: the ids are kept once (int32, 4 bytes a token); windows are made as they are sent, and at most
+- Memory: a long text is tokenised slice by slice (engine/tokenize.py, `join`), never whole; its ids are
+  kept once (int32, 4 bytes a token); windows are made as they are sent, and at most
   `WAVES_IN_FLIGHT` waves of at most one batch's token budget are queued or running per request, so a
   1 MB input holds no more activations than two batches would.
 """
@@ -31,6 +32,7 @@ from ..backends.pooling import l2_normalize
 from ..errors import ErrorKind, ServiceError
 from .core import EngineCore
 from .prompts import apply_prompt
+from .tokenize import tokenize_bounded
 from .types import EmbedRequest
 
 __all__ = ["WAVES_IN_FLIGHT", "Windows", "embed_windows", "plan_windows"]
@@ -75,7 +77,7 @@ def _unwrapped(ids: list[int], info: BackendInfo) -> tuple[tuple[int, ...], list
 
 
 async def plan_windows(core: EngineCore, request: EmbedRequest, info: BackendInfo, seqs: list[list[int]],
-                       over: list[int], limit: int) -> dict[int, Windows]:
+                       over: list[int], limit: int, deadline: float) -> dict[int, Windows]:
     """The windows of each over-long input (indices `over`; their `seqs` entries are emptied, the ids moving
     into the windows). A prompted text is tokenised again without its prompt, so that the prompt's own ids
     can head every window."""
@@ -90,7 +92,11 @@ async def plan_windows(core: EngineCore, request: EmbedRequest, info: BackendInf
     for index in over:
         ids = seqs[index]
         if prompt and request.texts is not None:
-            [ids] = await core.in_tokenizer_thread(core.backend.tokenize, [request.texts[index]])
+            [ids] = await tokenize_bounded(
+                [request.texts[index]], core.backend.tokenize, core.tokenizer_pool, truncate=False,
+                limit=core.options.max_chunked_input_tokens, max_total=core.options.max_request_tokens,
+                specials=len(info.special_prefix) + len(info.special_suffix), deadline=deadline,
+                join=(len(info.special_prefix), len(info.special_suffix)))
         prefix, body, tail = _unwrapped(ids, info)
         head = (*prefix, *prompt)
         width = limit - len(head) - len(tail)

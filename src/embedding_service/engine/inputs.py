@@ -82,7 +82,8 @@ async def prepare_inputs(core: EngineCore, request: EmbedRequest, info: BackendI
                 texts, core.backend.tokenize, core.tokenizer_pool, limit=most, truncate=policy == "truncate",
                 max_total=options.max_request_tokens,
                 specials=len(info.special_prefix) + len(info.special_suffix), deadline=deadline,
-                keep_end=request.truncate_start, limit_name=most_name)
+                keep_end=request.truncate_start, limit_name=most_name,
+                join=(len(info.special_prefix), len(info.special_suffix)) if policy == "chunk" else None)
         except TokenLimitError as exc:
             if request.charge_refused is not None:  # a refusal is not free: its tokens count (lower bound)
                 request.charge_refused(exc.tokens_at_least)
@@ -102,7 +103,7 @@ async def prepare_inputs(core: EngineCore, request: EmbedRequest, info: BackendI
         raise
     over = [index for index, ids in enumerate(seqs) if len(ids) > limit]
     if over:
-        prepared.windows = await plan_windows(core, request, info, seqs, over, limit)
+        prepared.windows = await plan_windows(core, request, info, seqs, over, limit, deadline)
     total = sum(len(s) for s in seqs) + sum(item.tokens for item in prepared.windows.values())
     if total > options.max_request_tokens and request.charge_refused is not None:
         request.charge_refused(total)
