@@ -120,6 +120,25 @@ def test_rerank_and_score_endpoints_run_too(server: ServerProcess) -> None:
     assert body == expected
 
 
+def test_cohere_embed_v2_bodies_equal_the_online_answer(server: ServerProcess) -> None:
+    client = _client(server, KEY_A)
+    bodies = {"q": {"texts": ["what is a river?"], "input_type": "search_query", "embedding_types": ["float", "int8"]},
+              "d": {"texts": ["a river flows", "maps"], "embedding_types": ["ubinary", "base64"]},
+              "bad": {"texts": []}}
+    content = b"".join(_line(name, body, "/v2/embed") for name, body in bodies.items())
+    batch = _wait(client, _submit(client, content, endpoint="/v2/embed").id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 2, 1)
+    answers = {line["custom_id"]: line["response"] for line in _jsonl(client.files.content(batch.output_file_id).text)}
+    failed = _jsonl(client.files.content(batch.error_file_id).text)
+    for name, body in bodies.items():
+        online = httpx.post(server.url + "/v2/embed", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+        expected = online.json()
+        got = answers[name] if name in answers else next(f["response"] for f in failed if f["custom_id"] == name)
+        assert got["status_code"] == online.status_code == (400 if name == "bad" else 200)
+        assert expected.pop("id") != got["body"].pop("id")  # each answer has its own random id
+        assert got["body"] == expected, name
+
+
 def test_bad_lines_fail_the_batch_each_named_by_line(server: ServerProcess) -> None:
     client = _client(server, KEY_A)
     good = {"input": "x"}

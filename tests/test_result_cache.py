@@ -286,3 +286,17 @@ def test_engine_library_versions_are_part_of_the_key() -> None:
     assert numerics_versions("torch")["torch"] == metadata.version("torch")
     assert numerics_versions("openvino")["openvino_export"] == EXPORT_VERSION
     assert numerics_versions("fake") == {}
+
+
+async def test_a_request_with_a_chunked_input_bypasses_the_cache(pair) -> None:
+    cached, plain = pair
+    body = {"input": ["short", " ".join(f"w{i}" for i in range(150))], "long_inputs": "chunk",
+            "encoding_format": "base64"}
+    async with fake_app(engine=cached) as app, fake_app(engine=plain) as reference:
+        first = await app.http.post("/v1/embeddings", json=body)
+        again = await app.http.post("/v1/embeddings", json=body)
+        uncached = await reference.http.post("/v1/embeddings", json=body)
+    assert first.status_code == again.status_code == 200, first.text
+    assert "x-embedding-cache" not in first.headers and "x-embedding-cache" not in again.headers
+    assert first.headers["x-chunked-inputs"] == "1:3"
+    assert _raw(again.json()) == _raw(first.json()) == _raw(uncached.json())

@@ -44,9 +44,8 @@ class EmbeddingConfig(BaseSettings):
                                           description="fraction of GPU memory vLLM may take (0.0-1.0]")
     max_model_len: int = Field(3072, ge=8, le=1_048_576, description="maximum input length in tokens")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="number of GPUs")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="float16, bfloat16 or float32 (on a CPU float16 runs as bf16 or fp32)"
-    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16",
+        description="float16, bfloat16 or float32 (on a CPU float16 runs as bf16 or fp32)")
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8890, ge=1, le=65535, description="listen port")
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own engine")
@@ -60,15 +59,13 @@ class EmbeddingConfig(BaseSettings):
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     # --- engine selection ----------------------------------------------------------------------------
-    engine: Literal["auto", "torch", "vllm", "openvino", "fake"] = Field(
-        "auto", description="auto picks vLLM where installed and usable, else torch (openvino if quantize is set)"
-    )
+    engine: Literal["auto", "torch", "vllm", "openvino", "fake"] = Field("auto",
+        description="auto picks vLLM where installed and usable, else torch (openvino if quantize is set)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when available")
     served_model_name: str | None = Field(None, description="name reported to clients (default: model name)")
     demo: bool = Field(False, description="serve the bundled all-MiniLM-L6-v2 offline (no download)")
-    max_batch_tokens: int = Field(
-        16384, ge=16, le=10_000_000, description="token budget of one batch (padded length x texts)"
-    )
+    max_batch_tokens: int = Field(16384, ge=16, le=10_000_000,
+        description="token budget of one batch (padded length x texts)")
     enforce_eager: bool = Field(False,
                                 description="vLLM: skip torch.compile and CUDA graphs (loads faster, runs slower)")
     torch_compile: bool = Field(
@@ -119,9 +116,11 @@ class EmbeddingConfig(BaseSettings):
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, le=1 << 31, description="largest request body in bytes (413 above)"
     )
-    truncate: bool = Field(
-        False, description="truncate over-long inputs (keeping their start) instead of answering 400"
-    )
+    truncate: bool = Field(False, description="the same as long_inputs truncate (its older name)")
+    long_inputs: Literal["refuse", "truncate", "chunk"] = Field("refuse", description="over-long inputs: refuse "
+        "(400 naming the limit), truncate (keep the start), or chunk (embed windows, average them; docs/clients.md)")
+    max_chunked_input_tokens: int = Field(262_144, ge=1, le=100_000_000, description="most tokens of one input "
+                                          "when chunking (400 above; about 1 MB of English text)")
     input_type_strict: bool = Field(
         False, description="answer 400 for an input_type (search_query, classification, clustering) the model "
         "has no prompt for, instead of embedding the text as it is"
@@ -307,6 +306,8 @@ class EmbeddingConfig(BaseSettings):
         if self.quantize != "none" and self.engine in ("torch", "vllm"):
             raise ValueError(f"quantize {self.quantize} runs on the openvino engine, not {self.engine} "
                              "(use --engine openvino, or auto)")
+        if self.truncate and self.long_inputs == "chunk":  # (truncate is long_inputs truncate's older name)
+            raise ValueError("truncate and long_inputs chunk contradict each other: set one of them")
         # Refused, not merged: which model a request gets must not depend on how two sources were combined.
         if self.models_file is not None:
             clash = [name for name in MODEL_FLAGS if name in self.model_fields_set

@@ -26,9 +26,9 @@ __all__ = ["PER_MODEL_FIELDS", "TASKS", "ModelEntry", "ModelsFileError", "read_m
 PER_MODEL_FIELDS = frozenset({
     "engine", "device", "dtype", "max_model_len", "max_batch_size", "max_batch_tokens", "batch_timeout_ms",
     "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "torch_compile", "vllm_engine_core",
-    "prefix_caching", "batch_invariant", "quantize", "openvino_cache_dir", "truncate", "max_inputs_per_request",
-    "max_request_tokens", "max_queue_requests", "max_queue_tokens", "request_timeout_s", "max_rerank_documents",
-    "matryoshka_models", "max_token_vectors_bytes",
+    "prefix_caching", "batch_invariant", "quantize", "openvino_cache_dir", "truncate", "long_inputs",
+    "max_chunked_input_tokens", "max_inputs_per_request", "max_request_tokens", "max_queue_requests",
+    "max_queue_tokens", "request_timeout_s", "max_rerank_documents", "matryoshka_models", "max_token_vectors_bytes",
 })
 _ENTRY_FIELDS = frozenset({"name", "aliases", "task", "model_path", "model_name", "demo"})
 _MAX_MODELS = 64

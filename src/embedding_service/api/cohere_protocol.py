@@ -3,8 +3,7 @@
 except that v1 without `embedding_types` answers `embeddings_floats`, a plain list of vectors.
 
 Parsing is by hand, for errors that name the field; unknown fields (`priority`, ...) are accepted and ignored.
-Errors are Cohere's shape, `{"id", "message"}`: the SDK raises them as `BadRequestError` & co. with the
-body, whose `message` is what a person reads.
+Errors are Cohere's shape, `{"id", "message"}` (cohere_errors.py).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, RootModel
-from starlette.responses import Response
 
 from ..engine.input_types import INPUT_TYPES
 from ..errors import ErrorKind, ServiceError
@@ -27,9 +25,8 @@ __all__ = [
     "CohereEmbedCall",
     "CohereEmbedResponse",
     "CohereEmbedV1Response",
-    "CohereError",
-    "cohere_error_response",
     "encode_cohere_embed",
+    "long_input_warnings",
     "parse_cohere_embed",
 ]
 
@@ -50,7 +47,11 @@ class CohereEmbedBody(BaseModel):
     output_dimension: int | None = Field(None, ge=1, description="Matryoshka models only: output size")
     max_tokens: int | None = Field(None, ge=1, description="tokens per text at most (at most the model's limit)")
     truncate: Literal["NONE", "START", "END"] | None = Field(
-        "NONE", description="over-long texts: NONE answers 400; END cuts the end, START the start")
+        None, description="over-long texts: NONE is not cut (400, unless chunking); END cuts the end, START the "
+        "start; absent: the server's long_inputs (refuse unless set)")
+    long_inputs: Literal["refuse", "truncate", "chunk"] | None = Field(
+        None, description="extension: refuse, truncate (the end) or chunk (embed windows and average them); "
+        "meta.warnings says which texts were cut or chunked")
 
 
 class BilledUnits(BaseModel):
@@ -59,6 +60,7 @@ class BilledUnits(BaseModel):
 
 class EmbedMeta(BaseModel):
     billed_units: BilledUnits
+    warnings: list[str] | None = Field(None, description="texts truncated or chunked (absent when none)")
 
 
 class EmbeddingsByType(BaseModel):
@@ -70,13 +72,6 @@ class EmbeddingsByType(BaseModel):
     binary: list[list[int]] | None = None
     ubinary: list[list[int]] | None = None
     base64: list[str] | None = None
-
-
-class CohereError(BaseModel):
-    """Cohere's error body (its SDK raises it as BadRequestError & co., the body attached)."""
-
-    id: str
-    message: str
 
 
 class CohereEmbedResponse(BaseModel):
@@ -107,8 +102,9 @@ class CohereEmbedCall:
     embedding_types: list[EmbeddingType]
     output_dimension: int | None
     max_tokens: int | None
-    truncate: str  # NONE, START or END
+    truncate: str | None  # NONE, START or END; None: not sent
     types_given: bool = True  # embedding_types was sent (v1 answers plain floats without it)
+    long_inputs: str | None = None  # the extension field: refuse, truncate or chunk
 
 
 def _invalid(message: str, param: str | None) -> ServiceError:
@@ -178,17 +174,25 @@ def parse_cohere_embed(data: Any) -> CohereEmbedCall:
     if input_type is not None and input_type not in INPUT_TYPES:
         raise _invalid(f"input_type must be one of {', '.join(INPUT_TYPES)}, got '{input_type[:40]}'",
                        "input_type")
-    truncate = _optional(data, "truncate", str) or "NONE"
-    if truncate not in TRUNCATE_VALUES:
+    truncate = _optional(data, "truncate", str)
+    if truncate is not None and truncate not in TRUNCATE_VALUES:
         raise _invalid(f"truncate must be one of {', '.join(TRUNCATE_VALUES)}, got '{truncate[:40]}'", "truncate")
     return CohereEmbedCall(
         texts=texts, model=_optional(data, "model", str), input_type=input_type,
         embedding_types=_embedding_types(data.get("embedding_types")),
         output_dimension=_optional(data, "output_dimension", int), max_tokens=_optional(data, "max_tokens", int),
-        truncate=truncate, types_given=data.get("embedding_types") is not None)
+        truncate=truncate, types_given=data.get("embedding_types") is not None,
+        long_inputs=_optional(data, "long_inputs", str))
 
 
-def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int, *, version: int = 2) -> bytes:
+def long_input_warnings(truncated: list[int], chunked: dict[int, int]) -> list[str]:
+    """meta.warnings (Cohere's field, which its SDK reads) for texts cut or chunked."""
+    return [*(f"texts[{index}] was truncated to the token limit" for index in sorted(truncated)),
+            *(f"texts[{index}] was embedded in {count} windows, averaged" for index, count in sorted(chunked.items()))]
+
+
+def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int, *, version: int = 2,
+                        warnings: list[str] | None = None) -> bytes:
     """v2 answers by type; v1 too when embedding_types was sent, else a plain list of floats (as Cohere does)."""
     embeddings: Any
     if version == 1 and not call.types_given:
@@ -201,17 +205,6 @@ def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int,
         "response_type": response_type,
         "embeddings": embeddings,
         "texts": call.texts,
-        "meta": {"api_version": {"version": str(version)}, "billed_units": {"input_tokens": tokens}},
+        "meta": {"api_version": {"version": str(version)}, "billed_units": {"input_tokens": tokens},
+                 **({"warnings": warnings} if warnings else {})},
     }, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _cohere_message(message: str) -> str:
-    """The engine's wording, in Cohere's field names (it knows only the OpenAI request's)."""
-    message = message.replace('send "truncate": true', 'send "truncate": "END" (or "START")')
-    return "texts[" + message[len("input["):] if message.startswith("input[") else message
-
-
-def cohere_error_response(error: ServiceError) -> Response:
-    body = {"id": str(uuid.uuid4()), "message": _cohere_message(error.message)}
-    return Response(orjson.dumps(body), status_code=error.status, media_type="application/json",
-                    headers=error.http_headers() or None)

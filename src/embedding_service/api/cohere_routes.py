@@ -2,39 +2,32 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable
-from http import HTTPStatus
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import tracing
 from ..engine.input_types import resolve_input_type
 from ..engine.types import EmbedRequest
-from ..errors import ServiceError, status_for
 from .access import CLIENT_ID_KEY
 from .body import BodyReader
+from .cohere_errors import cohere_error_docs, cohere_errors_of
 from .cohere_protocol import (
     CohereEmbedBody,
     CohereEmbedCall,
     CohereEmbedResponse,
     CohereEmbedV1Response,
-    CohereError,
-    cohere_error_response,
     encode_cohere_embed,
+    long_input_warnings,
     parse_cohere_embed,
 )
 from .embed_headers import EMBED_HEADERS, embed_headers
-from .openapi import EMBEDDING_ERRORS, operation_doc
+from .openapi import operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .served import ServedModels
 
 __all__ = ["build_cohere_router"]
 
-log = logging.getLogger("embedding_service")
 
 
 _EXAMPLES = {
@@ -47,40 +40,11 @@ _EXAMPLES = {
 }
 
 
-def _cohere_errors() -> dict[int | str, dict[str, Any]]:
-    """The handler's errors in Cohere's shape, one response per status (install_openapi adds the OpenAI
-    envelope as an alternative where middleware answers first: keys, rate limits, a last-resort 500)."""
-    by_status: dict[int, list[str]] = {}
-    for kind in EMBEDDING_ERRORS:
-        by_status.setdefault(status_for(kind), []).append(kind.value)
-    schema = CohereError.model_json_schema()
-    return {status: {"description": f"{HTTPStatus(status).phrase}: {', '.join(kinds)} (Cohere's error shape)",
-                     "content": {"application/json": {"schema": schema, "examples": {kinds[0]: {
-                         "summary": kinds[0].replace("_", " "),
-                         "value": {"id": "3f1c2a9e-0000-4000-8000-000000000000", "message": _MESSAGES.get(
-                             status, "see the message")}}}}}}
-            for status, kinds in sorted(by_status.items())}
-
-
-_MESSAGES = {400: "texts[0] is an empty string", 413: "request body is 20000000 bytes; the limit is 16777216",
-             415: "Content-Type must be application/json, got 'text/plain'",
-             503: "the model is still loading; retry shortly", 504: "request did not finish within 120.0s",
-             500: "the model failed (RuntimeError); the error is in the server log"}
-
-
 def _engine_request(call: CohereEmbedCall, instruction: str | None, prompt_name: str | None) -> EmbedRequest:
     return EmbedRequest(texts=call.texts, instruction=instruction, prompt_name=prompt_name,
                         dimensions=call.output_dimension, max_tokens=call.max_tokens,
-                        truncate=call.truncate != "NONE", truncate_start=call.truncate == "START")
-
-
-async def _cohere_errors_of(answer: Awaitable[Response]) -> Response:
-    try:
-        return await answer
-    except ServiceError as exc:  # Cohere's error shape, which its SDK hands to the caller
-        if exc.status >= 500:
-            log.warning("request failed: %s", exc.message)
-        return cohere_error_response(exc)
+                        truncate=None if call.truncate is None else call.truncate != "NONE",
+                        truncate_start=call.truncate == "START", long_inputs=call.long_inputs)
 
 
 def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_type_strict: bool) -> APIRouter:
@@ -103,14 +67,15 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
                 embed_request.admit, embed_request.charge_refused = admission, admission.charge
             result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize"):
-            body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version)
+            body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version,
+                                       warnings=long_input_warnings(result.truncated, result.chunked))
         return Response(body, media_type="application/json", headers=embed_headers(result))
 
     async def embed(request: Request) -> Response:
-        return await _cohere_errors_of(answer(request, 2))
+        return await cohere_errors_of(answer(request, 2))
 
     async def embed_v1(request: Request) -> Response:
-        return await _cohere_errors_of(answer(request, 1))
+        return await cohere_errors_of(answer(request, 1))
 
     for path, endpoint, response, summary in (
             ("/v2/embed", embed, CohereEmbedResponse, "Create embeddings (Cohere embed v2, as its SDK calls it): "
@@ -119,5 +84,5 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
              "LangChain's CohereEmbeddings); plain floats unless embedding_types is sent")):
         router.add_api_route(path, endpoint, methods=["POST"], **operation_doc(
             summary, response=response, body=CohereEmbedBody, body_examples=_EXAMPLES, headers=EMBED_HEADERS,
-            responses=_cohere_errors(), tags=["embeddings"]))
+            responses=cohere_error_docs("texts[0] is an empty string"), tags=["embeddings"]))
     return router

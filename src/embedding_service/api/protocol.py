@@ -66,6 +66,10 @@ class EmbeddingRequest(BaseModel):
         Literal["search_document", "search_query", "classification", "clustering"] | None)] = Field(
         None, description="Cohere's input_type: the model's prompt or instruction for that use (docs/clients.md)")
     truncate: StrictBool | None = Field(None, description="truncate over-long inputs instead of failing")
+    long_inputs: Annotated[StrictStr | None, _documents(Literal["refuse", "truncate", "chunk"] | None)] = Field(
+        None, description="inputs over the model's limit: refuse (400), truncate, or chunk (embed windows and "
+        "average them); default: the server's long_inputs. The X-Truncated-Inputs / X-Chunked-Inputs headers "
+        "say which inputs were cut or chunked")
     user: StrictStr | None = None
 
 
@@ -217,6 +221,7 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
         input_type=options.input_type,
         dimensions=options.dimensions,
         truncate=options.truncate,
+        long_inputs=options.long_inputs,
         token_ids_flat=token_ids is not None and _is_int(data["input"][0]),
     )
     if options.dimensions is not None and options.dimensions < 1:
@@ -237,3 +242,4 @@ def encode_embeddings(vectors: np.ndarray, encoding_format: str, model: str, pro
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+

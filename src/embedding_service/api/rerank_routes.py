@@ -15,6 +15,7 @@ from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
 from .access import CLIENT_ID_KEY
 from .body import BodyReader
+from .cohere_errors import cohere_error_docs, cohere_errors_of
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
@@ -60,6 +61,12 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         (models.rerank or models.embed or models.primary).engine.check_ready()
 
     async def rerank(request: Request) -> Response:
+        return await answer_rerank(request)
+
+    async def rerank_v2(request: Request) -> Response:  # Cohere's SDK calls it: errors in Cohere's shape
+        return await cohere_errors_of(answer_rerank(request), embed=False)
+
+    async def answer_rerank(request: Request) -> Response:
         _check_ready_first()
         call = parse_rerank(parse_json_body(await read_body(request)))
         served, engine = models.for_rerank(call.model)
@@ -72,11 +79,14 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         return Response(body, media_type=_JSON, headers=_timing(result))
 
     for path, summary in (("/v1/rerank", "Rerank documents against a query (Cohere/Jina/vLLM format)"),
-                          ("/rerank", "Rerank documents (alias of /v1/rerank)"),
-                          ("/v2/rerank", "Rerank documents (Cohere v2 API, as its SDK calls it)")):
+                          ("/rerank", "Rerank documents (alias of /v1/rerank)")):
         router.add_api_route(path, rerank, methods=["POST"], **operation_doc(
             summary, response=RerankResponse, errors=EMBEDDING_ERRORS, body=RerankBody,
             body_examples=_RERANK_EXAMPLES, headers=_TIMING, tags=["rerank"]))
+    router.add_api_route("/v2/rerank", rerank_v2, methods=["POST"], **operation_doc(
+        "Rerank documents (Cohere v2 API, as its SDK calls it; errors in Cohere's shape)", response=RerankResponse,
+        body=RerankBody, body_examples=_RERANK_EXAMPLES, headers=_TIMING, tags=["rerank"],
+        responses=cohere_error_docs("documents[1] is an empty string")))
 
     async def score(request: Request) -> Response:
         _check_ready_first()

@@ -14,8 +14,9 @@ from ..backends.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .cached import through_cache
+from .chunking import embed_windows
 from .core import EngineCore, invalid_unicode
-from .inputs import enforce_lengths, input_limit, prepare_inputs
+from .inputs import Prepared, enforce_lengths, input_limit, prepare_inputs
 from .options import EngineOptions
 from .prompts import apply_prompt
 from .result_cache import ModelCache
@@ -57,37 +58,42 @@ class EmbeddingEngine(EngineCore):
         deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
         count = request.count
         with self.on_its_way(), tracing.span("tokenize") as traced:
-            seqs, total = await self._prepare_request(request, info, deadline)
+            prepared = await self._prepare_request(request, info, deadline)
             if traced is not None:
                 traced.set_attributes({"embedding.model": self.name, "embedding.texts": count,
-                                       "embedding.tokens": total})
+                                       "embedding.tokens": prepared.total})
         _processing(count)
         started = time.perf_counter()
         cache, cached = self.result_cache, None
-        if cache is not None and seqs:
+        if prepared.windows:  # (a request with a chunked input bypasses the result cache: docs/cache.md)
+            vectors, queued, compute = await embed_windows(self, prepared.seqs, prepared.windows, info.dimension,
+                                                           deadline)
+        elif cache is not None and prepared.seqs:
             cache.bind(info)
             vectors, queued, compute, cached = await through_cache(
-                cache, seqs, lambda misses: self.submit(misses, deadline), request.client_id)
+                cache, prepared.seqs, lambda misses: self.submit(misses, deadline), request.client_id)
         else:
-            vectors, queued, compute = await self.submit(seqs, deadline)
+            vectors, queued, compute = await self.submit(prepared.seqs, deadline)
         elapsed = time.perf_counter() - started
         _generated(count, elapsed, count / max(elapsed, 1e-9))
         vectors = truncate_dimensions(vectors, request.dimensions)  # after the cache: one entry serves every size
-        return EmbedResult(vectors=vectors, prompt_tokens=total, queue_time_s=queued, compute_time_s=compute,
-                           cached=cached)
+        return EmbedResult(vectors=vectors, prompt_tokens=prepared.total, queue_time_s=queued,
+                           compute_time_s=compute, truncated=prepared.truncated,
+                           chunked={index: item.count for index, item in prepared.windows.items()}, cached=cached)
 
     async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int]:
         """The ids embed() would feed the model for `request` (prompt, special tokens, limits, truncation) and
         the input limit, without embedding them: /tokenize, so a client counts what it will be billed."""
         with self.accepted() as info:
-            seqs, _ = await self._prepare_request(request, info, time.monotonic() + self.options.request_timeout_s)
+            prepared = await self._prepare_request(request, info, time.monotonic() + self.options.request_timeout_s)
+            seqs = [prepared.windows[i].joined() if i in prepared.windows else ids  # (chunked: ids in one piece)
+                    for i, ids in enumerate(prepared.seqs)]
             return seqs, input_limit(request, info, self.options)[0]
 
-    async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float
-                               ) -> tuple[list[list[int]], int]:
-        """Prompt, tokenise, check the limits and admit (rate limits): the ids and their token count."""
+    async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float) -> Prepared:
+        """Prompt, tokenise, check the limits, plan any windows and admit (rate limits)."""
         self._check_dimensions(request.dimensions, info)
-        return await prepare_inputs(self, request, info, deadline)
+        return await prepare_inputs(self, request, info, deadline, chunkable=True)
 
     # --- bulk jobs: their own deterministic batches, no queue ------------------------------------------
     def prepare(self, texts: list[str], *, instruction: str | None = None, prompt_name: str | None = None,

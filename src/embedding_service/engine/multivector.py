@@ -103,8 +103,8 @@ class MultiVectorEngine(EngineCore):
         does; the token count is the texts' own (what rate limits and usage count)."""
         side = replace(info, max_model_len=self.multi_backend.side_limit(query))
         with self.on_its_way():
-            seqs, total = await prepare_inputs(self, request, side, deadline)
-        return [self.multi_backend.mark(seq, query) for seq in seqs], total
+            prepared = await prepare_inputs(self, request, side, deadline)  # (not chunkable: one vector per token)
+        return [self.multi_backend.mark(seq, query) for seq in prepared.seqs], prepared.total
 
     def _check_size(self, marked: list[list[int]], info: BackendInfo, param: str) -> None:
         """Refuse, before any forward, an answer larger than max_token_vectors_bytes (an upper bound: a

@@ -19,7 +19,9 @@ class EngineOptions:
     max_model_len: int
     max_inputs_per_request: int
     max_request_tokens: int
-    truncate: bool
+    truncate: bool  # over-long inputs are cut (long_inputs == "truncate"): rerankers read it
+    long_inputs: str  # refuse, truncate or chunk: what an over-long input gets unless its request says
+    max_chunked_input_tokens: int
     max_queue_requests: int
     max_queue_tokens: int
     request_timeout_s: float
@@ -28,10 +30,12 @@ class EngineOptions:
 
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> EngineOptions:
-        return cls(**{name: getattr(settings, name) for name in _ENGINE_FIELDS})
+        policy = "truncate" if settings.truncate else settings.long_inputs  # (truncate: its older name)
+        given = {name: getattr(settings, name) for name in _ENGINE_FIELDS}
+        return cls(**given, truncate=policy == "truncate", long_inputs=policy)
 
 
-_ENGINE_FIELDS = tuple(EngineOptions.__dataclass_fields__)
+_ENGINE_FIELDS = tuple(name for name in EngineOptions.__dataclass_fields__ if name not in ("truncate", "long_inputs"))
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ class SparseEngine(EngineCore):
             route = side or self.sparse_backend.default_route
             deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
             with self.on_its_way():
-                seqs, total = await prepare_inputs(self, request, info, deadline)
+                prepared = await prepare_inputs(self, request, info, deadline)
+                seqs, total = prepared.seqs, prepared.total
             started = time.perf_counter()
             if route == QUERY and self.sparse_backend.has_query_encoder:  # a lookup: no batch, no forward
                 vectors, queued, compute = self.sparse_backend.query_vectors(seqs), 0.0, 0.0

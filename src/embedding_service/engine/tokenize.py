@@ -59,13 +59,16 @@ def _cut(text: str, start: int) -> int:
 async def tokenize_bounded(
     texts: Sequence[str], tokenize: Tokenize, pool: Executor, *, limit: int, truncate: bool,
     max_total: int, specials: int, deadline: float, keep_end: bool = False, limit_name: str = "this model's limit",
+    join: tuple[int, int] | None = None,
 ) -> list[list[int]]:
     """Token ids of `texts`, refusing (TokenLimitError) as soon as a limit is known to be exceeded.
 
     `limit`: tokens per text (with `truncate`, longer texts are cut later, by the engine); `specials`: how
     many special tokens the tokenizer adds to each text (not counted twice when counting slices); `keep_end`:
     truncation will keep a text's end (Cohere's truncate START), so a long text is counted from its end;
-    `limit_name`: what refusals call the limit.
+    `limit_name`: what refusals call the limit; `join` (chunking, whose limit is far above a slice): a long
+    text's ids are its slices' ids joined (the special tokens, `join` = (before, after), kept once), not a
+    second tokenisation of the whole text, whose encoding held ~160 MB per MB of text at its peak.
     """
     loop = asyncio.get_running_loop()
 
@@ -84,7 +87,7 @@ async def tokenize_bounded(
         text = texts[index]
         if len(text) > _CHUNK_CHARS:
             ids = await _long_text(text, index, run, limit=limit, truncate=truncate, specials=specials,
-                                   total=total, keep_end=keep_end, limit_name=limit_name)
+                                   total=total, keep_end=keep_end, limit_name=limit_name, join=join)
             chunk = [ids]
         else:
             end, chars = index, 0
@@ -119,11 +122,12 @@ def _cut_back(text: str, end: int) -> int:
 
 async def _long_text(text: str, index: int, run: Runner, *, limit: int,
                      truncate: bool, specials: int, total: int, keep_end: bool = False,
-                     limit_name: str = "this model's limit") -> list[int]:
-    """One long text: count it slice by slice until it is over `limit`, else tokenise it whole. Slices go
-    from the start, or from the end when truncation keeps the end."""
+                     limit_name: str = "this model's limit", join: tuple[int, int] | None = None) -> list[int]:
+    """One long text: count it slice by slice until it is over `limit`, else tokenise it whole (or, with
+    `join`, join its slices' ids). Slices go from the start, or from the end when truncation keeps the end."""
     counted = 0
     done = 0  # characters counted, from the start (or from the end)
+    joined: list[int] = []
     while done < len(text):
         if keep_end:
             end = len(text) - done
@@ -134,6 +138,8 @@ async def _long_text(text: str, index: int, run: Runner, *, limit: int,
         ids = await run([text[start:end]])
         done += end - start
         counted += max(0, len(ids[0]) - specials)
+        if join is not None:  # (the text's first slice keeps its opening specials, its last its closing ones)
+            joined += ids[0][0 if start == 0 else join[0]:len(ids[0]) - (0 if end == len(text) else join[1])]
         if counted + specials > limit + 2:  # (+2: a slice cut inside a word may split it differently)
             if not truncate:
                 raise _too_long(index, counted + specials - 2, limit, total + counted, exact=False,
@@ -141,6 +147,8 @@ async def _long_text(text: str, index: int, run: Runner, *, limit: int,
             # The part counted covers the limit: the engine keeps its first (or last) `limit` tokens.
             part = await run([text[start:] if keep_end else text[:end]])
             return part[0]
+    if join is not None:
+        return joined
     whole = await run([text])
     return whole[0]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -34,6 +34,7 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     truncate_start: bool = False  # truncation cuts the start and keeps the end (Cohere's truncate START)
+    long_inputs: str | None = None  # refuse, truncate or chunk: over-long inputs (None: by truncate, the server's)
     max_tokens: int | None = None  # a per-request limit below the model's (Cohere's max_tokens)
     request_id: str | None = None
     client_id: str | None = None  # the caller's API key id (key-<digest>), for a per-key result cache
@@ -53,6 +54,8 @@ class EmbedResult:
     prompt_tokens: int
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
+    truncated: list[int] = field(default_factory=list)  # inputs cut to the limit (their indices)
+    chunked: dict[int, int] = field(default_factory=dict)  # inputs embedded in windows: index -> windows
     cached: int | None = None  # inputs the result cache answered; None: no cache
 
     @property
