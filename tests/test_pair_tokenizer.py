@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from embedding_service.backends import pair_tokenizer
+from embedding_service.backends.model_facts import read_model_facts
 from embedding_service.backends.pair_tokenizer import PairTokenizer, TokenPair
-from embedding_service.backends.scoring import read_reranker_facts
+from embedding_service.backends.scoring import reranker_facts
 
 QUERIES = ["what is BM25?", "Ünïcödé façade — 東京タワー 😀", "", "capital of China?"]
 DOCUMENTS = ["BM25 is a ranking function used by search engines.", "", "word " * 300,
@@ -36,7 +37,7 @@ def model_dir(request: pytest.FixtureRequest, tiny_reranker_dir: Path, cross_enc
 
 
 def test_the_rust_path_and_its_saved_state_equal_transformers(model_dir: Path) -> None:
-    facts = read_reranker_facts(model_dir)
+    facts = reranker_facts(read_model_facts(model_dir))
     loaded = PairTokenizer.load(str(model_dir), facts)
     assert loaded.direct
     state = loaded.state()
@@ -59,10 +60,10 @@ def test_the_rust_path_and_its_saved_state_equal_transformers(model_dir: Path) -
 
 
 def test_a_state_saved_for_another_kind_is_refused(tiny_reranker_dir: Path, cross_encoder_dir: Path) -> None:
-    state = PairTokenizer.load(str(cross_encoder_dir), read_reranker_facts(cross_encoder_dir)).state()
+    state = PairTokenizer.load(str(cross_encoder_dir), reranker_facts(read_model_facts(cross_encoder_dir))).state()
     assert state is not None
     with pytest.raises(ValueError, match="cross-encoder reranker"):
-        PairTokenizer.from_state(state, read_reranker_facts(tiny_reranker_dir))
+        PairTokenizer.from_state(state, reranker_facts(read_model_facts(tiny_reranker_dir)))
 
 
 def test_a_rust_copy_that_differs_leaves_transformers_path(tiny_reranker_dir: Path, cross_encoder_dir: Path,
@@ -75,7 +76,7 @@ def test_a_rust_copy_that_differs_leaves_transformers_path(tiny_reranker_dir: Pa
 
     other = AutoTokenizer.from_pretrained(cross_encoder_dir)
     monkeypatch.setattr(pair_tokenizer, "rust_copy", lambda tokenizer: rust_copy(other))
-    facts = read_reranker_facts(tiny_reranker_dir)
+    facts = reranker_facts(read_model_facts(tiny_reranker_dir))
     fallback = PairTokenizer.load(str(tiny_reranker_dir), facts)
     assert not fallback.direct and fallback.state() is None
     assert _layout(fallback(QUERIES, DOCUMENTS)) == _layout(_reference(tiny_reranker_dir, fallback)(QUERIES,

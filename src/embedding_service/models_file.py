@@ -15,9 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .backends.model_facts import read_model_facts
-from .backends.multivector import is_colbert_folder
 from .config import MODEL_FLAGS, EmbeddingConfig
-from .engine.types import EMBED, MULTIVECTOR, SPARSE, TASKS
+from .engine.types import EMBED, TASKS
 
 __all__ = ["PER_MODEL_FIELDS", "TASKS", "ModelEntry", "ModelsFileError", "read_models_file"]
 
@@ -80,12 +79,9 @@ def read_models_file(settings: EmbeddingConfig) -> list[ModelEntry]:
 
 
 def _task_of(model_path: Any) -> str:
-    """The task an entry without `task:` gets: sparse for a folder sentence-transformers saved as a
-    SparseEncoder, multivector for one PyLate saved (ColBERT), else embed."""
+    """The task an entry without `task:` gets: what its folder's files say (ModelFacts.task), else embed."""
     if isinstance(model_path, str) and model_path:
-        if read_model_facts(model_path).sentence_transformers_type == "SparseEncoder":
-            return SPARSE
-        return MULTIVECTOR if is_colbert_folder(model_path) else EMBED
+        return read_model_facts(model_path).task
     return EMBED
 
 

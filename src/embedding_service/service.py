@@ -30,7 +30,6 @@ from .backends import (
 )
 from .backends.choice import vllm_fit
 from .backends.model_facts import ModelFacts, read_model_facts
-from .backends.multivector import is_colbert_folder
 from .backends.resolve import resolve_model_dir
 from .config import EmbeddingConfig
 from .engine.cache_fingerprint import model_fingerprint
@@ -140,10 +139,10 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     else:
         model_dir = "" if fake else resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
     facts = read_model_facts(model_dir or None)
-    if role == EMBED and facts.sentence_transformers_type == "SparseEncoder":  # else: wrong vectors, silently
+    if role == EMBED and facts.task == SPARSE:  # else: wrong vectors, silently
         raise BackendLoadError(f"{model_dir} is a sparse (SPLADE) model (sentence-transformers SparseEncoder): "
                                "serve it as task: sparse in a models file (docs/sparse.md)")
-    if role == EMBED and is_colbert_folder(model_dir):  # a pooled vector of it would be made up
+    if role == EMBED and facts.task == MULTIVECTOR:  # a pooled vector of it would be made up
         raise BackendLoadError(f"{model_dir} is a multi-vector (ColBERT, PyLate) model: serve it as task: "
                                "multivector in a models file (docs/sparse.md)")
     # (sparse and multi-vector models run on the torch engine: the one with their backends)

@@ -1,18 +1,21 @@
 """What a model folder says about itself, read once: architecture, decoder or not, pooling, normalisation,
-Matryoshka, sentence-transformers prompts and the longest input.
+Matryoshka, sentence-transformers prompts and the longest input, a reranker's labels and activation, the
+sentence-transformers modules (and a Router's) with their settings, and so the folder's task.
 
-Plain JSON files only (no torch, no transformers), so the engine choice reads them before either is imported,
-and both backends then use the same facts. The special tokens need the tokenizer: tokenization.HfTokenizer.
+The one reader of a model folder's JSON files: plain JSON only (no torch, no transformers), so the engine
+choice reads them before either is imported, and every backend then uses the same facts (scoring.py,
+sparse.py and multivector.py interpret theirs). The special tokens need the tokenizer: tokenization.HfTokenizer.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["FAMILIES", "Family", "ModelFacts", "PoolingMode", "read_model_facts"]
+__all__ = ["FAMILIES", "Family", "ModelFacts", "Module", "PoolingMode", "read_model_facts"]
 
 PoolingMode = Literal["mean", "cls", "last"]
 
@@ -45,6 +48,20 @@ FAMILIES: dict[str, Family] = {
 
 
 @dataclass(frozen=True)
+class Module:
+    """One sentence-transformers module of the folder (modules.json's, or a Router's): its class, its folder
+    and that folder's config.json (None when it has none that reads as an object)."""
+
+    type: str  # e.g. sentence_transformers.models.Pooling; a malformed entry: its repr
+    path: Path
+    config: Mapping[str, Any] | None = None
+
+
+# PyLate's keys in config_sentence_transformers.json (a ColBERT folder)
+_PYLATE_KEYS = ("query_prefix", "document_prefix", "query_length", "document_length", "do_query_expansion")
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     model_dir: str | None
     config_found: bool  # config.json exists and is a JSON object
@@ -62,6 +79,32 @@ class ModelFacts:
     weight_bytes: int = 0  # the weight files' size on disk (*.safetensors, *.bin): a floor on the memory needed
     # config_sentence_transformers.json's model_type: SentenceTransformer, SparseEncoder, CrossEncoder (v5+).
     sentence_transformers_type: str | None = None
+    # A cross-encoder's: config's num_labels, else its id2label's size, else 2 (transformers' default), and
+    # sentence-transformers' activation name (config's sentence_transformers.activation_fn or
+    # sbert_ce_default_activation_function; None: sigmoid)
+    num_labels: int = 2
+    activation_fn: str | None = None
+    has_modules: bool = False  # modules.json is a file (a sentence-transformers folder)
+    modules: tuple[Module, ...] = ()
+    st_config: Mapping[str, Any] = field(default_factory=dict)  # config_sentence_transformers.json (PyLate's)
+    router: Mapping[str, Any] | None = None  # router_config.json (a sentence-transformers Router)
+    router_modules: Mapping[str, Module] = field(default_factory=dict)  # the Router's modules, by name
+
+    @property
+    def colbert(self) -> bool:
+        """A folder PyLate saved: a pylate module in modules.json, or PyLate's keys (or model_type ColBERT) in
+        config_sentence_transformers.json."""
+        return (any(module.type.startswith("pylate.") for module in self.modules)
+                or self.st_config.get("model_type") == "ColBERT" or any(k in self.st_config for k in _PYLATE_KEYS))
+
+    @property
+    def task(self) -> Literal["embed", "sparse", "multivector"]:
+        """The task the folder's files say (engine/types.py's names), the one rule: sparse for a folder
+        sentence-transformers saved as a SparseEncoder, multivector for one PyLate saved (ColBERT), else embed
+        (a reranker is served only when asked for: task rerank)."""
+        if self.sentence_transformers_type == "SparseEncoder":
+            return "sparse"
+        return "multivector" if self.colbert else "embed"
 
     @property
     def family(self) -> Family | None:
@@ -103,17 +146,44 @@ def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _pooling(root: Path, decoder: bool) -> tuple[PoolingMode, bool]:
+def _modules(root: Path) -> tuple[Module, ...]:
+    """modules.json's entries, each with its folder's config.json."""
+    entries = _read_json(root / "modules.json")
+    modules = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            modules.append(Module(repr(entry), root))
+            continue
+        kind = str(entry.get("type", ""))
+        # (a Pooling module without a path: sentence-transformers' 1_Pooling)
+        plain_pooling = kind.endswith("Pooling") and not kind.endswith("SpladePooling")
+        folder = root / str(entry.get("path", "1_Pooling" if plain_pooling else ""))
+        modules.append(Module(kind, folder, _config(folder)))
+    return tuple(modules)
+
+
+def _router_modules(root: Path, router: Mapping[str, Any] | None) -> dict[str, Module]:
+    """A Router's modules (router_config.json's types), each in the sub-folder of its name."""
+    types = router.get("types") if router is not None else None
+    if not isinstance(types, dict):
+        return {}
+    return {str(name): Module(str(kind), root / str(name), _config(root / str(name))) for name, kind in types.items()}
+
+
+def _config(folder: Path) -> Mapping[str, Any] | None:
+    data = _read_json(folder / "config.json")
+    return data if isinstance(data, dict) else None
+
+
+def _pooling(modules: tuple[Module, ...], has_modules: bool, decoder: bool) -> tuple[PoolingMode, bool]:
     """Pooling and normalisation from modules.json / 1_Pooling; without them, last-token for decoders."""
     pooling: PoolingMode = "last" if decoder else "mean"
-    if not (root / "modules.json").is_file():
+    if not has_modules:
         return pooling, True
-    modules = _read_json(root / "modules.json")
-    entries = [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
-    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in entries)
-    for module in entries:
-        if str(module.get("type", "")).endswith("Pooling"):
-            cfg = _object(root / str(module.get("path", "1_Pooling")) / "config.json")
+    normalize = any(module.type.endswith("Normalize") for module in modules)
+    for module in modules:
+        if module.type.endswith("Pooling"):
+            cfg = module.config or {}
             if cfg.get("pooling_mode_lasttoken"):
                 pooling = "last"
             elif cfg.get("pooling_mode_cls_token"):
@@ -121,6 +191,20 @@ def _pooling(root: Path, decoder: bool) -> tuple[PoolingMode, bool]:
             elif cfg.get("pooling_mode_mean_tokens"):
                 pooling = "mean"
     return pooling, normalize
+
+
+def _labels(config: Mapping[str, Any]) -> int:
+    id2label = config.get("id2label")
+    count = len(id2label) if isinstance(id2label, (dict, list)) else 0
+    labels = config.get("num_labels") or count or 2
+    return labels if isinstance(labels, int) else 2
+
+
+def _activation_fn(config: Mapping[str, Any]) -> str | None:
+    st = config.get("sentence_transformers")
+    name = st.get("activation_fn") if isinstance(st, dict) else None
+    name = name or config.get("sbert_ce_default_activation_function")
+    return str(name) if name else None
 
 
 def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
@@ -135,7 +219,11 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
     model_type = str(raw_type).lower() if raw_type else None
     architectures = config.get("architectures")
     family = FAMILIES.get(model_type or "")
-    pooling, normalize = _pooling(root, family is not None and family.decoder)
+    has_modules = (root / "modules.json").is_file()
+    modules = _modules(root)
+    pooling, normalize = _pooling(modules, has_modules, family is not None and family.decoder)
+    router = _read_json(root / "router_config.json")
+    router = router if isinstance(router, dict) else None
     st = _object(root / "config_sentence_transformers.json")
     prompts = st.get("prompts") if isinstance(st.get("prompts"), dict) else {}
     default_prompt = st.get("default_prompt_name") if isinstance(st.get("default_prompt_name"), str) else None
@@ -153,6 +241,13 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
         max_seq_length=_positive_int(_object(root / "sentence_bert_config.json").get("max_seq_length")),
         weight_bytes=_weight_bytes(root),
         sentence_transformers_type=str(st["model_type"]) if isinstance(st.get("model_type"), str) else None,
+        num_labels=_labels(config),
+        activation_fn=_activation_fn(config),
+        has_modules=has_modules,
+        modules=modules,
+        st_config=st,
+        router=router,
+        router_modules=_router_modules(root, router),
     )
 
 

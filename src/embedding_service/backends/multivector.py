@@ -1,5 +1,5 @@
 """Multi-vector (ColBERT) models without torch: what a PyLate model folder says (its markers, lengths, query
-expansion, skip-list and projection layers), read as PyLate reads it, and MaxSim.
+expansion, skip-list and projection layers; its files read by model_facts.py), as PyLate reads it, and MaxSim.
 
 A ColBERT model gives one vector per token (the encoder's states through the projection, each normalised);
 a query and a document are compared by MaxSim: for each query token, its best dot product with any document
@@ -13,7 +13,6 @@ token, summed. PyLate's rules, which this server follows exactly (pylate.models.
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .base import Backend
+from .model_facts import ModelFacts
 
-__all__ = ["ColbertConfig", "DenseLayer", "MultiVectorBackend", "is_colbert_folder", "maxsim", "read_colbert_config"]
+__all__ = ["ColbertConfig", "DenseLayer", "MultiVectorBackend", "colbert_config", "maxsim"]
 
 
 @dataclass(frozen=True)
@@ -71,43 +71,15 @@ class MultiVectorBackend(Backend, Protocol):
         ...
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-_PYLATE_KEYS = ("query_prefix", "document_prefix", "query_length", "document_length", "do_query_expansion")
-
-
-def is_colbert_folder(model_dir: str | Path | None) -> bool:
-    """A folder PyLate saved: a pylate module in modules.json, or PyLate's keys (or model_type ColBERT) in
-    config_sentence_transformers.json."""
-    if not model_dir:
-        return False
-    root = Path(model_dir)
-    modules = _json(root / "modules.json")
-    if isinstance(modules, list) and any(isinstance(m, dict) and str(m.get("type", "")).startswith("pylate.")
-                                         for m in modules):
-        return True
-    config = _json(root / "config_sentence_transformers.json")
-    return isinstance(config, dict) and (config.get("model_type") == "ColBERT"
-                                         or any(key in config for key in _PYLATE_KEYS))
-
-
-def _dense_layers(root: Path) -> tuple[DenseLayer, ...]:
-    modules = _json(root / "modules.json")
-    if not isinstance(modules, list) or not modules:
+def _dense_layers(facts: ModelFacts, root: Path) -> tuple[DenseLayer, ...]:
+    if not facts.modules:
         raise ValueError(f"{root}: no modules.json: a ColBERT folder lists its Transformer and Dense modules")
     layers = []
-    for module in modules[1:]:
-        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
-        if not kind.endswith("Dense"):
-            raise ValueError(f"{root}: module {kind or module!r} after the Transformer; served: Dense projections")
-        folder = root / str(module.get("path", ""))
-        config = _json(folder / "config.json")
-        if not isinstance(config, dict):
+    for module in facts.modules[1:]:
+        if not module.type.endswith("Dense"):
+            raise ValueError(f"{root}: module {module.type} after the Transformer; served: Dense projections")
+        folder, config = module.path, module.config
+        if config is None:
             raise ValueError(f"{folder}: no readable config.json")
         activation = str(config.get("activation_function", "torch.nn.modules.linear.Identity"))
         if not activation.endswith("Identity") or config.get("use_residual"):
@@ -120,12 +92,11 @@ def _dense_layers(root: Path) -> tuple[DenseLayer, ...]:
     return tuple(layers)
 
 
-def read_colbert_config(model_dir: str | Path) -> ColbertConfig:
-    """PyLate's settings of `model_dir` (config_sentence_transformers.json, modules.json). ValueError for a
-    folder this server cannot serve as PyLate would, naming what it found."""
-    root = Path(model_dir)
-    raw = _json(root / "config_sentence_transformers.json")
-    raw = raw if isinstance(raw, dict) else {}
+def colbert_config(facts: ModelFacts) -> ColbertConfig:
+    """PyLate's settings of the folder of `facts` (config_sentence_transformers.json, modules.json).
+    ValueError for a folder this server cannot serve as PyLate would, naming what it found."""
+    root = Path(facts.model_dir or "")
+    raw = facts.st_config
     defaults = ColbertConfig()
 
     def get(key: str, default: Any) -> Any:
@@ -141,7 +112,7 @@ def read_colbert_config(model_dir: str | Path) -> ColbertConfig:
         do_query_expansion=expansion,
         attend_to_expansion_tokens=expansion and bool(get("attend_to_expansion_tokens", False)),
         skiplist_words=tuple(str(w) for w in get("skiplist_words", defaults.skiplist_words)),
-        layers=_dense_layers(root))
+        layers=_dense_layers(facts, root))
     for side in ("query_length", "document_length"):
         if getattr(config, side) < 3:
             raise ValueError(f"{root}: {side} {getattr(config, side)}: too short for a marker and a token")

@@ -40,7 +40,7 @@ from .openvino_backend import (
     tokenizer_fingerprint,
 )
 from .pair_tokenizer import PairMethods, PairTokenizer, TokenPair, token_types
-from .scoring import RerankerFacts, activate, read_reranker_facts
+from .scoring import RerankerFacts, activate, reranker_facts
 
 __all__ = ["OpenVinoScoringBackend"]
 
@@ -66,7 +66,7 @@ class OpenVinoScoringBackend(PairMethods):
 
     def load(self) -> BackendInfo:
         ov = import_openvino(self._options)
-        facts = read_reranker_facts(self._model_dir)
+        facts = reranker_facts(self._options.facts)
         dtype = resolve_cpu_dtype(self._options.dtype)
         version = ov.get_version()
         variant = f"rerank-{facts.kind}"

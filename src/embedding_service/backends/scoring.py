@@ -1,5 +1,5 @@
-"""What a reranker is, read from its model folder, and how its logits become scores: shared by every engine
-(how a pair becomes token ids: pair_tokenizer.py).
+"""What a reranker is, from its model folder's facts (model_facts.py), and how its logits become scores:
+shared by every engine (how a pair becomes token ids: pair_tokenizer.py).
 
 Two kinds of reranker:
 - "yes-no" (Qwen3-Reranker): a causal LM prompted with the model card's template; the score is
@@ -11,15 +11,15 @@ Nothing here imports torch, so the engine and API can use it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from .base import BackendLoadError
+from .model_facts import ModelFacts
 
 __all__ = [
     "QWEN3_DEFAULT_INSTRUCTION",
@@ -28,7 +28,7 @@ __all__ = [
     "RerankerFacts",
     "activate",
     "format_qwen3_pair",
-    "read_reranker_facts",
+    "reranker_facts",
     "yes_probability",
 ]
 
@@ -68,30 +68,22 @@ class RerankerFacts:
         return min(configured, self.max_positions or configured)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def read_reranker_facts(model_dir: str | Path) -> RerankerFacts:
-    """Which kind of reranker `model_dir` holds; BackendLoadError (saying why) when it is none we serve."""
-    root = Path(model_dir)
-    config = _read_json(root / "config.json")
-    model_type = str(config.get("model_type", ""))
-    architectures = [str(a) for a in config.get("architectures") or []]
-    positions = config.get("max_position_embeddings")
-    positions = positions if isinstance(positions, int) and positions > 0 else None
+def reranker_facts(facts: ModelFacts) -> RerankerFacts:
+    """Which kind of reranker the folder of `facts` holds; BackendLoadError (saying why) when it is none we
+    serve."""
+    root = Path(facts.model_dir or "")
+    if not facts.config_found:
+        raise BackendLoadError(f"cannot read {root / 'config.json'}")
+    model_type = facts.model_type or ""
+    architectures = list(facts.architectures)
+    positions = facts.max_position_embeddings
     if any(a.endswith("ForSequenceClassification") for a in architectures) and model_type not in _YES_NO_MODEL_TYPES:
-        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
-        if labels != 1:
-            raise BackendLoadError(f"{root} is a classifier with {labels} labels; a reranker has one "
+        if facts.num_labels != 1:
+            raise BackendLoadError(f"{root} is a classifier with {facts.num_labels} labels; a reranker has one "
                                    "relevance logit (num_labels 1)")
-        return RerankerFacts("cross-encoder", model_type, _activation(config, root), positions)
+        return RerankerFacts("cross-encoder", model_type, _activation(facts.activation_fn, root), positions)
     if model_type in _YES_NO_MODEL_TYPES and any(a.endswith("ForCausalLM") for a in architectures):
-        if (root / "modules.json").is_file():
+        if facts.has_modules:
             raise BackendLoadError(f"{root} is a sentence-transformers embedding model (it has modules.json), "
                                    "not a reranker: serve it as the embedding model")
         return RerankerFacts("yes-no", model_type, "sigmoid", positions)
@@ -100,11 +92,8 @@ def read_reranker_facts(model_dir: str | Path) -> RerankerFacts:
                            "one-label *ForSequenceClassification cross-encoder")
 
 
-def _activation(config: dict[str, Any], root: Path) -> str:
+def _activation(name: str | None, root: Path) -> str:
     """sentence-transformers' choice: config's activation_fn, else sigmoid for one label."""
-    st = config.get("sentence_transformers")
-    name = st.get("activation_fn") if isinstance(st, dict) else None
-    name = name or config.get("sbert_ce_default_activation_function")
     if not name:
         return "sigmoid"
     if name not in _ACTIVATIONS:

@@ -1,5 +1,6 @@
-"""Sparse (SPLADE) vectors without torch: the vector type a sparse backend returns, what a model folder says
-about its SPLADE pooling, and top-k pruning as sentence-transformers defines it (`max_active_dims`).
+"""Sparse (SPLADE) vectors without torch: the vector type a sparse backend returns, what a model folder's
+facts (model_facts.py) say about its SPLADE pooling, and top-k pruning as sentence-transformers defines it
+(`max_active_dims`).
 
 A SPLADE vector has one dimension per vocabulary entry (30,522 for BERT) and a few dozen to a few hundred
 non-zeros: the backend hands back only those (indices sorted ascending, float32 values), so a batch in the
@@ -8,8 +9,7 @@ batcher costs its non-zeros, not its rows x the vocabulary.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .base import Backend
+from .model_facts import ModelFacts
 
 __all__ = [
     "DOCUMENT",
@@ -26,8 +27,8 @@ __all__ = [
     "SparseVector",
     "SpladeConfig",
     "pack_rows",
-    "read_sparse_layout",
-    "read_splade_config",
+    "sparse_layout",
+    "splade_config",
     "top_k",
 ]
 
@@ -72,17 +73,9 @@ class SpladeConfig:
     activation_function: str = "relu"  # relu: log(1 + relu(x)); log1p_relu: log(1 + log(1 + relu(x)))
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _splade_config(folder: Path) -> SpladeConfig:
-    """SpladePooling's config.json in `folder`. ValueError for settings sentence-transformers refuses too."""
-    raw = _json(folder / "config.json")
-    raw = raw if isinstance(raw, dict) else {}
+def _splade_config(raw: Mapping[str, Any] | None) -> SpladeConfig:
+    """SpladePooling's config.json (`raw`). ValueError for settings sentence-transformers refuses too."""
+    raw = raw or {}
     config = SpladeConfig(pooling_strategy=str(raw.get("pooling_strategy", "max")),
                           activation_function=str(raw.get("activation_function", "relu")))
     if config.pooling_strategy not in ("max", "sum"):
@@ -92,14 +85,12 @@ def _splade_config(folder: Path) -> SpladeConfig:
     return config
 
 
-def read_splade_config(model_dir: str | Path) -> SpladeConfig:
+def splade_config(facts: ModelFacts) -> SpladeConfig:
     """The SpladePooling module's config from modules.json; a plain masked-LM folder (no modules.json, as
     SparseEncoder loads one) gets the defaults."""
-    root = Path(model_dir)
-    modules = _json(root / "modules.json")
-    for module in modules if isinstance(modules, list) else []:
-        if isinstance(module, dict) and str(module.get("type", "")).endswith("SpladePooling"):
-            return _splade_config(root / str(module.get("path", "")))
+    for module in facts.modules:
+        if module.type.endswith("SpladePooling"):
+            return _splade_config(module.config)
     return SpladeConfig()
 
 
@@ -115,13 +106,13 @@ class SparseLayout:
     default_route: str = DOCUMENT  # what a request that names no input_type gets (SparseEncoder.encode)
 
 
-def read_sparse_layout(model_dir: str | Path) -> SparseLayout:
-    """The layout of `model_dir`: a plain folder or a saved SparseEncoder, or a Router (router_config.json).
-    ValueError for a layout this server cannot serve, naming what it found."""
-    root = Path(model_dir)
-    router = _json(root / "router_config.json")
-    if not isinstance(router, dict):
-        return SparseLayout(root, read_splade_config(root))
+def sparse_layout(facts: ModelFacts) -> SparseLayout:
+    """The layout of the folder of `facts`: a plain folder or a saved SparseEncoder, or a Router
+    (router_config.json). ValueError for a layout this server cannot serve, naming what it found."""
+    root = Path(facts.model_dir or "")
+    router = facts.router
+    if router is None:
+        return SparseLayout(root, splade_config(facts))
     types, structure = router.get("types") or {}, router.get("structure") or {}
 
     def kinds(route: str) -> list[tuple[str, str]]:
@@ -139,7 +130,8 @@ def read_sparse_layout(model_dir: str | Path) -> SparseLayout:
     if set(structure) - {"query", "document"} or default not in ("query", "document"):
         raise ValueError(f"{root}: router routes {sorted(structure)} (default {default!r}); served: query and "
                          "document")
-    return SparseLayout(root / document[0][0], _splade_config(root / document[1][0]),
+    pooling = facts.router_modules.get(document[1][0])
+    return SparseLayout(root / document[0][0], _splade_config(pooling.config if pooling else None),
                         root / query[0][0] if query else None, str(default))
 
 

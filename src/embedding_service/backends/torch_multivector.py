@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .model_facts import read_model_facts
-from .multivector import ColbertConfig, read_colbert_config
+from .multivector import ColbertConfig, colbert_config
 from .tokenization import HfTokenizer
 from .torch_backend import torch_placement
 from .torch_sparse import padded_batch
@@ -51,7 +50,7 @@ class TorchMultiVectorBackend:
         opts = self._options
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
-            config = read_colbert_config(opts.model_dir)
+            config = colbert_config(opts.facts)
             tokenizer = HfTokenizer(opts.model_dir)
             model = AutoModel.from_pretrained(opts.model_dir, dtype=torch_dtype)
             layers = []
@@ -80,7 +79,7 @@ class TorchMultiVectorBackend:
             log.info("torch multi-vector backend: torch_compile is not applied to ColBERT models (eager forwards)")
         log.info("torch multi-vector backend: %s on %s (%s), %d-dim token vectors, query %d / document %d tokens",
                  opts.model_label, device, dtype_name, config.dimension, config.query_length, config.document_length)
-        self._positions = read_model_facts(opts.model_dir).length_limit(opts.max_model_len)
+        self._positions = opts.facts.length_limit(opts.max_model_len)
         return BackendInfo(
             model=opts.model_label, device=device, dtype=dtype_name, dimension=config.dimension,
             max_model_len=self._positions,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
 from .pair_tokenizer import PairMethods, PairTokenizer, token_types
-from .scoring import RerankerFacts, activate, read_reranker_facts
+from .scoring import RerankerFacts, activate, reranker_facts
 from .torch_backend import torch_placement
 
 __all__ = ["TorchScoringBackend"]
@@ -41,7 +41,7 @@ class TorchScoringBackend(PairMethods):
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        facts = read_reranker_facts(self._model_dir)
+        facts = reranker_facts(self._options.facts)
         device, dtype_name, torch_dtype = torch_placement(self._options)
         pairs = PairTokenizer.load(self._model_dir, facts)
         try:

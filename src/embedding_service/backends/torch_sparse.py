@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import BackendInfo, BackendLoadError, BackendOptions
-from .model_facts import read_model_facts
-from .sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_rows, read_sparse_layout
+from .model_facts import ModelFacts, read_model_facts
+from .sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_rows, sparse_layout
 from .tokenization import PROBES, HfTokenizer
 from .torch_backend import torch_placement
 
@@ -57,7 +58,7 @@ class TorchSparseBackend:
         opts = self._options
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
-            layout = read_sparse_layout(opts.model_dir)
+            layout = sparse_layout(opts.facts)
             tokenizer = HfTokenizer(str(layout.document_dir))
             model = AutoModelForMaskedLM.from_pretrained(layout.document_dir, dtype=torch_dtype)
             if layout.query_dir is not None:
@@ -85,7 +86,7 @@ class TorchSparseBackend:
                  dtype_name, self._splade.pooling_strategy, self._splade.activation_function, vocabulary)
         return BackendInfo(
             model=opts.model_label, device=device, dtype=dtype_name, dimension=vocabulary,
-            max_model_len=read_model_facts(layout.document_dir).length_limit(opts.max_model_len),
+            max_model_len=_document_facts(opts.facts, layout).length_limit(opts.max_model_len),
             vocab_size=tokenizer.vocab_size,
             special_prefix=tokenizer.special_prefix, special_suffix=tokenizer.special_suffix,
             prompts=opts.facts.prompts, default_prompt_name=opts.facts.default_prompt_name,
@@ -188,6 +189,11 @@ def _replace_module(model: Any, old: Any, new: Any) -> None:
                 setattr(module, child_name, new)
                 return
     raise BackendLoadError(f"{type(model).__name__}: its output embeddings are not one of its modules")
+
+
+def _document_facts(facts: ModelFacts, layout: SparseLayout) -> ModelFacts:
+    """The document encoder's facts: the folder's own, or (a Router) those of its sub-folder."""
+    return facts if layout.document_dir == Path(facts.model_dir or "") else read_model_facts(layout.document_dir)
 
 
 def _query_side(folder: Any, tokenizer: HfTokenizer) -> np.ndarray:

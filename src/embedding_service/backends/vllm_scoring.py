@@ -17,7 +17,7 @@ import numpy as np
 
 from .base import BackendInfo, BackendOptions
 from .pair_tokenizer import PairMethods, PairTokenizer, TokenPair
-from .scoring import RerankerFacts, read_reranker_facts
+from .scoring import RerankerFacts, reranker_facts
 from .vllm_backend import VllmBackend
 
 __all__ = ["QWEN3_RERANKER_OVERRIDES", "VllmScoringBackend"]
@@ -42,7 +42,7 @@ class VllmScoringBackend(PairMethods, VllmBackend):
 
     def load(self) -> BackendInfo:
         device, dtype = self._platform()
-        facts = read_reranker_facts(self._model_dir)
+        facts = reranker_facts(self._options.facts)
         pairs = PairTokenizer.load(self._model_dir, facts)
         self.pairs, self.facts = pairs, facts
         opts = self._options
