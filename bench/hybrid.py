@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,10 @@ def metrics(ranking: Sequence[Sequence[int]], k: int = 10) -> tuple[float, float
     """recall@k and MRR@k where query i's one relevant document is document i."""
     hits = [list(ranked[:k]).index(i) + 1 if i in ranked[:k] else 0 for i, ranked in enumerate(ranking)]
     return sum(1 for h in hits if h) / len(hits), sum(1 / h for h in hits if h) / len(hits)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> Any:
@@ -110,6 +115,7 @@ def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", 
         query_dense = _dense(client, dense, queries, batch)
         query_sparse = _sparse(client, sparse, queries, "search_query", batch)
         seconds["embed"] = time.perf_counter() - started
+        _progress(f"embedded {len(documents)} documents and {len(queries)} queries in {seconds['embed']:.1f}s")
 
         qdrant = QdrantClient(path=qdrant_path) if qdrant_path else QdrantClient(":memory:")
         try:
@@ -125,18 +131,21 @@ def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", 
                 for i in range(len(documents))])
             seconds["index"] = time.perf_counter() - started
 
-            def search(requests: list[models.QueryRequest]) -> list[list[int]]:
+            def search(stage: str, requests: list[models.QueryRequest]) -> list[list[int]]:
                 found: list[list[int]] = []
                 for start in range(0, len(requests), 256):
                     answers = qdrant.query_batch_points(COLLECTION, requests[start:start + 256])
                     found.extend([int(point.id) for point in answer.points] for answer in answers)
+                _progress(f"{stage}: recall@10 / MRR@10 " + " / ".join(f"{m:.4f}" for m in metrics(found)))
                 return found
 
             started = time.perf_counter()
             rankings = {
-                "dense": search([models.QueryRequest(query=q, using="dense", limit=depth) for q in query_dense]),
-                "sparse": search([models.QueryRequest(query=q, using="sparse", limit=depth) for q in query_sparse]),
-                "hybrid": search([models.QueryRequest(
+                "dense": search("dense", [models.QueryRequest(query=q, using="dense", limit=depth)
+                                          for q in query_dense]),
+                "sparse": search("sparse", [models.QueryRequest(query=q, using="sparse", limit=depth)
+                                            for q in query_sparse]),
+                "hybrid": search("hybrid", [models.QueryRequest(
                     prefetch=[models.Prefetch(query=d, using="dense", limit=depth),
                               models.Prefetch(query=s, using="sparse", limit=depth)],
                     query=models.FusionQuery(fusion=models.Fusion.RRF), limit=depth)
