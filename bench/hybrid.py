@@ -28,10 +28,12 @@ from typing import Any
 
 import httpx
 
-__all__ = ["STAGES", "HybridRun", "load_pairs", "main", "metrics", "run_hybrid"]
+__all__ = ["STAGES", "HybridRun", "exact_rankings", "load_pairs", "main", "metrics", "rrf", "run_hybrid"]
 
 STAGES = ["dense", "sparse", "hybrid", "hybrid + rerank"]
 COLLECTION = "docstrings"
+RRF_K = 2  # Qdrant's ranking constant
+VOCABULARY = 1 << 20  # an upper bound on sparse indices (BERT's is 30,522)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class HybridRun:
 
     rankings: dict[str, list[list[int]]]
     seconds: dict[str, float]
+    exact: dict[str, list[list[int]]]  # dense, sparse, hybrid computed in numpy (the same exhaustive search)
 
 
 def load_pairs(path: Path, limit: int = 0) -> list[dict[str, str]]:
@@ -98,12 +101,50 @@ def _rerank(client: httpx.Client, model: str, query: str, documents: list[str], 
     return [candidates[result["index"]] for result in answer["results"]]
 
 
+def _top(scores: Any, depth: int) -> list[list[int]]:
+    """Each row's `depth` best columns, best first (scores: a numpy matrix)."""
+    import numpy as np
+
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    return [[int(i) for i in row] for row in best]
+
+
+def rrf(lists: Sequence[Sequence[int]], depth: int, k: int = RRF_K) -> list[int]:
+    """Reciprocal rank fusion as Qdrant computes it: sum over lists of 1 / (rank + k - 1), rank from 1."""
+    scores: dict[int, float] = {}
+    for ranked in lists:
+        for rank, doc in enumerate(ranked, start=1):
+            scores[doc] = scores.get(doc, 0.0) + 1 / (rank + k - 1)
+    return sorted(scores, key=lambda doc: -scores[doc])[:depth]
+
+
+def exact_rankings(doc_dense: list[list[float]], query_dense: list[list[float]], doc_sparse: list[Any],
+                   query_sparse: list[Any], depth: int) -> dict[str, list[list[int]]]:
+    """What Qdrant's local mode searches exhaustively, in numpy/scipy: cosine, sparse dot product, RRF."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    def unit(rows: list[list[float]]) -> Any:
+        matrix = np.asarray(rows, dtype=np.float32)
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def sparse_matrix(vectors: list[Any]) -> Any:
+        indptr = np.cumsum([0] + [len(v.indices) for v in vectors])
+        indices = np.concatenate([np.asarray(v.indices, dtype=np.int64) for v in vectors])
+        values = np.concatenate([np.asarray(v.values, dtype=np.float32) for v in vectors])
+        return csr_matrix((values, indices, indptr), shape=(len(vectors), VOCABULARY))
+
+    dense = _top(unit(query_dense) @ unit(doc_dense).T, depth)
+    sparse = _top((sparse_matrix(query_sparse) @ sparse_matrix(doc_sparse).T).toarray(), depth)
+    return {"dense": dense, "sparse": sparse,
+            "hybrid": [rrf([d, s], depth) for d, s in zip(dense, sparse, strict=True)]}
+
+
 def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", sparse: str = "splade",
                reranker: str = "reranker", depth: int = 50, batch: int = 64, concurrency: int = 4,
-               queries_limit: int = 0, qdrant_path: str | None = None) -> HybridRun:
+               queries_limit: int = 0, qdrant_path: str | None = None, use_qdrant: bool = True) -> HybridRun:
     """Index the pairs' documents, search with each query (the first `queries_limit` only, if set), and
-    return every stage's rankings."""
-    from qdrant_client import QdrantClient, models
+    return every stage's rankings. Without `use_qdrant` the searches are `exact_rankings` only."""
 
     documents = [p["document"] for p in pairs]
     queries = [p["query"] for p in pairs[:queries_limit or len(pairs)]]
@@ -116,54 +157,68 @@ def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", 
         query_sparse = _sparse(client, sparse, queries, "search_query", batch)
         seconds["embed"] = time.perf_counter() - started
         _progress(f"embedded {len(documents)} documents and {len(queries)} queries in {seconds['embed']:.1f}s")
-
-        qdrant = QdrantClient(path=qdrant_path) if qdrant_path else QdrantClient(":memory:")
-        try:
-            started = time.perf_counter()
-            if qdrant.collection_exists(COLLECTION):
-                qdrant.delete_collection(COLLECTION)
-            qdrant.create_collection(
-                COLLECTION,
-                vectors_config={"dense": models.VectorParams(size=len(doc_dense[0]), distance=models.Distance.COSINE)},
-                sparse_vectors_config={"sparse": models.SparseVectorParams()})
-            qdrant.upload_points(COLLECTION, [
-                models.PointStruct(id=i, vector={"dense": doc_dense[i], "sparse": doc_sparse[i]})
-                for i in range(len(documents))])
-            seconds["index"] = time.perf_counter() - started
-
-            def search(stage: str, requests: list[models.QueryRequest]) -> list[list[int]]:
-                found: list[list[int]] = []
-                for start in range(0, len(requests), 256):
-                    answers = qdrant.query_batch_points(COLLECTION, requests[start:start + 256])
-                    found.extend([int(point.id) for point in answer.points] for answer in answers)
-                _progress(f"{stage}: recall@10 / MRR@10 " + " / ".join(f"{m:.4f}" for m in metrics(found)))
-                return found
-
-            started = time.perf_counter()
-            rankings = {
-                "dense": search("dense", [models.QueryRequest(query=q, using="dense", limit=depth)
-                                          for q in query_dense]),
-                "sparse": search("sparse", [models.QueryRequest(query=q, using="sparse", limit=depth)
-                                            for q in query_sparse]),
-                "hybrid": search("hybrid", [models.QueryRequest(
-                    prefetch=[models.Prefetch(query=d, using="dense", limit=depth),
-                              models.Prefetch(query=s, using="sparse", limit=depth)],
-                    query=models.FusionQuery(fusion=models.Fusion.RRF), limit=depth)
-                    for d, s in zip(query_dense, query_sparse, strict=True)]),
-            }
-            seconds["search"] = time.perf_counter() - started
-        finally:
-            qdrant.close()
+        exact = exact_rankings(doc_dense, query_dense, doc_sparse, query_sparse, depth)
+        rankings = dict(exact) if not use_qdrant else _qdrant_rankings(
+            doc_dense, query_dense, doc_sparse, query_sparse, depth, qdrant_path, seconds)
+        for stage, found in rankings.items():
+            _progress(f"{stage}: recall@10 / MRR@10 " + " / ".join(f"{m:.4f}" for m in metrics(found)))
 
         if not reranker:
-            return HybridRun(rankings, seconds)
+            return HybridRun(rankings, seconds, exact)
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:  # a few requests at a time: the server batches their pairs
             rankings["hybrid + rerank"] = list(pool.map(
                 lambda i: _rerank(client, reranker, queries[i], documents, rankings["hybrid"][i]),
                 range(len(queries))))
         seconds["rerank"] = time.perf_counter() - started
-    return HybridRun(rankings, seconds)
+    return HybridRun(rankings, seconds, exact)
+
+
+def _qdrant_rankings(doc_dense: list[list[float]], query_dense: list[list[float]], doc_sparse: list[Any],
+                     query_sparse: list[Any], depth: int, qdrant_path: str | None,
+                     seconds: dict[str, float]) -> dict[str, list[list[int]]]:
+    """Index into Qdrant's local mode (named dense + sparse vectors) and search: dense, sparse, and both as
+    prefetches fused by Qdrant's RRF."""
+    from qdrant_client import QdrantClient, models
+
+    qdrant = QdrantClient(path=qdrant_path) if qdrant_path else QdrantClient(":memory:")
+    try:
+        started = time.perf_counter()
+        if qdrant.collection_exists(COLLECTION):
+            qdrant.delete_collection(COLLECTION)
+        qdrant.create_collection(
+            COLLECTION,
+            vectors_config={"dense": models.VectorParams(size=len(doc_dense[0]), distance=models.Distance.COSINE)},
+            sparse_vectors_config={"sparse": models.SparseVectorParams()})
+        qdrant.upload_points(COLLECTION, [
+            models.PointStruct(id=i, vector={"dense": doc_dense[i], "sparse": doc_sparse[i]})
+            for i in range(len(doc_dense))])
+        seconds["index"] = time.perf_counter() - started
+
+        def search(stage: str, requests: list[models.QueryRequest]) -> list[list[int]]:
+            found: list[list[int]] = []
+            for start in range(0, len(requests), 256):
+                answers = qdrant.query_batch_points(COLLECTION, requests[start:start + 256])
+                found.extend([int(point.id) for point in answer.points] for answer in answers)
+            _progress(f"{stage}: searched in Qdrant")
+            return found
+
+        started = time.perf_counter()
+        rankings = {
+            "dense": search("dense", [models.QueryRequest(query=q, using="dense", limit=depth)
+                                      for q in query_dense]),
+            "sparse": search("sparse", [models.QueryRequest(query=q, using="sparse", limit=depth)
+                                        for q in query_sparse]),
+            "hybrid": search("hybrid", [models.QueryRequest(
+                prefetch=[models.Prefetch(query=d, using="dense", limit=depth),
+                          models.Prefetch(query=s, using="sparse", limit=depth)],
+                query=models.FusionQuery(fusion=models.Fusion.RRF), limit=depth)
+                for d, s in zip(query_dense, query_sparse, strict=True)]),
+        }
+        seconds["search"] = time.perf_counter() - started
+    finally:
+        qdrant.close()
+    return rankings
 
 
 def main() -> None:
@@ -177,12 +232,14 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=50, help="each prefetch's and the reranked list's length")
     parser.add_argument("--queries", type=int, default=0, help="search with the first N queries only (0: all)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--exact", action="store_true",
+                        help="search in numpy instead of Qdrant's local mode (the same exhaustive search; fast)")
     parser.add_argument("--qdrant-path", default=None, help="a folder for Qdrant's local mode (default: memory)")
     args = parser.parse_args()
     pairs = load_pairs(args.data, args.documents)
     result = run_hybrid(args.url, pairs, dense=args.dense, sparse=args.sparse, reranker=args.reranker,
                         depth=args.depth, batch=args.batch, queries_limit=args.queries,
-                        qdrant_path=args.qdrant_path)
+                        qdrant_path=args.qdrant_path, use_qdrant=not args.exact)
     timings = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result.seconds.items())
     print(f"{len(pairs)} documents, {len(result.rankings['dense'])} queries; seconds: {timings}")
     print("| stage | recall@10 | MRR@10 |")

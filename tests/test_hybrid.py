@@ -76,6 +76,16 @@ def test_hybrid_is_the_reciprocal_rank_fusion_of_both_lists(hybrid) -> None:
     assert recall["hybrid"] >= min(recall["dense"], recall["sparse"]), recall
 
 
+def test_qdrant_searches_as_the_exact_computation(hybrid) -> None:
+    """bench/hybrid.py --exact (numpy/scipy, used for the full 2,603-pair run) ranks as Qdrant's local mode."""
+    for stage in ("dense", "sparse", "hybrid"):
+        qdrant, exact = hybrid.rankings[stage], hybrid.exact[stage]
+        same = sum(set(q[:10]) == set(e[:10]) for q, e in zip(qdrant, exact, strict=True))
+        assert same >= QUERIES - 3, (stage, same)  # near-identical docstrings tie: their order may differ
+        for ours, theirs in zip(metrics(exact), metrics(qdrant), strict=True):
+            assert abs(ours - theirs) <= 0.04, (stage, metrics(exact), metrics(qdrant))
+
+
 def test_rerank_reorders_the_hybrid_list(hybrid) -> None:
     fused, reranked = hybrid.rankings["hybrid"], hybrid.rankings["hybrid + rerank"]
     assert all(sorted(r) == sorted(f) for f, r in zip(fused, reranked, strict=True))  # same 50, new order
