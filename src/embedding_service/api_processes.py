@@ -81,7 +81,8 @@ def remote_engines(plan: ServicePlan, path: str) -> dict[str, EngineCore]:
         if model.role == RERANK:
             assert model.max_documents is not None  # planned for the reranker's role
             engines[name] = RemoteRerankEngine(link, index, model.engine_options, model.backend.model_dir,
-                                               max_documents=model.max_documents)
+                                               max_documents=model.max_documents,
+                                               result_cache=model_cache(model, cache))
         else:
             engines[name] = RemoteEmbeddingEngine(link, index, model.engine_options, model.backend.model_dir,
                                                   model_cache(model, cache))

@@ -187,13 +187,14 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
 
 def build_engine(model: ModelPlan, cache: ResultCache | None = None) -> EngineCore:
     """The (not yet started) engine of one planned model, for its task. `await engine.start()` loads it.
-    An embedding model answers from `cache` where it can (rerankers and sparse models do not use it yet)."""
+    Embedding, rerank and sparse models answer from `cache` where they can (multi-vector ones do not use it)."""
     if model.role == RERANK:
         assert model.max_documents is not None  # planned for the reranker's role
         return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
-                            max_documents=model.max_documents)
+                            max_documents=model.max_documents, result_cache=model_cache(model, cache))
     if model.role == SPARSE:
-        return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options)
+        return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options,
+                            model_cache(model, cache))
     if model.role == MULTIVECTOR:
         assert model.max_documents is not None  # planned for its scoring
         return MultiVectorEngine(create_multivector_backend(model.engine, model.backend), model.engine_options,
@@ -228,7 +229,7 @@ def model_cache(model: ModelPlan, cache: ResultCache | None) -> ModelCache | Non
 
 
 def build_engines(plan: ServicePlan) -> dict[str, EngineCore]:
-    """The engine of every planned model, by served name, the embedding models over one result cache."""
+    """The engine of every planned model, by served name, over one result cache."""
     cache = open_result_cache(plan.result_cache)
     return {name: build_engine(model, cache) for name, model in plan.models.items()}
 

@@ -257,8 +257,8 @@ class RemoteRerankEngine(_RemoteCore, RerankEngine):
     """A reranker whose model and batcher are in the engine process: pairs are tokenised and fitted here."""
 
     def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str, *,
-                 max_documents: int) -> None:
-        RerankEngine.__init__(self, _NotLoaded(), options, max_documents=max_documents)
+                 max_documents: int, result_cache: ModelCache | None = None) -> None:
+        RerankEngine.__init__(self, _NotLoaded(), options, max_documents=max_documents, result_cache=result_cache)
         self._attach(link, index, model_dir)
 
     async def _load_model(self) -> BackendInfo:
