@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import values as prometheus_values
 
 from embedding_service.api_processes import remote_engines, unsupported
 from embedding_service.backends.fake import FakeBackend
@@ -132,6 +133,28 @@ async def test_each_api_process_answers_its_hits_without_crossing_to_the_engine_
         assert computed.vectors.tobytes() == elsewhere.vectors.tobytes() == uncached.vectors.tobytes()
     finally:
         await _close(setup)
+
+
+async def test_api_processes_write_their_cache_counts_where_metrics_sum_them(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the multiprocess files on (as in every process of api_processes > 1), /metrics renders the counts
+    from the files, where each API process writes its own after each request."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(prometheus_values, "ValueClass", prometheus_values.get_value_class())
+    engine = EmbeddingEngine(FakeBackend(dimension=8, max_model_len=64), engine_options(max_model_len=64),
+                             ResultCache(1 << 20).for_model("fake"))
+    await engine.start()
+    try:
+        async with fake_app(engine=engine, api_processes=2) as app:
+            for _ in range(2):
+                await app.http.post("/v1/embeddings", json={"input": ["a", "b"]})
+            text = (await app.http.get("/metrics")).text
+    finally:
+        await engine.stop()
+    assert 'embedding_result_cache_hits_total{model="fake-model"} 2.0' in text
+    assert 'embedding_result_cache_misses_total{model="fake-model"} 2.0' in text
+    assert 'embedding_result_cache_entries{model="fake-model"} 2.0' in text
+    assert list(tmp_path.glob("counter_*.db"))  # (from the files, not this process's live values)
 
 
 def test_api_processes_key_their_caches_as_one_process_would_and_the_engine_process_has_none() -> None:
