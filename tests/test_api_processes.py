@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import values as prometheus_values
 
-from embedding_service.api_processes import unsupported
+from embedding_service.api_processes import remote_engines, unsupported
 from embedding_service.backends.fake import FakeBackend
 from embedding_service.backends.fake_scoring import FakeScoringBackend
 from embedding_service.backends.pair_tokenizer import TokenPair
@@ -20,9 +21,10 @@ from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.host import EngineHost
 from embedding_service.engine.remote import EngineLink, RemoteEmbeddingEngine, RemoteRerankEngine
 from embedding_service.engine.rerank import RerankEngine, ScoreRequest
+from embedding_service.engine.result_cache import ResultCache
 from embedding_service.engine.types import SPARSE, EmbedRequest, EngineState
 from embedding_service.errors import ErrorKind, ServiceError
-from embedding_service.service import plan_service
+from embedding_service.service import build_engines, plan_service
 
 from .conftest import engine_options, fake_app, make_settings
 
@@ -50,13 +52,18 @@ class Setup:
         self.engine, self.host, self.remotes = engine, host, remotes
 
 
-async def _setup(tmp_path: Path, backend: FakeBackend, processes: int, **options: object) -> Setup:
+async def _setup(tmp_path: Path, backend: FakeBackend, processes: int, *, cached: bool = False,
+                 **options: object) -> Setup:
+    """An engine behind a host and `processes` remote engines; `cached`: each remote its own result cache, as
+    each API process has."""
     opts = engine_options(**{"max_model_len": 64, "batch_timeout_ms": 2, **options})
     engine = EmbeddingEngine(backend, opts)
     host = EngineHost([engine], processes)
     path = str(tmp_path / "engine.sock")
     await host.start(path)
-    remotes = [RemoteEmbeddingEngine(EngineLink(path), 0, opts, "unused") for _ in range(processes)]
+    remotes = [RemoteEmbeddingEngine(EngineLink(path), 0, opts, "unused",
+                                     ResultCache(1 << 20).for_model("fake") if cached else None)
+               for _ in range(processes)]
     starting = [asyncio.ensure_future(remote.start()) for remote in remotes]
     await engine.start()
     host.models_loaded()
@@ -103,6 +110,61 @@ async def test_the_api_over_a_remote_engine_answers_as_over_the_local_one(two: S
         too_long = {"input": "word " * 100}
         assert (await remote.http.post("/v1/embeddings", json=too_long)).json() == \
             (await local.http.post("/v1/embeddings", json=too_long)).json()
+
+
+async def test_each_api_process_answers_its_hits_without_crossing_to_the_engine_process(tmp_path: Path) -> None:
+    setup = await _setup(tmp_path, FakeBackend(dimension=64, max_model_len=64), 2, cached=True)
+    first, second = setup.remotes
+    backend = setup.engine.backend
+    assert isinstance(backend, FakeBackend)
+    try:
+        texts = ["a repeated text", "another one"]
+        computed = await first.embed(EmbedRequest(texts=texts))
+        crossed = first._link._ids  # (the link's request counter: the next id it would use)
+        again = await first.embed(EmbedRequest(texts=texts, dimensions=32))
+        assert next(crossed) == 2  # the hit sent nothing over the link ...
+        assert len(backend.seen_lengths) == 1  # ... and the engine process ran one batch
+        assert again.cached == 2 and again.queue_time_s == again.compute_time_s == 0.0
+        cut = await setup.engine.embed(EmbedRequest(texts=texts, dimensions=32))
+        assert again.vectors.tobytes() == cut.vectors.tobytes()
+        elsewhere = await second.embed(EmbedRequest(texts=texts))  # another API process: its own cache, a miss
+        assert elsewhere.cached == 0 and len(backend.seen_lengths) == 3
+        uncached = await setup.engine.embed(EmbedRequest(texts=texts))
+        assert computed.vectors.tobytes() == elsewhere.vectors.tobytes() == uncached.vectors.tobytes()
+    finally:
+        await _close(setup)
+
+
+async def test_api_processes_write_their_cache_counts_where_metrics_sum_them(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the multiprocess files on (as in every process of api_processes > 1), /metrics renders the counts
+    from the files, where each API process writes its own after each request."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(prometheus_values, "ValueClass", prometheus_values.get_value_class())
+    engine = EmbeddingEngine(FakeBackend(dimension=8, max_model_len=64), engine_options(max_model_len=64),
+                             ResultCache(1 << 20).for_model("fake"))
+    await engine.start()
+    try:
+        async with fake_app(engine=engine, api_processes=2) as app:
+            for _ in range(2):
+                await app.http.post("/v1/embeddings", json={"input": ["a", "b"]})
+            text = (await app.http.get("/metrics")).text
+    finally:
+        await engine.stop()
+    assert 'embedding_result_cache_hits_total{model="fake-model"} 2.0' in text
+    assert 'embedding_result_cache_misses_total{model="fake-model"} 2.0' in text
+    assert 'embedding_result_cache_entries{model="fake-model"} 2.0' in text
+    assert list(tmp_path.glob("counter_*.db"))  # (from the files, not this process's live values)
+
+
+def test_api_processes_key_their_caches_as_one_process_would_and_the_engine_process_has_none() -> None:
+    plan = plan_service(make_settings(engine="fake", api_processes=2, rerank_model_path="fake-reranker"))
+    name = next(iter(plan.models))
+    remote, local = remote_engines(plan, "unused.sock")[name], build_engines(plan)[name]
+    assert isinstance(remote, RemoteEmbeddingEngine) and isinstance(local, EmbeddingEngine)
+    assert remote.result_cache is not None and local.result_cache is not None
+    assert remote.result_cache.fingerprint == local.result_cache.fingerprint
+    assert remote_engines(dataclasses.replace(plan, result_cache=None), "unused.sock")[name].result_cache is None
 
 
 async def test_the_engines_queue_bound_holds_across_api_processes(tmp_path: Path) -> None:

@@ -34,10 +34,11 @@ QUERY, DOCS = "What is the capital of China?", ["Beijing is the capital of China
 
 @pytest.fixture(scope="module")
 def minilm_two(minilm_dir: Path, cross_encoder_dir: Path) -> Iterator[ServerProcess]:
-    """MiniLM and a (random) cross-encoder, torch fp32, behind two API processes."""
+    """MiniLM and a (random) cross-encoder, torch fp32, behind two API processes; without the result cache, so
+    that a text sent again under load is computed again (batched with others), not the first answer's bytes."""
     yield from serving(["--engine", "torch", "--dtype", "float32", "--model-path", str(minilm_dir),
                         "--rerank-model-path", str(cross_encoder_dir), "--log-level", "WARNING",
-                        "--api-processes", "2"])
+                        "--api-processes", "2", "--result-cache-bytes", "0"])
 
 
 def _api_processes(server: ServerProcess) -> list[psutil.Process]:

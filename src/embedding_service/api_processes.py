@@ -19,6 +19,7 @@ here is told to every API process: their requests answer 503 and they exit, and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -38,7 +39,7 @@ from .engine.host import EngineHost
 from .engine.remote import EngineLink, RemoteEmbeddingEngine, RemoteRerankEngine
 from .engine.types import EMBED, RERANK
 from .metrics import QueueGauges, ServiceMetrics, use_multiprocess_files
-from .service import ServicePlan, build_engines
+from .service import ServicePlan, build_engines, model_cache, open_result_cache
 
 __all__ = ["remote_engines", "run_api_processes", "unsupported"]
 
@@ -71,16 +72,20 @@ def unsupported(settings: EmbeddingConfig, plan: ServicePlan) -> str | None:
 
 
 def remote_engines(plan: ServicePlan, path: str) -> dict[str, EngineCore]:
-    """An API process's engines: proxies of the engine process's, by served name, over one link."""
+    """An API process's engines: proxies of the engine process's, by served name, over one link. Each API
+    process has its own result cache (docs/cache.md), looked up before a request crosses the link."""
     link = EngineLink(path)
+    cache = open_result_cache(plan.result_cache)
     engines: dict[str, EngineCore] = {}
     for index, (name, model) in enumerate(plan.models.items()):
         if model.role == RERANK:
             assert model.max_documents is not None  # planned for the reranker's role
             engines[name] = RemoteRerankEngine(link, index, model.engine_options, model.backend.model_dir,
-                                               max_documents=model.max_documents)
+                                               max_documents=model.max_documents,
+                                               result_cache=model_cache(model, cache))
         else:
-            engines[name] = RemoteEmbeddingEngine(link, index, model.engine_options, model.backend.model_dir)
+            engines[name] = RemoteEmbeddingEngine(link, index, model.engine_options, model.backend.model_dir,
+                                                  model_cache(model, cache))
     return engines
 
 
@@ -88,7 +93,7 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
                       shutdown_timeout: float) -> int:
     """Load the planned models here and serve them to `count` API processes running `target(sock, path,
     index)`; 0 after a drain, 1 when a model failed (to load, or later) or API processes kept dying."""
-    engines = build_engines(plan)
+    engines = build_engines(dataclasses.replace(plan, result_cache=None))  # (the API processes' caches answer)
     roles = {name: model.role for name, model in plan.models.items()}
     runner = _EngineProcess(engines, roles, count, target, shutdown_timeout)
     try:

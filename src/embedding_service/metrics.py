@@ -8,7 +8,8 @@ With `workers > 1` every worker process has its own registry: a scrape through t
 worker at random. Run one worker per instance (the spec's recommendation) and scale out with instances, each
 scraped on its own port (see docs/ops.md). With `api_processes > 1` there is one view: counters and histograms
 (requests in the API processes, batches in the engine process) go to prometheus-client's multiprocess files
-and any API process renders them all; the queue gauges are the engine process's (`QueueGauges`).
+and any API process renders them all; the queue gauges are the engine process's (`QueueGauges`), the result
+cache's counts the API processes' (`_CacheFiles`: each has its own cache).
 """
 
 from __future__ import annotations
@@ -106,6 +107,23 @@ class _EngineCollector(Collector):
         yield from (family for family in families.values() if family.samples)
 
 
+_CACHE = "embedding_result_cache"
+_CACHE_COUNTERS = (("hits", "Inputs answered from the result cache (memory or Redis), without a forward"),
+                   ("redis_hits", "Inputs answered from the result cache's Redis store"),
+                   ("misses", "Inputs the result cache did not hold (computed, then stored)"),
+                   ("evictions", "Entries dropped from the memory cache to stay within result_cache_bytes"))
+_CACHE_GAUGES = (("bytes", "Bytes the memory cache holds (keys, vectors and per-entry overhead)"),
+                 ("entries", "Vectors the memory cache holds"))
+_REDIS_ERRORS = ("Failed calls to the result cache's Redis store (each one computes instead and pauses the store "
+                 "for a few seconds)")
+
+
+def _redis_errors(caches: Sequence[tuple[str, ModelCache]]) -> int | None:
+    """The failures of the Redis stores of `caches` (one per process), or None when none has one."""
+    stores = {id(cache.cache.redis): cache.cache.redis for _, cache in caches if cache.cache.redis is not None}
+    return sum(getattr(store, "errors", 0) for store in stores.values()) if stores else None
+
+
 class _CacheCollector(Collector):
     """The result cache's counters (docs/cache.md), read at scrape time: per model, inputs answered from it
     (and of those from Redis), inputs computed, entries evicted, bytes and entries held in memory; and the
@@ -115,31 +133,56 @@ class _CacheCollector(Collector):
         self.caches: list[tuple[str, ModelCache]] = []
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        p, model = "embedding_result_cache", ["model"]
-        counters = {name: CounterMetricFamily(f"{p}_{name}", text, labels=model) for name, text in (
-            ("hits", "Inputs answered from the result cache (memory or Redis), without a forward"),
-            ("redis_hits", "Inputs answered from the result cache's Redis store"),
-            ("misses", "Inputs the result cache did not hold (computed, then stored)"),
-            ("evictions", "Entries dropped from the memory cache to stay within result_cache_bytes"))}
-        gauges = {name: GaugeMetricFamily(f"{p}_{name}", text, labels=model) for name, text in (
-            ("bytes", "Bytes the memory cache holds (keys, vectors and per-entry overhead)"),
-            ("entries", "Vectors the memory cache holds"))}
-        stores = {}
+        model = ["model"]
+        counters = {name: CounterMetricFamily(f"{_CACHE}_{name}", text, labels=model) for name, text in _CACHE_COUNTERS}
+        gauges = {name: GaugeMetricFamily(f"{_CACHE}_{name}", text, labels=model) for name, text in _CACHE_GAUGES}
         for name, cache in self.caches:
             stats = cache.stats
             for key, family in counters.items():
                 family.add_metric([name], getattr(stats, key))
             for key, gauge in gauges.items():
                 gauge.add_metric([name], getattr(stats, key))
-            if cache.cache.redis is not None:
-                stores[id(cache.cache.redis)] = cache.cache.redis
         yield from counters.values()
         yield from gauges.values()
-        if stores:
-            errors = CounterMetricFamily(f"{p}_redis_errors", "Failed calls to the result cache's Redis store "
-                                         "(each one computes instead and pauses the store for a few seconds)")
-            errors.add_metric([], sum(getattr(store, "errors", 0) for store in stores.values()))
+        failed = _redis_errors(self.caches)
+        if failed is not None:
+            errors = CounterMetricFamily(f"{_CACHE}_redis_errors", _REDIS_ERRORS)
+            errors.add_metric([], failed)
             yield errors
+
+
+class _CacheFiles:
+    """`api_processes > 1`: each API process's result cache counts, written to the multiprocess files that
+    /metrics renders (counters summed over the API processes, gauges over the live ones). Brought up to date
+    after each request this process answers (`observe_request`), so a scrape by any of them sees every one."""
+
+    def __init__(self, caches: list[tuple[str, ModelCache]]) -> None:
+        self.caches = caches
+        self.counters = {name: Counter(f"{_CACHE}_{name}", text, ["model"], registry=None)
+                         for name, text in _CACHE_COUNTERS}
+        self.gauges = {name: Gauge(f"{_CACHE}_{name}", text, ["model"], multiprocess_mode="livesum", registry=None)
+                       for name, text in _CACHE_GAUGES}
+        self.errors = Counter(f"{_CACHE}_redis_errors", _REDIS_ERRORS, registry=None)
+        self.written: dict[tuple[str, str], int] = {}  # what the files hold of each count, by (model, name)
+        self.errors_written = 0
+
+    def sync(self) -> None:
+        for name, cache in self.caches:
+            stats = cache.stats
+            for key, counter in self.counters.items():
+                now, before = getattr(stats, key), self.written.get((name, key), 0)
+                if now != before:
+                    counter.labels(name).inc(now - before)
+                    self.written[(name, key)] = now
+            for key, gauge in self.gauges.items():
+                now = getattr(stats, key)
+                if self.written.get((name, key)) != now:
+                    gauge.labels(name).set(now)
+                    self.written[(name, key)] = now
+        failed = _redis_errors(self.caches) or 0
+        if failed != self.errors_written:
+            self.errors.inc(failed - self.errors_written)
+            self.errors_written = failed
 
 
 class ServiceMetrics:
@@ -166,6 +209,7 @@ class ServiceMetrics:
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._tasks: dict[str, tuple[_EngineCollector, tuple[Histogram, Histogram, Histogram, Counter, Counter]]] = {}
         self._caches: _CacheCollector | None = None
+        self._cache_files: _CacheFiles | None = None  # (api_processes > 1)
 
     def add_model(self, name: str, engine: EngineCore, task: str) -> None:
         """A served model's engine values and batches: embedding_* for embedding models, embedding_rerank_*
@@ -181,6 +225,8 @@ class ServiceMetrics:
             if self._caches is None:
                 self._caches = _CacheCollector()
                 self.registry.register(self._caches)
+                if self._shared is not None:
+                    self._cache_files = _CacheFiles(self._caches.caches)
             self._caches.caches.append((name, result_cache))
         size, tokens, seconds = size_h.labels(name), tokens_h.labels(name), seconds_h.labels(name)
         items, item_tokens = items_c.labels(name), item_tokens_c.labels(name)
@@ -243,6 +289,8 @@ class ServiceMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if self._cache_files is not None:
+            self._cache_files.sync()
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (CONTENT_TYPE)."""

@@ -38,7 +38,7 @@ from .engine.engine import EmbeddingEngine, EngineOptions
 from .engine.multivector import MultiVectorEngine
 from .engine.options import ResultCacheOptions
 from .engine.rerank import RerankEngine
-from .engine.result_cache import ResultCache
+from .engine.result_cache import ModelCache, ResultCache
 from .engine.sparse import SparseEngine
 from .engine.types import EMBED, MULTIVECTOR, RERANK, SPARSE
 from .memory_fit import available_bytes, memory_shortfall
@@ -56,6 +56,7 @@ __all__ = [
     "build_engine",
     "build_engines",
     "choose_engine",
+    "model_cache",
     "onednn_cache_for",
     "open_result_cache",
     "openmp_waits_for",
@@ -185,13 +186,14 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
 
 def build_engine(model: ModelPlan, cache: ResultCache | None = None) -> EngineCore:
     """The (not yet started) engine of one planned model, for its task. `await engine.start()` loads it.
-    An embedding model answers from `cache` where it can (rerankers and sparse models do not use it yet)."""
+    Embedding, rerank and sparse models answer from `cache` where they can (multi-vector ones do not use it)."""
     if model.role == RERANK:
         assert model.max_documents is not None  # planned for the reranker's role
         return RerankEngine(create_scoring_backend(model.engine, model.backend), model.engine_options,
-                            max_documents=model.max_documents)
+                            max_documents=model.max_documents, result_cache=model_cache(model, cache))
     if model.role == SPARSE:
-        return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options)
+        return SparseEngine(create_sparse_backend(model.engine, model.backend), model.engine_options,
+                            model_cache(model, cache))
     if model.role == MULTIVECTOR:
         assert model.max_documents is not None  # planned for its scoring
         return MultiVectorEngine(create_multivector_backend(model.engine, model.backend), model.engine_options,
@@ -204,22 +206,29 @@ def build_embedding_engine(model: ModelPlan, cache: ResultCache | None = None) -
     if model.role != EMBED:
         raise BackendLoadError(f"model '{model.name}' is not an embedding model (task: {model.role}); it cannot "
                                "embed")
-    model_cache = None
-    if cache is not None:
-        backend, facts = model.backend, model.facts
-        numerics = {"engine": model.engine, "dtype": backend.dtype, "device": backend.device,
-                    "quantize": backend.quantize, "torch_compile": backend.torch_compile,
-                    "enforce_eager": backend.enforce_eager, "prefix_caching": backend.prefix_caching,
-                    "tensor_parallel_size": backend.tensor_parallel_size, "pooling": facts.pooling,
-                    "normalize": facts.normalize, "task": model.role,
-                    "batch_invariant": model.engine_options.batch_invariant,
-                    "versions": numerics_versions(model.engine)}
-        model_cache = cache.for_model(model_fingerprint(model.model_dir, numerics, by_content=cache.redis is not None))
-    return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options, model_cache)
+    return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options,
+                           model_cache(model, cache))
+
+
+def model_cache(model: ModelPlan, cache: ResultCache | None) -> ModelCache | None:
+    """The model's view of `cache` (None: no cache), namespaced by its fingerprint: the settings that decide
+    its vectors and the model (cache_fingerprint.py); what only the loaded backend knows is bound later. The
+    same in every process that serves the model (an API process's cache keys as the engine process's would)."""
+    if cache is None:
+        return None
+    backend, facts = model.backend, model.facts
+    numerics = {"engine": model.engine, "dtype": backend.dtype, "device": backend.device,
+                "quantize": backend.quantize, "torch_compile": backend.torch_compile,
+                "enforce_eager": backend.enforce_eager, "prefix_caching": backend.prefix_caching,
+                "tensor_parallel_size": backend.tensor_parallel_size, "pooling": facts.pooling,
+                "normalize": facts.normalize, "task": model.role,
+                "batch_invariant": model.engine_options.batch_invariant,
+                "versions": numerics_versions(model.engine)}
+    return cache.for_model(model_fingerprint(model.model_dir, numerics, by_content=cache.redis is not None))
 
 
 def build_engines(plan: ServicePlan) -> dict[str, EngineCore]:
-    """The engine of every planned model, by served name, the embedding models over one result cache."""
+    """The engine of every planned model, by served name, over one result cache."""
     cache = open_result_cache(plan.result_cache)
     return {name: build_engine(model, cache) for name, model in plan.models.items()}
 

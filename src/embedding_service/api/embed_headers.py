@@ -1,5 +1,6 @@
-"""The response headers of an embedding answer (OpenAI's and Cohere's routes): timing, what the result
-cache answered (docs/cache.md), and which inputs were truncated or chunked (docs/clients.md, "Long inputs")."""
+"""The response headers of an embedding answer (OpenAI's and Cohere's routes), a sparse one and a score: timing,
+what the result cache answered (docs/cache.md), and which inputs were truncated or chunked (docs/clients.md,
+"Long inputs")."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from ..engine.types import EmbedResult
 from .openapi import header
 
-__all__ = ["CACHE_HEADER", "EMBED_HEADERS", "embed_headers", "long_input_headers"]
+__all__ = ["CACHE_HEADER", "EMBED_HEADERS", "embed_headers", "long_input_headers", "result_headers"]
 
 CACHE_HEADER = "X-Embedding-Cache"
 _MS = r"^[0-9]+\.[0-9]{2}$"
@@ -25,12 +26,16 @@ EMBED_HEADERS: dict[str, Any] = {
 
 
 def embed_headers(result: EmbedResult) -> dict[str, str]:
-    headers = {"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-               "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"}
-    state = result.cache_state
-    if state is not None:
-        headers[CACHE_HEADER] = state
+    headers = result_headers(result.queue_time_s, result.compute_time_s, result.cache_state)
     return {**headers, **long_input_headers(result.truncated, result.chunked)}
+
+
+def result_headers(queue_time_s: float, compute_time_s: float, cache_state: str | None) -> dict[str, str]:
+    """Any task's answer (embeddings, sparse vectors, scores): timing, and the cache's state where it has one."""
+    headers = {"X-Queue-Time-Ms": f"{queue_time_s * 1000:.2f}", "X-Inference-Time-Ms": f"{compute_time_s * 1000:.2f}"}
+    if cache_state is not None:
+        headers[CACHE_HEADER] = cache_state
+    return headers
 
 
 def _ranges(indices: list[int]) -> str:

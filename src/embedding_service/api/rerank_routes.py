@@ -16,7 +16,8 @@ from ..errors import ErrorKind, ServiceError
 from .access import CLIENT_ID_KEY
 from .body import BodyReader
 from .cohere_errors import cohere_error_docs, cohere_errors_of
-from .openapi import EMBEDDING_ERRORS, header, operation_doc
+from .embed_headers import EMBED_HEADERS, result_headers
+from .openapi import EMBEDDING_ERRORS, operation_doc
 from .protocol import parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
 from .rerank_protocol import (
@@ -38,13 +39,9 @@ _JSON = "application/json"
 
 
 def _timing(result: ScoreResult) -> dict[str, str]:
-    return {"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-            "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"}
+    return result_headers(result.queue_time_s, result.compute_time_s, result.cache_state)
 
 
-_MS = r"^[0-9]+\.[0-9]{2}$"
-_TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_MS),
-           "X-Inference-Time-Ms": header("milliseconds of model compute", pattern=_MS)}
 _RERANK_EXAMPLES = {"rerank": {"summary": "rerank three documents, best two", "value": {
     "query": "What is the capital of China?", "top_n": 2, "return_documents": True,
     "documents": ["Beijing is the capital of China.", "Gravity pulls things down.", {"text": "China is in Asia."}]}}}
@@ -73,7 +70,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         result = await engine.score(ScoreRequest(
             queries=[call.query] * len(call.documents), documents=call.documents, instruction=call.instruction,
             truncate=call.truncate, max_tokens_per_doc=call.max_tokens_per_doc,
-            admit=request.scope.get(TOKEN_ADMISSION_KEY)))
+            admit=request.scope.get(TOKEN_ADMISSION_KEY), client_id=request.scope.get(CLIENT_ID_KEY)))
         with tracing.span("serialize"):
             body = encode_rerank(call, result.scores, served.name, result.prompt_tokens)
         return Response(body, media_type=_JSON, headers=_timing(result))
@@ -82,10 +79,10 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
                           ("/rerank", "Rerank documents (alias of /v1/rerank)")):
         router.add_api_route(path, rerank, methods=["POST"], **operation_doc(
             summary, response=RerankResponse, errors=EMBEDDING_ERRORS, body=RerankBody,
-            body_examples=_RERANK_EXAMPLES, headers=_TIMING, tags=["rerank"]))
+            body_examples=_RERANK_EXAMPLES, headers=EMBED_HEADERS, tags=["rerank"]))
     router.add_api_route("/v2/rerank", rerank_v2, methods=["POST"], **operation_doc(
         "Rerank documents (Cohere v2 API, as its SDK calls it; errors in Cohere's shape)", response=RerankResponse,
-        body=RerankBody, body_examples=_RERANK_EXAMPLES, headers=_TIMING, tags=["rerank"],
+        body=RerankBody, body_examples=_RERANK_EXAMPLES, headers=EMBED_HEADERS, tags=["rerank"],
         responses=cohere_error_docs("documents[1] is an empty string")))
 
     async def score(request: Request) -> Response:
@@ -96,7 +93,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         if isinstance(served.engine, RerankEngine | MultiVectorEngine):  # a reranker, or MaxSim
             result = await served.engine.score(ScoreRequest(
                 queries=call.queries, documents=call.documents, instruction=call.instruction,
-                truncate=call.truncate, param="text_2", admit=admit))
+                truncate=call.truncate, param="text_2", admit=admit, client_id=request.scope.get(CLIENT_ID_KEY)))
         else:
             result = await _cosine(served.engine, call.queries, call.documents, call, admit,
                                    request.scope.get(CLIENT_ID_KEY))
@@ -106,7 +103,7 @@ def build_rerank_router(models: ServedModels, read_body: BodyReader) -> APIRoute
     router.add_api_route("/v1/score", score, methods=["POST"], **operation_doc(
         "Score text_1 against text_2 (vLLM format): a reranker's score, or the cosine similarity of an "
         "embedding model's vectors", response=ScoreResponse, errors=EMBEDDING_ERRORS, body=ScoreBody,
-        body_examples=_SCORE_EXAMPLES, headers=_TIMING, tags=["rerank"]))
+        body_examples=_SCORE_EXAMPLES, headers=EMBED_HEADERS, tags=["rerank"]))
     return router
 
 
@@ -127,4 +124,4 @@ async def _cosine(engine: object, queries: list[str], documents: list[str], call
     left = result.vectors[[index[q] for q in queries]]
     right = result.vectors[len(firsts):]
     scores = np.einsum("ij,ij->i", left, right).astype(np.float32)
-    return ScoreResult(scores, result.prompt_tokens, result.queue_time_s, result.compute_time_s)
+    return ScoreResult(scores, result.prompt_tokens, result.queue_time_s, result.compute_time_s, result.cache_state)

@@ -12,7 +12,9 @@ from ..engine.multivector import MultiVectorResult
 from ..engine.sparse import SparseResult
 from ..engine.types import EmbedRequest
 from ..errors import ErrorKind, ServiceError
+from .access import CLIENT_ID_KEY
 from .body import BodyReader
+from .embed_headers import EMBED_HEADERS, result_headers
 from .openapi import EMBEDDING_ERRORS, header, operation_doc
 from .protocol import parse_embedding_request, parse_json_body
 from .ratelimit import TOKEN_ADMISSION_KEY
@@ -37,8 +39,9 @@ TIMING = {"X-Queue-Time-Ms": header("milliseconds queued for a batch", pattern=_
 
 
 def timing_headers(result: SparseResult | MultiVectorResult) -> dict[str, str]:
-    return {"X-Queue-Time-Ms": f"{result.queue_time_s * 1000:.2f}",
-            "X-Inference-Time-Ms": f"{result.compute_time_s * 1000:.2f}"}
+    """Timing, and (a sparse model's) what the result cache answered: multi-vector models have no cache."""
+    state = result.cache_state if isinstance(result, SparseResult) else None
+    return result_headers(result.queue_time_s, result.compute_time_s, state)
 
 
 def admit_tokens(request: Request, embed_request: EmbedRequest) -> None:
@@ -58,6 +61,7 @@ async def sparse_embeddings(models: ServedModels, request: Request, data: Any) -
     call = parse_sparse_options(data, embed_request)
     served, engine = models.for_sparse(call.model)
     admit_tokens(request, embed_request)
+    embed_request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
     result = await engine.encode(embed_request, top_k=call.top_k, side=call.side, return_tokens=call.return_tokens)
     return Response(encode_openai_sparse(result.vectors, served.name, result.prompt_tokens, result.tokens),
                     media_type=_JSON, headers=timing_headers(result))
@@ -73,6 +77,7 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
         call = parse_sparse(parse_json_body(await read_body(request)))
         _served, engine = models.for_sparse(call.model)
         admit_tokens(request, call.request)
+        call.request.client_id = request.scope.get(CLIENT_ID_KEY)  # (a per-key result cache)
         result = await engine.encode(call.request, top_k=call.top_k, side=call.side,
                                      return_tokens=call.return_tokens)
         return Response(encode_tei_sparse(result.vectors, result.tokens), media_type=_JSON,
@@ -81,5 +86,5 @@ def build_sparse_router(models: ServedModels, read_body: BodyReader) -> APIRoute
     router.add_api_route("/embed_sparse", embed_sparse, methods=["POST"], **operation_doc(
         "Sparse (SPLADE) vectors of texts (TEI format): each input's non-zero vocabulary entries, by index",
         response=SparseResponse, errors=EMBEDDING_ERRORS, body=SparseBody,
-        body_examples=SPARSE_EXAMPLES, headers=TIMING, tags=["sparse"]))
+        body_examples=SPARSE_EXAMPLES, headers=EMBED_HEADERS, tags=["sparse"]))
     return router

@@ -22,8 +22,10 @@ from .. import tracing
 from ..backends.base import Backend, BackendDeadError, BackendInfo
 from ..errors import ErrorKind, ServiceError
 from .batcher import Batcher, BatchPolicy
+from .cached import FLOAT32_ROWS, RowCodec, through_cache
 from .options import EngineOptions
 from .priority import in_background
+from .result_cache import ModelCache
 from .types import EngineState
 
 __all__ = ["EngineCore", "EngineOptions", "invalid_unicode"]
@@ -54,6 +56,7 @@ class EngineCore:
         self.on_dead: Callable[[BaseException], None] | None = None
         self.batches_running = 0  # inside backend.embed, on the compute threads
         self.queue_here = True  # the batcher's queue is this process's (not an API process's proxy: remote.py)
+        self.result_cache: ModelCache | None = None  # a task that can answer from it sets it (docs/cache.md)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batcher: Batcher | None = None
@@ -152,6 +155,8 @@ class EngineCore:
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.close(ServiceError(ErrorKind.DRAINING, "server is shutting down"))
+        if self.result_cache is not None and self.result_cache.cache.redis is not None:
+            await self.result_cache.cache.redis.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.backend.close)
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -274,6 +279,18 @@ class EngineCore:
             log.error("request failed with its batch: %s: %s", name, exc)  # the log adds the request id
             raise ServiceError(ErrorKind.INTERNAL, f"the model failed ({name}); the error is in the server log",
                                code="backend_error") from None
+
+    async def submit_cached(self, info: BackendInfo, seqs: Sequence[Sequence[int]], deadline: float,
+                            client: str | None = None, *, keyed: Sequence[Sequence[int]] | None = None,
+                            codec: RowCodec = FLOAT32_ROWS) -> tuple[np.ndarray, float, float, int | None]:
+        """`submit` through the result cache where the model has one (cached.py): (rows, queue seconds, compute
+        seconds, inputs the cache answered, None without a cache)."""
+        cache = self.result_cache
+        if cache is None or not seqs:
+            return *await self.submit(seqs, deadline), None
+        cache.bind(info)
+        return await through_cache(cache, seqs, lambda misses: self.submit(misses, deadline), client, keyed=keyed,
+                                   codec=codec)
 
     def run_batch(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         """One batch on the backend as given (blocking: the batcher's compute threads, bulk jobs)."""

@@ -13,7 +13,6 @@ from ..backends.base import Backend, BackendInfo
 from ..backends.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
-from .cached import through_cache
 from .chunking import embed_windows
 from .core import EngineCore, invalid_unicode
 from .inputs import Prepared, enforce_lengths, input_limit, prepare_inputs
@@ -44,11 +43,6 @@ class EmbeddingEngine(EngineCore):
         super().__init__(backend, options)
         self.result_cache = result_cache
 
-    async def stop(self) -> None:
-        await super().stop()
-        if self.result_cache is not None and self.result_cache.cache.redis is not None:
-            await self.result_cache.cache.redis.close()
-
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         with self.accepted() as info:
             return await self.embed_accepted(request, info)
@@ -64,16 +58,13 @@ class EmbeddingEngine(EngineCore):
                                        "embedding.tokens": prepared.total})
         _processing(count)
         started = time.perf_counter()
-        cache, cached = self.result_cache, None
         if prepared.windows:  # (a request with a chunked input bypasses the result cache: docs/cache.md)
             vectors, queued, compute = await embed_windows(self, prepared.seqs, prepared.windows, info.dimension,
                                                            deadline)
-        elif cache is not None and prepared.seqs:
-            cache.bind(info)
-            vectors, queued, compute, cached = await through_cache(
-                cache, prepared.seqs, lambda misses: self.submit(misses, deadline), request.client_id)
+            cached = None
         else:
-            vectors, queued, compute = await self.submit(prepared.seqs, deadline)
+            vectors, queued, compute, cached = await self.submit_cached(info, prepared.seqs, deadline,
+                                                                        request.client_id)
         elapsed = time.perf_counter() - started
         _generated(count, elapsed, count / max(elapsed, 1e-9))
         vectors = truncate_dimensions(vectors, request.dimensions)  # after the cache: one entry serves every size

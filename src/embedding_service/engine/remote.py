@@ -34,6 +34,7 @@ from .core import EngineCore
 from .engine import EmbeddingEngine
 from .options import EngineOptions
 from .rerank import RerankEngine
+from .result_cache import ModelCache
 from .types import EngineState
 
 __all__ = ["EngineLink", "RemoteEmbeddingEngine", "RemoteRerankEngine", "TokenizerOnly", "tokenizer_recipe"]
@@ -243,10 +244,12 @@ class _RemoteCore(EngineCore):
 
 
 class RemoteEmbeddingEngine(_RemoteCore, EmbeddingEngine):
-    """An embedding engine whose model and batcher are in the engine process (module docstring)."""
+    """An embedding engine whose model and batcher are in the engine process (module docstring). Its
+    `result_cache` is this API process's: a hit answers here, and only the misses cross the link."""
 
-    def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str) -> None:
-        EmbeddingEngine.__init__(self, _NotLoaded(), options)
+    def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str,
+                 result_cache: ModelCache | None = None) -> None:
+        EmbeddingEngine.__init__(self, _NotLoaded(), options, result_cache)
         self._attach(link, index, model_dir)
 
 
@@ -254,8 +257,8 @@ class RemoteRerankEngine(_RemoteCore, RerankEngine):
     """A reranker whose model and batcher are in the engine process: pairs are tokenised and fitted here."""
 
     def __init__(self, link: EngineLink, index: int, options: EngineOptions, model_dir: str, *,
-                 max_documents: int) -> None:
-        RerankEngine.__init__(self, _NotLoaded(), options, max_documents=max_documents)
+                 max_documents: int, result_cache: ModelCache | None = None) -> None:
+        RerankEngine.__init__(self, _NotLoaded(), options, max_documents=max_documents, result_cache=result_cache)
         self._attach(link, index, model_dir)
 
     async def _load_model(self) -> BackendInfo:

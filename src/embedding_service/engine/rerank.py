@@ -17,6 +17,8 @@ from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .core import EngineCore
 from .options import EngineOptions
+from .result_cache import ModelCache
+from .types import cache_state
 
 __all__ = ["PairBackend", "RerankEngine", "ScoreRequest", "ScoreResult"]
 
@@ -35,6 +37,7 @@ class ScoreRequest:
     max_tokens_per_doc: int | None = None  # Cohere v2: each document cut to this many tokens first
     param: str = "documents"  # the request field errors about a document name
     admit: Callable[[int], None] | None = None  # token rate limit, called with the pairs' tokens
+    client_id: str | None = None  # the caller's `key-<digest>` id (a per-key result cache)
 
 
 @dataclass
@@ -43,15 +46,25 @@ class ScoreResult:
     prompt_tokens: int
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
+    cache_state: str | None = None  # what the result cache answered (types.cache_state); None: no cache
+
+
+def _pair_key(pair: TokenPair) -> list[int]:
+    """What a pair's cache key hashes: its ids, then (after a -1 no id can be) where token type 1 starts:
+    the model sees both (-1 again for one segment)."""
+    second = pair.second_start
+    return [*pair, -1, -1 if second is None else second]
 
 
 class RerankEngine(EngineCore):
     """An engine whose model scores (query, document) pairs."""
 
-    def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int) -> None:
+    def __init__(self, backend: PairBackend, options: EngineOptions, *, max_documents: int,
+                 result_cache: ModelCache | None = None) -> None:
         super().__init__(backend, options)
         self.pair_backend = backend
         self.max_documents = max_documents
+        self.result_cache = result_cache
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         with self.accepted() as info:
@@ -61,10 +74,12 @@ class RerankEngine(EngineCore):
                     traced.set_attributes({"embedding.model": self.name, "embedding.pairs": len(pairs),
                                            "embedding.tokens": sum(len(p) for p in pairs)})
             started = time.perf_counter()
-            rows, queued, compute = await self.submit(pairs)
+            rows, queued, compute, cached = await self.submit_cached(
+                info, pairs, time.monotonic() + self.options.request_timeout_s, request.client_id,
+                keyed=[_pair_key(pair) for pair in pairs] if self.result_cache is not None else None)
             _scored(len(request.documents), time.perf_counter() - started)
             return ScoreResult(np.asarray(rows, dtype=np.float32).reshape(-1), sum(len(p) for p in pairs), queued,
-                               compute)
+                               compute, cache_state(cached, len(pairs)))
 
     async def _prepare_pairs(self, request: ScoreRequest, info: BackendInfo) -> list[TokenPair]:
         """Tokenise the pairs, apply the length policy, check the limits and admit (rate limits)."""

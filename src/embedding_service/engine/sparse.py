@@ -8,13 +8,17 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..backends.sparse import DOCUMENT, QUERY, SparseBackend, SparseVector, top_k
+import numpy as np
+
+from ..backends.sparse import DOCUMENT, QUERY, SparseBackend, SparseVector, pack_rows, top_k
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
+from .cached import RowCodec
 from .core import EngineCore
 from .inputs import prepare_inputs
 from .options import EngineOptions
-from .types import EmbedRequest
+from .result_cache import ModelCache
+from .types import EmbedRequest, cache_state
 
 __all__ = ["MAX_TOP_K", "SIDES", "SparseEngine", "SparseResult", "SparseVector"]
 
@@ -32,15 +36,17 @@ class SparseResult:
     queue_time_s: float = 0.0
     compute_time_s: float = 0.0
     tokens: list[list[str]] | None = None  # with return_tokens: each non-zero's vocabulary string
+    cache_state: str | None = None  # what the result cache answered (types.cache_state); None: no cache
 
 
 class SparseEngine(EngineCore):
     """An engine whose model gives sparse vectors (a masked-LM model with SPLADE pooling; for an
     inference-free model, queries by a weight per token, without a forward)."""
 
-    def __init__(self, backend: SparseBackend, options: EngineOptions) -> None:
+    def __init__(self, backend: SparseBackend, options: EngineOptions, result_cache: ModelCache | None = None) -> None:
         super().__init__(backend, options)
         self.sparse_backend = backend
+        self.result_cache = result_cache  # (the document side's forward; an inference-free query side is a lookup)
 
     async def encode(self, request: EmbedRequest, *, top_k: int | None = None, side: str | None = None,
                      return_tokens: bool = False) -> SparseResult:
@@ -61,7 +67,7 @@ class SparseEngine(EngineCore):
                                    param="input_type")
             if side in info.prompts and request.prompt_name is None:  # as encode_query/_document do
                 request.prompt_name = side
-            route = side or self.sparse_backend.default_route
+            route, cached = side or self.sparse_backend.default_route, None
             deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
             with self.on_its_way():
                 prepared = await prepare_inputs(self, request, info, deadline)
@@ -70,12 +76,36 @@ class SparseEngine(EngineCore):
             if route == QUERY and self.sparse_backend.has_query_encoder:  # a lookup: no batch, no forward
                 vectors, queued, compute = self.sparse_backend.query_vectors(seqs), 0.0, 0.0
             else:
-                rows, queued, compute = await self.submit(seqs, deadline)
+                rows, queued, compute, cached = await self.submit_cached(info, seqs, deadline, request.client_id,
+                                                                         codec=SPARSE_ROWS)
                 vectors = list(rows[:, 0])
             _generated(len(seqs), time.perf_counter() - started)
         pruned = [_pruned(row, top_k) for row in vectors]
         tokens = [self.sparse_backend.tokens_of(v.indices) for v in pruned] if return_tokens else None
-        return SparseResult(pruned, total, queued, compute, tokens)
+        return SparseResult(pruned, total, queued, compute, tokens, cache_state(cached, len(pruned)))
+
+
+class _SparseRows(RowCodec):
+    """A sparse vector as the cache keeps it: its int32 indices, then its float32 values (before top_k)."""
+
+    def encode(self, rows: np.ndarray) -> list[bytes]:
+        out = []
+        for row in rows[:, 0]:
+            assert isinstance(row, SparseVector), "a sparse backend returns SparseVector rows"
+            out.append(row.indices.astype(np.int32, copy=False).tobytes()
+                       + row.values.astype(np.float32, copy=False).tobytes())
+        return out
+
+    def decode(self, values: list[bytes]) -> np.ndarray:
+        vectors = []
+        for value in values:
+            half = len(value) // 2
+            vectors.append(SparseVector(np.frombuffer(value, np.int32, half // 4),
+                                        np.frombuffer(value, np.float32, half // 4, offset=half)))
+        return pack_rows(vectors)
+
+
+SPARSE_ROWS = _SparseRows()
 
 
 def _pruned(row: object, k: int | None) -> SparseVector:

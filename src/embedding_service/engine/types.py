@@ -8,7 +8,8 @@ from enum import StrEnum
 
 import numpy as np
 
-__all__ = ["EMBED", "MULTIVECTOR", "RERANK", "SPARSE", "TASKS", "EmbedRequest", "EmbedResult", "EngineState"]
+__all__ = ["EMBED", "MULTIVECTOR", "RERANK", "SPARSE", "TASKS", "EmbedRequest", "EmbedResult", "EngineState",
+           "cache_state"]
 
 # The tasks a model serves (a model of the models file has one; docs/architecture.md: how to add one).
 EMBED, RERANK, SPARSE, MULTIVECTOR = "embed", "rerank", "sparse", "multivector"
@@ -60,7 +61,12 @@ class EmbedResult:
 
     @property
     def cache_state(self) -> str | None:
-        """`hit` (every input from the cache), `miss` (none), `partial`; None without a cache."""
-        if self.cached is None:
-            return None
-        return "hit" if self.cached == len(self.vectors) else "partial" if self.cached else "miss"
+        return cache_state(self.cached, len(self.vectors))
+
+
+def cache_state(cached: int | None, total: int) -> str | None:
+    """What the result cache answered of `total` inputs: `hit` (every one), `miss` (none), `partial`; None
+    without a cache (`cached` None)."""
+    if cached is None:
+        return None
+    return "hit" if cached == total else "partial" if cached else "miss"
