@@ -50,7 +50,7 @@ _RESTART_WINDOW_S = 60.0
 _EXTRA_WAIT_S = 10.0  # beyond shutdown_timeout, for an API process's own exit
 _TICK_S = 0.05
 
-ApiTarget = Callable[[socket.socket, str, int], None]
+ApiTarget = Callable[[socket.socket, str, int, bool], None]  # (sock, path, index, ready_first)
 
 
 def unsupported(settings: EmbeddingConfig, plan: ServicePlan) -> str | None:
@@ -171,7 +171,11 @@ class _EngineProcess:
         return self.code
 
     def _spawn(self, sock: socket.socket, path: str, index: int) -> Any:
-        proc = self._context.Process(target=self.target, args=(sock, path, index), name=f"api-{index}", daemon=False)
+        # A replacement for a process that died joins the accept loop only once ready: its first requests would
+        # otherwise get 503 "loading" while the others could answer them. (At the first start every process
+        # accepts at once and answers /health 503 while the models load, as one process does.)
+        proc = self._context.Process(target=self.target, args=(sock, path, index, self.loaded), name=f"api-{index}",
+                                     daemon=False)
         proc.start()
         return proc
 

@@ -52,15 +52,16 @@ def _worker_main(sock: socket.socket, settings: EmbeddingConfig, plan: ServicePl
     sys.exit(serve_planned(settings, plan, sock))
 
 
-def _api_process_main(sock: socket.socket, path: str, index: int, settings: EmbeddingConfig,
+def _api_process_main(sock: socket.socket, path: str, index: int, ready_first: bool, settings: EmbeddingConfig,
                       plan: ServicePlan) -> None:
     """An `api_processes > 1` API process: a draining server on `sock` whose engines are the engine process's
-    (over the Unix socket at `path`)."""
+    (over the Unix socket at `path`); with `ready_first`, it accepts connections only once they are ready."""
     from .api_processes import remote_engines
 
     os.setpgid(0, 0)  # the engine process forwards signals: a terminal's Ctrl-C must not reach us twice
     configure_logging(settings.log_level, settings.log_format)
-    sys.exit(serve_planned(settings, plan, sock, engines=functools.partial(remote_engines, path=path)))
+    sys.exit(serve_planned(settings, plan, sock, engines=functools.partial(remote_engines, path=path),
+                           ready_first=ready_first))
 
 
 def _serve_api_processes(settings: EmbeddingConfig, plan: ServicePlan) -> int:
@@ -140,9 +141,11 @@ def prepare(settings: EmbeddingConfig) -> int:
 
 
 def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.socket | None = None, *,
-                  engines: Callable[[ServicePlan], dict[str, EngineCore]] = build_engines) -> int:
+                  engines: Callable[[ServicePlan], dict[str, EngineCore]] = build_engines,
+                  ready_first: bool = False) -> int:
     """One server process: build the planned engines (`engines(plan)`: the models here, or an API process's
-    proxies of the engine process's) and the app, serve until drained (on `sock` when given)."""
+    proxies of the engine process's) and the app, serve until drained (on `sock` when given; with
+    `ready_first`, accepting only once the engines are ready)."""
     from .api.app import create_app
     from .api.served import Served
     from .server import DrainingServer, freeze_startup_heap, uvicorn_config
@@ -166,7 +169,8 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
         except ImportError as exc:
             return _fail(str(exc))
     try:
-        app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap)
+        app = create_app(settings, models=models, on_fatal=fatal, on_loaded=freeze_startup_heap,
+                         load_before_serving=ready_first)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
     server = DrainingServer(uvicorn_config(app, settings), list(built.values()), settings.shutdown_timeout)

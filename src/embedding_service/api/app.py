@@ -95,11 +95,13 @@ def create_app(
     models: Sequence[Served] | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     on_loaded: Callable[[], None] | None = None,
+    load_before_serving: bool = False,
 ) -> FastAPI:
     """The HTTP application over the served models (built by service.py; tests pass fake ones): `models`,
     each with its name, engine and task, or the embedding engine and/or the reranker's under the names the
     settings give them. The app's lifespan starts the engines in the background, one after the other (then
-    calls `on_loaded`), and drains and stops them at shutdown.
+    calls `on_loaded`), and drains and stops them at shutdown; with `load_before_serving` it starts them before
+    the server accepts its first connection.
 
     Raises RuntimeError / ValueError for a setting it cannot honour (token_ids_tiktoken offline, a
     malformed API key file).
@@ -128,6 +130,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.get_running_loop().create_task(load(), name="model-load")
+        if load_before_serving:
+            await asyncio.shield(loader)
         try:
             yield
         finally:
