@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .config_values import UNUSABLE_KEY, split_json_or_csv, usable_api_key
+
 __all__ = ["DEFAULT_MODEL", "DEMO_MODEL_NAME", "UNUSABLE_KEY", "EmbeddingConfig", "usable_api_key"]
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
@@ -264,14 +266,14 @@ class EmbeddingConfig(BaseSettings):
                      "forwarded_allow_ips", "cors_allow_origins", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
-        return _split_json_or_csv(value)
+        return split_json_or_csv(value)
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_configured_means_keys(cls, value: object) -> object:
         # Fail closed: a value that is not blank but holds no key (" , ", "[]" with spaces...) was meant to
         # turn authentication on; serving everyone without a key would be the wrong way round.
-        items = _split_json_or_csv(value)
+        items = split_json_or_csv(value)
         text = value.strip() if isinstance(value, str) else None
         if isinstance(items, list) and not any(str(item).strip() for item in items) and text not in (None, "", "[]"):
             raise ValueError("holds no API key; give keys, or leave it empty to serve without authentication")
@@ -379,22 +381,3 @@ class EmbeddingConfig(BaseSettings):
         """The folder name of `model_path` ("" when unset)."""
         return (self.model_path or "").rstrip("/").rsplit("/", 1)[-1]
 
-
-# What a client can send in `Authorization: Bearer KEY`: visible ASCII, no spaces (anything else never matches).
-UNUSABLE_KEY = "an API key must be visible ASCII characters without spaces (no client could ever send it)"
-
-
-def usable_api_key(key: str) -> bool:
-    return key.isascii() and key.isprintable() and " " not in key
-
-
-def _split_json_or_csv(value: object) -> object:
-    """A list field from the environment or a flag: a JSON list, or comma-separated items."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            import json
-
-            return json.loads(text)
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return value
