@@ -6,6 +6,7 @@ and the dense model's answers are bit for bit those of a `--demo` server without
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path, infe
   - name: colbert
     model_path: {colbert_dir}
 """)  # (no task: a saved SparseEncoder is found sparse, a PyLate folder multivector)
-    yield from _served(["--models-file", str(path)])
+    yield from _served(["--models-file", str(path), "--data-dir", str(tmp_path_factory.mktemp("batch-data"))])
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> Any:
@@ -135,3 +136,31 @@ def test_colbert_beside_them_equals_pylate(server: ServerProcess) -> None:
         assert [r.index for r in answer.results] == list(np.argsort(expected)[::-1])
         ours = sorted((r.index, r.relevance_score) for r in answer.results)
         assert np.abs(np.asarray([score for _, score in ours]) - np.asarray(expected)).max() <= 1e-5
+
+
+def test_sparse_lines_run_in_the_batch_api(server: ServerProcess) -> None:
+    """A batch with endpoint /embed_sparse: each output body is the online endpoint's answer to that body (the
+    route and its envelope; the vectors themselves are checked against SparseEncoder above), a bad line the
+    online 4xx."""
+    bodies = {"one": {"inputs": TEXTS[0], "model": "splade"}, "two": {"inputs": TEXTS[1:3], "top_k": 4},
+              "bad": {"inputs": [], "model": "splade"}}
+    content = "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/embed_sparse", "body": body}) + "\n"
+                      for cid, body in bodies.items()).encode()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        uploaded = client.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})
+        assert uploaded.status_code == 200, uploaded.text
+        batch = client.post("/v1/batches", json={"input_file_id": uploaded.json()["id"], "endpoint": "/embed_sparse",
+                                                 "completion_window": "24h"}).json()
+        for _ in range(600):
+            batch = client.get(f"/v1/batches/{batch['id']}").json()
+            if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+                break
+            time.sleep(0.1)
+        assert batch["status"] == "completed", batch
+        assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+        lines = [json.loads(line) for file in ("output_file_id", "error_file_id")
+                 for line in client.get(f"/v1/files/{batch[file]}/content").text.splitlines()]
+        assert sorted(line["custom_id"] for line in lines) == ["bad", "one", "two"]
+        for line in lines:
+            online = client.post("/embed_sparse", json=bodies[line["custom_id"]])
+            assert (line["response"]["status_code"], line["response"]["body"]) == (online.status_code, online.json())

@@ -26,7 +26,7 @@ from .upload import Form, read_form
 
 __all__ = ["ENDPOINTS", "build_batch_router"]
 
-ENDPOINTS = ("/v1/embeddings", "/v2/embed", "/v1/rerank", "/v2/rerank", "/v1/score")
+ENDPOINTS = ("/v1/embeddings", "/v2/embed", "/v1/rerank", "/v2/rerank", "/v1/score", "/embed_sparse")
 MAX_FILES_PER_KEY = 10_000
 MAX_ACTIVE_BATCHES_PER_KEY = 100
 _WINDOW_S = {"24h": 86_400}
