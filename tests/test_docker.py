@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 TEXTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog.", "短い日本語の文です。",
          "embeddings " * 60, "a", "Given a web search query, retrieve relevant passages"]
-SAME_SETTINGS = {"EMBEDDING_ENGINE": "torch", "EMBEDDING_DTYPE": "float32"}
+# The result cache off: each answer computed (a cached single text would be its batch's bytes, not its own).
+SAME_SETTINGS = {"EMBEDDING_ENGINE": "torch", "EMBEDDING_DTYPE": "float32", "EMBEDDING_RESULT_CACHE_BYTES": "0"}
 MODEL_MOUNT = "/models/all-MiniLM-L6-v2"
 LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/home/app/.cache"]
 STOP_TIMEOUT = 30
@@ -83,7 +84,7 @@ def image(docker: DockerDaemon, request: pytest.FixtureRequest) -> BuildReport:
 def reference(minilm_dir: Path) -> dict[str, list[list[float]]]:
     """The same server outside the container (the test's own venv, same engine and dtype): TEXTS as one
     batch, and each text on its own (a batch's padding changes the float rounding a little)."""
-    server = ServerProcess(["--demo", "--engine", "torch", "--dtype", "float32"])
+    server = ServerProcess(["--demo", "--engine", "torch", "--dtype", "float32", "--result-cache-bytes", "0"])
     try:
         server.wait_healthy(300)
         return {"batch": vectors(server.url, TEXTS), "single": [vectors(server.url, [t])[0] for t in TEXTS]}
