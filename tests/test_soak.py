@@ -66,7 +66,10 @@ def test_memory_descriptors_and_threads_stay_flat_under_a_hostile_mix(server_fac
     keys and 404s on new paths, through the API-key and rate-limit layers: 10 rounds of 2.5 s."""
     server = server_factory(["--engine", "fake", "--log-level", "WARNING", "--rerank-model", "fake-reranker",
                              "--api-keys", '["soak-key"]', "--rate-limit-rpm", "10000000",
-                             "--max-body-bytes", "1000000", "--body-timeout-s", "5"])
+                             "--max-body-bytes", "1000000", "--body-timeout-s", "5",
+                             # The result cache grows to its bound by design (256 MiB by default): a small bound
+                             # fills in the warm-up, and then its evictions under churn must not leak either.
+                             "--result-cache-bytes", "262144"])
     server.wait_healthy()
     rounds = asyncio.run(soak(server.url, server.proc.pid, None, rounds=10, clients=8, seconds=2.5,
                               api_key="soak-key"))
