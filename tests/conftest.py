@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -40,6 +40,13 @@ def has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def missing(ci_reason: str, local_reason: str) -> NoReturn:
+    """A tool a test needs is absent: a failure under CI (.ci/run installs every tool), a skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(ci_reason)
+    pytest.skip(local_reason)
 
 
 @pytest.fixture(scope="session")

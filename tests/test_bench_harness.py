@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from bench.flops import cpu_peak, model_flops_per_token
 from bench.loadgen import RunResult, percentile
 from bench.report import markdown
 from bench.workloads import QWEN3_QUERY_INSTRUCTION, WORKLOADS, TextMaker, as_sent, select_workloads
+
+from .conftest import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,9 +174,7 @@ def test_wrk_client_counts_what_the_server_answered(server_factory) -> None:
     from bench.wrk_client import drive_wrk, wrk_available
 
     if not wrk_available():
-        if os.environ.get("CI"):
-            pytest.fail("wrk is missing (.ci/run installs it)")
-        pytest.skip("wrk is not installed (apt-get install wrk)")
+        missing("wrk is missing (.ci/run installs it)", "wrk is not installed (apt-get install wrk)")
 
     server = server_factory(["--engine", "fake", "--served-model-name", "m", "--max-batch-size", "8"])
     server.wait_healthy()

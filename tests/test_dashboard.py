@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ROOT, ServerProcess, free_port, serving
+from .conftest import ROOT, ServerProcess, free_port, missing, serving
 
 DASHBOARD = ROOT / "deploy" / "helm" / "embedding-service" / "dashboards" / "embedding-service.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -73,9 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, random_splade_dir: Path) ->
 @pytest.fixture(scope="module")
 def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shutil.which("prometheus") is None:
-        if __import__("os").environ.get("CI"):
-            pytest.fail("prometheus is not installed (.ci/run installs Debian's prometheus)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+        missing("prometheus is not installed (.ci/run installs Debian's prometheus)",
+                "prometheus is not installed (apt-get install prometheus)")
     root = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

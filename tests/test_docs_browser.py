@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import ROOT, ServerProcess
+from .conftest import ROOT, ServerProcess, missing
 
 pytestmark = pytest.mark.slow
 
@@ -50,10 +50,8 @@ def browser() -> Iterator[Any]:
     except ImportError:
         executable = ""
     if not executable:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium; the test extra has "
-                        "playwright")
-        pytest.skip("needs Debian's chromium (apt-get install chromium) and playwright (the test extra)")
+        missing("CI must run the browser test: .ci/run installs Debian's chromium; the test extra has playwright",
+                "needs Debian's chromium (apt-get install chromium) and playwright (the test extra)")
     with sync_playwright() as playwright:
         # A fresh profile per launch (Playwright makes a new --user-data-dir); it never downloads a browser.
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)

@@ -4,7 +4,6 @@ share an entry, and a Redis outage fails no request."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.result_cache import ResultCache
 from embedding_service.engine.types import EmbedRequest
 from embedding_service.service import build_embedding_engine, plan_service
-from tests.conftest import engine_options, fake_app, free_port, has_module, make_settings
+from tests.conftest import engine_options, fake_app, free_port, has_module, make_settings, missing
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -54,9 +53,8 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if REDIS_SERVER is None or not has_module("redis"):
-        if os.environ.get("CI"):
-            pytest.fail("redis-server or the redis package is missing (.ci/run installs both)")
-        pytest.skip("redis-server (apt-get install redis-server) or the redis package is not installed")
+        missing("redis-server or the redis package is missing (.ci/run installs both)",
+                "redis-server (apt-get install redis-server) or the redis package is not installed")
     server = RedisServer(tmp_path)
     yield server
     server.stop()
