@@ -11,7 +11,7 @@ test: $(VENV)/.installed
 	VENV=$(VENV) bash scripts/test.sh
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench scripts config embedding_start.py && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check src testkit tests bench scripts config embedding_start.py && $(VENV)/bin/mypy
 
 serve-demo: $(VENV)/.installed
 	$(VENV)/bin/embedding-service serve --demo

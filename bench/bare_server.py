@@ -54,7 +54,7 @@ class BareHttp(asyncio.Protocol):
     async def answer(self, body: bytes) -> None:
         import orjson
 
-        from embedding_service.api.protocol import encode_embeddings, parse_embedding_request
+        from embedding_service.api.embed.protocol import encode_embeddings, parse_embedding_request
 
         try:
             request, encoding = parse_embedding_request(orjson.loads(body))

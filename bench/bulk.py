@@ -33,7 +33,7 @@ MEASURES = ("bulk-torch", "st", "raw-torch", "bulk-vllm", "llm-embed")
 
 def texts_for(count: int, words: int, seed: int) -> list[str]:
     """`count` distinct texts of `words` pseudo-words each."""
-    from embedding_service.testing import generated_corpus
+    from testkit.random_models import generated_corpus
 
     pool = " ".join(generated_corpus(words=count * words + 1000, seed=seed)).split()
     out = [" ".join(pool[i * words: (i + 1) * words]) + f" {i}" for i in range(count)]
@@ -61,7 +61,7 @@ def measure(name: str, source: Path, dtype: str) -> dict[str, float]:
             summary = asyncio.run(run_job(Job([str(source)], out, overwrite=True, progress=False), embedder))
         load = (embedder.engine.load_seconds if embedder.engine is not None else 0.0) or 0.0
         return {"seconds": summary.seconds - load, "load_s": load}
-    from embedding_service.backends.resolve import demo_model_dir
+    from embedding_service.backends.model.resolve import demo_model_dir
 
     model_dir = demo_model_dir()
     started = time.perf_counter()
@@ -76,7 +76,7 @@ def measure(name: str, source: Path, dtype: str) -> dict[str, float]:
             model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
     elif name == "raw-torch":
         from embedding_service.backends import BackendOptions, read_model_facts
-        from embedding_service.backends.torch_backend import TorchBackend
+        from embedding_service.backends.torch.embed import TorchBackend
 
         backend = TorchBackend(BackendOptions.from_config(_settings("torch", dtype), model_dir,
                                                           read_model_facts(model_dir)))

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from embedding_service.backends.resolve import demo_model_dir
+    from embedding_service.backends.model.resolve import demo_model_dir
 
     model_dir = args.model_dir or demo_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

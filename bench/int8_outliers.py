@@ -2,7 +2,7 @@
 
     python -m bench.int8_outliers [--data ../shared/data/retrieval-docstrings.jsonl] [--out DIR]
 
-Builds the tiny random Qwen3 (testing.py) twice, plain and with OUTLIER_CHANNELS (x20-x100 at every linear
+Builds the tiny random Qwen3 (testkit/random_models.py) twice, plain and with OUTLIER_CHANNELS (x20-x100 at every linear
 layer's input), and reports min / mean cosine to OpenVINO fp32 over 500 texts (docstring documents and queries
 from --data, else generated sentences) for: the int8 path before SmoothQuant (int8 weights, activations
 quantised per group of 32 at run time), the same after SmoothQuant (today's `--quantize int8`), int8 weights
@@ -30,7 +30,7 @@ def _texts(data: Path | None) -> tuple[list[str], list[str]]:
         rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:1500]]
         return ([r["query"] + "\n" + r["document"] for r in rows[:300]],
                 [r["document"] for r in rows[1000:1300]] + [r["query"] for r in rows[1300:1500]])
-    from embedding_service.testing import generated_corpus
+    from testkit.random_models import generated_corpus
 
     lines = generated_corpus(40_000, seed=7)
     return lines[:300], lines[300:800]
@@ -41,10 +41,10 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    from embedding_service.backends import openvino_backend
     from embedding_service.backends.base import BackendOptions
-    from embedding_service.backends.model_facts import read_model_facts
-    from embedding_service.backends.openvino_backend import OpenVinoBackend, pad_batch
+    from embedding_service.backends.model.facts import read_model_facts
+    from embedding_service.backends.openvino import embed as openvino_backend
+    from embedding_service.backends.openvino.embed import OpenVinoBackend, pad_batch
     from embedding_service.config import EmbeddingConfig
 
     def backend(quantize: str, folder: str = "exports") -> OpenVinoBackend:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         / "retrieval-docstrings.jsonl")
     parser.add_argument("--out", type=Path, default=Path("bench/runs/int8_outliers.json"))
     args = parser.parse_args(argv)
-    from embedding_service.testing import OUTLIER_CHANNELS, build_random_qwen3
+    from testkit.random_models import OUTLIER_CHANNELS, build_random_qwen3
 
     calib_texts, eval_texts = _texts(args.data)
     report = {}

@@ -108,7 +108,7 @@ async def over_connections(app: Any, requests: int) -> None:
 
 
 async def engine_only(engine: Any, requests: int) -> None:
-    from embedding_service.api.protocol import encode_embeddings, parse_embedding_request
+    from embedding_service.api.embed.protocol import encode_embeddings, parse_embedding_request
 
     async def client() -> None:
         for _ in range(requests // CONCURRENCY):
@@ -122,8 +122,8 @@ async def engine_only(engine: Any, requests: int) -> None:
 def _layers(app: Any) -> dict[str, Callable[[int], Awaitable[None]]]:
     """Each variant as a function of the request count, over one app (its middleware stack as `serve` has it)."""
     from embedding_service.api.direct_routes import DirectRoutes
-    from embedding_service.api.lifecycle import RequestLifecycle
-    from embedding_service.api.request_context import RequestContextMiddleware
+    from embedding_service.api.middleware.lifecycle import RequestLifecycle
+    from embedding_service.api.middleware.request_context import RequestContextMiddleware
 
     stack, direct = app.build_middleware_stack(), None
     while stack is not None and direct is None:
@@ -157,7 +157,7 @@ async def measure(variants: list[str], requests: int, rounds: int) -> dict[str, 
 
 async def _measure(variants: list[str], requests: int, rounds: int) -> dict[str, float]:
     from embedding_service.api.app import create_app
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
     from embedding_service.config import EmbeddingConfig
     from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 

@@ -11,7 +11,7 @@ import asyncio
 import resource
 import time
 
-from embedding_service.backends.resolve import demo_model_dir
+from embedding_service.backends.model.resolve import demo_model_dir
 from embedding_service.config import EmbeddingConfig
 from embedding_service.engine.types import EmbedRequest
 from embedding_service.service import build_engine, plan_model

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-vocab", type=int, default=65536, help="BPE size to train (what it reaches)")
     parser.add_argument("--force", action="store_true", help="rebuild even when present")
     args = parser.parse_args(argv)
-    from embedding_service.testing import QWEN3_0_6B_SHAPE, build_random_qwen3
+    from testkit.random_models import QWEN3_0_6B_SHAPE, build_random_qwen3
 
     out = Path(args.out)
     full = out / FULL_NAME

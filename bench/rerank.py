@@ -3,7 +3,7 @@ a closed loop, against our server (torch, vLLM and openvino engines, the reranke
 `vllm serve` on the same model. vLLM needs the Qwen3-Reranker template applied by the client (as its docs
 show); ours applies it.
 
-The model is a random-weight Qwen3-Reranker look-alike (embedding_service.testing) of a chosen shape (the
+The model is a random-weight Qwen3-Reranker look-alike (testkit.random_models) of a chosen shape (the
 real 0.6B takes seconds per request on a 2-core CPU; random weights cost the same compute as trained ones),
 or with `--rerank-shape minilm-ce` a BERT cross-encoder of ms-marco-MiniLM-L6-v2's shape.
 """
@@ -40,7 +40,7 @@ DOCS_PER_REQUEST, DOC_WORDS, CLIENTS = 20, 75, 8  # ~100 tokens a document with 
 
 
 def _model(models_dir: Path, shape: str) -> Path:
-    from embedding_service.testing import build_random_cross_encoder, build_random_qwen3_reranker
+    from testkit.random_models import build_random_cross_encoder, build_random_qwen3_reranker
 
     out = models_dir / (f"cross-encoder-{shape}" if shape == CROSS_ENCODER_SHAPE else f"qwen3-reranker-{shape}")
     if not (out / "config.json").is_file():

@@ -41,7 +41,7 @@ def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
     out = []
     for name in names:
         if name == "minilm":
-            from embedding_service.backends.resolve import demo_model_dir
+            from embedding_service.backends.model.resolve import demo_model_dir
 
             path = demo_model_dir()
             out.append(
@@ -81,8 +81,9 @@ def _vllm_backend_present() -> bool:
     if importlib.util.find_spec("vllm") is None:
         return False
     roots = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return any(Path(r, "embedding_service", "backends", "vllm_backend.py").is_file() for r in roots) or (
-        importlib.util.find_spec("embedding_service.backends.vllm_backend") is not None
+    homes = (("backends", "vllm", "embed.py"), ("backends", "vllm_backend.py"))  # (the layout before session 36)
+    return any(Path(r, "embedding_service", *home).is_file() for r in roots for home in homes) or (
+        importlib.util.find_spec("embedding_service.backends.vllm.embed") is not None
     )
 
 

@@ -65,7 +65,7 @@ _TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # a c
 
 async def run(mode: str, requests: int, repeats: int) -> dict[str, Any]:
     from embedding_service.api.app import create_app
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
     from embedding_service.config import EmbeddingConfig
     from embedding_service.engine.engine import EmbeddingEngine
     from embedding_service.engine.options import EngineOptions

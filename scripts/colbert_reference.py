@@ -1,5 +1,5 @@
 """Write tests/data/colbert_reference.json: PyLate's token vectors and MaxSim scores on the random ColBERT
-fixture (embedding_service.testing.build_random_colbert), for tests/test_multivector.py to compare against.
+fixture (testkit.random_models.build_random_colbert), for tests/test_multivector.py to compare against.
 
 PyLate 1.6 pins sentence-transformers 5.3 and transformers <= 5.3, older than this project's, so it runs in a
 venv of its own (created once under the cache folder; ~1.5 min) and never in the project's environment:
@@ -67,9 +67,9 @@ def pylate_python() -> Path:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from embedding_service.backends.resolve import demo_model_dir
-    from embedding_service.testing import build_random_colbert, tensor_digest
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    from embedding_service.backends.model.resolve import demo_model_dir
+    from testkit.random_models import build_random_colbert, tensor_digest
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = build_random_colbert(Path(scratch) / "colbert", demo_model_dir())

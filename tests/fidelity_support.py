@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 
 from .conftest import fake_app
 

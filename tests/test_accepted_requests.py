@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 
 from .conftest import make_settings
 from .fidelity_support import DIM, MAX_LEN, fake_client, words

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
 from .conftest import engine_options, fake_app_over, in_process_client

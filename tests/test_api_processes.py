@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import values as prometheus_values
 
 from embedding_service.api_processes import remote_engines, unsupported
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.backends.fake_scoring import FakeScoringBackend
-from embedding_service.backends.pair_tokenizer import TokenPair
+from embedding_service.backends.fake.embed import FakeBackend
+from embedding_service.backends.fake.scoring import FakeScoringBackend
+from embedding_service.backends.model.pair_tokenizer import TokenPair
 from embedding_service.engine import wire
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.host import EngineHost

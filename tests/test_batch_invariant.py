@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
 from .conftest import backend_options, engine_options
@@ -38,7 +38,7 @@ async def test_each_input_is_its_own_backend_call_and_rows_keep_their_order() ->
 @pytest.mark.slow
 async def test_padding_moves_the_last_bits_and_the_setting_stops_it(minilm_dir: Path) -> None:
     """MiniLM on torch, fp32: texts of mixed lengths in one batch against each alone."""
-    from embedding_service.backends.torch_backend import TorchBackend
+    from embedding_service.backends.torch.embed import TorchBackend
 
     texts = [f"Document {i}: {'padding moves the last bits ' * (1 + i % 5)}" for i in range(24)]
     for invariant in (False, True):

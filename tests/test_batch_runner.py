@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from embedding_service.api.app import create_app
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.batch import BatchApi
 from embedding_service.batch.disk import Disk
 from embedding_service.engine.engine import EmbeddingEngine

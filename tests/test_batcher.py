@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.batcher import Batcher, BatchPolicy
 from embedding_service.errors import ErrorKind, ServiceError
 

@@ -108,8 +108,8 @@ async def test_waiting_for_incoming_work_is_bounded_and_ends_when_it_is_refused(
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
 async def test_concurrent_requests_to_an_idle_engine_share_one_batch(task: str) -> None:
-    from embedding_service.backends.fake import FakeBackend
-    from embedding_service.backends.fake_scoring import FakeScoringBackend
+    from embedding_service.backends.fake.embed import FakeBackend
+    from embedding_service.backends.fake.scoring import FakeScoringBackend
     from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
     from embedding_service.engine.rerank import RerankEngine, ScoreRequest
     from embedding_service.engine.types import EmbedRequest

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.bulk.local import plan_batches
 from embedding_service.bulk.readers import scan
 from embedding_service.cli import main

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.model.facts import read_model_facts
 from embedding_service.service import (
     GOMP_SPINCOUNT,
     ONEDNN_PRIMITIVE_CACHE,

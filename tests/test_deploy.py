@@ -183,7 +183,7 @@ def test_gpu_and_autoscaling(helm: Any) -> None:
     assert json.loads(dashboard["data"]["embedding-service.json"]) == json.loads(
         (CHART / "dashboards" / "embedding-service.json").read_text())
     # The HPA's metric must be one the service really exports.
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
     from embedding_service.engine.engine import EmbeddingEngine
     from embedding_service.metrics import ServiceMetrics
 

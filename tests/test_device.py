@@ -6,7 +6,7 @@ import pytest
 
 
 def test_float16_on_cpu_runs_as_bf16_or_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedding_service.backends import device
+    from embedding_service.backends.runtime import device
 
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert device.resolve_cpu_dtype("float16") == "bfloat16"
@@ -28,7 +28,7 @@ GRAVITON = "fp asimd evtstrm aes pmull sha1 sha2 crc32 asimddp"
     (ZEN2_AVX2, None), (SKYLAKE_X, None), (ZEN4_EPYC, "AVX-512 VNNI"), (ALDER_LAKE, "AVX-VNNI"),
     (SAPPHIRE_RAPIDS, "AMX"), (GRAVITON, None), ("", None)])
 def test_int8_dot_product_isa_is_read_from_the_flags(flags: str, isa: str | None) -> None:
-    from embedding_service.backends.device import int8_dot_product_isa
+    from embedding_service.backends.runtime.device import int8_dot_product_isa
 
     assert int8_dot_product_isa(frozenset(flags.split())) == isa
 
@@ -38,7 +38,7 @@ def test_int8_dot_product_isa_is_read_from_the_flags(flags: str, isa: str | None
     (GRAVITON, False),  # not x86: OpenVINO's Arm kernels have their own int8 path; nothing measured to say
     ("", False)])  # no /proc/cpuinfo: unknown, so no claim
 def test_int8_is_called_slow_only_on_x86_without_int8_dot_products(flags: str, slow: bool) -> None:
-    from embedding_service.backends.device import int8_slow_reason
+    from embedding_service.backends.runtime.device import int8_slow_reason
 
     reason = int8_slow_reason(frozenset(flags.split()))
     assert (reason is not None) == slow

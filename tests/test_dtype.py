@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_service.backends import device
-from embedding_service.testing import generated_corpus
+from embedding_service.backends.runtime import device
+from testkit.random_models import generated_corpus
 
 from .conftest import ServerProcess
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from embedding_service import service
-from embedding_service.backends import choice
-from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.model.facts import read_model_facts
+from embedding_service.backends.runtime import choice
 
 from .conftest import make_settings
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
 from .conftest import ServerProcess, engine_options, fake_app_over, in_process_client

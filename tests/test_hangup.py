@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from embedding_service.api.lifecycle import HANGUP_EXTENSION, HangupHook, RequestLifecycle
+from embedding_service.api.middleware.lifecycle import HANGUP_EXTENSION, HangupHook, RequestLifecycle
 
 BODY = {"type": "http.request", "body": b"{}", "more_body": False}
 

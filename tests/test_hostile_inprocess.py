@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from embedding_service.api.security import load_key_digests
+from embedding_service.api.middleware.security import load_key_digests
 from embedding_service.cli import load_settings
 from embedding_service.logging_config import RequestIdFilter, TextFormatter
 from embedding_service.server import accept_backlog, refuse_new_handshakes
@@ -180,7 +180,7 @@ async def test_a_storm_of_hang_ups_costs_the_event_loop_little() -> None:
     # Before: the queue was rebuilt per cancelled job (quadratic), 0.4-0.8 s of loop time here.
     from concurrent.futures import ThreadPoolExecutor
 
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
     from embedding_service.engine.batcher import Batcher, BatchPolicy
 
     async def one_storm() -> float:
@@ -299,7 +299,7 @@ async def test_refused_over_limit_tokens_are_charged_to_the_token_bucket(client:
 async def test_long_texts_are_counted_in_slices_and_stop_early() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
     from embedding_service.engine.tokenize import TokenLimitError, tokenize_bounded
 
     backend = FakeBackend()
@@ -327,8 +327,8 @@ async def test_long_texts_are_counted_in_slices_and_stop_early() -> None:
 def test_vllm_that_cannot_load_on_cuda_falls_back_to_torch_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
     # Before: with device=auto a failed vLLM load on CUDA exited the server. (No GPU here: vLLM is stubbed.)
     from embedding_service.backends import BackendLoadError, create_backend
-    from embedding_service.backends.fake import FakeBackend
-    from embedding_service.backends.fallback import CpuFallback
+    from embedding_service.backends.fake.embed import FakeBackend
+    from embedding_service.backends.runtime.fallback import CpuFallback
 
     class CudaVllmThatFails:
         device_type = "cuda"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_service.backends import openvino_backend
-from embedding_service.backends.openvino_backend import OpenVinoBackend
+from embedding_service.backends.openvino import embed as openvino_backend
+from embedding_service.backends.openvino.embed import OpenVinoBackend
 
 from .conftest import backend_options
 
@@ -23,7 +23,7 @@ pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def outlier_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from embedding_service.testing import OUTLIER_CHANNELS, build_random_qwen3
+    from testkit.random_models import OUTLIER_CHANNELS, build_random_qwen3
 
     return build_random_qwen3(tmp_path_factory.mktemp("outlier-qwen3"), outlier_channels=OUTLIER_CHANNELS)
 
@@ -41,7 +41,7 @@ def _vectors(model_dir: Path, cache: Path, quantize: str, texts: list[str]) -> n
 
 def test_int8_keeps_min_cos_on_outlier_activations_where_plain_int8_does_not(
         outlier_qwen_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedding_service.testing import generated_corpus
+    from testkit.random_models import generated_corpus
 
     texts = generated_corpus(12_000, seed=11)[:300]
     exact = _vectors(outlier_qwen_dir, tmp_path / "a", "none", texts)
@@ -59,7 +59,7 @@ def test_smoothing_is_exact_in_fp32_and_leaves_other_models_alone(outlier_qwen_d
     import torch
     from transformers import AutoModel
 
-    from embedding_service.backends.openvino_smooth_quant import calibration_batches, smooth_decoder
+    from embedding_service.backends.openvino.smooth_quant import calibration_batches, smooth_decoder
 
     model = AutoModel.from_pretrained(outlier_qwen_dir, dtype=torch.float32).eval()
     ids = torch.from_numpy(calibration_batches(model.config.vocab_size, [0], batches=1, seed=5)[0])

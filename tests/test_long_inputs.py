@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.chunking import WAVES_IN_FLIGHT
 
 from .conftest import FakeApp, engine_options, fake_app, make_settings

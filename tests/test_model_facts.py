@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from embedding_service.backends.base import BackendLoadError
-from embedding_service.backends.model_facts import read_model_facts
+from embedding_service.backends.model.facts import read_model_facts
 from embedding_service.engine.types import EMBED, MULTIVECTOR, SPARSE, TASKS
 from embedding_service.service import plan_model
 

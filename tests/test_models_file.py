@@ -12,8 +12,8 @@ import pytest
 
 from embedding_service.api.app import create_app
 from embedding_service.api.served import Served
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.backends.fake_scoring import FakeScoringBackend
+from embedding_service.backends.fake.embed import FakeBackend
+from embedding_service.backends.fake.scoring import FakeScoringBackend
 from embedding_service.config import EmbeddingConfig
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.rerank import RerankEngine

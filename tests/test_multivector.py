@@ -35,7 +35,7 @@ def _close(ours: Any, theirs: Any) -> float:
 
 
 async def _engine(model_dir: Path, **options: object) -> MultiVectorEngine:
-    from embedding_service.backends.torch_multivector import TorchMultiVectorBackend
+    from embedding_service.backends.torch.multivector import TorchMultiVectorBackend
 
     backend = TorchMultiVectorBackend(backend_options(model_dir, model_label="colbert", dtype="float32",
                                                       device="cpu"))
@@ -46,7 +46,7 @@ async def _engine(model_dir: Path, **options: object) -> MultiVectorEngine:
 
 
 def test_the_fixture_is_the_model_pylate_encoded(colbert_dir: Path) -> None:
-    from embedding_service.testing import tensor_digest
+    from testkit.random_models import tensor_digest
 
     assert tensor_digest(colbert_dir) == REFERENCE["tensor_digest"], (
         "the fixture's weights changed: rerun scripts/colbert_reference.py")
@@ -183,7 +183,7 @@ async def test_a_folder_without_its_markers_is_refused(tmp_path: Path, colbert_d
     import shutil
 
     from embedding_service.backends import BackendLoadError
-    from embedding_service.backends.torch_multivector import TorchMultiVectorBackend
+    from embedding_service.backends.torch.multivector import TorchMultiVectorBackend
 
     folder = tmp_path / "colbert"
     shutil.copytree(colbert_dir, folder)

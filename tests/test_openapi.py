@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from embedding_service.api.cohere_errors import CohereError
+from embedding_service.api.cohere.errors import CohereError
 from embedding_service.api.docs import CSP, REDOC_CSP, asset_dir
+from embedding_service.api.embed.protocol import EMBEDDING_EXAMPLES
 from embedding_service.api.openapi import BEARER_SCHEME
-from embedding_service.api.protocol import EMBEDDING_EXAMPLES
 from embedding_service.api.schemas import EmbeddingResponse, ErrorResponse, Health, ModelCard, ModelList, ServiceInfo
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.errors import ErrorKind, error_body, status_for
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_service.backends import openvino_backend
-from embedding_service.backends.openvino_backend import OpenVinoBackend, export_key
+from embedding_service.backends.openvino import embed as openvino_backend
+from embedding_service.backends.openvino.embed import OpenVinoBackend, export_key
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
 
@@ -236,8 +236,8 @@ def test_kernel_cache_is_bounded_and_the_plugin_takes_the_setting(minilm_dir: Pa
 _CACHED_START = """
 import json, sys
 from embedding_service.backends.base import BackendOptions
-from embedding_service.backends.model_facts import read_model_facts
-from embedding_service.backends.openvino_backend import OpenVinoBackend
+from embedding_service.backends.model.facts import read_model_facts
+from embedding_service.backends.openvino.embed import OpenVinoBackend
 from embedding_service.config import EmbeddingConfig
 
 model_dir, cache, texts, quantize = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
@@ -339,7 +339,7 @@ def test_reranker_runs_on_openvino_from_its_own_cached_export(cross_encoder_dir:
     once beside the embedding models (keyed apart from them) and reads it on the next start; int8 asked for
     the embedding model leaves the reranker's weights fp32 (scores equal torch's)."""
     from embedding_service import service
-    from embedding_service.backends.torch_scoring import TorchScoringBackend
+    from embedding_service.backends.torch.scoring import TorchScoringBackend
 
     from .conftest import make_settings
 
@@ -369,8 +369,8 @@ def test_reranker_runs_on_openvino_from_its_own_cached_export(cross_encoder_dir:
 _CACHED_RERANK_START = """
 import json, sys
 from embedding_service.backends.base import BackendOptions
-from embedding_service.backends.model_facts import read_model_facts
-from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+from embedding_service.backends.model.facts import read_model_facts
+from embedding_service.backends.openvino.scoring import OpenVinoScoringBackend
 from embedding_service.config import EmbeddingConfig
 
 model_dir, cache, query, documents = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
@@ -392,7 +392,7 @@ def test_a_cached_reranker_start_imports_neither_transformers_nor_torch(
     import subprocess
     import sys
 
-    from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+    from embedding_service.backends.openvino.scoring import OpenVinoScoringBackend
 
     model_dir = tiny_reranker_dir if kind == "qwen3-reranker" else cross_encoder_dir
     first = OpenVinoScoringBackend(backend_options(model_dir, dtype="float32", openvino_cache_dir=str(cache_dir)))

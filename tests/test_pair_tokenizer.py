@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.backends import pair_tokenizer
-from embedding_service.backends.model_facts import read_model_facts
-from embedding_service.backends.pair_tokenizer import PairTokenizer, TokenPair
+from embedding_service.backends.model import pair_tokenizer
+from embedding_service.backends.model.facts import read_model_facts
+from embedding_service.backends.model.pair_tokenizer import PairTokenizer, TokenPair
 from embedding_service.backends.scoring import reranker_facts
 
 QUERIES = ["what is BM25?", "Ünïcödé façade — 東京タワー 😀", "", "capital of China?"]
@@ -72,7 +72,7 @@ def test_a_rust_copy_that_differs_leaves_transformers_path(tiny_reranker_dir: Pa
     something): pairs then take transformers' calls, and nothing is saved."""
     from transformers import AutoTokenizer
 
-    from embedding_service.backends.tokenization import rust_copy
+    from embedding_service.backends.model.tokenization import rust_copy
 
     other = AutoTokenizer.from_pretrained(cross_encoder_dir)
     monkeypatch.setattr(pair_tokenizer, "rust_copy", lambda tokenizer: rust_copy(other))

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from embedding_service.api.request_context import RequestContextMiddleware
+from embedding_service.api.middleware.request_context import RequestContextMiddleware
 from embedding_service.cli import build_parser
 from embedding_service.logging_config import JsonFormatter, RequestIdFilter, configure_logging
 
@@ -195,7 +195,7 @@ async def test_middleware_reports_failures_and_disconnects() -> None:
 def test_generated_ids_differ_across_a_fork() -> None:
     import os
 
-    from embedding_service.api.request_context import new_request_id
+    from embedding_service.api.middleware.request_context import new_request_id
 
     read, write = os.pipe()
     pid = os.fork()

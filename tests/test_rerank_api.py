@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from embedding_service.api.app import create_app
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.backends.fake_scoring import FakeScoringBackend
+from embedding_service.backends.fake.embed import FakeBackend
+from embedding_service.backends.fake.scoring import FakeScoringBackend
 from embedding_service.engine.engine import EmbeddingEngine, EngineOptions
 from embedding_service.engine.rerank import RerankEngine
 

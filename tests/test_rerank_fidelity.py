@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedding_service.backends.pair_tokenizer import TokenPair
+from embedding_service.backends.model.pair_tokenizer import TokenPair
 
 from .conftest import backend_options
 from .rerank_reference import CardQwen3Reranker, cross_encoder_predict, documents_of_lengths
@@ -28,17 +28,17 @@ TOL = 1e-4
 def _backend(engine: str, model_dir: Path, max_model_len: int, cache: Path | None = None) -> object:
     if engine == "openvino":
         pytest.importorskip("openvino")
-        from embedding_service.backends.openvino_scoring import OpenVinoScoringBackend
+        from embedding_service.backends.openvino.scoring import OpenVinoScoringBackend
 
         return OpenVinoScoringBackend(backend_options(model_dir, dtype="float32", max_model_len=max_model_len,
                                                       openvino_cache_dir=str(cache)))
     if engine == "vllm":
         pytest.importorskip("vllm")
-        from embedding_service.backends.vllm_scoring import VllmScoringBackend
+        from embedding_service.backends.vllm.scoring import VllmScoringBackend
 
         return VllmScoringBackend(backend_options(model_dir, dtype="float32", max_model_len=max_model_len,
                                                   enforce_eager=True))
-    from embedding_service.backends.torch_scoring import TorchScoringBackend
+    from embedding_service.backends.torch.scoring import TorchScoringBackend
 
     return TorchScoringBackend(backend_options(model_dir, dtype="float32", max_model_len=max_model_len))
 
@@ -117,7 +117,7 @@ def test_cross_encoder_equals_sentence_transformers(cross_encoder: object, cross
 @pytest.mark.parametrize("engine_name", ["torch", "openvino"])
 def test_cross_encoder_identity_activation(tmp_path: Path, minilm_dir: Path, engine_name: str) -> None:
     """ms-marco cross-encoders declare Identity: raw logits, as sentence-transformers returns them."""
-    from embedding_service.testing import build_random_cross_encoder
+    from testkit.random_models import build_random_cross_encoder
 
     model_dir = build_random_cross_encoder(tmp_path / "ce", minilm_dir, activation="torch.nn.modules.linear.Identity")
     backend: Any = _backend(engine_name, model_dir, 512, tmp_path / "openvino")

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 
 from .conftest import ServerProcess
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.cached import through_cache
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.options import ResultCacheOptions
@@ -248,7 +248,7 @@ async def test_minilm_on_torch_fp32_a_hit_is_the_computed_vector_and_the_referen
     """The real model: the cached answer is the first answer's bytes, an uncached engine's bytes for the same
     request, and within fp32 rounding of sentence-transformers; a partial hit's new row is its own vector."""
     st = pytest.importorskip("sentence_transformers")
-    from embedding_service.backends.torch_backend import TorchBackend
+    from embedding_service.backends.torch.embed import TorchBackend
     from tests.conftest import backend_options
 
     texts = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome"]
@@ -281,7 +281,7 @@ def test_engine_library_versions_are_part_of_the_key() -> None:
     from importlib import metadata
 
     from embedding_service.backends import numerics_versions
-    from embedding_service.backends.openvino_backend import EXPORT_VERSION
+    from embedding_service.backends.openvino.embed import EXPORT_VERSION
 
     assert numerics_versions("torch")["torch"] == metadata.version("torch")
     assert numerics_versions("openvino")["openvino_export"] == EXPORT_VERSION

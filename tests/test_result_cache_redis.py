@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.result_cache import ResultCache
 from embedding_service.engine.types import EmbedRequest

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from embedding_service.api.served import RERANK, SPARSE
-from embedding_service.backends.fake import FakeBackend
-from embedding_service.backends.fake_scoring import FakeScoringBackend
-from embedding_service.backends.pair_tokenizer import TokenPair
+from embedding_service.backends.fake.embed import FakeBackend
+from embedding_service.backends.fake.scoring import FakeScoringBackend
+from embedding_service.backends.model.pair_tokenizer import TokenPair
 from embedding_service.backends.sparse import DOCUMENT, SparseVector, pack_rows
 from embedding_service.engine.rerank import RerankEngine, ScoreRequest
 from embedding_service.engine.result_cache import ResultCache

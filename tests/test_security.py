@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from embedding_service.api import security
-from embedding_service.api.ratelimit import RateLimiter, TokenBucket
-from embedding_service.api.security import ApiKeyVerifier, key_digest, load_key_digests
+from embedding_service.api.middleware import security
+from embedding_service.api.middleware.ratelimit import RateLimiter, TokenBucket
+from embedding_service.api.middleware.security import ApiKeyVerifier, key_digest, load_key_digests
 from embedding_service.engine.engine import EmbeddingEngine
 
 from .conftest import fake_app_over, in_process_client, make_settings

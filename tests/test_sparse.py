@@ -57,7 +57,7 @@ def _compare(ours: list[SparseVector], reference: np.ndarray) -> float:
 
 
 async def _engine(model_dir: Path, **options: object) -> SparseEngine:
-    from embedding_service.backends.torch_sparse import TorchSparseBackend
+    from embedding_service.backends.torch.sparse import TorchSparseBackend
 
     backend = TorchSparseBackend(backend_options(model_dir, model_label="splade", dtype="float32", device="cpu"))
     engine = SparseEngine(backend, engine_options(**{"batch_timeout_ms": 2, **options}))

@@ -7,7 +7,7 @@ import gc
 
 from embedding_service.api.app import create_app
 from embedding_service.backends.base import BackendInfo
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EngineState
 from embedding_service.server import freeze_startup_heap

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.backends.tokenization import HfTokenizer, SavedTokenizer, transformers_ids
+from embedding_service.backends.model.tokenization import HfTokenizer, SavedTokenizer, transformers_ids
 
 
 def _texts(count: int, seed: int = 5) -> list[str]:

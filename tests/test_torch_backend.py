@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_service.backends.torch_backend import TorchBackend
+from embedding_service.backends.torch.embed import TorchBackend
 from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_service.backends.torch_backend import TorchBackend, bucket
+from embedding_service.backends.torch.embed import TorchBackend, bucket
 
 from .conftest import backend_options
 

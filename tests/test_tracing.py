@@ -174,7 +174,7 @@ def test_off_by_default_means_no_tracing_code_at_all() -> None:
     script = (
         "import sys\n"
         "from embedding_service.api.app import create_app\n"
-        "from embedding_service.api.tracing_middleware import TracingMiddleware\n"
+        "from embedding_service.api.middleware.tracing import TracingMiddleware\n"
         "from embedding_service.config import EmbeddingConfig\n"
         "from embedding_service.service import build_engines, plan_service\n"
         "settings = EmbeddingConfig(engine='fake')\n"
@@ -255,7 +255,7 @@ def in_memory_tracing() -> Iterator[Any]:
 async def test_a_failed_batch_is_an_error_in_its_spans(in_memory_tracing: Any) -> None:
     from opentelemetry.trace import StatusCode
 
-    from embedding_service.backends.fake import FakeBackend
+    from embedding_service.backends.fake.embed import FakeBackend
 
     from .conftest import fake_app
 

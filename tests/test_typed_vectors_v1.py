@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedding_service.backends.base import BackendInfo
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.input_types import TASK_INSTRUCTIONS
 from embedding_service.vector_types import quantize
 

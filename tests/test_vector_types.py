@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from embedding_service.backends.pooling import l2_normalize
+from embedding_service.backends.model.pooling import l2_normalize
 from embedding_service.vector_types import encode_vectors, quantize, unit_ranges
 
 st_quantization = pytest.importorskip("sentence_transformers.util.quantization")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from embedding_service.backends.base import BackendDeadError, BackendInfo
-from embedding_service.backends.pooling import truncate_dimensions
+from embedding_service.backends.model.pooling import truncate_dimensions
 from embedding_service.engine.prompts import format_instruction
 
 from .conftest import backend_options
@@ -35,7 +35,7 @@ INSTRUCTION = "Given a web search query, retrieve relevant passages that answer 
 
 @pytest.fixture(scope="module")
 def torch_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
-    from embedding_service.backends.torch_backend import TorchBackend
+    from embedding_service.backends.torch.embed import TorchBackend
 
     backend = TorchBackend(backend_options(tiny_qwen_dir, device="cpu", dtype="float32", max_model_len=MAX_LEN))
     info = backend.load()
@@ -45,7 +45,7 @@ def torch_backend(tiny_qwen_dir: Path) -> Iterator[tuple[object, BackendInfo]]:
 
 @pytest.fixture(scope="module", params=["in-process", "separate"])
 def vllm_backend(tiny_qwen_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[object, BackendInfo]]:
-    from embedding_service.backends.vllm_backend import VllmBackend
+    from embedding_service.backends.vllm.embed import VllmBackend
 
     backend = VllmBackend(backend_options(tiny_qwen_dir, model_label="tiny-qwen3", device="auto", dtype="float32",
                                           max_model_len=MAX_LEN, enforce_eager=True,
@@ -56,7 +56,7 @@ def vllm_backend(tiny_qwen_dir: Path, request: pytest.FixtureRequest) -> Iterato
 
 
 def _texts(count: int, words: int, seed: int) -> list[str]:
-    from embedding_service.testing import generated_corpus
+    from testkit.random_models import generated_corpus
 
     lines = generated_corpus(words=count * words * 2, seed=seed)
     out: list[str] = []
@@ -135,7 +135,7 @@ def test_a_cached_prompt_prefix_gives_the_vectors_of_a_whole_computation(vllm_ba
 
 
 def test_prefix_caching_off_reaches_vllm(tiny_qwen_dir: Path) -> None:
-    from embedding_service.backends.vllm_backend import VllmBackend
+    from embedding_service.backends.vllm.embed import VllmBackend
 
     for setting, sent in ((True, None), (False, False)):  # None: vLLM's own rule (on where it is supported)
         backend = VllmBackend(backend_options(tiny_qwen_dir, dtype="float32", prefix_caching=setting))
@@ -213,8 +213,8 @@ def test_a_dead_engine_raises_backend_dead_error(vllm_backend, monkeypatch: pyte
 def test_the_demo_model_loads_at_its_sentence_transformers_length(minilm_dir: Path) -> None:
     """all-MiniLM-L6-v2 has 512 positions but sentence-transformers serves it at 256 (sentence_bert_config);
     vLLM refuses a longer max_model_len, so `serve --demo` on vLLM must cap at 256, not fail to start."""
-    from embedding_service.backends.torch_backend import TorchBackend
-    from embedding_service.backends.vllm_backend import VllmBackend
+    from embedding_service.backends.torch.embed import TorchBackend
+    from embedding_service.backends.vllm.embed import VllmBackend
     from embedding_service.config import EmbeddingConfig
 
     default_len = EmbeddingConfig.model_fields["max_model_len"].default

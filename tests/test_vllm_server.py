@@ -98,7 +98,7 @@ def test_server_loads_serves_and_leaves_no_process_behind(server_factory, tiny_q
     assert result.usage.prompt_tokens > 3
 
     # The same vectors as the torch engine computes in this process.
-    from embedding_service.backends.torch_backend import TorchBackend
+    from embedding_service.backends.torch.embed import TorchBackend
 
     torch_backend = TorchBackend(backend_options(tiny_qwen_dir, device="cpu", dtype="float32", max_model_len=1024))
     torch_backend.load()

@@ -193,7 +193,7 @@ class EmbeddingConfig(BaseSettings):
     trace_sample_ratio: float = Field(
         1.0, ge=0.0, le=1.0, description="share of new traces kept (a caller's traceparent decides its own)")
 
-    # --- security and rate limits (api/security.py) ------------------------------------------------
+    # --- security and rate limits (api/middleware/security.py) ------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False,
         description="keys clients send as 'Authorization: Bearer KEY' (JSON list or comma-separated); "

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .backends.model_facts import read_model_facts
+from .backends.model.facts import read_model_facts
 from .config import MODEL_FLAGS, EmbeddingConfig
 from .engine.types import EMBED, TASKS
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import uvicorn
 
-from .backends.processes import child_pids, reap
+from .backends.runtime.processes import child_pids, reap
 from .config import EmbeddingConfig
 from .engine.core import EngineCore
 from .errors import ErrorKind

@@ -28,9 +28,9 @@ from .backends import (
     create_sparse_backend,
     numerics_versions,
 )
-from .backends.choice import vllm_fit
-from .backends.model_facts import ModelFacts, read_model_facts
-from .backends.resolve import resolve_model_dir
+from .backends.model.facts import ModelFacts, read_model_facts
+from .backends.model.resolve import resolve_model_dir
+from .backends.runtime.choice import vllm_fit
 from .config import EmbeddingConfig
 from .engine.cache_fingerprint import model_fingerprint
 from .engine.core import EngineCore

@@ -4,7 +4,7 @@
 server without an endpoint creates no span and no context, and does not import opentelemetry at all (it is an
 optional extra, `tracing`). `configure()` sets it once per server process, before the app is built.
 
-Spans: the HTTP request (server span, api/tracing_middleware.py, continuing a caller's W3C `traceparent`),
+Spans: the HTTP request (server span, api/middleware/tracing.py, continuing a caller's W3C `traceparent`),
 `tokenize`, `queue` (the wait for a batch), `batch` (one per engine batch: its parent is the oldest sampled
 request it carried, and it links to every sampled request span in it) with `forward` (the model) inside it, and
 `serialize`. Spans go to a BatchSpanProcessor: a bounded queue drained by its own thread, so a collector that is

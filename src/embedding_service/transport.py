@@ -15,7 +15,7 @@ answers 503 to new requests once the count is reached, so slow connections lock 
   still sending its headers) is closed to make room, so slow clients cannot lock out fast ones. Only when
   every connection holds a request in progress is the new one refused (503).
 
-Each request's scope also carries a `HangupHook` (api/lifecycle.py): when the connection is lost before a
+Each request's scope also carries a `HangupHook` (api/middleware/lifecycle.py): when the connection is lost before a
 response is complete, the hooks of the requests still unanswered on it are fired, so that the app need not
 keep a task per request reading the connection to learn it.
 
@@ -44,7 +44,7 @@ from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .api.lifecycle import HANGUP_EXTENSION, HangupHook
+from .api.middleware.lifecycle import HANGUP_EXTENSION, HangupHook
 from .errors import ErrorKind, ServiceError, http_error_bytes
 
 __all__ = ["CoalescedWrites", "ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "raise_file_limit"]

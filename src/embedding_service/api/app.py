@@ -22,22 +22,24 @@ from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
 from .body import read_json_body
-from .cohere_routes import build_cohere_router
-from .cors import install_cors
+from .cohere.routes import build_cohere_router
+from .context import RouteOptions, ServiceContext
 from .direct_routes import DirectRoutes, direct_routes
 from .docs import DOCS_PATHS, install_docs
-from .lifecycle import RequestLifecycle
-from .multivector_routes import build_multivector_router
-from .observability import install_observability
+from .embed.routes import build_embed_router
+from .embed.tiktoken_ids import TiktokenDecoder
+from .middleware.cors import install_cors
+from .middleware.lifecycle import RequestLifecycle
+from .middleware.observability import install_observability
+from .middleware.ratelimit import RateLimiter, RateLimitMiddleware
+from .middleware.security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
+from .multivector.routes import build_multivector_router
 from .openapi import install_openapi
-from .ratelimit import RateLimiter, RateLimitMiddleware
-from .rerank_routes import build_rerank_router
-from .routes import RouteOptions, ServiceContext, build_router
-from .security import ApiKeyMiddleware, ApiKeyVerifier, GuardOptions, load_key_digests
+from .rerank.routes import build_rerank_router
 from .served import EMBED, RERANK, Served, ServedModels
-from .sparse_routes import build_sparse_router
-from .tiktoken_ids import TiktokenDecoder
-from .tokenize_routes import build_tokenize_router
+from .service_routes import build_service_router
+from .sparse.routes import build_sparse_router
+from .tokenize.routes import build_tokenize_router
 
 __all__ = ["create_app"]
 
@@ -156,7 +158,8 @@ def create_app(
     app.state.engine = served.primary.engine
     app.state.engines = engines
     app.state.context = ctx
-    app.include_router(build_router(ctx))
+    app.include_router(build_service_router(ctx))
+    app.include_router(build_embed_router(ctx))
     app.include_router(build_rerank_router(served, lambda request: read_json_body(request, settings.max_body_bytes)))
     mount_batch_api(app, settings)  # /v1/files, /v1/batches (docs/batch.md); off without data_dir
 

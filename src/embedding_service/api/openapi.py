@@ -20,10 +20,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from ..errors import ErrorKind, error_body, status_for
-from .ratelimit import RateLimitMiddleware
-from .request_context import REQUEST_ID_HEADER, TOTAL_TIME_HEADER
+from .middleware.ratelimit import RateLimitMiddleware
+from .middleware.request_context import REQUEST_ID_HEADER, TOTAL_TIME_HEADER
+from .middleware.security import ApiKeyMiddleware, is_exempt
 from .schemas import ErrorResponse
-from .security import ApiKeyMiddleware, is_exempt
 
 __all__ = [
     "BEARER_SCHEME",
@@ -89,7 +89,7 @@ _KIND_HEADERS: dict[ErrorKind, dict[str, dict[str, Any]]] = {
     ErrorKind.NOT_READY: {"Retry-After": _RETRY_AFTER},
     ErrorKind.DRAINING: {"Retry-After": {**_RETRY_AFTER, "required": False}},
 }
-# On every response (api/request_context.py).
+# On every response (api/middleware/request_context.py).
 _COMMON_HEADERS = {
     REQUEST_ID_HEADER: header("this request's id: the client's own when valid, else a new one",
                               pattern=r"^[A-Za-z0-9._:/+=@-]{1,128}$"),

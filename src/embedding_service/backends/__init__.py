@@ -6,10 +6,10 @@ import dataclasses
 from importlib import metadata
 
 from .base import Backend, BackendDeadError, BackendInfo, BackendLoadError, BackendOptions
-from .fake import FakeOptions
-from .model_facts import ModelFacts, read_model_facts
+from .fake.embed import FakeOptions
+from .model.facts import ModelFacts, read_model_facts
+from .model.pair_tokenizer import PairBackend
 from .multivector import MultiVectorBackend
-from .pair_tokenizer import PairBackend
 from .sparse import SparseBackend
 
 __all__ = [
@@ -47,7 +47,7 @@ def numerics_versions(engine: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     if engine == "openvino":
-        from .openvino_backend import EXPORT_VERSION  # (imports no openvino: that is loaded when used)
+        from .openvino.embed import EXPORT_VERSION  # (imports no openvino: that is loaded when used)
 
         versions["openvino_export"] = EXPORT_VERSION
     return versions
@@ -56,28 +56,28 @@ def numerics_versions(engine: str) -> dict[str, str]:
 def create_backend(engine: str, options: BackendOptions, fake: FakeOptions | None = None) -> Backend:
     """Build (not load) the backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
     if engine == "fake":
-        from .fake import FakeBackend
+        from .fake.embed import FakeBackend
 
         knobs = fake or FakeOptions(delay_s=0.0, fail_batches=(), die_after=None, load_delay_s=0.0)
         return FakeBackend(model=options.model_label, max_model_len=options.max_model_len,
                            matryoshka=options.matryoshka, delay_s=knobs.delay_s, fail_batches=knobs.fail_batches,
                            die_after=knobs.die_after, load_delay_s=knobs.load_delay_s, record_batches=False)
     if engine == "vllm":
-        from .vllm_backend import VllmBackend
+        from .vllm.embed import VllmBackend
 
         vllm = VllmBackend(options)
         if options.device != "auto":
             return vllm
-        from .fallback import CpuFallback
+        from .runtime.fallback import CpuFallback
 
         # device=auto and CUDA fails: serve on the CPU with the torch engine instead (fallback.py).
         return CpuFallback(vllm, lambda: create_backend("torch", dataclasses.replace(options, device="cpu")))
     if engine == "openvino":
-        from .openvino_backend import OpenVinoBackend
+        from .openvino.embed import OpenVinoBackend
 
         return OpenVinoBackend(options)
     if engine == "torch":
-        from .torch_backend import TorchBackend
+        from .torch.embed import TorchBackend
 
         return TorchBackend(options)
     raise ValueError(f"unknown engine {engine!r}")
@@ -86,21 +86,21 @@ def create_backend(engine: str, options: BackendOptions, fake: FakeOptions | Non
 def create_scoring_backend(engine: str, options: BackendOptions) -> PairBackend:
     """Build (not load) the reranker backend for `engine` ("torch", "vllm", "openvino" or "fake")."""
     if engine == "fake":
-        from .fake_scoring import FakeScoringBackend
+        from .fake.scoring import FakeScoringBackend
 
         return FakeScoringBackend(model=options.model_label, max_model_len=options.max_model_len,
                                   record_batches=False)
     if engine == "vllm":
-        from .vllm_scoring import VllmScoringBackend
+        from .vllm.scoring import VllmScoringBackend
 
         return VllmScoringBackend(options)
     if engine == "openvino":
-        from .openvino_scoring import OpenVinoScoringBackend
+        from .openvino.scoring import OpenVinoScoringBackend
 
         return OpenVinoScoringBackend(options)
     if engine != "torch":
         raise BackendLoadError(f"the {engine} engine cannot serve a reranker (use torch, vllm or openvino)")
-    from .torch_scoring import TorchScoringBackend
+    from .torch.scoring import TorchScoringBackend
 
     return TorchScoringBackend(options)
 
@@ -109,7 +109,7 @@ def create_sparse_backend(engine: str, options: BackendOptions) -> SparseBackend
     """Build (not load) the backend of a sparse (SPLADE) model: the torch engine serves them."""
     if engine != "torch":
         raise BackendLoadError(f"the {engine} engine cannot serve a sparse (SPLADE) model; use engine: torch")
-    from .torch_sparse import TorchSparseBackend
+    from .torch.sparse import TorchSparseBackend
 
     return TorchSparseBackend(options)
 
@@ -118,6 +118,6 @@ def create_multivector_backend(engine: str, options: BackendOptions) -> MultiVec
     """Build (not load) the backend of a multi-vector (ColBERT) model: the torch engine serves them."""
     if engine != "torch":
         raise BackendLoadError(f"the {engine} engine cannot serve a multi-vector (ColBERT) model; use engine: torch")
-    from .torch_multivector import TorchMultiVectorBackend
+    from .torch.multivector import TorchMultiVectorBackend
 
     return TorchMultiVectorBackend(options)

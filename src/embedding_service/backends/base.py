@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .model_facts import ModelFacts
+from .model.facts import ModelFacts
 
 if TYPE_CHECKING:
     from ..config import EmbeddingConfig

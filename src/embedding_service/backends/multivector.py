@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .base import Backend
-from .model_facts import ModelFacts
+from .model.facts import ModelFacts
 
 __all__ = ["ColbertConfig", "DenseLayer", "MultiVectorBackend", "colbert_config", "maxsim"]
 

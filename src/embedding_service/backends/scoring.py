@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from .base import BackendLoadError
-from .model_facts import ModelFacts
+from .model.facts import ModelFacts
 
 __all__ = [
     "QWEN3_DEFAULT_INSTRUCTION",

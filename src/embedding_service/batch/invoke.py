@@ -15,8 +15,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message
 
-from ..api.lifecycle import RequestLifecycle
-from ..api.security import CLIENT_ID_KEY
+from ..api.middleware.lifecycle import RequestLifecycle
+from ..api.middleware.security import CLIENT_ID_KEY
 from ..engine.priority import background
 
 __all__ = ["Answer", "Invoker"]

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..api.body import read_json_body
+from ..api.embed.protocol import parse_json_body
+from ..api.middleware.security import CLIENT_ID_KEY
 from ..api.openapi import operation_doc
-from ..api.protocol import parse_json_body
-from ..api.security import CLIENT_ID_KEY
 from ..errors import ErrorKind, ServiceError
 from .disk import Disk
 from .objects import batch_object, file_object, list_object, new_batch_id, new_file_id

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.base import BackendInfo
-from ..backends.pooling import l2_normalize
+from ..backends.model.pooling import l2_normalize
 from ..errors import ErrorKind, ServiceError
 from .core import EngineCore
 from .prompts import apply_prompt

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import tracing
 from ..backends.base import Backend, BackendInfo
-from ..backends.pooling import truncate_dimensions
+from ..backends.model.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .chunking import embed_windows

@@ -24,10 +24,10 @@ from typing import Any, cast
 import numpy as np
 
 from ..backends.base import BackendDeadError, BackendInfo
-from ..backends.fake import FakeBackend
-from ..backends.fake_scoring import FakeScoringBackend
-from ..backends.pair_tokenizer import PairTokenizer, TokenPair
-from ..backends.tokenization import HfTokenizer, SavedTokenizer
+from ..backends.fake.embed import FakeBackend
+from ..backends.fake.scoring import FakeScoringBackend
+from ..backends.model.pair_tokenizer import PairTokenizer, TokenPair
+from ..backends.model.tokenization import HfTokenizer, SavedTokenizer
 from ..errors import ErrorKind, ServiceError
 from . import wire
 from .core import EngineCore
@@ -47,7 +47,7 @@ def tokenizer_recipe(backend: Any) -> tuple[str, Any]:
     a SavedTokenizer's state: the checked Rust encoder, no transformers), ("hf", None): load the model
     folder's tokenizer with transformers; a reranker's: ("pairs", (its PairTokenizer's state or None, facts))
     or ("fake-pairs", None)."""
-    active = getattr(backend, "active", backend)  # (backends/fallback.py: the backend that loaded)
+    active = getattr(backend, "active", backend)  # (backends/runtime/fallback.py: the backend that loaded)
     if isinstance(active, FakeBackend):
         return "fake", (active.vocab_size, active.eos_token_id)
     if isinstance(active, FakeScoringBackend):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import tracing
 from ..backends.base import BackendInfo
-from ..backends.pair_tokenizer import PairBackend, TokenPair
+from ..backends.model.pair_tokenizer import PairBackend, TokenPair
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .core import EngineCore

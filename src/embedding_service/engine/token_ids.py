@@ -1,4 +1,4 @@
-"""Token-id inputs: the one range check (model ids, or tiktoken ids in api/tiktoken_ids.py), and the
+"""Token-id inputs: the one range check (model ids, or tiktoken ids in api/embed/tiktoken_ids.py), and the
 special tokens the tokenizer would have added."""
 
 from __future__ import annotations

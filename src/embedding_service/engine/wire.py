@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from ..backends.pair_tokenizer import TokenPair
+from ..backends.model.pair_tokenizer import TokenPair
 from ..errors import ErrorKind, ServiceError
 
 __all__ = ["CANCEL", "ERROR", "HELLO", "MODELS", "ROWS", "STATE", "SUBMIT", "Channel", "content", "decode_error",

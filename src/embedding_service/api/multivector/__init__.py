@@ -1,0 +1,1 @@
+"""embedding_service.api.multivector"""
