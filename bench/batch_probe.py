@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import re
 import shlex
@@ -44,22 +45,24 @@ def _batch_file(lines: int, texts: int, offset: int) -> bytes:
         "input": [_text(offset + i * texts + k) for k in range(texts)]}}) + b"\n" for i in range(lines))
 
 
+_ONLINE_TEXTS = itertools.count(900_000_000)  # every online request a text never sent before (a result cache
+# on the server would otherwise answer the repeats; the batches' texts are numbered below 900,000,000)
+
+
 async def _online(http: httpx.AsyncClient, clients: int, seconds: float, think_s: float = 0.0) -> list[float]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
-    async def client(n: int) -> None:
-        i = 0
+    async def client() -> None:
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            answer = await http.post("/v1/embeddings", json={"input": _text(10_000_000 + n * 1_000_000 + i)})
+            answer = await http.post("/v1/embeddings", json={"input": _text(next(_ONLINE_TEXTS))})
             answer.raise_for_status()
             latencies.append(time.perf_counter() - start)
-            i += 1
             if think_s:
                 await asyncio.sleep(think_s)
 
-    await asyncio.gather(*(client(n) for n in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     return latencies
 
 
