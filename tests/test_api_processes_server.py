@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bench.api_processes import wait_every_process_ready
+from bench.studies.api_processes import wait_every_process_ready
 from embedding_service.api.app import create_app
 from embedding_service.api.served import Served
 from embedding_service.service import build_engines, plan_service

@@ -190,8 +190,8 @@ def test_wrk_client_counts_what_the_server_answered(server_factory) -> None:
 
 
 def test_layer_cost_runs_every_layer_of_the_request_path() -> None:
-    """bench.layer_cost finds the direct lane in the app `serve` builds and drives each variant to the end."""
-    out = subprocess.run([sys.executable, "-m", "bench.layer_cost", "--requests", "128", "--rounds", "1"],
+    """bench.studies.layer_cost finds the direct lane in the app `serve` builds and drives each variant to the end."""
+    out = subprocess.run([sys.executable, "-m", "bench.studies.layer_cost", "--requests", "128", "--rounds", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     micros = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if "per request" in line}
     assert set(micros) == {"engine", "uvicorn", "route", "lifecycle", "context", "app"}, out

@@ -1,4 +1,4 @@
-"""The hybrid search example (bench/hybrid.py, docs/hybrid.md) on a real server: MiniLM, SPLADE-tiny and a
+"""The hybrid search example (bench/studies/hybrid.py, docs/hybrid.md) on a real server: MiniLM, SPLADE-tiny and a
 random cross-encoder from one models file, 200 docstring pairs in Qdrant's local mode."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.hybrid import load_pairs, metrics, run_hybrid
+from bench.studies.hybrid import load_pairs, metrics, run_hybrid
 
 from .conftest import serving
 
@@ -77,7 +77,7 @@ def test_hybrid_is_the_reciprocal_rank_fusion_of_both_lists(hybrid) -> None:
 
 
 def test_qdrant_searches_as_the_exact_computation(hybrid) -> None:
-    """bench/hybrid.py --exact (numpy/scipy, used for the full 2,603-pair run) ranks as Qdrant's local mode."""
+    """bench/studies/hybrid.py --exact (numpy/scipy, used for the full 2,603-pair run) ranks as Qdrant's local mode."""
     for stage in ("dense", "sparse", "hybrid"):
         qdrant, exact = hybrid.rankings[stage], hybrid.exact[stage]
         same = sum(set(q[:10]) == set(e[:10]) for q, e in zip(qdrant, exact, strict=True))

@@ -1,7 +1,7 @@
 """int8 that survives real activations (issue 41): on a model whose linear layers see outlier channels x20-x100
 (as trained LLMs do), `--quantize int8` (SmoothQuant, then int8 weights and dynamic activations) keeps min cos
 >= 0.99 to fp32, where the same int8 without SmoothQuant does not. Figures for every scheme: bench/RESULTS.md
-(bench/int8_outliers.py)."""
+(bench/studies/int8_outliers.py)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""The recall benchmark's metrics on small known rankings (bench/quantization_recall.py)."""
+"""The recall benchmark's metrics on small known rankings (bench/studies/quantization_recall.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bench.quantization_recall import rank_metrics
+from bench.studies.quantization_recall import rank_metrics
 
 
 def test_recall_and_mrr_on_known_ranks() -> None:

@@ -1,4 +1,4 @@
-"""Memory stays flat under traffic, hostile clients included (bench/soak.py against a real server process).
+"""Memory stays flat under traffic, hostile clients included (bench/studies/soak.py against a real server process).
 
 A served fake engine used to keep every batch's sizes for tests: ~42 bytes per request here (~150 MB an hour at
 the fake engine's rate on 2 cores), found by this soak. The bound (20 bytes per request after 3 warm-up rounds)
@@ -22,7 +22,7 @@ pytest.importorskip("aiohttp", reason="bench/'s load generator needs aiohttp (th
 
 from pathlib import Path
 
-from bench.soak import Round, memory_growth, process_sample, soak
+from bench.studies.soak import Round, memory_growth, process_sample, soak
 
 from .conftest import ServerProcess
 
@@ -91,7 +91,7 @@ def test_real_models_serve_the_mix_of_embeddings_and_reranks(engine: str, server
                                                             minilm_dir: Path, cross_encoder_dir: Path) -> None:
     """The same hostile mix on real models (MiniLM and a cross-encoder, the vLLM ones on its default in-process
     engine core): a quarter of the good requests are reranks, running beside the embeddings. 4 rounds of 4 s:
-    what CI allows; `python -m bench.soak` runs it for as long as wanted (docs/reliability.md)."""
+    what CI allows; `python -m bench.studies.soak` runs it for as long as wanted (docs/reliability.md)."""
     server = server_factory(["--engine", engine, "--model-path", str(minilm_dir), "--rerank-model-path",
                              str(cross_encoder_dir), "--dtype", "float32", "--log-level", "WARNING"])
     server.wait_healthy(300)

@@ -6,7 +6,7 @@ in OpenVINO's dynamic quantisation) is set by the outlier, and the outlier multi
 SmoothQuant divides each input channel's producer (a norm's weight, or up_proj's output row before
 down_proj) by s_j = max|X_j|^a / max|W_j|^(1-a) and multiplies that input column of the linear layers after it
 by s_j: the same function in fp32, with the outliers shared between activations and weights. Measured on a
-test model with such channels (bench/int8_outliers.py, bench/RESULTS.md): min cos to fp32 0.959 without,
+test model with such channels (bench/studies/int8_outliers.py, bench/RESULTS.md): min cos to fp32 0.959 without,
 >= 0.99 with.
 
 The activation maxima come from a forward pass over seeded random token ids (no text of yours, no data

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The wheels bench/gpu_check.py needs on the device machine, whose image (Python 3.12, torch, transformers,
+# The wheels bench/studies/gpu_check.py needs on the device machine, whose image (Python 3.12, torch, transformers,
 # sentence-transformers, aiohttp, numpy, ...) lacks the web stack: downloaded into .whl/ (git-ignored), at the
 # versions this checkout's venv runs; and the full-size Qwen3 shape's folder without its weights into .gpukit/
 # (git-ignored; from bench/make_model.py's output). Then, on the device (carry .whl and .gpukit):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $OUT \
+#     .whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 -m bench.studies.gpu_check --out $OUT \
 #     --kit .gpukit/qwen3-0.6b
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 exclude="$(git rev-parse --git-path info/exclude)"
 grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"

@@ -1,6 +1,6 @@
 """Hybrid search through one server: dense + sparse (SPLADE) in Qdrant, fused by RRF, reranked.
 
-    python -m bench.hybrid --url http://127.0.0.1:8890 --documents 2603 \\
+    python -m bench.studies.hybrid --url http://127.0.0.1:8890 --documents 2603 \\
         --data ../shared/data/retrieval-docstrings.jsonl
 
 The server serves three models from one models file (docs/hybrid.md): a dense embedding model (`--dense`),

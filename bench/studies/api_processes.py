@@ -1,7 +1,7 @@
 """`--api-processes N` side by side: one server per setting, alternating rounds (A B A B ...), wrk as the client.
 
-    PYTHONPATH=src python -m bench.api_processes --processes 1,2 --rounds 3 --duration 10 --concurrency 64
-    PYTHONPATH=src python -m bench.api_processes --engine torch --model-path DIR --concurrency 16
+    PYTHONPATH=src python -m bench.studies.api_processes --processes 1,2 --rounds 3 --duration 10 --concurrency 64
+    PYTHONPATH=src python -m bench.studies.api_processes --engine torch --model-path DIR --concurrency 16
 
 Each round starts a fresh server for each setting (bench/peers.py, from the `embedding_service` on PYTHONPATH),
 waits until every API process answers, warms it, sends single-text requests (distinct ~15-token texts) from

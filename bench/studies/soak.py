@@ -1,8 +1,8 @@
 """Does the server's memory stay flat under long traffic, hostile clients included? A soak run.
 
-    python -m bench.soak --minutes 30 -- --demo --engine vllm --dtype float32    # starts `serve` with these
-    python -m bench.soak --minutes 5 --url http://127.0.0.1:8890 --pid PID         # or watches a running one
-    python -m bench.soak --compare before=A/soak.json after=B/soak.json --out both.png
+    python -m bench.studies.soak --minutes 30 -- --demo --engine vllm --dtype float32    # starts `serve` with these
+    python -m bench.studies.soak --minutes 5 --url http://127.0.0.1:8890 --pid PID         # or watches a running one
+    python -m bench.studies.soak --compare before=A/soak.json after=B/soak.json --out both.png
 
 Every round (default 20 s) sends the same mix, then samples the server: resident memory of the process and
 its children (vLLM's engine core may be one), open file descriptors and threads. The mix, per round:
@@ -43,8 +43,8 @@ import numpy as np
 import orjson
 import psutil
 
-from .loadgen import run_async
-from .peers import free_port
+from ..loadgen import run_async
+from ..peers import free_port
 
 __all__ = ["BAD_REQUESTS", "Round", "compare_chart", "main", "memory_growth", "process_sample", "rerank_model",
            "soak", "soak_round", "wait_healthy"]
@@ -303,7 +303,7 @@ def compare_chart(runs: dict[str, Path], path: Path) -> None:
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig.suptitle("Server memory under a soak (bench/soak.py)")
+    fig.suptitle("Server memory under a soak (bench/studies/soak.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -321,7 +321,7 @@ def _start(serve_args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m bench.soak")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m bench.studies.soak")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--round-seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=int, default=3, help="rounds left out of the verdict")

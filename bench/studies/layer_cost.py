@@ -1,7 +1,7 @@
 """What each layer of `serve`'s request path costs per request, in-process: no client, no sockets, no noise.
 
-    python -m bench.layer_cost                    # CPU µs per request (min over rounds; noisy on a shared VM)
-    python -m bench.layer_cost --callgrind        # instructions per request under valgrind: deterministic
+    python -m bench.studies.layer_cost                    # CPU µs per request (min over rounds; noisy on a shared VM)
+    python -m bench.studies.layer_cost --callgrind        # instructions per request under valgrind: deterministic
 
 One embedding request (one short text, 384-dimension fake engine, 64 requests in flight on 64 keep-alive
 connections) goes through, cumulatively:
@@ -182,7 +182,7 @@ async def _measure(variants: list[str], requests: int, rounds: int) -> dict[str,
 def _instructions(variant: str, requests: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable,
-                              "-m", "bench.layer_cost", "--variants", variant, "--requests", str(requests),
+                              "-m", "bench.studies.layer_cost", "--variants", variant, "--requests", str(requests),
                               "--rounds", "1"], capture_output=True, text=True, check=True).stderr
     found = re.search(r"Collected : (\d+)", out)
     if found is None:
@@ -191,7 +191,7 @@ def _instructions(variant: str, requests: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m bench.layer_cost")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m bench.studies.layer_cost")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--requests", type=int, default=CONCURRENCY * 10)
     parser.add_argument("--rounds", type=int, default=5)

@@ -1,9 +1,9 @@
 """What tracing costs per request, in process: the real app over the fake engine, one request at a time straight
 into its ASGI callable (no sockets, no client), so the server's own per-request work is all that is timed.
 
-    python -m bench.tracing_overhead --mode off        # no --otlp-endpoint: what every untraced server pays
-    python -m bench.tracing_overhead --mode unsampled  # tracing on, sample ratio 0: the cost of the switch + sampler
-    python -m bench.tracing_overhead --mode on         # every request traced and exported (to a local receiver)
+    python -m bench.studies.tracing_overhead --mode off        # no --otlp-endpoint: what every untraced server pays
+    python -m bench.studies.tracing_overhead --mode unsampled  # sample ratio 0: the cost of the switch + sampler
+    python -m bench.studies.tracing_overhead --mode on         # every request traced and exported (to a local receiver)
 
 `off` runs on a tree without tracing too (PYTHONPATH=<that tree>/src): the before/after of "no cost when off".
 Prints one JSON line: wall and CPU microseconds per request, the median and best of the repeats (on a shared

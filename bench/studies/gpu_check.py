@@ -1,10 +1,10 @@
 """Issue 15 part 3, as one prepared run for a GPU machine: the torch engine on CUDA next to sentence-transformers.
 
-    python -m bench.gpu_check --out DIR [--kit DIR] [--device cuda] [--dtype bfloat16] [--seconds 20]
+    python -m bench.studies.gpu_check --out DIR [--kit DIR] [--device cuda] [--dtype bfloat16] [--seconds 20]
 
-(on the device machine: `PYTHONPATH=/tmp/site:src python3 -m bench.gpu_check --out $OUT`, after installing the
+(on the device machine: `PYTHONPATH=/tmp/site:src python3 -m bench.studies.gpu_check --out $OUT`, after installing the
 carried wheels of fastapi, starlette, uvicorn, pydantic(-core, -settings), orjson and their needs into /tmp/site;
-the device README says how; bench/gpu_wheels.sh prepares both). It builds the full-size Qwen3 shape
+the device README says how; bench/studies/gpu_wheels.sh prepares both). It builds the full-size Qwen3 shape
 (bench/make_model.py; with --kit, random weights for a carried model folder) unless --model-dir is given, then
 measures:
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from . import inprocess
-from .loadgen import drive, run_async, wait_ready
-from .peers import PEERS, SERVED_NAME, Server
-from .workloads import TextMaker, select_workloads
+from .. import inprocess
+from ..loadgen import drive, run_async, wait_ready
+from ..peers import PEERS, SERVED_NAME, Server
+from ..workloads import TextMaker, select_workloads
 
 # The server as it starts, with batches sized for a GPU (the defaults are sized for CPUs), and compiled.
 _GPU_BATCHES = ["--max-batch-size", "256", "--max-batch-tokens", "65536"]
@@ -56,7 +56,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
         _weights_from_kit(Path(args.kit), folder)
     if not (folder / "config.json").is_file():
         _say(f"building the full-size Qwen3 shape in {args.models_dir}")
-        subprocess.run([sys.executable, str(Path(__file__).with_name("make_model.py")), "--out", args.models_dir],
+        subprocess.run([sys.executable, str(Path(__file__).parents[1] / "make_model.py"), "--out", args.models_dir],
                        check=True)
     return folder
 

@@ -3,7 +3,7 @@ running, in alternating rounds, and the batch's throughput idle and under that l
 command's in-process speed on the same texts.
 
     embedding-service serve --demo --engine torch --dtype float32 --host 127.0.0.1 --data-dir /tmp/batch-probe &
-    python -m bench.batch_probe --url http://127.0.0.1:8890 [--lines 20000] [--clients 8] [--seconds 10] \
+    python -m bench.studies.batch_probe --url http://127.0.0.1:8890 [--lines 20000] [--clients 8] [--seconds 10] \
         [--rounds 3] [--idle-lines 4000] [--embed-args "--demo --engine torch --dtype float32"]
 
 Online load: `--clients` closed-loop clients, each posting one ~12-word text after the other for `--seconds`

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Profile our server under load with py-spy (pip install py-spy).
-# Usage: bench/profile_server.sh OUT_PREFIX WORKLOAD [serve flags...]
-#   e.g. bench/profile_server.sh /tmp/prof-fake short-c64 --engine fake
-#        bench/profile_server.sh /tmp/prof-minilm short-c16 --demo --engine torch
+# Usage: bench/studies/profile_server.sh OUT_PREFIX WORKLOAD [serve flags...]
+#   e.g. bench/studies/profile_server.sh /tmp/prof-fake short-c64 --engine fake
+#        bench/studies/profile_server.sh /tmp/prof-minilm short-c16 --demo --engine torch
 # Writes OUT_PREFIX.raw (py-spy collapsed stacks, per thread; feed to flamegraph.pl or speedscope) and
 # OUT_PREFIX.txt: samples per thread, then the top functions by own and by inclusive time.
 set -euo pipefail

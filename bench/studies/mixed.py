@@ -1,8 +1,8 @@
 """Mixed traffic: embedding and rerank clients at the same time, against one server serving both models.
 
-    python -m bench.mixed --seconds 60 -- --demo --engine vllm --rerank-model-path DIR   # starts `serve`
-    python -m bench.mixed --seconds 60 --url http://127.0.0.1:8000                       # or a running one
-    python -m bench.mixed --seconds 60 --rerank-clients 0 -- --demo --engine vllm        # one model alone
+    python -m bench.studies.mixed --seconds 60 -- --demo --engine vllm --rerank-model-path DIR   # starts `serve`
+    python -m bench.studies.mixed --seconds 60 --url http://127.0.0.1:8000                       # or a running one
+    python -m bench.studies.mixed --seconds 60 --rerank-clients 0 -- --demo --engine vllm        # one model alone
 
 Closed-loop clients: `--embed-clients` send `--texts` distinct texts a request to /v1/embeddings, and
 `--rerank-clients` one query with `--documents` distinct documents to /v1/rerank. Every text is new (a
@@ -28,9 +28,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .loadgen import percentile, run_async
-from .peers import free_port
-from .workloads import _WORDS
+from ..loadgen import percentile, run_async
+from ..peers import free_port
+from ..workloads import _WORDS
 
 __all__ = ["main", "run_mixed"]
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.mixed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.studies.mixed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (else one is started with the arguments after --)")
     parser.add_argument("--seconds", type=float, default=60.0)

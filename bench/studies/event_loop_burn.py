@@ -1,7 +1,7 @@
 """What event-loop CPU costs the model: our engine in-process (vLLM, MiniLM) with a busy loop of B ms per
 request on the event loop, where the HTTP server's work would run (half before, half after the embed).
 
-    python -m bench.event_loop_burn [--engine vllm] [--duration 8] [--rounds 2]
+    python -m bench.studies.event_loop_burn [--engine vllm] [--duration 8] [--rounds 2]
 
 On 2 cores with vLLM's two OpenMP threads pinned to them, each ms here cost the model two to three
 (bench/RESULTS.md, session 26).

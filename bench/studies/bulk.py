@@ -1,6 +1,6 @@
 """Bulk embedding speed: `embedding-service embed` in-process against what a user would otherwise script.
 
-    python -m bench.bulk [--short 20000] [--long 2000] [--engines torch,vllm] [--dtype float32]
+    python -m bench.studies.bulk [--short 20000] [--long 2000] [--engines torch,vllm] [--dtype float32]
 
 Two corpora of distinct generated texts (no cache helps anyone): `--short` texts of ~12 words and `--long`
 texts of ~500 tokens (all-MiniLM-L6-v2, the bundled demo model, reads 256 of them: every peer truncates
@@ -103,7 +103,7 @@ def measure(name: str, source: Path, dtype: str) -> dict[str, float]:
 
 
 def _in_fresh_process(name: str, source: Path, dtype: str) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-m", "bench.bulk", "--measure", name, "--file", str(source),
+    proc = subprocess.run([sys.executable, "-m", "bench.studies.bulk", "--measure", name, "--file", str(source),
                            "--dtype", dtype], capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -129,7 +129,7 @@ def main() -> None:
     names = [n for n in MEASURES if n.endswith("torch") or n == "st"] if "torch" in engines else []
     names += ["bulk-vllm", "llm-embed"] if "vllm" in engines else []
     results: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "dtype": args.dtype, "max_len": MAX_LEN,
-                               "command": " ".join(["python -m bench.bulk", *sys.argv[1:]]), "corpora": {}}
+                               "command": " ".join(["python -m bench.studies.bulk", *sys.argv[1:]]), "corpora": {}}
     with tempfile.TemporaryDirectory() as folder:
         for corpus, count, words in (("short", args.short, 12), ("long", args.long, 150)):
             if not count:

@@ -2,9 +2,9 @@
 again with 0%, 50% or 100% of its documents unchanged, against a server with the cache (the default) and one
 with `--result-cache-bytes 0`, side by side, in alternating rounds.
 
-    python -m bench.result_cache                                   # MiniLM (demo), torch engine, fp32
-    python -m bench.result_cache --docs 256 --rounds 3 --repeats 0,50,100 -- --demo --engine torch
-    python -m bench.result_cache --overhead      # the cache's own CPU cost per document, in-process
+    python -m bench.studies.result_cache                                   # MiniLM (demo), torch engine, fp32
+    python -m bench.studies.result_cache --docs 256 --rounds 3 --repeats 0,50,100 -- --demo --engine torch
+    python -m bench.studies.result_cache --overhead      # the cache's own CPU cost per document, in-process
 
 Both servers run at once (each started once; only one is driven at a time). Each round and share, for each
 server in turn (the order alternates by round): index a fresh corpus of `--docs` documents (not timed: it
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .loadgen import drive, run_async, wait_ready
-from .peers import free_port
-from .workloads import _WORDS
+from ..loadgen import drive, run_async, wait_ready
+from ..peers import free_port
+from ..workloads import _WORDS
 
 __all__ = ["main"]
 
@@ -75,14 +75,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     server = argv[argv.index("--") + 1:] if "--" in argv else list(DEFAULT_SERVER)
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.result_cache", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.studies.result_cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=256, help="documents per corpus")
     parser.add_argument("--words", default="40,100", help="words per document, min,max (MiniLM: ~1.3 tokens a word)")
     parser.add_argument("--repeats", default="0,50,100", help="percent of unchanged documents, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="documents per request")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
-    parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src")
+    parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[2] / "src")
     parser.add_argument("--overhead", action="store_true", help="only measure the cache's own cost per document "
                         "(through_cache over a free engine, all misses then all hits), in-process")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/<time>-cache.json)")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     low, high = (int(x) for x in args.words.split(","))
     shares = [int(x) for x in args.repeats.split(",")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path(__file__).parent / "results" / f"{stamp}-cache.json"
+    out = args.out or Path(__file__).parents[1] / "results" / f"{stamp}-cache.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = {"cached": server, "uncached": [*server, "--result-cache-bytes", "0"]}
     procs = {name: _start(name, flags, args.src, out.parent) for name, flags in targets.items()}

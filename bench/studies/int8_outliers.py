@@ -1,13 +1,13 @@
 """int8 schemes on a model with activation outlier channels, and on the plain random shape: cosine to fp32.
 
-    python -m bench.int8_outliers [--data ../shared/data/retrieval-docstrings.jsonl] [--out DIR]
+    python -m bench.studies.int8_outliers [--data ../shared/data/retrieval-docstrings.jsonl] [--out DIR]
 
 Builds the tiny random Qwen3 (testkit/random_models.py) twice, plain and with OUTLIER_CHANNELS (x20-x100 at every linear
 layer's input), and reports min / mean cosine to OpenVINO fp32 over 500 texts (docstring documents and queries
 from --data, else generated sentences) for: the int8 path before SmoothQuant (int8 weights, activations
 quantised per group of 32 at run time), the same after SmoothQuant (today's `--quantize int8`), int8 weights
 only, and NNCF's static int8 (per-channel weights, per-tensor activations) calibrated on 300 other texts, with
-and without NNCF's SmoothQuant. Accuracy only: speed is bench/cpu_runtimes.py and `python -m bench`.
+and without NNCF's SmoothQuant. Accuracy only: speed is bench/studies/cpu_runtimes.py and `python -m bench`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _texts(data: Path | None) -> tuple[list[str], list[str]]:
@@ -95,7 +95,7 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data"
                         / "retrieval-docstrings.jsonl")
     parser.add_argument("--out", type=Path, default=Path("bench/runs/int8_outliers.json"))
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 max_model_len 256, max_batch_tokens 8192. The process first embeds two full batches (64 inputs of 256 tokens:
 the most one request's windows may hold in flight), then the 0.93 MB text; the peak RSS after each is printed.
 
-    PYTHONPATH=src python -m bench.long_input_memory
+    PYTHONPATH=src python -m bench.studies.long_input_memory
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CPU runtimes side by side in one process: torch, vLLM (offline engine), OpenVINO and ONNX Runtime, fp32/int8.
 
-    python -m bench.cpu_runtimes [--model-dir DIR] [--threads 2] [--duration 2] [--rounds 3] [--out FILE.json]
+    python -m bench.studies.cpu_runtimes [--model-dir DIR] [--threads 2] [--duration 2] [--rounds 3] [--out FILE.json]
 
 Every candidate gets the same pre-tokenised, distinct texts (tokenisation is not timed), the same thread count,
 and runs once per round, rounds interleaved, so machine noise falls on all alike; report the per-round ratios to
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.workloads import TextMaker, Workload
 

@@ -1,6 +1,6 @@
 """Where one forward pass's time goes on a GPU: kernel time against wall time, and a bare launch's cost.
 
-    python -m bench.gpu_forward --kit DIR [--dtype bfloat16]
+    python -m bench.studies.gpu_forward --kit DIR [--dtype bfloat16]
 
 (on the device machine, with the model folder's config; random weights are drawn on the GPU.) Prints, per batch
 size, the wall time of one eager forward and the summed GPU kernel time the profiler saw in it; when wall time

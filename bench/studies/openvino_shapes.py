@@ -1,6 +1,6 @@
 """Memory of OpenVINO's CPU plugin against the number of input shapes it has seen, with no server around it.
 
-    python -m bench.openvino_shapes --ir ~/.cache/embedding-service/openvino/<export>/model.xml \
+    python -m bench.studies.openvino_shapes --ir ~/.cache/embedding-service/openvino/<export>/model.xml \
         --variant default|cap64|bucket16 [--minutes 15] [--out DIR]
 
 Runs the exported IR on batches of 1-32 rows of random ids, 4-128 tokens long (one thread), and prints resident

@@ -1,6 +1,6 @@
 """What typed vectors cost in retrieval quality, on real text, as a server returns them.
 
-    python -m bench.quantization_recall --url http://127.0.0.1:8890 \\
+    python -m bench.studies.quantization_recall --url http://127.0.0.1:8890 \\
         --data ../shared/data/retrieval-docstrings.jsonl
 
 Embeds every document (input_type search_document) and query (search_query) through POST /v2/embed with
