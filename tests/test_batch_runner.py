@@ -215,3 +215,32 @@ def test_one_server_per_data_dir(tmp_path: Path) -> None:
     finally:
         first.close()
     Disk(tmp_path).close()  # free again once the first let go
+
+
+async def test_the_next_chunk_starts_before_the_one_before_is_written(tmp_path: Path) -> None:
+    """No drained pipeline between durable steps: the last line of a chunk is still waiting while lines of the next
+    chunk run (with chunks run one after the other it waits in vain), and the output stays in order."""
+    async with batch_app(tmp_path, batch_concurrency=4) as (http, api, _):  # chunks of 16 lines, 4 in flight
+        posted_later = asyncio.Event()
+        overlapped = []
+        invoker, post = api.runner.invoker, api.runner.invoker.post
+
+        async def spying_post(path: str, body: bytes, **kw: Any) -> Any:
+            index = int(orjson.loads(body)["input"].split()[1])
+            if index >= 16:
+                posted_later.set()
+            if index == 15:  # the first chunk's last line waits for a line of the second chunk
+                try:
+                    await asyncio.wait_for(posted_later.wait(), 5.0)
+                    overlapped.append(True)
+                except TimeoutError:
+                    overlapped.append(False)
+            return await post(path, body, **kw)
+
+        invoker.post = spying_post  # type: ignore[method-assign]
+        batch = await _submit(http, _corpus(40))
+        done = await _wait(http, batch["id"])
+        assert done["status"] == "completed" and overlapped == [True]
+        out = [orjson.loads(x) for x in (await http.get(f"/v1/files/{done['output_file_id']}/content")).content
+               .splitlines()]
+        assert [line["custom_id"] for line in out] == [f"r{i}" for i in range(40)]

@@ -140,20 +140,43 @@ class BatchRunner:
         await asyncio.to_thread(self.disk.truncate, batch.err_name, batch.err_bytes)
         lines = read_lines(path, batch.endpoint, start=batch.next_line, max_line_bytes=self.options.max_line_bytes)
         self._progress_at = time.monotonic()
+        gate = asyncio.Semaphore(self.options.concurrency)  # lines in flight, across chunks
+        stop = asyncio.Event()
+        watch = asyncio.create_task(self._watch_stop(batch, stop))
+        running: _Running | None = None
         try:
             size = max(_CHUNK_LINES, 4 * self.options.concurrency)
             while True:
                 chunk = await asyncio.to_thread(lambda: list(islice(lines, size)))
-                if not chunk:
+                if chunk:  # the next chunk's lines start before the one before is written: no drained pipeline
+                    if self._stopping(batch) and running is not None:  # keep what the chunk in flight answered
+                        answers = await _drop(running, stop)
+                        batch, _whole = await self._commit(batch, running[0], answers)
+                        running = None
+                    self._check_stop(batch)
+                    after = running
+                    running = (chunk, asyncio.gather(*(self._one(batch, line, gate, stop) for line in chunk)))
+                else:
+                    after, running = running, None
+                if after is not None:
+                    batch, whole = await self._commit(batch, after[0], await after[1])
+                    if not whole:  # stopped inside that chunk: the chunk after it is dropped, unwritten
+                        await _drop(running, stop)
+                        running = None
+                        self._check_stop(batch)
+                        break
+                if running is None:
                     break
-                self._check_stop(batch)
-                batch = await self._run_chunk(batch, chunk)
-        except _Stop as stop:
-            return await self._stopped(batch, str(stop))
+        except _Stop as stopped:  # (a chunk in flight after an unwritten one is dropped: lines stay in order)
+            await _drop(running, stop)
+            return await self._stopped(batch, str(stopped))
         except OSError as exc:  # a full disk, a lost folder: the batch fails, the store stays whole
+            await _drop(running, stop)
             await self._fail(batch, "storage_error", f"writing the batch's output failed: {exc.strerror or exc}")
             return await self._reload(batch)
         finally:
+            watch.cancel()
+            await _drop(running, stop)  # (a bug's exception: nothing left running)
             lines.close()
         await self.store.call(lambda: self.store.update_batch(
             batch.id, only_if=("in_progress",), status="finalizing", finalizing_at=_now()))
@@ -165,14 +188,10 @@ class BatchRunner:
         if batch.expires_at is not None and _now() >= batch.expires_at:
             raise _Stop("expired")
 
-    async def _run_chunk(self, batch: BatchRow, chunk: list[BatchLine]) -> BatchRow:
-        gate = asyncio.Semaphore(self.options.concurrency)  # (a chunk holds 4x as many lines: they overlap)
-        stop = asyncio.Event()
-        watch = asyncio.create_task(self._watch_stop(batch, stop))
-        try:
-            answers = await asyncio.gather(*(self._one(batch, line, gate, stop) for line in chunk))
-        finally:
-            watch.cancel()
+    async def _commit(self, batch: BatchRow, chunk: list[BatchLine], answers: list[tuple[bool, bytes] | None]
+                      ) -> tuple[BatchRow, bool]:
+        """Append a chunk's answered lines (those before the first it lacks), in order, and record them in one
+        commit. Also whether the whole chunk was answered (if not, the batch is stopping)."""
         done = 0
         out, err = bytearray(), bytearray()
         completed = failed = 0
@@ -194,9 +213,7 @@ class BatchRunner:
             self.stats.lines.update(completed=completed, failed=failed)
             batch = await self._reload(batch)
             await self._progress(batch)
-        if done < len(chunk):
-            self._check_stop(batch)
-        return batch
+        return batch, done == len(chunk)
 
     async def _watch_stop(self, batch: BatchRow, stop: asyncio.Event) -> None:
         """Set `stop` once the batch is cancelled or past its window: lines still waiting for an engine busy
@@ -326,6 +343,18 @@ class BatchRunner:
 
 def _now() -> int:
     return int(time.time())
+
+
+_Running = tuple[list[BatchLine], "asyncio.Future[list[tuple[bool, bytes] | None]]"]  # a chunk and its answers
+
+
+async def _drop(running: _Running | None, stop: asyncio.Event) -> list[tuple[bool, bytes] | None]:
+    """Stop the chunk in flight (its lines not yet answered give up) and return what it answered."""
+    if running is None:
+        return []
+    stop.set()
+    answers = await asyncio.gather(running[1], return_exceptions=True)
+    return answers[0] if isinstance(answers[0], list) else []
 
 
 async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
