@@ -324,7 +324,7 @@ def test_a_changed_or_broken_saved_tokenizer_is_not_used(tmp_path: Path, minilm_
 
 def test_bench_openvino_shapes_runs(minilm_fp32: OpenVinoBackend, tmp_path: Path) -> None:
     """The backend-alone memory drive of docs/reliability.md (smoke: one batch, one row written)."""
-    from bench import openvino_shapes
+    from bench.studies import openvino_shapes
 
     assert minilm_fp32.ir_path is not None
     assert openvino_shapes.main(["--ir", str(minilm_fp32.ir_path), "--variant", "cap8", "--minutes", "0.001",
