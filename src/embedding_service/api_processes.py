@@ -36,10 +36,11 @@ from .backends.base import BackendDeadError
 from .config import EmbeddingConfig
 from .engine.core import EngineCore
 from .engine.host import EngineHost
+from .engine.loading import ModelLoad, ModelLoadError, load_models
 from .engine.remote import EngineLink, RemoteEmbeddingEngine, RemoteRerankEngine
 from .engine.types import EMBED, RERANK
 from .metrics import QueueGauges, ServiceMetrics, use_multiprocess_files
-from .service import ServicePlan, build_engines, model_cache, open_result_cache
+from .service import ServicePlan, build_engines, model_cache, model_loads, open_result_cache
 
 __all__ = ["remote_engines", "run_api_processes", "unsupported"]
 
@@ -94,8 +95,7 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
     """Load the planned models here and serve them to `count` API processes running `target(sock, path,
     index)`; 0 after a drain, 1 when a model failed (to load, or later) or API processes kept dying."""
     engines = build_engines(dataclasses.replace(plan, result_cache=None))  # (the API processes' caches answer)
-    roles = {name: model.role for name, model in plan.models.items()}
-    runner = _EngineProcess(engines, roles, count, target, shutdown_timeout)
+    runner = _EngineProcess(model_loads(plan, engines), count, target, shutdown_timeout)
     try:
         import uvloop
 
@@ -105,11 +105,11 @@ def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.s
 
 
 class _EngineProcess:
-    def __init__(self, engines: dict[str, EngineCore], roles: dict[str, str], count: int, target: ApiTarget,
-                 shutdown_timeout: float) -> None:
-        self.roles = roles
-        self.models = list(engines.items())
-        self.engines = list(engines.values())
+    def __init__(self, loads: list[ModelLoad], count: int, target: ApiTarget, shutdown_timeout: float) -> None:
+        self.loads = loads
+        self.roles = {load.name: load.task for load in loads}
+        self.models = [(load.name, load.engine) for load in loads]
+        self.engines = [load.engine for load in loads]
         self.count = count
         self.target = target
         self.shutdown_timeout = shutdown_timeout
@@ -145,8 +145,11 @@ class _EngineProcess:
             while not (self.stopping is not None and all(p.exitcode is not None for p in self.procs)):
                 self._supervise(sock, path)
                 await asyncio.sleep(_TICK_S)
-            if not loader.done():  # a signal during the load: the load's thread cannot be interrupted
-                log.info("signal during the model load: exiting")
+            if not loader.done() or any(engine.loading for engine in self.engines):
+                # a signal during the load, or a failure while another model loads: a load's thread cannot be
+                # interrupted
+                log.info("the model load was stopped: exiting")
+                shutil.rmtree(folder, ignore_errors=True)
                 os._exit(self.code)
             for proc in self.procs:
                 proc.join(1)
@@ -180,13 +183,11 @@ class _EngineProcess:
         return proc
 
     async def _load(self) -> None:
-        for engine in self.engines:  # one after the other: compute- and memory-bound
-            try:
-                await engine.start()
-            except Exception as exc:
-                log.error("model failed to load: %s", exc)
-                self.fail(f"model load failed: {exc}")
-                return
+        try:
+            await load_models(self.loads)
+        except ModelLoadError as exc:
+            self.fail(f"model load failed: {exc}")
+            return
         self.loaded = True
         self.host.models_loaded()
 

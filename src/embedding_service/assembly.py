@@ -19,9 +19,10 @@ from . import tracing
 from .backends.base import BackendDeadError, BackendLoadError
 from .config import EmbeddingConfig
 from .engine.core import EngineCore
+from .engine.loading import load_models
 from .logging_config import configure_logging
 from .models_file import ModelsFileError
-from .service import ServicePlan, build_engines, onednn_cache_for, openmp_waits_for, plan_service
+from .service import ServicePlan, build_engines, model_loads, onednn_cache_for, openmp_waits_for, plan_service
 
 __all__ = ["prepare", "serve", "serve_planned"]
 
@@ -123,10 +124,10 @@ def prepare(settings: EmbeddingConfig) -> int:
         return _fail(str(exc))
 
     async def load_and_close() -> None:
-        for engine in engines.values():
-            try:
-                await engine.start()
-            finally:
+        try:
+            await load_models(model_loads(plan, engines))
+        finally:
+            for engine in engines.values():
                 await engine.stop()
 
     try:
@@ -158,11 +159,18 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
         if server is not None:
             server.should_exit = True
 
+    def exit_status() -> int:  # (also when the server must exit with a load still in its thread)
+        if not failures:
+            return 0
+        what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
+        return _fail(f"{what}: {failures[0]}")
+
     try:
         built = engines(plan)
     except (BackendLoadError, ImportError) as exc:
         return _fail(str(exc))
-    models = [Served(name, built[name], model.role, model.aliases) for name, model in plan.models.items()]
+    models = [Served(name, built[name], model.role, model.aliases, model.loads_alone)
+              for name, model in plan.models.items()]
     if settings.otlp_endpoint:  # in each worker process: the exporter's thread does not survive a fork
         try:
             tracing.configure(settings.otlp_endpoint, settings.otlp_service_name, settings.trace_sample_ratio)
@@ -173,7 +181,8 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
                          load_before_serving=ready_first)
     except (RuntimeError, ValueError) as exc:  # a setting that cannot be honoured (token_ids_tiktoken
         return _fail(str(exc))  # offline; a malformed line in the API key file)
-    server = DrainingServer(uvicorn_config(app, settings), list(built.values()), settings.shutdown_timeout)
+    server = DrainingServer(uvicorn_config(app, settings), list(built.values()), settings.shutdown_timeout,
+                            exit_status=exit_status)
     log.info("serving %s on http://%s:%d", ", ".join(f"{m.name} ({m.task})" for m in models), settings.host,
              settings.port)
     try:
@@ -182,7 +191,4 @@ def serve_planned(settings: EmbeddingConfig, plan: ServicePlan, sock: socket.soc
         return 130
     finally:
         tracing.shutdown()
-    if failures:
-        what = "engine died" if isinstance(failures[0], BackendDeadError) else "model load failed"
-        return _fail(f"{what}: {failures[0]}")
-    return 0
+    return exit_status()

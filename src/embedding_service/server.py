@@ -29,7 +29,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -151,8 +151,9 @@ class _Engines:
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: EngineCore | Sequence[EngineCore],
-                 shutdown_timeout: float) -> None:
+                 shutdown_timeout: float, exit_status: Callable[[], int] = lambda: 0) -> None:
         super().__init__(config)
+        self.exit_status = exit_status  # the process's status (reporting why) when it cannot return one
         self.engine = engine if isinstance(engine, EngineCore) else _Engines(engine)  # embed and/or rerank
         self.shutdown_timeout = shutdown_timeout
         self._drain_requested = False
@@ -227,5 +228,7 @@ class DrainingServer(uvicorn.Server):
             log.warning("exiting with %s still running (shutdown_timeout %gs)",
                         "the model load" if loading else "a batch", self.shutdown_timeout)
             reap(child_pids(), grace_s=0.0)  # (a vLLM load may have started engine-core processes)
+            status = self.exit_status()  # e.g. 1: another model failed to load while this one loaded
             logging.shutdown()
-            os._exit(0)
+            sys.stderr.flush()
+            os._exit(status)

@@ -35,13 +35,14 @@ from .config import EmbeddingConfig
 from .engine.cache_fingerprint import model_fingerprint
 from .engine.core import EngineCore
 from .engine.engine import EmbeddingEngine, EngineOptions
+from .engine.loading import ModelLoad
 from .engine.multivector import MultiVectorEngine
 from .engine.options import ResultCacheOptions
 from .engine.rerank import RerankEngine
 from .engine.result_cache import ModelCache, ResultCache
 from .engine.sparse import SparseEngine
 from .engine.types import EMBED, MULTIVECTOR, RERANK, SPARSE
-from .memory_fit import available_bytes, memory_shortfall
+from .memory_fit import plan_shortfall
 from .models_file import read_models_file
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "build_engines",
     "choose_engine",
     "model_cache",
+    "model_loads",
     "onednn_cache_for",
     "open_result_cache",
     "openmp_waits_for",
@@ -87,6 +89,15 @@ class ModelPlan:
     def name(self) -> str:
         """The served name (`model` in requests and responses)."""
         return self.backend.model_label
+
+    @property
+    def loads_alone(self) -> bool:
+        """Whether it must load while no other model does (engine/loading.py). vLLM: in this process its
+        engine core keeps process-wide state (backends/vllm/cores.py), and on a GPU it sizes its KV cache from
+        the memory that its profiling run sees used, which another model's load would add to. torch with torch_compile:
+        dynamo's compilation is not thread-safe. The others (torch eager, openvino, fake) load in their own
+        threads, together (their transformers builds taking turns: backends/base.TRANSFORMERS_BUILD)."""
+        return self.engine == "vllm" or (self.engine == "torch" and self.backend.torch_compile)
 
 
 @dataclass(frozen=True)
@@ -177,7 +188,8 @@ def plan_service(settings: EmbeddingConfig) -> ServicePlan:
         if len({model.name for model in planned}) < len(planned):
             raise BackendLoadError(f"the embedding model and the reranker are both named '{planned[0].name}': "
                                    "give them different names (--served-model-name, --served-rerank-model-name)")
-    shortfall = memory_shortfall({model.name: model.facts.weight_bytes for model in planned}, available_bytes())
+    copies = 1 if settings.api_processes > 1 else settings.workers  # (each worker loads its own copy)
+    shortfall = plan_shortfall([(model.name, model.engine, model.backend) for model in planned], copies)
     if shortfall is not None:
         raise BackendLoadError(shortfall)
     return ServicePlan(models={model.name: model for model in planned},
@@ -225,6 +237,11 @@ def model_cache(model: ModelPlan, cache: ResultCache | None) -> ModelCache | Non
                 "batch_invariant": model.engine_options.batch_invariant,
                 "versions": numerics_versions(model.engine)}
     return cache.for_model(model_fingerprint(model.model_dir, numerics, by_content=cache.redis is not None))
+
+
+def model_loads(plan: ServicePlan, engines: Mapping[str, EngineCore]) -> list[ModelLoad]:
+    """What engine/loading.py needs to start the planned models' `engines` (by served name)."""
+    return [ModelLoad(name, model.role, engines[name], model.loads_alone) for name, model in plan.models.items()]
 
 
 def build_engines(plan: ServicePlan) -> dict[str, EngineCore]:

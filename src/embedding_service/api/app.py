@@ -18,6 +18,7 @@ from .. import __version__
 from ..batch import mount_batch_api
 from ..config import EmbeddingConfig
 from ..engine.core import EngineCore
+from ..engine.loading import ModelLoad, ModelLoadError, load_models
 from ..engine.rerank import RerankEngine
 from ..engine.types import EngineState
 from ..errors import ErrorKind, ServiceError, error_response, kind_for_status
@@ -101,9 +102,10 @@ def create_app(
 ) -> FastAPI:
     """The HTTP application over the served models (built by service.py; tests pass fake ones): `models`,
     each with its name, engine and task, or the embedding engine and/or the reranker's under the names the
-    settings give them. The app's lifespan starts the engines in the background, one after the other (then
-    calls `on_loaded`), and drains and stops them at shutdown; with `load_before_serving` it starts them before
-    the server accepts its first connection.
+    settings give them. The app's lifespan starts the engines in the background (engine/loading.py: together
+    where they may), then calls `on_loaded` (`on_fatal` gets the first failure, naming its model), and drains
+    and stops them at shutdown; with `load_before_serving` it starts them before the server accepts its first
+    connection.
 
     Raises RuntimeError / ValueError for a setting it cannot honour (token_ids_tiktoken offline, a
     malformed API key file).
@@ -117,15 +119,12 @@ def create_app(
     ctx = ServiceContext(served, RouteOptions.from_config(settings), decoder)
 
     async def load() -> None:
-        for each, model in zip(engines, served.all, strict=True):  # one after the other: compute- and
-            try:  # memory-bound
-                await each.start()
-            except Exception as exc:
-                exc.add_note(model.name)
-                log.error("model %s (%s) failed to load: %s", model.name, model.task, exc)
-                if on_fatal is not None:
-                    on_fatal(exc)
-                return
+        try:
+            await load_models([ModelLoad(m.name, m.task, m.engine, m.loads_alone) for m in served.all])
+        except ModelLoadError as exc:
+            if on_fatal is not None:
+                on_fatal(exc)
+            return
         if on_loaded is not None:
             on_loaded()
 

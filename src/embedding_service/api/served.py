@@ -38,6 +38,7 @@ class Served:
     engine: EngineCore
     task: str  # "embed", "rerank", "sparse" or "multivector"
     aliases: tuple[str, ...] = ()
+    loads_alone: bool = False  # loads while no other model does (service.ModelPlan.loads_alone)
 
 
 class ServedModels:

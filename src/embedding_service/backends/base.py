@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from ..config import EmbeddingConfig
 
 __all__ = [
+    "TRANSFORMERS_BUILD",
     "Backend",
     "BackendDeadError",
     "BackendInfo",
@@ -21,6 +23,13 @@ __all__ = [
     "BackendOptions",
     "first_line",
 ]
+
+# Held by every backend while transformers builds a model or a tokenizer (imports included). from_pretrained
+# changes process-wide state while it runs (torch's default dtype; PreTrainedModel.tie_weights and torch's init
+# functions, patched and put back: transformers 5.x, initialization.py) and its lazy imports are not
+# thread-safe, so two builds at once could leave a model's weights untied or in the other's dtype. The rest of
+# a load (moving to the device, the warm-up, openvino's compile) runs beside other loads (engine/loading.py).
+TRANSFORMERS_BUILD = threading.RLock()
 
 
 class BackendLoadError(RuntimeError):

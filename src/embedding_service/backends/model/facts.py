@@ -10,6 +10,7 @@ sparse.py and multivector.py interpret theirs). The special tokens need the toke
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,8 @@ class ModelFacts:
     # sentence_bert_config.json's max_seq_length: the length the model was trained and is served at by
     # sentence-transformers (all-MiniLM-L6-v2: 256 of its 512 positions). vLLM refuses a longer max_model_len.
     max_seq_length: int | None = None
-    weight_bytes: int = 0  # the weight files' size on disk (*.safetensors, *.bin): a floor on the memory needed
+    weight_bytes: int = 0  # the weight files' size on disk (*.safetensors, else *.bin): a floor on the memory needed
+    parameters: int | None = None  # how many weights the *.safetensors headers list (None: no safetensors, or unread)
     # config_sentence_transformers.json's model_type: SentenceTransformer, SparseEncoder, CrossEncoder (v5+).
     sentence_transformers_type: str | None = None
     # A cross-encoder's: config's num_labels, else its id2label's size, else 2 (transformers' default), and
@@ -240,6 +242,7 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
         default_prompt_name=default_prompt,
         max_seq_length=_positive_int(_object(root / "sentence_bert_config.json").get("max_seq_length")),
         weight_bytes=_weight_bytes(root),
+        parameters=_parameters(root),
         sentence_transformers_type=str(st["model_type"]) if isinstance(st.get("model_type"), str) else None,
         num_labels=_labels(config),
         activation_fn=_activation_fn(config),
@@ -251,8 +254,45 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
     )
 
 
+def _weight_files(root: Path) -> list[Path]:
+    """The weight files an engine loads: the *.safetensors (transformers prefers them), else the *.bin."""
+    try:
+        files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    except OSError:
+        return []
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
 def _weight_bytes(root: Path) -> int:
     try:
-        return sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+        return sum(path.stat().st_size for path in _weight_files(root))
     except OSError:
         return 0
+
+
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own bound
+
+
+def _parameters(root: Path) -> int | None:
+    """The weights the *.safetensors files hold, from their headers (8 bytes of length, then JSON giving each
+    tensor's shape): read without loading anything. None without safetensors, or when one cannot be read."""
+    files = [path for path in _weight_files(root) if path.suffix == ".safetensors"]
+    total = 0
+    for path in files:
+        try:
+            with path.open("rb") as file:
+                size = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(size)) if 2 <= size <= _MAX_SAFETENSORS_HEADER else None
+        except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            return None
+        if not isinstance(header, dict):
+            return None
+        for key, tensor in header.items():
+            shape = tensor.get("shape") if isinstance(tensor, dict) else None
+            if key == "__metadata__":
+                continue
+            if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+                return None
+            total += math.prod(shape)
+    return total if files else None

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..base import Backend, BackendLoadError
+from ..base import TRANSFORMERS_BUILD, Backend, BackendLoadError
 from ..scoring import QWEN3_PREFIX, QWEN3_SUFFIX, RerankerFacts, format_qwen3_pair
 from .tokenization import PROBES, rust_copy, rust_ids, transformers_ids
 
@@ -137,10 +137,11 @@ class PairTokenizer:
 
     @classmethod
     def load(cls, model_dir: str, facts: RerankerFacts) -> PairTokenizer:
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+            with TRANSFORMERS_BUILD:  # (backends/base.py)
+                from transformers import AutoTokenizer
+
+                tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
         yes_id = no_id = -1

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from ..base import TRANSFORMERS_BUILD
+
 __all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "rust_copy", "rust_ids", "special_tokens_added",
            "transformers_ids"]
 
@@ -94,9 +96,10 @@ class HfTokenizer:
     """`AutoTokenizer` of a model directory: untruncated ids with special tokens, plus what those are."""
 
     def __init__(self, model_dir: str) -> None:
-        from transformers import AutoTokenizer
+        with TRANSFORMERS_BUILD:  # (backends/base.py)
+            from transformers import AutoTokenizer
 
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.special_prefix, self.special_suffix = special_tokens_added(self.tokenizer)
         self._direct = _direct_encoder(self.tokenizer)
         self._per_thread = threading.local()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..base import BackendInfo, BackendLoadError, BackendOptions, first_line
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions, first_line
 from ..model.pooling import l2_normalize, pool_numpy
 from ..model.tokenization import HfTokenizer, SavedTokenizer
 from ..runtime.device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
@@ -313,9 +313,11 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: li
     transformers). torch is needed only here, once per model and settings.
     """
     import torch
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with TRANSFORMERS_BUILD:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     if quantize == "int8" and (smoothed := smooth_decoder(model, calibration_batches(model.config.vocab_size,
                                                                                       suffix))):
         log.info("openvino: SmoothQuant (alpha %.2f) on %d layer inputs before int8", ALPHA, smoothed)

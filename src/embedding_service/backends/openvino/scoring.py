@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendInfo, BackendOptions
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendOptions
 from ..model.pair_tokenizer import PairMethods, PairTokenizer, TokenPair, token_types
 from ..runtime.device import resolve_cpu_dtype
 from ..scoring import RerankerFacts, activate, reranker_facts
@@ -123,17 +123,19 @@ def _export_reranker(model_dir: str, target: Path, facts: RerankerFacts, pairs: 
     import torch
 
     if facts.kind == "yes-no":
-        from transformers import AutoModelForCausalLM
+        with TRANSFORMERS_BUILD:
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         head = model.get_output_embeddings().weight[[pairs.no_id, pairs.yes_id]].detach().float().numpy()
         np.save(target.parent / HEAD_FILE, head)
         example = pad_batch(EXAMPLE_ROWS, pad)
         export_module(last_hidden_module(model.model), ("input_ids", "attention_mask"), example, target)
         return
-    from transformers import AutoModelForSequenceClassification
+    with TRANSFORMERS_BUILD:
+        from transformers import AutoModelForSequenceClassification
 
-    classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+        classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:

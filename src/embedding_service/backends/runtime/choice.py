@@ -17,7 +17,7 @@ import importlib.util
 
 from ..model.facts import ModelFacts
 
-__all__ = ["vllm_build", "vllm_fit"]
+__all__ = ["torch_build", "vllm_build", "vllm_fit"]
 
 
 def vllm_build() -> str | None:
@@ -29,6 +29,16 @@ def vllm_build() -> str | None:
         return "cpu"
     except importlib.metadata.PackageNotFoundError:
         return "cuda"
+
+
+def torch_build() -> str | None:
+    """"cpu" for a CPU-only torch wheel (its version ends in +cpu), "gpu" for the others, None when not
+    installed: read from package metadata, nothing imported."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return "cpu" if version.endswith("+cpu") else "gpu"
 
 
 def vllm_fit(facts: ModelFacts, device: str = "auto") -> tuple[bool, str]:

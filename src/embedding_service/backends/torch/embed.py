@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendInfo, BackendLoadError, BackendOptions
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
 from ..model.pooling import pool
 from ..model.tokenization import HfTokenizer
 from ..runtime.device import resolve_cpu_dtype
@@ -42,13 +42,15 @@ class TorchBackend:
 
     def load(self) -> BackendInfo:
         import torch
-        from transformers import AutoModel
 
         opts, facts = self._options, self._options.facts
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
-            tokenizer = HfTokenizer(self._model_dir)
-            model = AutoModel.from_pretrained(self._model_dir, dtype=torch_dtype)
+            with TRANSFORMERS_BUILD:
+                from transformers import AutoModel
+
+                tokenizer = HfTokenizer(self._model_dir)
+                model = AutoModel.from_pretrained(self._model_dir, dtype=torch_dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load model from {self._model_dir}: {exc}") from exc
         model.eval().to(device)

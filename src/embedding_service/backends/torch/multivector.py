@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendInfo, BackendLoadError, BackendOptions
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
 from ..model.tokenization import HfTokenizer
 from ..multivector import ColbertConfig, colbert_config
 from .embed import torch_placement
@@ -45,14 +45,16 @@ class TorchMultiVectorBackend:
     def load(self) -> BackendInfo:
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModel
 
         opts = self._options
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
             config = colbert_config(opts.facts)
-            tokenizer = HfTokenizer(opts.model_dir)
-            model = AutoModel.from_pretrained(opts.model_dir, dtype=torch_dtype)
+            with TRANSFORMERS_BUILD:
+                from transformers import AutoModel
+
+                tokenizer = HfTokenizer(opts.model_dir)
+                model = AutoModel.from_pretrained(opts.model_dir, dtype=torch_dtype)
             layers = []
             for layer in config.layers:
                 weights = load_file(str(layer.path / "model.safetensors"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendInfo, BackendLoadError, BackendOptions
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
 from ..model.pair_tokenizer import PairMethods, PairTokenizer, token_types
 from ..scoring import RerankerFacts, activate, reranker_facts
 from .embed import torch_placement
@@ -39,16 +39,18 @@ class TorchScoringBackend(PairMethods):
 
     def load(self) -> BackendInfo:
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         facts = reranker_facts(self._options.facts)
         device, dtype_name, torch_dtype = torch_placement(self._options)
         pairs = PairTokenizer.load(self._model_dir, facts)
         try:
-            if facts.kind == "yes-no":
-                model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch_dtype)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(self._model_dir, dtype=torch_dtype)
+            with TRANSFORMERS_BUILD:
+                from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+                if facts.kind == "yes-no":
+                    model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch_dtype)
+                else:
+                    model = AutoModelForSequenceClassification.from_pretrained(self._model_dir, dtype=torch_dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load reranker from {self._model_dir}: {exc}") from exc
         model.eval().to(device)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendInfo, BackendLoadError, BackendOptions
+from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
 from ..model.facts import ModelFacts, read_model_facts
 from ..model.tokenization import PROBES, HfTokenizer
 from ..sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_rows, sparse_layout
@@ -51,7 +51,6 @@ class TorchSparseBackend:
 
     def load(self) -> BackendInfo:
         import torch
-        from transformers import AutoModelForMaskedLM
 
         # index_reduce_ warns once that it is "in beta": it is ten times faster than scatter_reduce_ here.
         warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
@@ -59,8 +58,11 @@ class TorchSparseBackend:
         device, dtype_name, torch_dtype = torch_placement(opts)
         try:
             layout = sparse_layout(opts.facts)
-            tokenizer = HfTokenizer(str(layout.document_dir))
-            model = AutoModelForMaskedLM.from_pretrained(layout.document_dir, dtype=torch_dtype)
+            with TRANSFORMERS_BUILD:
+                from transformers import AutoModelForMaskedLM
+
+                tokenizer = HfTokenizer(str(layout.document_dir))
+                model = AutoModelForMaskedLM.from_pretrained(layout.document_dir, dtype=torch_dtype)
             if layout.query_dir is not None:
                 self._query_weights = _query_side(layout.query_dir, tokenizer)
         except (OSError, ValueError, KeyError) as exc:
