@@ -163,9 +163,9 @@ def test_ray_local_listens_on_loopback_only(tmp_path: Path) -> None:
 def test_ray_local_refuses_to_run_on_another_address_when_ray_was_imported_first() -> None:
     # Ray reads the loopback setting when it is imported: imported earlier (a library, a notebook), `--ray local`
     # would listen on every interface, so it stops instead, saying why.
-    code = ("import ray\nfrom embedding_service.bulk.ray_runner import _start_ray\n"
+    code = ("import ray\nfrom embedding_service.bulk.ray_runner import start_ray\n"
             "print(ray.util.get_node_ip_address())\n"
-            "try:\n    _start_ray('local')\nexcept RuntimeError as exc:\n    print(exc)\nelse:\n    print('started')\n")
+            "try:\n    start_ray('local')\nexcept RuntimeError as exc:\n    print(exc)\nelse:\n    print('started')\n")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from ..bulk.manifest import fsync_dir  # (bulk/__init__ loads nothing heavy; manifest needs orjson only)
 
-__all__ = ["Disk"]
+__all__ = ["Disk", "append_at", "truncate_at"]
 
 
 class Disk:
@@ -51,29 +51,11 @@ class Disk:
 
     def append(self, name: str, data: bytes, at: int) -> int:
         """Write `data` at offset `at` (the committed length) and fsync; the new length."""
-        if not data:
-            return at
-        flags = os.O_WRONLY | os.O_CREAT
-        fd = os.open(self.path(name), flags, 0o600)
-        try:
-            os.ftruncate(fd, at)  # drop anything past the committed length (a crash after a write)
-            os.lseek(fd, at, os.SEEK_SET)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return at + len(data)
+        return append_at(self.path(name), data, at)
 
     def truncate(self, name: str, size: int) -> None:
         """Cut an output back to its committed length (0: make it empty)."""
-        path = self.path(name)
-        if size == 0 and not path.exists():
-            return
-        with path.open("r+b") as out:
-            out.truncate(size)
-            os.fsync(out.fileno())
+        truncate_at(self.path(name), size)
 
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
@@ -100,3 +82,30 @@ def _lock_folder(root: Path) -> int:
         raise RuntimeError(f"data_dir {root} is in use by another server process; give each server its own "
                            "folder") from None
     return fd
+
+
+def append_at(path: Path, data: bytes, at: int) -> int:
+    """Write `data` at offset `at` of `path` (its committed length; anything past it is dropped: a crash after
+    a write) and fsync; the new length."""
+    if not data:
+        return at
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, at)
+        os.lseek(fd, at, os.SEEK_SET)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return at + len(data)
+
+
+def truncate_at(path: Path, size: int) -> None:
+    """Cut `path` back to its committed length `size` (0: make it empty; a missing file stays missing)."""
+    if size == 0 and not path.exists():
+        return
+    with path.open("r+b") as out:
+        out.truncate(size)
+        os.fsync(out.fileno())

@@ -10,7 +10,6 @@ engines serve it only when online requests leave them idle.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message
@@ -18,15 +17,9 @@ from starlette.types import ASGIApp, Message
 from ..api.middleware.lifecycle import RequestLifecycle
 from ..api.middleware.security import CLIENT_ID_KEY
 from ..engine.priority import background
+from .objects import RETRY_STATUSES, Answer
 
-__all__ = ["Answer", "Invoker"]
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
-    content_type: str
+__all__ = ["RETRY_STATUSES", "Answer", "Invoker"]
 
 
 class Invoker:

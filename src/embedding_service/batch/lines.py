@@ -16,10 +16,17 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MAX_REPORTED_ERRORS", "BatchLine", "LineError", "read_lines", "validate_file"]
+__all__ = ["ENDPOINTS", "MAX_REPORTED_ERRORS", "BatchLine", "LineError", "line_limit", "read_lines", "validate_file"]
 
+ENDPOINTS = ("/v1/embeddings", "/v2/embed", "/v1/rerank", "/v2/rerank", "/v1/score", "/embed_sparse")
 MAX_REPORTED_ERRORS = 100  # a file of a million bad lines reports the first hundred, then a count
+_LINE_OVERHEAD = 4096  # a line is its body plus custom_id, method and url
 _MAX_CUSTOM_ID = 512
+
+
+def line_limit(max_body_bytes: int) -> int:
+    """The longest line a batch input file may hold: the largest body the endpoint takes, and the rest."""
+    return max_body_bytes + _LINE_OVERHEAD
 
 
 @dataclass(frozen=True)

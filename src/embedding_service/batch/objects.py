@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from .store import BatchRow, FileRow
 
-__all__ = ["batch_object", "file_object", "list_object", "new_batch_id", "new_file_id", "output_line",
-           "request_ids"]
+__all__ = ["RETRY_STATUSES", "Answer", "answer_line", "batch_object", "file_object", "list_object", "new_batch_id",
+           "new_file_id", "output_line", "request_ids"]
+
+
+RETRY_STATUSES = (429, 503)  # overloaded, loading, draining: the line waits and runs again
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An endpoint's answer to a batch line."""
+
+    status: int
+    body: bytes
+    content_type: str
 
 
 def new_file_id() -> str:
@@ -62,3 +75,14 @@ def output_line(line_id: str, custom_id: str, *, status: int | None = None, requ
         return head + b',"response":null,"error":' + orjson.dumps(error) + b"}\n"
     response = orjson.dumps({"status_code": status, "request_id": request_id})[:-1]
     return head + b',"response":' + response + b',"body":' + body + b'},"error":null}\n'
+
+
+def answer_line(line_id: str, custom_id: str, *, status: int, request_id: str, body: bytes, content_type: str
+                ) -> tuple[bool, bytes]:
+    """(answered 2xx, the output or error file's line) for an endpoint's answer to a line."""
+    if not content_type.startswith("application/json") or b"\n" in body or not body:
+        try:  # (every endpoint answers one line of JSON; this only keeps the file JSONL if one did not)
+            body = orjson.dumps(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            body = orjson.dumps(body.decode("utf-8", "replace"))
+    return 200 <= status < 300, output_line(line_id, custom_id, status=status, request_id=request_id, body=body)

@@ -19,6 +19,7 @@ from ..api.middleware.security import CLIENT_ID_KEY
 from ..api.openapi import operation_doc
 from ..errors import ErrorKind, ServiceError
 from .disk import Disk
+from .lines import ENDPOINTS
 from .objects import batch_object, file_object, list_object, new_batch_id, new_file_id
 from .runner import BatchRunner
 from .store import ACTIVE, BatchRow, FileRow, Store
@@ -26,7 +27,6 @@ from .upload import Form, read_form
 
 __all__ = ["ENDPOINTS", "build_batch_router"]
 
-ENDPOINTS = ("/v1/embeddings", "/v2/embed", "/v1/rerank", "/v2/rerank", "/v1/score", "/embed_sparse")
 MAX_FILES_PER_KEY = 10_000
 MAX_ACTIVE_BATCHES_PER_KEY = 100
 _WINDOW_S = {"24h": 86_400}

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 import orjson
 
 from .disk import Disk
-from .invoke import Invoker
+from .invoke import RETRY_STATUSES, Invoker
 from .lines import BatchLine, read_lines, validate_file
 from .metrics import BatchStats
-from .objects import output_line, request_ids
+from .objects import answer_line, output_line, request_ids
 from .store import BatchRow, FileRow, Store
 
 __all__ = ["BatchRunner", "RunnerOptions"]
@@ -39,7 +39,6 @@ _CHUNK_LINES = 16  # lines per durable step: a cancel or a crash loses at most t
 _HOUSEKEEPING_S = 3600.0
 _STOP_POLL_S = 0.1  # how often lines waiting for the engine look for a cancel or the window's end
 _PROGRESS_S = 30.0  # a running batch logs its progress this often
-_RETRY_STATUSES = (429, 503)  # overloaded, loading, draining: the line waits and runs again
 
 
 @dataclass(frozen=True)
@@ -242,18 +241,12 @@ class BatchRunner:
                     self.stats.in_flight -= 1
                 if answer is None:
                     return None
-                if answer.status not in _RETRY_STATUSES:
+                if answer.status not in RETRY_STATUSES:
                     break
                 await _unless(stop, asyncio.sleep(delay))  # the engine is busy or loading: the line waits
                 delay = min(delay * 2, 5.0)
-        body = answer.body
-        if not answer.content_type.startswith("application/json") or b"\n" in body or not body:
-            try:  # (every endpoint answers one line of JSON; this only keeps the file JSONL if one did not)
-                body = orjson.dumps(orjson.loads(body))
-            except orjson.JSONDecodeError:
-                body = orjson.dumps(body.decode("utf-8", "replace"))
-        ok = 200 <= answer.status < 300
-        return ok, output_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=body)
+        return answer_line(line_id, line.custom_id, status=answer.status, request_id=request_id, body=answer.body,
+                           content_type=answer.content_type)
 
     async def _progress(self, batch: BatchRow) -> None:
         """Log a running batch's progress every `_PROGRESS_S` (its request_counts are in its object always)."""

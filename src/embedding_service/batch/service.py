@@ -19,6 +19,7 @@ from ..config import EmbeddingConfig
 from ..errors import ErrorKind, ServiceError
 from .disk import Disk
 from .invoke import Invoker
+from .lines import line_limit
 from .metrics import BatchCollector
 from .routes import build_batch_router
 from .runner import BatchRunner, RunnerOptions
@@ -29,7 +30,6 @@ __all__ = ["BatchApi", "mount_batch_api"]
 log = logging.getLogger("embedding_service")
 
 _DB_NAME = "batch.sqlite3"
-_LINE_OVERHEAD = 4096  # a line is its body plus custom_id, method and url
 
 
 @dataclass
@@ -54,7 +54,7 @@ def mount_batch_api(app: FastAPI, settings: EmbeddingConfig) -> BatchApi | None:
     retention_s = settings.batch_retention_days * 86_400
 
     runner = BatchRunner(store, disk, Invoker(app), RunnerOptions(
-        max_lines=settings.batch_max_lines, max_line_bytes=settings.max_body_bytes + _LINE_OVERHEAD,
+        max_lines=settings.batch_max_lines, max_line_bytes=line_limit(settings.max_body_bytes),
         max_stored_bytes=settings.batch_max_stored_bytes, retention_s=retention_s,
         concurrency=settings.batch_concurrency))
     app.include_router(build_batch_router(store, disk, runner, max_file_bytes=settings.batch_max_file_bytes,

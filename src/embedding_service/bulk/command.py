@@ -43,10 +43,15 @@ _positive = _number(int, 1, "at least 1")
 
 
 def add_embed_arguments(bulk: argparse.ArgumentParser, config_cls: Any) -> None:
-    bulk.add_argument("inputs", nargs="+", metavar="INPUT",
+    bulk.add_argument("inputs", nargs="*", metavar="INPUT",
                       help=".txt (one text per line), .jsonl, .csv or .parquet files, folders or globs")
     bulk.add_argument("-o", "--output", type=Path, required=True,
                       help=".parquet (id, embedding[, text]), .npy (vectors) or .jsonl to write")
+    batch = bulk.add_argument_group("an OpenAI batch input file instead of INPUT (docs/batch.md)")
+    batch.add_argument("--batch-file", type=Path, default=None, metavar="REQUESTS.jsonl",
+                       help="run this Batch API input file's requests; -o gets the batch output file (.jsonl)")
+    batch.add_argument("--error-file", type=Path, default=None, metavar="PATH",
+                       help="where failed requests go [default: beside -o, <name>.errors.jsonl]")
     data = bulk.add_argument_group("input and output")
     data.add_argument("--column", default="text", help="the text column (jsonl field) [default text]")
     data.add_argument("--id-column", default=None, help="a column kept beside each vector as its id "
@@ -75,7 +80,8 @@ def add_embed_arguments(bulk: argparse.ArgumentParser, config_cls: Any) -> None:
     remote.add_argument("--api-key", default=os.environ.get("EMBEDDING_API_KEY"), help="[env EMBEDDING_API_KEY]")
     remote.add_argument("--model", default=None, help="model name sent in requests [default: the server's]")
     remote.add_argument("--batch-size", type=_positive, default=64, help="texts per request [default 64]")
-    remote.add_argument("--concurrency", type=_positive, default=4, help="requests in flight per server [4]")
+    remote.add_argument("--concurrency", type=_positive, default=None,
+                        help="requests in flight per server [4; with --batch-file, batch_concurrency: 64]")
     remote.add_argument("--retries", type=_number(int, 0, "0 or more"), default=8,
                         help="retries of a request (connection errors, timeouts, 429, 503) [default 8]")
     remote.add_argument("--timeout", type=_number(float, 0.1, "at least 0.1"), default=300.0,
@@ -108,6 +114,20 @@ def _urls(args: argparse.Namespace) -> list[str]:
 def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Nonsense combinations, refused before anything runs."""
     given = [name for name in ENGINE_FIELDS if name in vars(args) and name != "log_level"]
+    if args.batch_file is not None and args.inputs:
+        parser.error("give INPUT files of texts or one --batch-file of requests, not both")
+    if args.batch_file is None and not args.inputs:
+        parser.error("the following arguments are required: INPUT (or --batch-file)")
+    if args.batch_file is not None:
+        texts_only = [flag for flag, value in (("--instruction", args.instruction), ("--prompt-name", args.prompt_name),
+                                               ("--dimensions", args.dimensions), ("--model", args.model),
+                                               ("--id-column", args.id_column))
+                      if value is not None]
+        texts_only += [flag for flag, on in (("--include-text", args.include_text), ("--skip-empty", args.skip_empty),
+                                             ("--vector-type", args.vector_type != "float")) if on]
+        if texts_only:
+            parser.error(f"{texts_only[0]} is for INPUT files of texts; with --batch-file each line's body says what "
+                         "to embed and how")
     if _urls(args) and args.ray:
         parser.error("--ray runs the model in Ray actors; it does not take --url")
     if _urls(args) and given:
@@ -142,7 +162,12 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
 
     configure_logging(settings.log_level, "text")
     try:
-        if args.ray:
+        summary: Any
+        if args.batch_file is not None:
+            from .batch_file import run_batch_file_command
+
+            summary = run_batch_file_command(args, settings, urls)
+        elif args.ray:
             from .ray_runner import RayOptions, run_on_ray
 
             summary = run_on_ray(job, settings, options, RayOptions(args.ray, args.ray_actors,
@@ -151,7 +176,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
             embedder: Any
             if urls:
                 embedder = HttpEmbedder(urls, options, api_key=args.api_key, model=args.model,
-                                        batch_size=args.batch_size, concurrency=args.concurrency,
+                                        batch_size=args.batch_size, concurrency=args.concurrency or 4,
                                         retries=args.retries, timeout_s=args.timeout)
             else:
                 # torch keeps OpenMP's default wait policy here (serve makes it passive): with no server threads

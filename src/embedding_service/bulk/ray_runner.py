@@ -29,7 +29,7 @@ from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, ChunkSpec, Plan
 from .runner import Job, JobState, Summary, locked_output
 
-__all__ = ["RayOptions", "run_on_ray"]
+__all__ = ["RayOptions", "ray_fingerprint", "run_on_ray", "start_ray"]
 
 log = logging.getLogger("embedding_service")
 
@@ -136,7 +136,7 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK = "127.0.0.1"
 
 
-def _start_ray(address: str) -> Any:
+def start_ray(address: str) -> Any:
     if address == "local":
         os.environ[LOCAL_ONLY_ENV] = "0"
     import ray
@@ -171,7 +171,7 @@ def _run_locked(job: Job, settings: EmbeddingConfig, options: EmbedOptions, ray_
     specs = list(plan.chunks[state.parts_done:])
     new_rows = 0
     if specs:
-        ray = _start_ray(ray_options.address)
+        ray = start_ray(ray_options.address)
         try:
             new_rows = _run(ray, job, plan, state, specs, settings, options, ray_options)
         except Exception as exc:  # Ray wraps a worker's error (RayTaskError, UserCodeException) in its traceback

@@ -21,7 +21,7 @@ import numpy as np
 
 from .local import BulkRowError, EmbedOptions
 
-__all__ = ["HttpEmbedder", "RemoteError"]
+__all__ = ["HttpEmbedder", "Pending", "RemoteError", "ServerPool"]
 
 log = logging.getLogger("embedding_service")
 
@@ -33,58 +33,54 @@ class RemoteError(RuntimeError):
     """The servers cannot do the job (unreachable after all retries, disagreeing models, a 5xx that persists)."""
 
 
-@dataclass
-class _Request:
-    start: int  # first text's index in the chunk
-    texts: list[str]
-    future: asyncio.Future[tuple[np.ndarray, int]]
+@dataclass(kw_only=True)
+class Pending:
+    """A request waiting for a server: any server's worker may take it, and take it again after a retry."""
+
+    future: asyncio.Future[Any]
     attempts: int = 0
     retry_after: str | None = None  # the last 429/503's Retry-After
 
 
-class HttpEmbedder:
-    def __init__(self, urls: list[str], options: EmbedOptions, *, api_key: str | None = None,
-                 model: str | None = None, batch_size: int = 64, concurrency: int = 4, retries: int = 8,
+@dataclass(kw_only=True)
+class _Request(Pending):
+    start: int  # first text's index in the chunk
+    texts: list[str]
+
+
+class ServerPool:
+    """`concurrency` workers per server pulling Pending requests from one queue; `_post` (a subclass's) answers
+    one, returning None to have it retried (by any server) after a backoff."""
+
+    def __init__(self, urls: list[str], *, api_key: str | None = None, concurrency: int = 4, retries: int = 8,
                  timeout_s: float = 300.0, max_backoff_s: float = 30.0) -> None:
         self.urls = [u.rstrip("/") for u in urls]
-        self.options = options
         self.api_key = api_key
-        self.model = model
-        self.batch_size = batch_size
         self.concurrency = concurrency
         self.retries = retries
         self.timeout_s = timeout_s
         self.max_backoff_s = max_backoff_s
-        self.dimension: int | None = None
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._client: Any = None
-        self._served: str | None = None
-
-    @property
-    def pipeline_depth(self) -> int:
-        # Enough chunks in flight that no server idles at a chunk boundary.
-        return 2 + (len(self.urls) * self.concurrency) // 8
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The model the servers serve (they must agree), and the request options."""
+    def served_models(self, model: str | None = None) -> str:
+        """The model the servers serve (they must agree)."""
         import httpx
 
         names: dict[str, str] = {}
         with httpx.Client(headers=self._headers(), timeout=30.0) as client:
             for url in self.urls:
-                names[url] = self._model_of(client, url)
+                names[url] = self._model_of(client, url, model)
         if len(set(names.values())) > 1:
             listed = ", ".join(f"{name} at {url}" for url, name in names.items())
             raise RemoteError(f"the servers serve different models ({listed}); give servers of one model")
-        self._served = next(iter(names.values()))
-        return {"mode": "http", "model": self.model or self._served, "instruction": self.options.instruction,
-                "prompt_name": self.options.prompt_name, "dimensions": self.options.dimensions}
+        return next(iter(names.values()))
 
-    def _model_of(self, client: Any, url: str) -> str:
+    def _model_of(self, client: Any, url: str, model: str | None) -> str:
         import httpx
 
         for attempt in range(self.retries + 1):
@@ -101,7 +97,7 @@ class HttpEmbedder:
             if response.status_code != 200:
                 raise RemoteError(f"{url}/models answered {response.status_code}: {response.text[:200]}")
             data = response.json().get("data") or [{}]
-            return str(data[0].get("id") or self.model or "unknown")
+            return str(data[0].get("id") or model or "unknown")
         raise AssertionError("unreachable")
 
     def _sleep_sync(self, attempt: int) -> None:
@@ -127,18 +123,6 @@ class HttpEmbedder:
             for _ in range(self.concurrency):
                 self._workers.append(asyncio.create_task(self._work(url)))
 
-    async def embed(self, texts: list[str], on_progress: Callable[[int], None]) -> tuple[np.ndarray, int]:
-        loop = asyncio.get_running_loop()
-        requests = [_Request(start, texts[start : start + self.batch_size], loop.create_future())
-                    for start in range(0, len(texts), self.batch_size)]
-        for request in requests:
-            request.future.add_done_callback(_count_done(on_progress, len(request.texts)))
-            self._queue.put_nowait(request)
-        results = await asyncio.gather(*(r.future for r in requests))
-        if not results:
-            return np.zeros((0, self.dimension or 0), np.float32), 0
-        return np.concatenate([v for v, _ in results]), sum(t for _, t in results)
-
     async def _work(self, url: str) -> None:
         failures = 0  # this server's consecutive failures: a down server backs off, others go on
         while True:
@@ -160,6 +144,57 @@ class HttpEmbedder:
                 failures = 0
                 if not request.future.done():
                     request.future.set_result(outcome)
+
+    async def _post(self, url: str, request: Any) -> Any:
+        raise NotImplementedError
+
+    def _retry_or_fail(self, request: Pending, why: str) -> None:
+        if request.attempts >= self.retries:
+            raise RemoteError(f"giving up after {request.attempts + 1} attempts: {why}")
+        log.warning("retrying (%d/%d): %s", request.attempts + 1, self.retries, why)
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+
+class HttpEmbedder(ServerPool):
+    def __init__(self, urls: list[str], options: EmbedOptions, *, api_key: str | None = None,
+                 model: str | None = None, batch_size: int = 64, concurrency: int = 4, retries: int = 8,
+                 timeout_s: float = 300.0, max_backoff_s: float = 30.0) -> None:
+        super().__init__(urls, api_key=api_key, concurrency=concurrency, retries=retries, timeout_s=timeout_s,
+                         max_backoff_s=max_backoff_s)
+        self.options = options
+        self.model = model
+        self.batch_size = batch_size
+        self.dimension: int | None = None
+        self._served: str | None = None
+
+    @property
+    def pipeline_depth(self) -> int:
+        # Enough chunks in flight that no server idles at a chunk boundary.
+        return 2 + (len(self.urls) * self.concurrency) // 8
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The model the servers serve (they must agree), and the request options."""
+        self._served = self.served_models(self.model)
+        return {"mode": "http", "model": self.model or self._served, "instruction": self.options.instruction,
+                "prompt_name": self.options.prompt_name, "dimensions": self.options.dimensions}
+
+    async def embed(self, texts: list[str], on_progress: Callable[[int], None]) -> tuple[np.ndarray, int]:
+        loop = asyncio.get_running_loop()
+        requests = [_Request(start=start, texts=texts[start : start + self.batch_size], future=loop.create_future())
+                    for start in range(0, len(texts), self.batch_size)]
+        for request in requests:
+            request.future.add_done_callback(_count_done(on_progress, len(request.texts)))
+            self._queue.put_nowait(request)
+        results = await asyncio.gather(*(r.future for r in requests))
+        if not results:
+            return np.zeros((0, self.dimension or 0), np.float32), 0
+        return np.concatenate([v for v, _ in results]), sum(t for _, t in results)
 
     async def _post(self, url: str, request: _Request) -> tuple[np.ndarray, int] | None:
         import httpx
@@ -192,18 +227,6 @@ class HttpEmbedder:
         index = request.start + int(match.group(1)) if match else request.start
         where = "" if match else f" (request of rows {request.start}-{request.start + len(request.texts) - 1})"
         raise BulkRowError(index, f"the server refused it ({response.status_code}{where}): {message}")
-
-    def _retry_or_fail(self, request: _Request, why: str) -> None:
-        if request.attempts >= self.retries:
-            raise RemoteError(f"giving up after {request.attempts + 1} attempts: {why}")
-        log.warning("retrying (%d/%d): %s", request.attempts + 1, self.retries, why)
-
-    async def close(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
 
 
 def _count_done(on_progress: Callable[[int], None], count: int) -> Callable[[asyncio.Future[Any]], None]:

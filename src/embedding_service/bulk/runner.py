@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from .local import BulkRowError
 from .lock import WorkLock
 from .manifest import FingerprintMismatch, Manifest, PartRecord, describe_mismatch, work_dir
+from .ordered import InOrder
 from .progress import Progress
 from .readers import BulkInputError, Chunk, ChunkReader, Plan, expand_inputs, scan
 from .writers import (
@@ -232,10 +232,8 @@ async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, st
         await embedder.start()
         progress = Progress(plan.total_rows, state.rows_in_done, bar=job.progress, log_every_s=job.log_every_s)
         reader = ChunkReader(plan)
-        pending: deque[tuple[Chunk, asyncio.Task[tuple[np.ndarray, int]]]] = deque()
 
-        async def write_oldest() -> None:
-            chunk, task = pending.popleft()
+        async def write(chunk: Chunk, task: asyncio.Task[tuple[np.ndarray, int]]) -> None:
             try:
                 vectors, tokens = await task
             except BulkRowError as exc:
@@ -243,19 +241,14 @@ async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, st
             await asyncio.to_thread(state.add_part, chunk, vectors, tokens)
 
         try:
-            for spec in remaining:
-                chunk = await asyncio.to_thread(reader.read, spec)
-                progress.update(chunk.skipped)
-                new_rows += len(chunk.texts)
-                pending.append((chunk, asyncio.create_task(embedder.embed(chunk.texts, progress.update))))
-                while len(pending) >= embedder.pipeline_depth:
-                    await write_oldest()
-            while pending:
-                await write_oldest()
+            async with InOrder(embedder.pipeline_depth, write) as in_flight:
+                for spec in remaining:
+                    chunk = await asyncio.to_thread(reader.read, spec)
+                    progress.update(chunk.skipped)
+                    new_rows += len(chunk.texts)
+                    await in_flight.add(chunk, embedder.embed(chunk.texts, progress.update))
+                await in_flight.drain()
         finally:
-            for _, task in pending:
-                task.cancel()
-            await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
             reader.close()
             progress.close()
             await embedder.close()

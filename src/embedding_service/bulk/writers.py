@@ -35,6 +35,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "count_rows",
     "finalize",
+    "mark_fingerprint",
     "output_format",
     "part_table",
     "read_fingerprint",
@@ -87,12 +88,18 @@ def finalize(folder: Path, manifest: Manifest, output: Path, fmt: str, fingerpri
         _join_npy(parts, tmp, sum(p.rows_out for p in manifest.parts), manifest.dimension or 0, vector_type)
     else:
         _join_jsonl(parts, tmp, vector_type)
-    if fmt != "parquet" and hasattr(os, "setxattr"):
-        with contextlib.suppress(OSError):  # a file system without user attributes: a rerun cannot tell
-            os.setxattr(tmp, XATTR_KEY, orjson.dumps(fingerprint))
+    if fmt != "parquet":
+        mark_fingerprint(tmp, fingerprint)
     os.replace(tmp, output)
     fsync_dir(output.parent)
     fault_point("final-renamed")
+
+
+def mark_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
+    """Record the job's fingerprint in an extended attribute of a finished npy or jsonl file."""
+    if hasattr(os, "setxattr"):
+        with contextlib.suppress(OSError):  # a file system without user attributes: a rerun cannot tell
+            os.setxattr(path, XATTR_KEY, orjson.dumps(fingerprint))
 
 
 def read_fingerprint(output: Path) -> dict[str, Any] | None:
