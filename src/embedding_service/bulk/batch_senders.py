@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,10 +47,14 @@ class InProcessApp:
     depth = 2
 
     def __init__(self, settings: EmbeddingConfig, *, concurrency: int, retries: int = 8) -> None:
-        from ..service import plan_service
+        from ..service import onednn_cache_for, openmp_waits_for, plan_service
 
         self.settings = settings.model_copy(update={"data_dir": None, "workers": 1, "api_processes": 1})
         self.plan = plan_service(self.settings)  # each model's folder and engine, decided once
+        # As `serve`, before torch loads: the app's event loop and tokenizer thread share the CPUs with the
+        # model's OpenMP team (which must not spin on them), and oneDNN's kernel cache stays bounded.
+        engines = [model.engine for model in self.plan.models.values()]
+        os.environ.update({**openmp_waits_for(engines), **onednn_cache_for(engines)})
         self.concurrency, self.retries = concurrency, retries
         self._invoker: Invoker | None = None
         self._lifespan: Any = None
