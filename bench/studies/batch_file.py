@@ -3,7 +3,7 @@
 
     embedding-service serve --demo --engine torch --dtype float32 --host 127.0.0.1 --port 8897 \\
         --data-dir /tmp/bf-data --result-cache-bytes 0 &
-    python -m bench.batch_file --url http://127.0.0.1:8897 [--lines 2000] [--texts 1] [--rounds 3] \\
+    python -m bench.studies.batch_file --url http://127.0.0.1:8897 [--lines 2000] [--texts 1] [--rounds 3] \\
         [--embed-args "--demo --engine torch --dtype float32"]
 
 Lines/s: the Batch API's from `in_progress_at` to `completed_at` (whole seconds: use batches of 10 s or more),
