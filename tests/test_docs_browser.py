@@ -6,13 +6,19 @@ each request and fails on any that would leave loopback unless the page's CSP al
 It loads /docs, finds every operation of /openapi.json rendered, and runs "Try it out" on POST /v1/embeddings
 with the documented example: a 200 with a vector. With an API key: a 401 first, then the same 200 after
 "Authorize". /redoc renders every operation too. Screenshots go to .ci/artifacts/ (CI keeps them).
+
+CORS (`--cors-allow-origins`): pages served from two other origins (local http servers on other ports) call
+/v1/embeddings with fetch(): the allowed one gets vectors with the key (and the 401 without it), the other is
+blocked by the browser (fetch throws a TypeError).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -216,5 +222,77 @@ def test_authorize_then_try_it_out_with_an_api_key(browser: Any) -> None:
         page.check_stayed_home()
     finally:
         if page is not None:
+            page.close()
+        server.stop()
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    """Serves one empty page: what a web app on another origin would be, before it calls the API."""
+
+    def do_GET(self) -> None:  # (http.server calls it by this name)
+        body = b"<!doctype html><html><head><title>cors</title></head><body>another origin</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:  # (quiet)
+        pass
+
+
+@pytest.fixture(scope="module")
+def page_origins() -> Iterator[tuple[str, str]]:
+    """Two page servers on loopback, two origins: (allowed, not allowed)."""
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield tuple(f"http://127.0.0.1:{server.server_address[1]}" for server in servers)  # type: ignore[return-value]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+_FETCH = """async ([url, key]) => {
+  const headers = {"Content-Type": "application/json"};
+  if (key) headers["Authorization"] = "Bearer " + key;
+  try {
+    const r = await fetch(url + "/v1/embeddings", {method: "POST", headers,
+                                                   body: JSON.stringify({input: "hello from another origin"})});
+    return {status: r.status, body: await r.json(), requestId: r.headers.get("X-Request-ID")};
+  } catch (e) {
+    return {error: e.name + ": " + e.message};
+  }
+}"""
+
+
+def test_cors_a_page_on_an_allowed_origin_gets_vectors_another_is_blocked(browser: Any,
+                                                                        page_origins: tuple[str, str]) -> None:
+    allowed, other = page_origins
+    server = ServerProcess(["--engine", "fake", "--log-level", "WARNING", "--batch-timeout-ms", "0",
+                            "--cors-allow-origins", allowed], env={"EMBEDDING_API_KEYS": KEY})
+    pages: list[Page] = []
+    try:
+        server.wait_healthy(60)
+        results = {}
+        for origin in (allowed, other):
+            page = Page(browser, server)
+            pages.append(page)
+            page.page.goto(origin + "/")
+            results[origin] = (page.page.evaluate(_FETCH, [server.url, KEY]),
+                               page.page.evaluate(_FETCH, [server.url, ""]))
+            page.check_stayed_home()
+        (with_key, without_key), (blocked, blocked_without_key) = results[allowed], results[other]
+        assert with_key.get("status") == 200, with_key
+        _check_vector({"json": with_key["body"]})
+        assert with_key["requestId"]  # an exposed response header the page may read
+        # The preflight passes without a key, the request itself still needs one (its 401 readable).
+        assert without_key.get("status") == 401 and without_key["body"]["error"]["code"] == "missing_api_key"
+        for refused in (blocked, blocked_without_key):  # the browser blocks the call: fetch throws
+            assert refused.get("error", "").startswith("TypeError"), refused
+    finally:
+        for page in pages:
             page.close()
         server.stop()
