@@ -167,10 +167,39 @@ async def test_a_text_longer_than_a_tokenisation_slice_is_chunked_from_its_slice
         assert response.headers["X-Chunked-Inputs"] == f"0:{windows}"
 
 
-async def test_tokenize_shows_a_chunked_input_whole(chunking: FakeApp) -> None:
-    long = words(100)
-    body = (await chunking.http.post("/tokenize", json={"prompt": long})).json()
-    assert body["tokens"] == chunking.engine.backend.tokenize([long])[0] and body["count"] == 101
+@pytest.mark.parametrize("policy", ["server", "refuse", "truncate", "chunk"])
+async def test_tokenize_shows_what_each_policy_feeds_the_model(chunking: FakeApp, policy: str) -> None:
+    """/tokenize of an over-long text under each long_inputs policy (the server's: chunk here) against the
+    embeddings' answer to the same request: refused alike; truncated: the cut ids; chunked: every id in one
+    piece with the windows embedded. billed_tokens is the embeddings' usage in every case."""
+    backend = chunking.engine.backend
+    assert isinstance(backend, FakeBackend)
+    long = words(150)
+    field = {} if policy == "server" else {"long_inputs": policy}
+    tokenized = await chunking.http.post("/tokenize", json={"prompt": long, **field})
+    embedded = await chunking.http.post("/v1/embeddings", json={"input": long, **field})
+    assert tokenized.status_code == embedded.status_code, tokenized.text
+    if policy == "refuse":
+        assert tokenized.status_code == 400 and tokenized.json()["error"] == embedded.json()["error"]
+        return
+    body, whole = tokenized.json(), backend.tokenize([long])[0]
+    assert body["billed_tokens"] == embedded.json()["usage"]["prompt_tokens"] and body["count"] == len(body["tokens"])
+    if policy == "truncate":
+        assert body["tokens"] == [*whole[:LIMIT - 1], 2] and body["truncated"] and body["chunks"] == 1
+        assert embedded.headers["X-Truncated-Inputs"] == "0" and body["billed_tokens"] == LIMIT
+        return
+    _, windows, tokens = _reference(backend, long)
+    assert body["tokens"] == whole and not body["truncated"] and body["chunks"] == windows == 3
+    assert embedded.headers["X-Chunked-Inputs"] == f"0:{windows}" and body["billed_tokens"] == tokens
+
+
+async def test_tokenize_long_inputs_errors_are_the_embeddings_ones(chunking: FakeApp) -> None:
+    for payload in ({"long_inputs": "split"}, {"long_inputs": 3}, {"long_inputs": "chunk", "truncate": True},
+                    {"prompt": words(1001)}):
+        response = await chunking.http.post("/tokenize", json={"prompt": words(100), **payload})
+        assert response.status_code == 400 and response.json()["error"]["param"] in ("long_inputs", "input"), payload
+    short = (await chunking.http.post("/tokenize", json={"prompt": "a few words"})).json()
+    assert (short["truncated"], short["chunks"], short["billed_tokens"]) == (False, 1, short["count"])
 
 
 def test_settings() -> None:

@@ -72,14 +72,15 @@ class EmbeddingEngine(EngineCore):
                            compute_time_s=compute, truncated=prepared.truncated,
                            chunked={index: item.count for index, item in prepared.windows.items()}, cached=cached)
 
-    async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int]:
-        """The ids embed() would feed the model for `request` (prompt, special tokens, limits, truncation) and
-        the input limit, without embedding them: /tokenize, so a client counts what it will be billed."""
+    async def token_ids(self, request: EmbedRequest) -> tuple[list[list[int]], int, Prepared]:
+        """The ids embed() would feed the model for `request` (prompt, special tokens, limits, the long-input
+        policy: cut when truncating, in one piece when chunking), the input limit, and the preparation (what
+        was cut, the windows, the tokens billed), without embedding them: /tokenize."""
         with self.accepted() as info:
             prepared = await self._prepare_request(request, info, time.monotonic() + self.options.request_timeout_s)
             seqs = [prepared.windows[i].joined() if i in prepared.windows else ids  # (chunked: ids in one piece)
                     for i, ids in enumerate(prepared.seqs)]
-            return seqs, input_limit(request, info, self.options)[0]
+            return seqs, input_limit(request, info, self.options)[0], prepared
 
     async def _prepare_request(self, request: EmbedRequest, info: BackendInfo, deadline: float) -> Prepared:
         """Prompt, tokenise, check the limits, plan any windows and admit (rate limits)."""

@@ -1,10 +1,13 @@
 """POST /tokenize and /detokenize in vLLM's shapes, with exactly the ids the embedding path feeds the model.
 
 /tokenize runs the embeddings' own preparation (engine.token_ids): the prompt an `input_type`, `instruction` or
-`prompt_name` adds, the special tokens, the length limit (400 over it, unless `truncate`), so `count` is what
-/v1/embeddings bills for the same text. `add_special_tokens: false` leaves out the special tokens the
-tokenizer puts around a text. Token strings and /detokenize need the backend's tokenizer (torch, openvino and
-vLLM engines have one; the fake engine has none: 400).
+`prompt_name` adds, the special tokens, the length limit and long-input policy (`long_inputs` / `truncate`, else
+the server's): refuse is the same 400, truncate answers the cut ids (`truncated: true`), chunk all the ids in
+one piece with `chunks`, the windows embedded (vLLM's /tokenize answers every id whatever the limit). So
+`tokens` are what the model sees and `billed_tokens` what /v1/embeddings bills for the same request (equal to
+`count` unless chunked, where the prompt and special tokens repeat per window). `add_special_tokens: false`
+leaves out the special tokens the tokenizer puts around a text. Token strings and /detokenize need the
+backend's tokenizer (torch, openvino and vLLM engines have one; the fake engine has none: 400).
 """
 
 from __future__ import annotations
@@ -44,13 +47,22 @@ class TokenizeBody(BaseModel):
     instruction: str | None = Field(None, description="as on /v1/embeddings: a Qwen3 query instruction")
     prompt_name: str | None = Field(None, description="as on /v1/embeddings: a sentence-transformers prompt")
     truncate: bool | None = Field(None, description="as on /v1/embeddings: cut over-long input instead of 400")
+    long_inputs: Literal["refuse", "truncate", "chunk"] | None = Field(
+        None, description="as on /v1/embeddings: over-long input refused (400), truncated (the cut ids), or chunked "
+        "(all ids in one piece, and how many windows); default: the server's long_inputs")
 
 
 class TokenizeResponse(BaseModel):
-    count: int = Field(..., ge=0)
+    count: int = Field(..., ge=0, description="len(tokens)")
     max_model_len: int = Field(..., ge=1)
     tokens: list[int]
     token_strs: list[str] | None = None
+    truncated: bool = Field(False, description="extension: the text was over the limit and `tokens` are its ids "
+                            "as cut (what the model sees)")
+    chunks: int = Field(1, ge=1, description="extension: how many windows the embedding path embeds (over 1 only "
+                        "when chunked: `tokens` are then the whole input's ids, prompt and special tokens once)")
+    billed_tokens: int = Field(..., ge=0, description="extension: the tokens /v1/embeddings counts in usage for "
+                               "the same request (a chunked input's prompt and special tokens once per window)")
 
 
 class DetokenizeBody(BaseModel):
@@ -124,13 +136,16 @@ def build_tokenize_router(models: ServedModels, read_body: BodyReader, *, input_
         instruction, prompt_name = resolve_input_type(
             _field(data, "input_type", str), instruction=given,
             prompt_name=_field(data, "prompt_name", str), prompts=info.prompts, strict=input_type_strict)
-        seqs, limit = await engine.token_ids(EmbedRequest(texts=[prompt], instruction=instruction,
-                                                          prompt_name=prompt_name,
-                                                          truncate=_field(data, "truncate", bool)))
+        seqs, limit, prepared = await engine.token_ids(EmbedRequest(
+            texts=[prompt], instruction=instruction, prompt_name=prompt_name,
+            truncate=_field(data, "truncate", bool), long_inputs=_field(data, "long_inputs", str)))
         ids = seqs[0]
         if not _field(data, "add_special_tokens", bool, True):
             ids = _strip_specials(ids, info.special_prefix, info.special_suffix)
-        body: dict[str, Any] = {"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": None}
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": None,
+                                "truncated": bool(prepared.truncated),
+                                "chunks": prepared.windows[0].count if prepared.windows else 1,
+                                "billed_tokens": prepared.total}
         if _field(data, "return_token_strs", bool, False):
             body["token_strs"] = _decoder(engine, "return_token_strs").token_strs(ids)
         return Response(orjson.dumps(body), media_type="application/json")
