@@ -1,7 +1,11 @@
 """What typed vectors cost in retrieval quality, on real text, as a server returns them.
 
     python -m bench.studies.quantization_recall --url http://127.0.0.1:8890 \\
-        --data ../shared/data/retrieval-docstrings.jsonl
+        --data ../shared/data/retrieval-docstrings.jsonl [--model NAME] [--unit-too]
+
+(`--model`: the served model to ask. `--unit-too`: for a server with `int8_ranges` other than unit, also rank
+int8/uint8 with the unit range [-1, 1], quantised here by the server's own vector_types.quantize from the
+floats it returned: the bytes a unit server returns for them, as tests/test_cohere_clients.py checks.)
 
 Embeds every document (input_type search_document) and query (search_query) through POST /v2/embed with
 embedding_types float, int8, uint8 and ubinary in one call per batch, ranks all documents for each query, and
@@ -30,14 +34,14 @@ TYPES = ["float", "int8", "uint8", "ubinary"]
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
 
 
-def _embed(url: str, texts: list[str], input_type: str, batch: int) -> dict[str, np.ndarray]:
+def _embed(url: str, texts: list[str], input_type: str, batch: int, model: str | None) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {kind: [] for kind in TYPES}
     dtypes = {"float": np.float32, "int8": np.int8, "uint8": np.uint8, "ubinary": np.uint8}
     with httpx.Client(timeout=600) as client:
         for start in range(0, len(texts), batch):
             response = client.post(url + "/v2/embed", json={
                 "texts": texts[start:start + batch], "input_type": input_type, "embedding_types": TYPES,
-                "truncate": "END"})
+                "truncate": "END", **({"model": model} if model else {})})
             response.raise_for_status()
             for kind in TYPES:
                 out[kind].append(np.array(response.json()["embeddings"][kind], dtype=dtypes[kind]))
@@ -68,11 +72,24 @@ def _rescored(hamming: np.ndarray, cosine: np.ndarray, candidates: int) -> np.nd
     return scores
 
 
+def _integer_rows(queries: dict[str, np.ndarray], docs: dict[str, np.ndarray], label: str
+                  ) -> dict[str, np.ndarray]:
+    """int8 ranked by the dot product of the codes, uint8 by their Euclidean distance (what a vector
+    database storing them computes)."""
+    int8 = queries["int8"].astype(np.int32) @ docs["int8"].astype(np.int32).T
+    q8, d8 = queries["uint8"].astype(np.int64), docs["uint8"].astype(np.int64)
+    uint8_l2 = (q8 ** 2).sum(1)[:, None] - 2 * q8 @ d8.T + (d8 ** 2).sum(1)[None, :]
+    return {f"int8 (dot product){label}": int8.astype(np.float64),
+            f"uint8 (Euclidean){label}": -uint8_l2.astype(np.float64)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8890")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/retrieval-docstrings.jsonl"))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", default=None, help="the served model to ask (default: the server's)")
+    parser.add_argument("--unit-too", action="store_true", help="also int8/uint8 with the unit ranges (docstring)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N pairs (0: all)")
     parser.add_argument("--candidates", type=int, default=100, help="binary + rescoring: how many to rescore")
     args = parser.parse_args()
@@ -80,21 +97,23 @@ def main() -> None:
     if args.limit:
         pairs = pairs[: args.limit]
     started = time.perf_counter()
-    docs = _embed(args.url, [p["document"] for p in pairs], "search_document", args.batch)
-    queries = _embed(args.url, [p["query"] for p in pairs], "search_query", args.batch)
+    docs = _embed(args.url, [p["document"] for p in pairs], "search_document", args.batch, args.model)
+    queries = _embed(args.url, [p["query"] for p in pairs], "search_query", args.batch, args.model)
     seconds = time.perf_counter() - started
     cosine = queries["float"].astype(np.float64) @ docs["float"].astype(np.float64).T
-    int8 = queries["int8"].astype(np.int32) @ docs["int8"].astype(np.int32).T
-    q8, d8 = queries["uint8"].astype(np.int64), docs["uint8"].astype(np.int64)
-    uint8_l2 = (q8 ** 2).sum(1)[:, None] - 2 * q8 @ d8.T + (d8 ** 2).sum(1)[None, :]
     hamming = _hamming(queries["ubinary"], docs["ubinary"])
+    label = " (the server's ranges)" if args.unit_too else ""
     rows = {
         "float (cosine)": cosine,
-        "int8 (dot product)": int8.astype(np.float64),
-        "uint8 (Euclidean)": -uint8_l2.astype(np.float64),
+        **_integer_rows(queries, docs, label),
         "binary (Hamming)": -hamming.astype(np.float64),
         f"binary + float rescoring of the top {args.candidates}": _rescored(hamming, cosine, args.candidates),
     }
+    if args.unit_too:
+        from embedding_service.vector_types import quantize
+
+        unit = [{kind: quantize(side["float"], kind) for kind in ("int8", "uint8")} for side in (queries, docs)]
+        rows.update(_integer_rows(unit[0], unit[1], " (unit ranges [-1, 1])"))
     base = rank_metrics(cosine)[0]
     print(f"{len(pairs)} pairs, embedded in {seconds:.1f}s; bytes per vector: float "
           f"{docs['float'].shape[1] * 4}, int8/uint8 {docs['int8'].shape[1]}, binary {docs['ubinary'].shape[1]}")

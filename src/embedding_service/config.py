@@ -91,6 +91,10 @@ class EmbeddingConfig(BaseSettings):
     openvino_cache_dir: str | None = Field(
         None, description="openvino: folder of exported models (default ~/.cache/embedding-service/openvino)"
     )
+    int8_ranges: str = Field(
+        "unit", description="the int8/uint8 vector types' per-dimension ranges: unit ([-1, 1]), calibrate (the "
+        "model's own, from a stated calibration set embedded once and kept in ~/.cache/embedding-service/"
+        "int8-ranges), or the path of a .npy/.json (2, dimension) array (docs/clients.md)")
 
     # --- the reranker (served beside the embedding model, or alone; docs/rerank.md) ----------------------
     rerank_model: str | None = Field(
@@ -294,6 +298,15 @@ class EmbeddingConfig(BaseSettings):
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
         return origins
+
+    @field_validator("int8_ranges")
+    @classmethod
+    def _int8_ranges(cls, value: str) -> str:
+        if value in ("unit", "calibrate"):
+            return value
+        if not value.endswith((".npy", ".json")) or not os.access(os.path.expanduser(value), os.R_OK):
+            raise ValueError(f"int8_ranges must be unit, calibrate or a readable .npy/.json file, got {value!r}")
+        return value
 
     @field_validator("api_key_file")
     @classmethod

@@ -28,6 +28,7 @@ PER_MODEL_FIELDS = frozenset({
     "prefix_caching", "batch_invariant", "quantize", "openvino_cache_dir", "truncate", "long_inputs",
     "max_chunked_input_tokens", "max_inputs_per_request", "max_request_tokens", "max_queue_requests",
     "max_queue_tokens", "request_timeout_s", "max_rerank_documents", "matryoshka_models", "max_token_vectors_bytes",
+    "int8_ranges",
 })
 _ENTRY_FIELDS = frozenset({"name", "aliases", "task", "model_path", "model_name", "demo"})
 _MAX_MODELS = 64

@@ -219,7 +219,7 @@ def build_embedding_engine(model: ModelPlan, cache: ResultCache | None = None) -
         raise BackendLoadError(f"model '{model.name}' is not an embedding model (task: {model.role}); it cannot "
                                "embed")
     return EmbeddingEngine(create_backend(model.engine, model.backend, model.fake), model.engine_options,
-                           model_cache(model, cache))
+                           model_cache(model, cache), model_dir=model.model_dir)
 
 
 def model_cache(model: ModelPlan, cache: ResultCache | None) -> ModelCache | None:

@@ -3,11 +3,13 @@
 The rules are sentence-transformers' `quantize_embeddings` (tests compare byte for byte):
 
 - int8 / uint8: each dimension is mapped through a calibration range [start, end] in 255 steps (float32),
-  `uint8 = clip(floor((x - start) / step), 0, 255)`, `int8 = uint8 - 128`, `step = (end - start) / 255`.
-  The range here is fixed, [-1, 1] in every dimension (`UNIT_RANGES`): the components of a unit vector lie in
-  it, so nothing overflows, and a vector's bytes depend on that vector alone. sentence-transformers without
-  ranges calibrates on the batch it is given, so the same text would get other bytes in another request,
-  and vectors stored from different requests would not be comparable.
+  `uint8 = clip(floor((x - start) / step), 0, 255)`, `int8 = uint8 - 128`, `step = (end - start) / 255`
+  (a step of 0 counts as 1). The ranges are fixed per model, so a vector's bytes depend on that vector alone:
+  by default [-1, 1] in every dimension (`UNIT_RANGES`: the components of a unit vector lie in it, so nothing
+  overflows), or the model's own (`int8_ranges`: engine/int8_ranges.py), of which a Matryoshka vector of
+  `dimensions` uses the first `dimensions` columns. sentence-transformers without ranges calibrates on the
+  batch it is given, so the same text would get other bytes in another request, and vectors stored from
+  different requests would not be comparable.
 - binary / ubinary: one bit per dimension, set where the component is > 0, packed 8 to a byte (big-endian bit
   order, numpy's packbits); ubinary is the bytes as uint8, binary the same bytes minus 128 as int8. Rows are
   packed one by one: a dimension that is not a multiple of 8 is padded with 0 bits (sentence-transformers
@@ -36,12 +38,15 @@ def unit_ranges(dimension: int) -> np.ndarray:
     return np.array([[UNIT_RANGES[0]] * dimension, [UNIT_RANGES[1]] * dimension], dtype=np.float32)
 
 
-def quantize(vectors: np.ndarray, kind: EmbeddingType) -> np.ndarray:
-    """`vectors` (n, dim) float32 unit rows as int8, uint8, binary (int8) or ubinary (uint8) rows."""
+def quantize(vectors: np.ndarray, kind: EmbeddingType, ranges: np.ndarray | None = None) -> np.ndarray:
+    """`vectors` (n, dim) float32 unit rows as int8, uint8, binary (int8) or ubinary (uint8) rows; int8/uint8
+    through `ranges` (2, >= dim; the first dim columns are used) or, when None, [-1, 1]."""
     if kind in ("int8", "uint8"):
-        ranges = unit_ranges(vectors.shape[1])
+        dim = vectors.shape[1]
+        ranges = unit_ranges(dim) if ranges is None else ranges[:, :dim].astype(np.float32, copy=False)
         starts = ranges[0, :]
         steps = (ranges[1, :] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)  # (a dimension constant over the calibration set)
         levels = np.clip(np.floor((vectors - starts) / steps), 0, 255)
         return levels.astype(np.uint8) if kind == "uint8" else (levels - 128).astype(np.int8)
     if kind in ("binary", "ubinary"):
@@ -55,10 +60,12 @@ def _base64_rows(vectors: np.ndarray) -> list[str]:
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
 
 
-def encode_vectors(vectors: np.ndarray, kind: EmbeddingType) -> np.ndarray | list[str]:
-    """The rows of one type, ready for orjson (numpy arrays serialise as lists of numbers)."""
+def encode_vectors(vectors: np.ndarray, kind: EmbeddingType, ranges: np.ndarray | None = None
+                   ) -> np.ndarray | list[str]:
+    """The rows of one type, ready for orjson (numpy arrays serialise as lists of numbers); `ranges`: the
+    model's int8/uint8 ranges (None: [-1, 1])."""
     if kind == "float":
         return np.ascontiguousarray(vectors, dtype=np.float32)
     if kind == "base64":
         return _base64_rows(vectors)
-    return quantize(vectors, kind)
+    return quantize(vectors, kind, ranges)

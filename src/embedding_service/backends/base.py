@@ -110,6 +110,9 @@ class BackendInfo:
     engine: str = "torch"
     # "embed": rows are unit vectors; "rerank": one column, the score of a (query, document) pair.
     task: str = "embed"
+    # int8/uint8 calibration ranges, float32 (2, dimension), set by the engine after the load (the
+    # `int8_ranges` setting: engine/int8_ranges.py); None: [-1, 1] in every dimension.
+    int8_ranges: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of_embedding_model(cls, options: BackendOptions, tokenizer: Any, *, engine: str, device: str, dtype: str,

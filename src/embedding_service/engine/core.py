@@ -130,9 +130,13 @@ class EngineCore:
 
     def _load(self) -> BackendInfo:
         try:
-            return self.backend.load()
+            return self._loaded(self.backend.load())
         finally:
             self._load_busy = False
+
+    def _loaded(self, info: BackendInfo) -> BackendInfo:
+        """What a task adds to the loaded model's info, still on the load's thread (embedding: int8 ranges)."""
+        return info
 
     @property
     def idle(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from ..logging_config import RequestLine
 from .chunking import embed_windows
 from .core import EngineCore, invalid_unicode
 from .inputs import Prepared, enforce_lengths, input_limit, prepare_inputs
+from .int8_ranges import load_int8_ranges
 from .options import EngineOptions
 from .prompts import apply_prompt
 from .result_cache import ModelCache
@@ -39,9 +41,18 @@ class EmbeddingEngine(EngineCore):
     serve bulk jobs. With a `result_cache` (docs/cache.md), requests answer from it where they can; bulk jobs
     never use it (their vectors depend on their own batches only, so that a resumed run equals one run)."""
 
-    def __init__(self, backend: Backend, options: EngineOptions, result_cache: ModelCache | None = None) -> None:
+    def __init__(self, backend: Backend, options: EngineOptions, result_cache: ModelCache | None = None, *,
+                 model_dir: str = "") -> None:
         super().__init__(backend, options)
         self.result_cache = result_cache
+        self.model_dir = model_dir  # (what keys its calibrated int8 ranges: engine/int8_ranges.py)
+
+    def _loaded(self, info: BackendInfo) -> BackendInfo:
+        """The model's int8/uint8 ranges (`int8_ranges`), which its info carries to the API (and to API
+        processes: engine/remote.py)."""
+        ranges = load_int8_ranges(self.options.int8_ranges, info, self.model_dir, self.backend.tokenize,
+                                  self.run_batch)
+        return info if ranges is None else replace(info, int8_ranges=ranges)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         with self.accepted() as info:

@@ -27,6 +27,7 @@ class EngineOptions:
     request_timeout_s: float
     max_token_vectors_bytes: int  # a multi-vector model's answer, as float32 bytes
     batch_invariant: bool = False
+    int8_ranges: str = "unit"  # unit, calibrate or a file's path (engine/int8_ranges.py)
 
     @classmethod
     def from_config(cls, settings: EmbeddingConfig) -> EngineOptions:

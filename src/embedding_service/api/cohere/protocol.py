@@ -43,7 +43,7 @@ class CohereEmbedBody(BaseModel):
     input_type: Literal["search_document", "search_query", "classification", "clustering"] | None = Field(
         None, description="what the texts are: a query gets the model's query prompt or instruction (see docs)")
     embedding_types: list[Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]] | None = Field(
-        None, description="the types to return (default: float); int8/uint8 use the range [-1, 1] per dimension")
+        None, description="the types to return (default: float); int8/uint8 use the model's ranges (int8_ranges)")
     output_dimension: int | None = Field(None, ge=1, description="Matryoshka models only: output size")
     max_tokens: int | None = Field(None, ge=1, description="tokens per text at most (at most the model's limit)")
     truncate: Literal["NONE", "START", "END"] | None = Field(
@@ -192,14 +192,14 @@ def long_input_warnings(truncated: list[int], chunked: dict[int, int]) -> list[s
 
 
 def encode_cohere_embed(call: CohereEmbedCall, vectors: np.ndarray, tokens: int, *, version: int = 2,
-                        warnings: list[str] | None = None) -> bytes:
+                        warnings: list[str] | None = None, int8_ranges: np.ndarray | None = None) -> bytes:
     """v2 answers by type; v1 too when embedding_types was sent, else a plain list of floats (as Cohere does)."""
     embeddings: Any
     if version == 1 and not call.types_given:
         response_type, embeddings = "embeddings_floats", encode_vectors(vectors, "float")
     else:
         response_type = "embeddings_by_type"
-        embeddings = {kind: encode_vectors(vectors, kind) for kind in call.embedding_types}
+        embeddings = {kind: encode_vectors(vectors, kind, int8_ranges) for kind in call.embedding_types}
     return orjson.dumps({
         "id": str(uuid.uuid4()),
         "response_type": response_type,

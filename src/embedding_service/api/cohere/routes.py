@@ -68,6 +68,7 @@ def build_cohere_router(models: ServedModels, read_body: BodyReader, *, input_ty
             result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize"):
             body = encode_cohere_embed(call, result.vectors, result.prompt_tokens, version=version,
+                                       int8_ranges=info.int8_ranges,
                                        warnings=long_input_warnings(result.truncated, result.chunked))
         return Response(body, media_type="application/json", headers=embed_headers(result))
 

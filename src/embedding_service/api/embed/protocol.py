@@ -231,9 +231,11 @@ def parse_embedding_request(data: Any, *, token_ids_are_text: bool = False) -> t
     return request, fmt
 
 
-def encode_embeddings(vectors: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:
-    """The response body, serialised straight from numpy (no Python float lists)."""
-    rows = encode_vectors(vectors, encoding_format)  # type: ignore[arg-type]  # (checked by the parser)
+def encode_embeddings(vectors: np.ndarray, encoding_format: str, model: str, prompt_tokens: int,
+                      int8_ranges: np.ndarray | None = None) -> bytes:
+    """The response body, serialised straight from numpy (no Python float lists); `int8_ranges`: the model's
+    (BackendInfo.int8_ranges)."""
+    rows = encode_vectors(vectors, encoding_format, int8_ranges)  # type: ignore[arg-type]  # (checked by the parser)
     data = [{"object": "embedding", "index": i, "embedding": rows[i]} for i in range(len(vectors))]
     body = {
         "object": "list",

@@ -64,7 +64,7 @@ def build_embed_router(ctx: ServiceContext) -> APIRouter:
                     tracing.set_attributes({"embedding.model": chosen.name, "embedding.texts": embed_request.count})
                 result = await engine.embed_accepted(embed_request, info)
         with tracing.span("serialize") as traced:
-            body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens)
+            body = encode_embeddings(result.vectors, encoding, chosen.name, result.prompt_tokens, info.int8_ranges)
             if traced is not None:
                 traced.set_attributes({"embedding.encoding": encoding, "embedding.bytes": len(body)})
         return Response(body, media_type=_JSON, headers=embed_headers(result))
