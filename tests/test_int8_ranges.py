@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from embedding_service.backends.base import BackendLoadError
-from embedding_service.backends.fake import FakeBackend
+from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine import int8_ranges
 from embedding_service.engine.engine import EmbeddingEngine
 
