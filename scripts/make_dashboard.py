@@ -27,8 +27,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Requests per second by route", "reqps", [
         ("{{route}}", f"sum by (route) (rate(embedding_requests_total[{R}]))"),
     ]),
-    ("Errors per second by kind (HTTP status)", "reqps", [
-        ("{{status}}", f'sum by (status) (rate(embedding_requests_total{{status=~"4..|5.."}}[{R}]))'),
+    ("Errors per second by kind", "reqps", [
+        ("{{kind}}", f"sum by (kind) (rate(embedding_errors_total[{R}]))"),
+    ]),
+    ("Errors per second by HTTP status and route", "reqps", [
+        ("{{status}} {{route}}",
+         f'sum by (status, route) (rate(embedding_requests_total{{status=~"4..|5.."}}[{R}]))'),
     ]),
     ("Request latency by route (p50, p95, p99)", "s", [
         (f"p{q} {{{{route}}}}",

@@ -2,7 +2,7 @@
 
 One server serves an embedding model, a reranker and a sparse model (a models file) with the Batch API on; a
 Prometheus started here scrapes it every second while the test sends traffic (embeddings, rerank, sparse, a
-batch, requests refused with 400 and 503). Then every panel query of the dashboard and every alert rule runs
+batch, requests refused with 400, 404, 415 and 503). Then every panel query of the dashboard and every alert rule runs
 through Prometheus' HTTP API. A query naming a metric or label the service does not export is the usual way a
 dashboard breaks: here it comes back empty and fails the test.
 """
@@ -57,6 +57,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, random_splade_dir: Path) ->
     model_name: acme/embedder
     engine: fake
     max_queue_requests: 4
+    max_batch_size: 4
   - name: judge
     model_name: acme/judge
     engine: fake
@@ -129,16 +130,24 @@ def _traffic(base: str, seconds: float) -> None:
             if kind == 1:
                 return client.post("/embed_sparse", json={"inputs": f"sparse text {i}", "model": "splade"}
                                    ).status_code
-            if kind == 2:
-                return client.post("/v1/embeddings", json={"input": ""}).status_code  # 400
-            return client.post("/v1/embeddings", json={"model": "embedder", "input": [f"text {i}"] * 4}).status_code
+            if kind == 2:  # refused: 400, 404, 415 (each its own error kind)
+                refused = i // 5 % 3
+                if refused == 1:
+                    return client.get(f"/no/such/page/{i}").status_code
+                if refused == 2:
+                    return client.post("/v1/embeddings", content=b"x", headers={"Content-Type": "text/plain"}
+                                       ).status_code
+                return client.post("/v1/embeddings", json={"input": ""}).status_code
+            # 64 texts: 16 batches of 4 (max_batch_size), about 0.3 s in the queue of 4 requests: some get 503
+            texts = [f"text {i}"] * (64 if kind == 3 else 4)
+            return client.post("/v1/embeddings", json={"model": "embedder", "input": texts}).status_code
 
     statuses: set[int] = set()
     deadline = time.monotonic() + seconds
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         while time.monotonic() < deadline:
             statuses.update(pool.map(one, range(64)))
-    assert {200, 400, 503} <= statuses, statuses  # each kind the error panels count happened
+    assert {200, 400, 404, 415, 503} <= statuses, statuses  # each kind the error panels count happened
 
 
 def _query(prometheus: str, expr: str, at: float) -> list[dict[str, Any]]:
@@ -167,6 +176,11 @@ def test_every_panel_and_alert_reads_real_series(server: ServerProcess, promethe
         if not any(float(series["value"][1]) == float(series["value"][1]) for series in result):
             empty.append(f"{title}: {concrete}")
     assert not empty, "panels with no data:\n" + "\n".join(empty)
+    (kinds_expr,) = [expr for title, expr in _targets() if title == "Errors per second by kind"]
+    kinds = {series["metric"]["kind"] for series in _query(prometheus, kinds_expr.replace("$__rate_interval",
+                                                                                          RATE_WINDOW), at)}
+    # the traffic's refusals, each under its own kind (the two 503s' causes would differ too)
+    assert {"invalid_request", "not_found", "unsupported_media_type", "overloaded"} <= kinds, kinds
     models = {series["metric"]["model"] for series in _query(prometheus, "embedding_model_info", at)}
     models |= {series["metric"]["model"] for series in _query(prometheus, "embedding_rerank_model_info", at)}
     models |= {series["metric"]["model"] for series in _query(prometheus, "embedding_sparse_model_info", at)}

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedding_service.backends.fake.embed import FakeBackend
 from embedding_service.engine.engine import EmbeddingEngine
 
-from .conftest import engine_options, fake_app_over, in_process_client
+from .conftest import engine_options, fake_app, fake_app_over, in_process_client
 
 EMBED = "/v1/embeddings"
 M = "fake-model"  # the served name of conftest's fake app
@@ -199,3 +199,44 @@ async def test_internal_errors_are_counted_and_carry_the_request_id() -> None:
     assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="500") == 1
     assert value(samples, "embedding_requests_total", route=EMBED, method="POST", status="200") == 1
     assert value(samples, "embedding_texts_total", model=M) == 1  # the failed batch embedded nothing
+
+
+async def test_errors_are_counted_by_kind_whichever_renderer_answered() -> None:
+    """embedding_errors_total{route, kind}: the kind each error renderer answered with (a handler's, a
+    middleware's, Cohere's envelope), so that 503s of different causes stay apart; one error for each 4xx/5xx
+    request; a /health 503 (a state, not an error) is not one."""
+    async with fake_app(start=False, api_keys=["sk-good"]) as loading:
+        key = {"Authorization": "Bearer sk-good"}
+        answers = [
+            (await loading.http.post(EMBED, json={"input": ["a"]})).status_code,  # no key: middleware
+            (await loading.http.post(EMBED, json={"input": ["a"]}, headers=key)).status_code,  # loading
+            (await loading.http.get("/health")).status_code,
+        ]
+        loading_samples = await scrape(loading.http)
+    assert answers == [401, 503, 503]
+    async with fake_app() as served:
+        answers = [
+            (await served.http.post(EMBED, json={"input": []})).status_code,  # the engine's ServiceError
+            (await served.http.post(EMBED, json={"inputs": "x"})).status_code,  # the validation handler
+            (await served.http.get("/no/such/page")).status_code,  # the HTTP error handler
+            (await served.http.post("/v2/embed", json={"texts": []})).status_code,  # Cohere's envelope
+            (await served.http.post(EMBED, content=b"x", headers={"Content-Type": "text/plain"})).status_code,
+        ]
+        samples = await scrape(served.http)
+    assert answers == [400, 400, 404, 400, 415]
+
+    def errors(found: dict, **labels: str) -> float:
+        return value(found, "embedding_errors_total", **labels)
+
+    # (the API-key middleware answers before routing: the request counter's "unmatched" too)
+    assert errors(loading_samples, route="unmatched", kind="authentication") == 1
+    assert errors(loading_samples, route=EMBED, kind="not_ready") == 1
+    assert errors(samples, route=EMBED, kind="invalid_request") == 2
+    assert errors(samples, route="unmatched", kind="not_found") == 1
+    assert errors(samples, route="/v2/embed", kind="invalid_request") == 1
+    assert errors(samples, route=EMBED, kind="unsupported_media_type") == 1
+    for found, health_503s in ((loading_samples, 1), (samples, 0)):
+        failed = sum(v for (name, labels), v in found.items()
+                     if name == "embedding_requests_total" and dict(labels)["status"] >= "400")
+        counted = sum(v for (name, _), v in found.items() if name == "embedding_errors_total")
+        assert counted == failed - health_503s

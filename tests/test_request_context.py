@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from embedding_service.api.middleware.request_context import RequestContextMiddleware
 from embedding_service.cli import build_parser
+from embedding_service.errors import ErrorKind, ServiceError, send_error
 from embedding_service.logging_config import JsonFormatter, RequestIdFilter, configure_logging
 
 from .conftest import make_settings
@@ -164,10 +165,10 @@ async def _call(middleware: Any, headers: list[tuple[bytes, bytes]] | None = Non
 
 
 async def test_middleware_reports_failures_and_disconnects() -> None:
-    seen: list[tuple[str, str, int]] = []
+    seen: list[tuple[str, str, int, str | None]] = []
 
-    def observer(route: str, method: str, status: int, _seconds: float) -> None:
-        seen.append((route, method, status))
+    def observer(route: str, method: str, status: int, _seconds: float, kind: str | None) -> None:
+        seen.append((route, method, status, kind))
 
     async def crashing(scope: Any, receive: Any, send: Any) -> None:
         raise RuntimeError("bug")
@@ -181,12 +182,17 @@ async def test_middleware_reports_failures_and_disconnects() -> None:
                     "headers": [(b"x-request-id", b"spoofed"), (b"x-other", b"1")]})
         await send({"type": "http.response.body", "body": b""})
 
+    async def refusing(scope: Any, receive: Any, send: Any) -> None:  # a 503 of one kind among several
+        await asyncio.create_task(send_error(send, ServiceError(ErrorKind.OVERLOADED, "busy")))
+
     with pytest.raises(RuntimeError):
         await _call(RequestContextMiddleware(crashing, observer))
     with pytest.raises(asyncio.CancelledError):
         await _call(RequestContextMiddleware(abandoned, observer))
+    await _call(RequestContextMiddleware(refusing, observer))
     sent = await _call(RequestContextMiddleware(answering, observer), [(b"x-request-id", b"given-1")])
-    assert seen == [("unmatched", "GET", 500), ("unmatched", "GET", 499), ("unmatched", "GET", 204)]
+    assert seen == [("unmatched", "GET", 500, "internal"), ("unmatched", "GET", 499, "client_closed"),
+                    ("unmatched", "GET", 503, "overloaded"), ("unmatched", "GET", 204, None)]
     headers = sent[0]["headers"]
     assert [v for k, v in headers if k == b"x-request-id"] == [b"given-1"]  # the app's own copy is replaced
     assert (b"x-other", b"1") in headers

@@ -3,12 +3,14 @@
 Every layer raises `ServiceError` with a kind and, when a retry makes sense, `retry_after_s`: nothing below
 the API layer names a status or a header. The API layer turns an error into bytes here, either as a
 Starlette `Response` (handlers), straight onto an ASGI `send` (middleware that answers before a route runs), or
-as raw HTTP/1.1 bytes (the transport, for a connection no app is serving).
+as raw HTTP/1.1 bytes (the transport, for a connection no app is serving). Each renderer notes the kind it
+answered with in the request's `ErrorSlot` (opened by the request middleware), which the metrics count.
 """
 
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from enum import StrEnum
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -21,9 +23,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ErrorKind",
+    "ErrorSlot",
     "ServiceError",
+    "answered",
     "error_body",
     "error_response",
+    "error_slot",
     "http_error_bytes",
     "kind_for_status",
     "send_error",
@@ -129,6 +134,28 @@ class ServiceError(Exception):
         return headers
 
 
+class ErrorSlot:
+    """The kind of the error a request was answered with (None: not answered with one)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self) -> None:
+        self.kind: ErrorKind | None = None
+
+
+# The current request's slot. Set by the request middleware (outermost), filled by the renderer that answers,
+# however deep: handlers and tasks run in copies of its context, which share the slot object.
+error_slot: ContextVar[ErrorSlot | None] = ContextVar("error_slot", default=None)
+
+
+def answered(error: ServiceError) -> ServiceError:
+    """Note `error` as the current request's answer (for the errors-by-kind metric); returns it."""
+    slot = error_slot.get()
+    if slot is not None:
+        slot.kind = error.kind
+    return error
+
+
 def error_body(kind: ErrorKind, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """The OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": _TABLE[kind][1], "param": param, "code": code or kind.value}}
@@ -138,13 +165,13 @@ def error_response(error: ServiceError) -> Response:
     """The error as a Starlette response (exception handlers)."""
     from starlette.responses import Response
 
-    return Response(orjson.dumps(error.body()), status_code=error.status, media_type="application/json",
+    return Response(orjson.dumps(answered(error).body()), status_code=error.status, media_type="application/json",
                     headers=error.http_headers() or None)
 
 
 async def send_error(send: Send, error: ServiceError) -> None:
     """The error straight onto an ASGI connection (middleware answering before or instead of a route)."""
-    body = orjson.dumps(error.body())
+    body = orjson.dumps(answered(error).body())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(name.lower().encode("latin-1"), value.encode("latin-1"))
                 for name, value in error.http_headers().items()]

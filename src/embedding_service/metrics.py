@@ -205,8 +205,12 @@ class ServiceMetrics:
         self.request_seconds = Histogram("embedding_request_duration_seconds",
                                          "Time from request arrival to the end of the response",
                                          ["route"], buckets=LATENCY_BUCKETS, registry=reg)
-        # Bounded: routes are templates (or "unmatched"), methods and statuses are few.
+        # The error kinds of errors.py (a fixed set), by route: which errors, not only which statuses.
+        self.errors = Counter("embedding_errors", "Requests answered with an error, by route and error kind",
+                              ["route", "kind"], registry=reg)
+        # Bounded: routes are templates (or "unmatched"), methods, statuses and error kinds are few.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._error_children: dict[tuple[str, str], Counter] = {}
         self._tasks: dict[str, tuple[_EngineCollector, tuple[Histogram, Histogram, Histogram, Counter, Counter]]] = {}
         self._caches: _CacheCollector | None = None
         self._cache_files: _CacheFiles | None = None  # (api_processes > 1)
@@ -281,7 +285,8 @@ class ServiceMetrics:
                       buckets=COMPUTE_BUCKETS, registry=reg),
             items, item_tokens)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int, seconds: float,
+                        error_kind: str | None = None) -> None:
         key = (route, method, status)
         children = self._request_children.get(key)
         if children is None:  # label lookups cost more than the update itself: do each once
@@ -289,6 +294,11 @@ class ServiceMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if error_kind is not None:
+            errors = self._error_children.get((route, error_kind))
+            if errors is None:
+                errors = self._error_children[(route, error_kind)] = self.errors.labels(route, error_kind)
+            errors.inc()
         if self._cache_files is not None:
             self._cache_files.sync()
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message
 from ..api.middleware.lifecycle import RequestLifecycle
 from ..api.middleware.security import CLIENT_ID_KEY
 from ..engine.priority import background
+from ..errors import error_slot
 from .objects import RETRY_STATUSES, Answer
 
 __all__ = ["RETRY_STATUSES", "Answer", "Invoker"]
@@ -67,6 +68,12 @@ class Invoker:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        with background():
-            await self._inner()(scope, receive, send)
+        # A line's error is its outcome (embedding_batch_lines_total), never that of an HTTP request whose
+        # context this task may have been started in.
+        slot = error_slot.set(None)
+        try:
+            with background():
+                await self._inner()(scope, receive, send)
+        finally:
+            error_slot.reset(slot)
         return Answer(status, b"".join(chunks), content_type)

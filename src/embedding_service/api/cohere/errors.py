@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from ...errors import ServiceError, status_for
+from ...errors import ServiceError, answered, status_for
 from ..openapi import EMBEDDING_ERRORS
 
 __all__ = ["CohereError", "cohere_error_docs", "cohere_error_response", "cohere_errors_of"]
@@ -39,6 +39,7 @@ def _embed_message(message: str) -> str:
 
 def cohere_error_response(error: ServiceError, *, embed: bool = True) -> Response:
     """`error` in Cohere's shape; `embed`: the message speaks of `texts` (rerank's already name its fields)."""
+    answered(error)
     body = {"id": str(uuid.uuid4()), "message": _embed_message(error.message) if embed else error.message}
     return Response(orjson.dumps(body), status_code=error.status, media_type="application/json",
                     headers=error.http_headers() or None)

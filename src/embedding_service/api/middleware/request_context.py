@@ -1,5 +1,5 @@
 """Pure ASGI middleware: request ids, a total-time header, `Connection: close` while the server drains, and one
-observation per request for metrics.
+observation per request for metrics (with the kind of error it was answered with, if any).
 
 A plain ASGI class rather than Starlette's BaseHTTPMiddleware: that one runs the app in a separate task and
 re-streams the body, which costs time on every request and breaks context variables in some versions.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...errors import ErrorSlot, error_slot, kind_for_status
 from ...logging_config import request_id_var
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
 REQUEST_ID_HEADER = "X-Request-Id"
 TOTAL_TIME_HEADER = "X-Total-Time-Ms"
 
-# (route template, method, status, seconds) after the response is sent.
-RequestObserver = Callable[[str, str, int, float], None]
+# (route template, method, status, seconds, error kind) after the response is sent. The error kind is the one the
+# error renderer answered with (errors.py), or, when the app failed before answering, its status's (500, 499);
+# None for every other answer, a /health 503 included (a state, not an error).
+RequestObserver = Callable[[str, str, int, float, str | None], None]
 
 # Client ids are echoed into headers and logs: accept only short, printable, quote-free tokens.
 _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -120,6 +123,8 @@ class RequestContextMiddleware:
             await send(message)
 
         token = request_id_var.set(request_id)
+        slot = ErrorSlot()
+        slot_token = error_slot.set(slot)
         try:
             await self.app(scope, receive, send_with_headers)
         except asyncio.CancelledError:
@@ -128,5 +133,8 @@ class RequestContextMiddleware:
             raise
         finally:
             request_id_var.reset(token)
+            error_slot.reset(slot_token)
             if self.observer is not None:
-                self.observer(route_of(scope), scope.get("method", ""), status, time.perf_counter() - started)
+                kind = slot.kind if slot.kind is not None or response_started else kind_for_status(status)
+                self.observer(route_of(scope), scope.get("method", ""), status, time.perf_counter() - started,
+                              None if kind is None else kind.value)
