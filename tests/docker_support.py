@@ -28,7 +28,7 @@ __all__ = ["CACHE", "BuildReport", "Container", "DockerDaemon", "DockerUnavailab
            "private_daemon"]
 
 CACHE = ROOT / ".cache" / "docker"  # git-ignored; survives between runs in the same checkout
-BASE_TARBALL = CACHE / "debian-bookworm-python3-venv.tar"
+BASE_TARBALL = CACHE / "debian-bookworm-python3-venv-numa.tar"  # (named by its packages: a new list, a new base)
 BASE_TAG = "embedding-base:bookworm"
 IMAGE_TAG = "embedding-service:cpu-test"
 VLLM_IMAGE_TAG = "embedding-service:cpu-vllm-test"
