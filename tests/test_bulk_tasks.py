@@ -128,23 +128,23 @@ def test_token_vectors_parquet_and_jsonl_equal_the_online_ones(tmp_path: Path, c
 def test_an_interrupted_sparse_job_resumes_to_the_same_bytes(tmp_path: Path, inference_free_dir: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from embedding_service.bulk import tasks
+    from embedding_service.engine.sparse import SparseEngine
 
     source = _write_input(tmp_path)
     assert _embed(inference_free_dir, source, tmp_path / "whole.parquet") == 0
-    calls, run = [0], tasks._SparseTask.run
+    calls, run = [0], SparseEngine.encode_batch
 
-    def dies_in_the_third_chunk(self: Any, seqs: list[list[int]]) -> Any:
+    def dies_in_the_third_chunk(self: Any, seqs: list[list[int]], **side: Any) -> Any:
         calls[0] += 1
         if calls[0] == 5:  # (two batches of three a chunk of five): the third chunk's first batch
             raise RuntimeError("the model failed")
-        return run(self, seqs)
+        return run(self, seqs, **side)
 
-    monkeypatch.setattr(tasks._SparseTask, "run", dies_in_the_third_chunk)
+    monkeypatch.setattr(SparseEngine, "encode_batch", dies_in_the_third_chunk)
     assert _embed(inference_free_dir, source, tmp_path / "resumed.parquet") == 1
     assert not (tmp_path / "resumed.parquet").exists()
     capsys.readouterr()
-    monkeypatch.setattr(tasks._SparseTask, "run", run)
+    monkeypatch.setattr(SparseEngine, "encode_batch", run)
     assert _embed(inference_free_dir, source, tmp_path / "resumed.parquet") == 0
     assert "were done before (resumed)" in capsys.readouterr().err
     resumed, whole = pq.read_table(tmp_path / "resumed.parquet"), pq.read_table(tmp_path / "whole.parquet")

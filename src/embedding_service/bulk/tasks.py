@@ -8,7 +8,8 @@ and runs the batches bulk plans; the runner writes what `assemble` returns as th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,49 +58,28 @@ class ChunkTask:
 
 
 class _RowsTask(ChunkTask):
-    """A task whose batches give one object per text (a SparseVector, a token matrix), written as a column."""
+    """A task whose batches give one object per text (a SparseVector, a token matrix), written as a column by
+    `column`: its engine's synchronous prepare / encode_batch, with the side bound."""
 
     shaped = True
+
+    def __init__(self, engine: EngineCore, prepare: Callable[[list[str]], list[list[int]]],
+                 run: Callable[[list[list[int]]], list[Any]], column: Callable[[list[Any]], pa.Array]) -> None:
+        super().__init__(engine, None, None, None)
+        self._prepare, self._run, self._column = prepare, run, column
+
+    def prepare(self, texts: list[str]) -> list[list[int]]:
+        return self._prepare(texts)
+
+    def run(self, seqs: list[list[int]]) -> Any:
+        return self._run(seqs)
 
     def assemble(self, count: int, batches: Sequence[list[int]], results: Sequence[Any]) -> np.ndarray | pa.Array:
         rows: list[Any] = [None] * count
         for batch, batch_rows in zip(batches, results, strict=True):
             for index, row in zip(batch, batch_rows, strict=True):
                 rows[index] = row
-        return self.column(rows)
-
-    def column(self, rows: list[Any]) -> pa.Array:
-        raise NotImplementedError
-
-
-class _SparseTask(_RowsTask):
-    def __init__(self, engine: SparseEngine, side: str | None) -> None:
-        super().__init__(engine, None, None, None)
-        self.sparse, self.side = engine, side
-
-    def prepare(self, texts: list[str]) -> list[list[int]]:
-        return self.sparse.prepare(texts, side=self.side)
-
-    def run(self, seqs: list[list[int]]) -> Any:
-        return self.sparse.encode_batch(seqs, side=self.side)
-
-    def column(self, rows: list[Any]) -> pa.Array:
-        return sparse_column(rows)
-
-
-class _TokenVectorsTask(_RowsTask):
-    def __init__(self, engine: MultiVectorEngine, query: bool) -> None:
-        super().__init__(engine, None, None, None)
-        self.multi, self.query = engine, query
-
-    def prepare(self, texts: list[str]) -> list[list[int]]:
-        return self.multi.prepare(texts, query=self.query)
-
-    def run(self, seqs: list[list[int]]) -> Any:
-        return self.multi.encode_batch(seqs, query=self.query)
-
-    def column(self, rows: list[Any]) -> pa.Array:
-        return token_vectors_column(rows)
+        return self._column(rows)
 
 
 def check_options(task: str, *, instruction: str | None = None, prompt_name: str | None = None,
@@ -126,9 +106,12 @@ def chunk_task(engine: EngineCore, *, instruction: str | None = None, prompt_nam
     if isinstance(engine, EmbeddingEngine):
         return ChunkTask(engine, instruction, prompt_name, dimensions)
     if isinstance(engine, SparseEngine):
-        return _SparseTask(engine, side)
+        return _RowsTask(engine, functools.partial(engine.prepare, side=side),
+                         functools.partial(engine.encode_batch, side=side), sparse_column)
     if isinstance(engine, MultiVectorEngine):  # no side: a query, as PyLate's encode and the online API default
-        return _TokenVectorsTask(engine, side != "document")
+        query = side != "document"
+        return _RowsTask(engine, functools.partial(engine.prepare, query=query),
+                         functools.partial(engine.encode_batch, query=query), token_vectors_column)
     raise ValueError(f"model '{engine.name}' ({engine.task}) has no vectors to write in bulk")
 
 
