@@ -5,6 +5,7 @@ Examples:
     python -m bench --models minilm --targets ours-torch,vllm-serve --duration 5
     python -m bench --overhead                        # fake engine: pure server overhead per request
     python -m bench --rerank --targets ours-torch,ours-vllm,vllm-serve   # Qwen3-Reranker, 1 query x 20 docs
+    python -m bench --tasks --colbert /tmp/colbert-minilm --repeat 3   # sparse and multi-vector beside dense
     python -m bench --url http://host:8890/v1/embeddings --model-name my-model   # any OpenAI server
 """
 
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the rerank workload (bench/rerank.py) instead of the embedding ones")
     parser.add_argument("--rerank-shape", default="small",
                         help="reranker model shape: small or 0.6b (Qwen3-Reranker), minilm-ce (cross-encoder)")
+    parser.add_argument("--tasks", action="store_true",
+                        help="sparse and multi-vector throughput beside the dense model, in-process (bench/tasks.py)")
     parser.add_argument("--url", help="measure this OpenAI-compatible /v1/embeddings URL only (no peers)")
     parser.add_argument("--model-name", default=None, help="'model' to send with --url")
     parser.add_argument("--tokenizer-dir", default=None, help="with --url: model dir to calibrate text lengths")
@@ -134,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run all targets N times in turn, with fresh texts each round (a shared machine "
                         "drifts: tables show medians, ratios the median and range of per-round ratios)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<time>)")
+    from bench.tasks import add_arguments
+
+    add_arguments(parser.add_argument_group("--tasks"))
     return parser.parse_args(argv)
 
 
@@ -213,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
                   "command": result["command"], **run_rerank(args, out_dir)}
         (out_dir / "rerank.json").write_text(json.dumps(rerank, indent=1))
         print(json.dumps(rerank["rows"], indent=1))
+        return 0
+    if args.tasks:
+        from bench.tasks import markdown as tasks_markdown
+        from bench.tasks import run_tasks
+
+        tasks = {"started": started, "machine": machine, "dtype": args.dtype, "command": result["command"],
+                 **run_tasks(args)}
+        (out_dir / "tasks.json").write_text(json.dumps(tasks, indent=1))
+        print(tasks_markdown(tasks["summary"]))
         return 0
     try:
         if args.url:

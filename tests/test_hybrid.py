@@ -1,5 +1,5 @@
-"""The hybrid search example (bench/studies/hybrid.py, docs/hybrid.md) on a real server: MiniLM, SPLADE-tiny and a
-random cross-encoder from one models file, 200 docstring pairs in Qdrant's local mode."""
+"""The hybrid search example (bench/studies/hybrid.py, docs/hybrid.md) on a real server: MiniLM, SPLADE-tiny and
+a random ColBERT reranker (task multivector) from one models file, docstring pairs in Qdrant's local mode."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("qdrant_client")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval-docstrings.jsonl"
-DOCUMENTS = 200
-QUERIES = 50  # of those pairs: each searches all 200 documents (queries and reranking are the slow part)
+DOCUMENTS = 100
+QUERIES = 30  # of those pairs: each searches all 100 documents (queries and reranking are the slow part)
 DEPTH = 20  # each prefetch's length, the fused list's and the reranked one's (the example's default is 50)
 RRF_K = 2  # Qdrant's ranking constant
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path, cross_encoder_dir: Path) -> Iterator:
+def hybrid(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path, colbert_dir: Path) -> Iterator:
     if not DATA.is_file():
         pytest.skip(f"{DATA} is not here")
     path = tmp_path_factory.mktemp("models") / "models.yaml"
@@ -34,12 +34,13 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory, splade_tiny_dir: Path, cros
     model_path: {splade_tiny_dir}
     task: sparse
   - name: reranker
-    model_path: {cross_encoder_dir}
-    task: rerank
+    model_path: {colbert_dir}
+    task: multivector
 """)
     for server in serving(["--models-file", str(path), "--engine", "torch", "--dtype", "float32",
                            "--device", "cpu", "--log-level", "WARNING"]):
-        yield run_hybrid(server.url, load_pairs(DATA, DOCUMENTS), depth=DEPTH, queries_limit=QUERIES)
+        yield run_hybrid(server.url, load_pairs(DATA, DOCUMENTS), depth=DEPTH, queries_limit=QUERIES,
+                         rerank_by_vectors=True, check_rerank=QUERIES)
 
 
 def test_dense_and_sparse_find_the_relevant_documents(hybrid) -> None:
@@ -47,7 +48,7 @@ def test_dense_and_sparse_find_the_relevant_documents(hybrid) -> None:
     assert len(hybrid.rankings["dense"]) == QUERIES
     for stage in ("dense", "sparse"):
         recall, mrr = metrics(hybrid.rankings[stage])
-        assert recall > 10 * chance, (stage, recall)  # chance is 0.05; real models find most
+        assert recall > max(0.5, 5 * chance), (stage, recall)  # chance is 0.1; real models find most
         assert 0 < mrr <= recall
 
 
@@ -81,12 +82,19 @@ def test_qdrant_searches_as_the_exact_computation(hybrid) -> None:
     for stage in ("dense", "sparse", "hybrid"):
         qdrant, exact = hybrid.rankings[stage], hybrid.exact[stage]
         same = sum(set(q[:10]) == set(e[:10]) for q, e in zip(qdrant, exact, strict=True))
-        assert same >= QUERIES - 3, (stage, same)  # near-identical docstrings tie: their order may differ
+        assert same >= QUERIES - 2, (stage, same)  # near-identical docstrings tie: their order may differ
         for ours, theirs in zip(metrics(exact), metrics(qdrant), strict=True):
             assert abs(ours - theirs) <= 0.04, (stage, metrics(exact), metrics(qdrant))
 
 
 def test_rerank_reorders_the_hybrid_list(hybrid) -> None:
-    fused, reranked = hybrid.rankings["hybrid"], hybrid.rankings["hybrid + rerank"]
-    assert all(sorted(r) == sorted(f) for f, r in zip(fused, reranked, strict=True))  # same 50, new order
-    assert sum(r != f for f, r in zip(fused, reranked, strict=True)) > len(fused) // 2
+    fused, served = hybrid.rankings["hybrid"], hybrid.rankings["rerank by /v1/rerank"]
+    for reranked in (served, hybrid.rankings["hybrid + rerank"]):
+        assert all(sorted(r) == sorted(f) for f, r in zip(fused, reranked, strict=True))  # same ones, new order
+        assert sum(r != f for f, r in zip(fused, reranked, strict=True)) > len(fused) // 2
+
+
+def test_maxsim_over_fetched_token_vectors_ranks_as_the_servers_rerank(hybrid) -> None:
+    """--rerank-by-vectors (the full run's way: each text's token vectors once) orders as /v1/rerank (fp32)."""
+    served, here = hybrid.rankings["rerank by /v1/rerank"], hybrid.rankings["hybrid + rerank"]
+    assert sum(a == b for a, b in zip(served, here, strict=True)) >= QUERIES - 2

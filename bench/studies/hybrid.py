@@ -12,6 +12,12 @@ Qdrant's local mode (qdrant-client, in memory or `--qdrant-path`). Each query is
 - hybrid: Qdrant's query API, both as prefetches (`--depth` each) fused with reciprocal rank fusion;
 - hybrid + rerank: the hybrid list's top `--depth` reordered by POST /v1/rerank.
 Each query's one relevant document is its own pair's; prints recall@10 and MRR@10 per stage.
+
+With a ColBERT reranker (`task: multivector`), `--rerank-by-vectors` gets every document's and query's token
+vectors once (POST /v1/embeddings, search_document / search_query) and scores the candidates by MaxSim here:
+the server's /v1/rerank scores the same vectors the same way, but re-encodes a document for every query that
+has it among its candidates (130,150 document encodings for the full set instead of 2,603). `--check-rerank N`
+also reranks the first N queries through /v1/rerank and reports how often the two orders' top 10 agree.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from typing import Any
 
 import httpx
 
-__all__ = ["STAGES", "HybridRun", "exact_rankings", "load_pairs", "main", "metrics", "rrf", "run_hybrid"]
+__all__ = ["STAGES", "HybridRun", "exact_rankings", "load_pairs", "main", "maxsim_rerank", "metrics", "rrf",
+           "run_hybrid", "token_vectors"]
 
 STAGES = ["dense", "sparse", "hybrid", "hybrid + rerank"]
 COLLECTION = "docstrings"
@@ -101,6 +108,28 @@ def _rerank(client: httpx.Client, model: str, query: str, documents: list[str], 
     return [candidates[result["index"]] for result in answer["results"]]
 
 
+def token_vectors(client: httpx.Client, model: str, texts: list[str], input_type: str, batch: int) -> list[Any]:
+    """A multi-vector model's (tokens, dim) float32 matrix per text (POST /v1/embeddings, base64)."""
+    import base64
+
+    import numpy as np
+
+    def embed(chunk: list[str]) -> list[Any]:
+        data = _post(client, "/v1/embeddings", {"model": model, "input": chunk, "truncate": True,
+                                                "input_type": input_type, "encoding_format": "base64"})["data"]
+        return [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4").reshape(item["shape"])
+                for item in sorted(data, key=lambda item: item["index"])]
+    return _batched(texts, batch, embed)
+
+
+def maxsim_rerank(query: Any, documents: list[Any], candidates: list[int]) -> list[int]:
+    """`candidates` by ColBERT's MaxSim with `query`, best first (ties by position, as a stable sort)."""
+    import numpy as np
+
+    scores = [float((query @ documents[i].T).max(axis=1).sum()) for i in candidates]
+    return [candidates[i] for i in np.argsort(-np.asarray(scores), kind="stable")]
+
+
 def _top(scores: Any, depth: int) -> list[list[int]]:
     """Each row's `depth` best columns, best first (scores: a numpy matrix)."""
     import numpy as np
@@ -142,9 +171,12 @@ def exact_rankings(doc_dense: list[list[float]], query_dense: list[list[float]],
 
 def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", sparse: str = "splade",
                reranker: str = "reranker", depth: int = 50, batch: int = 64, concurrency: int = 4,
-               queries_limit: int = 0, qdrant_path: str | None = None, use_qdrant: bool = True) -> HybridRun:
+               queries_limit: int = 0, qdrant_path: str | None = None, use_qdrant: bool = True,
+               rerank_by_vectors: bool = False, check_rerank: int = 0) -> HybridRun:
     """Index the pairs' documents, search with each query (the first `queries_limit` only, if set), and
-    return every stage's rankings. Without `use_qdrant` the searches are `exact_rankings` only."""
+    return every stage's rankings. Without `use_qdrant` the searches are `exact_rankings` only. With
+    `rerank_by_vectors` (a ColBERT reranker) the rerank stage is MaxSim over token vectors fetched once;
+    `check_rerank` queries are also reranked by /v1/rerank (stage "rerank by /v1/rerank")."""
 
     documents = [p["document"] for p in pairs]
     queries = [p["query"] for p in pairs[:queries_limit or len(pairs)]]
@@ -166,10 +198,20 @@ def run_hybrid(url: str, pairs: list[dict[str, str]], *, dense: str = "minilm", 
         if not reranker:
             return HybridRun(rankings, seconds, exact)
         started = time.perf_counter()
+        served = range(min(check_rerank, len(queries)) if rerank_by_vectors else len(queries))
         with ThreadPoolExecutor(concurrency) as pool:  # a few requests at a time: the server batches their pairs
-            rankings["hybrid + rerank"] = list(pool.map(
-                lambda i: _rerank(client, reranker, queries[i], documents, rankings["hybrid"][i]),
-                range(len(queries))))
+            by_server = list(pool.map(
+                lambda i: _rerank(client, reranker, queries[i], documents, rankings["hybrid"][i]), served))
+        if not rerank_by_vectors:
+            rankings["hybrid + rerank"] = by_server
+        else:
+            if by_server:
+                rankings["rerank by /v1/rerank"] = by_server
+            # (smaller requests: a batch's token vectors are bounded by the server's max_token_vectors_bytes)
+            doc_vectors = token_vectors(client, reranker, documents, "search_document", max(1, batch // 8))
+            query_vectors = token_vectors(client, reranker, queries, "search_query", max(1, batch // 8))
+            rankings["hybrid + rerank"] = [maxsim_rerank(query_vectors[i], doc_vectors, rankings["hybrid"][i])
+                                           for i in range(len(queries))]
         seconds["rerank"] = time.perf_counter() - started
     return HybridRun(rankings, seconds, exact)
 
@@ -235,11 +277,16 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true",
                         help="search in numpy instead of Qdrant's local mode (the same exhaustive search; fast)")
     parser.add_argument("--qdrant-path", default=None, help="a folder for Qdrant's local mode (default: memory)")
+    parser.add_argument("--rerank-by-vectors", action="store_true",
+                        help="a ColBERT reranker: MaxSim over token vectors fetched once per text (see above)")
+    parser.add_argument("--check-rerank", type=int, default=0,
+                        help="with --rerank-by-vectors: rerank the first N queries by /v1/rerank too, and compare")
     args = parser.parse_args()
     pairs = load_pairs(args.data, args.documents)
     result = run_hybrid(args.url, pairs, dense=args.dense, sparse=args.sparse, reranker=args.reranker,
                         depth=args.depth, batch=args.batch, queries_limit=args.queries,
-                        qdrant_path=args.qdrant_path, use_qdrant=not args.exact)
+                        qdrant_path=args.qdrant_path, use_qdrant=not args.exact,
+                        rerank_by_vectors=args.rerank_by_vectors, check_rerank=args.check_rerank)
     timings = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result.seconds.items())
     print(f"{len(pairs)} documents, {len(result.rankings['dense'])} queries; seconds: {timings}")
     print("| stage | recall@10 | MRR@10 |")
@@ -247,6 +294,13 @@ def main() -> None:
     for stage in [s for s in STAGES if s in result.rankings]:
         recall, mrr = metrics(result.rankings[stage])
         print(f"| {stage} | {recall:.4f} | {mrr:.4f} |")
+    checked = result.rankings.get("rerank by /v1/rerank")
+    if checked:
+        same = sum(set(a[:10]) == set(b[:10]) for a, b in zip(checked, result.rankings["hybrid + rerank"],
+                                                               strict=False))
+        print(f"/v1/rerank and MaxSim here: the same top-10 set for {same} of {len(checked)} queries; on those "
+              f"queries recall@10 / MRR@10 by /v1/rerank " + " / ".join(f"{m:.4f}" for m in metrics(checked)) +
+              ", here " + " / ".join(f"{m:.4f}" for m in metrics(result.rankings["hybrid + rerank"][:len(checked)])))
 
 
 if __name__ == "__main__":

@@ -139,9 +139,10 @@ def choose_engine(settings: EmbeddingConfig, facts: ModelFacts) -> EngineKind:
     return "vllm" if use_vllm else "torch"
 
 
-def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
+def plan_model(settings: EmbeddingConfig, role: str | None = EMBED) -> ModelPlan:
     """Resolve the model folder of `role` (downloading only if not cached), read its facts and choose its
-    engine, once. The reranker shares the engine choice, device, dtype and limits of the settings.
+    engine, once. The reranker shares the engine choice, device, dtype and limits of the settings. Role None:
+    the folder's own vectors (sparse, multi-vector, else embedding), for bulk jobs, which write any of them.
 
     Raises BackendLoadError when the model cannot be found.
     """
@@ -151,6 +152,8 @@ def plan_model(settings: EmbeddingConfig, role: str = EMBED) -> ModelPlan:
     else:
         model_dir = "" if fake else resolve_model_dir(settings.model_name, settings.model_path, settings.demo)
     facts = read_model_facts(model_dir or None)
+    if role is None:
+        role = facts.task if facts.task in (SPARSE, MULTIVECTOR) else EMBED
     if role == EMBED and facts.task == SPARSE:  # else: wrong vectors, silently
         raise BackendLoadError(f"{model_dir} is a sparse (SPLADE) model (sentence-transformers SparseEncoder): "
                                "serve it as task: sparse in a models file (docs/sparse.md)")

@@ -73,6 +73,13 @@ def add_embed_arguments(bulk: argparse.ArgumentParser, config_cls: Any) -> None:
     request.add_argument("--instruction", default=None, help="Qwen3 query instruction for every text")
     request.add_argument("--prompt-name", default=None, help="the model's sentence-transformers prompt")
     request.add_argument("--dimensions", type=_positive, default=None, help="Matryoshka: keep this many")
+    request.add_argument("--task", choices=["embed", "sparse", "multivector"], default=None,
+                         help="what the model in this process gives, as a models file's task: [default: what its "
+                              "folder says (a sentence-transformers SparseEncoder: sparse; PyLate: multivector; "
+                              "else embed)]; e.g. sparse for a bare BertForMaskedLM SPLADE folder")
+    request.add_argument("--input-type", choices=["search_query", "search_document"], default=None,
+                         help="a sparse or multi-vector model's side (as the online input_type) [default: the "
+                              "model's: a SPLADE model's encode, a ColBERT model's query]")
     remote = bulk.add_argument_group("running servers (instead of loading the model here)")
     remote.add_argument("--url", action="append", default=None,
                         help="server base URL, e.g. http://host:8890/v1; repeat for several servers "
@@ -133,6 +140,9 @@ def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace
     if _urls(args) and given:
         parser.error(f"--{given[0].replace('_', '-')} sets up the model in this process; with --url the "
                      "servers' own settings apply")
+    for flag in ("task", "input_type"):
+        if (_urls(args) or args.ray) and getattr(args, flag):
+            parser.error(f"--{flag.replace('_', '-')} is for a model in this process (not --url or --ray)")
     if not _urls(args) and args.model:
         parser.error("--model names the model in requests to --url servers; for the model here use --model-name")
 
@@ -155,7 +165,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
               skip_empty=args.skip_empty, chunk_rows=args.chunk_rows, include_text=args.include_text,
               overwrite=args.overwrite, progress=args.progress, log_every_s=args.log_every,
               vector_type=args.vector_type)
-    options = EmbedOptions(args.instruction, args.prompt_name, args.dimensions)
+    options = EmbedOptions(args.instruction, args.prompt_name, args.dimensions, args.input_type)
     urls = _urls(args)
     settings = load_settings({k: v for k, v in vars(args).items() if k in ENGINE_FIELDS})
     from ..logging_config import configure_logging
@@ -181,7 +191,7 @@ def run_embed(args: argparse.Namespace, load_settings: Callable[[dict[str, Any]]
             else:
                 # torch keeps OpenMP's default wait policy here (serve makes it passive): with no server threads
                 # to share the cores with, passive threads made 20,000 short texts 5-13% slower (bench/RESULTS.md).
-                embedder = LocalEmbedder(settings, options)
+                embedder = LocalEmbedder(settings, options, task=args.task)
             summary = asyncio.run(run_job(job, embedder))
     except OutputBusy as exc:
         return _fail(str(exc), BUSY_EXIT)

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..config import EmbeddingConfig
 from ..engine.batcher import batch_cost
+from ..engine.core import EngineCore
 from ..engine.engine import EmbeddingEngine
+from ..engine.types import MULTIVECTOR, SPARSE
 from ..errors import ServiceError
-from ..service import ModelPlan, build_embedding_engine, plan_model
+from ..service import ModelPlan, build_engine, plan_model
+from .tasks import ChunkTask, check_options, chunk_task
 
 __all__ = ["BulkRowError", "EmbedOptions", "LocalEmbedder", "embed_texts", "local_fingerprint", "plan_batches"]
 
@@ -39,6 +43,7 @@ class EmbedOptions:
     instruction: str | None = None
     prompt_name: str | None = None
     dimensions: int | None = None
+    input_type: str | None = None  # search_query / search_document: a sparse or multi-vector model's side
 
 
 def local_fingerprint(settings: EmbeddingConfig, model: ModelPlan, options: EmbedOptions) -> dict[str, Any]:
@@ -48,7 +53,10 @@ def local_fingerprint(settings: EmbeddingConfig, model: ModelPlan, options: Embe
             "max_model_len": settings.max_model_len, "truncate": settings.truncate,
             "max_batch_size": settings.max_batch_size, "max_batch_tokens": settings.max_batch_tokens,
             "instruction": options.instruction, "prompt_name": options.prompt_name,
-            "dimensions": options.dimensions}
+            "dimensions": options.dimensions,
+            # (only where they apply: an unfinished dense run from before them still resumes)
+            **({"task": model.role} if model.role in (SPARSE, MULTIVECTOR) else {}),
+            **({"input_type": options.input_type} if options.input_type is not None else {})}
 
 
 def plan_batches(lengths: list[int], *, max_batch_size: int, max_batch_tokens: int, padded: bool) -> list[list[int]]:
@@ -71,21 +79,21 @@ def plan_batches(lengths: list[int], *, max_batch_size: int, max_batch_tokens: i
     return batches
 
 
-def prepare_chunk(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> list[list[int]]:
+def prepare_chunk(task: ChunkTask, texts: list[str]) -> list[list[int]]:
     """Token ids for every text; a refused text raises BulkRowError naming its index."""
     try:
-        return engine.prepare(texts, instruction=options.instruction, prompt_name=options.prompt_name)
+        return task.prepare(texts)
     except ServiceError:
         # Rare path: find which text (the engine's message names its position in the whole list).
         for index, text in enumerate(texts):
             try:
-                engine.prepare([text], instruction=options.instruction, prompt_name=options.prompt_name)
+                task.prepare([text])
             except ServiceError as exc:
                 raise BulkRowError(index, exc.message.replace("input[0] ", "")) from None
         raise
 
 
-def batch_budget(engine: EmbeddingEngine) -> tuple[int, int, bool]:
+def batch_budget(engine: EngineCore) -> tuple[int, int, bool]:
     """(most texts, most tokens, padded) of one bulk batch: the server's budgets (the engine's BatchPolicy),
     except that a packed engine (vLLM) is bounded by tokens alone. Bulk rows have no latency to protect, and
     vLLM schedules what it is given itself without padding: batches of hundreds of short texts instead of
@@ -97,34 +105,47 @@ def batch_budget(engine: EmbeddingEngine) -> tuple[int, int, bool]:
     return size, policy.max_batch_tokens, policy.padded
 
 
+def chunk_batches(engine: EngineCore, seqs: list[list[int]]) -> list[list[int]]:
+    size, tokens, padded = batch_budget(engine)
+    return plan_batches([len(s) for s in seqs], max_batch_size=size, max_batch_tokens=tokens, padded=padded)
+
+
 def embed_texts(engine: EmbeddingEngine, texts: list[str], options: EmbedOptions) -> tuple[np.ndarray, list[int]]:
     """One chunk, synchronously (the Ray actors' path): vectors in input order and each text's tokens."""
-    seqs = prepare_chunk(engine, texts, options)
-    size, tokens, padded = batch_budget(engine)
-    out: np.ndarray | None = None
-    for batch in plan_batches([len(s) for s in seqs], max_batch_size=size, max_batch_tokens=tokens, padded=padded):
-        vectors = engine.embed_batch([seqs[i] for i in batch], options.dimensions)
-        if out is None:
-            out = np.empty((len(seqs), vectors.shape[1]), dtype=np.float32)
-        out[batch] = vectors
-    return (out if out is not None else np.zeros((0, 0), np.float32)), [len(s) for s in seqs]
+    task = chunk_task(engine, instruction=options.instruction, prompt_name=options.prompt_name,
+                      dimensions=options.dimensions)
+    seqs = prepare_chunk(task, texts)
+    batches = chunk_batches(engine, seqs)
+    vectors = task.assemble(len(seqs), batches, [task.run([seqs[i] for i in batch]) for batch in batches])
+    assert isinstance(vectors, np.ndarray)  # (a dense model's)
+    return vectors, [len(s) for s in seqs]
 
 
 class LocalEmbedder:
-    """The async face the runner uses; tokenising (one thread) overlaps the model (its own threads)."""
+    """The async face the runner uses; tokenising (one thread) overlaps the model (its own threads). The model
+    may be an embedding, sparse or multi-vector one (bulk/tasks.py: what each writes)."""
 
     pipeline_depth = 2  # chunks in flight: one being tokenised while one runs
 
-    def __init__(self, settings: EmbeddingConfig, options: EmbedOptions) -> None:
+    def __init__(self, settings: EmbeddingConfig, options: EmbedOptions, *, task: str | None = None) -> None:
         self.settings = settings
         self.options = options
-        self.plan = plan_model(settings)  # the model folder and engine, decided once (service.py)
-        self.engine: EmbeddingEngine | None = None
+        # The model folder, its task (the folder's unless told) and engine, decided once (service.py).
+        self.plan = plan_model(settings, task)
+        check_options(self.plan.role, instruction=options.instruction, prompt_name=options.prompt_name,
+                      dimensions=options.dimensions, input_type=options.input_type)
+        self.engine: EngineCore | None = None
+        self.task: ChunkTask | None = None
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bulk-tokenize")
         self._compute: ThreadPoolExecutor | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         return local_fingerprint(self.settings, self.plan, self.options)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the vectors are a nested column (sparse, token vectors) rather than a float32 matrix."""
+        return self.plan.role in (SPARSE, MULTIVECTOR)
 
     @property
     def dimension(self) -> int | None:
@@ -133,32 +154,28 @@ class LocalEmbedder:
         return self.options.dimensions or self.engine.info.dimension
 
     async def start(self) -> None:
-        self.engine = build_embedding_engine(self.plan)
+        self.engine = build_engine(self.plan)
         await self.engine.start()
         assert self.engine.info is not None
+        self.task = chunk_task(self.engine, instruction=self.options.instruction,
+                               prompt_name=self.options.prompt_name, dimensions=self.options.dimensions,
+                               input_type=self.options.input_type)
         self._compute = ThreadPoolExecutor(self.engine.info.max_concurrent_batches, thread_name_prefix="bulk-embed")
 
-    async def embed(self, texts: list[str], on_progress: Callable[[int], None]) -> tuple[np.ndarray, int]:
-        engine, compute = self.engine, self._compute
-        assert engine is not None and compute is not None
+    async def embed(self, texts: list[str], on_progress: Callable[[int], None]) -> tuple[np.ndarray | pa.Array, int]:
+        engine, task, compute = self.engine, self.task, self._compute
+        assert engine is not None and task is not None and compute is not None
         loop = asyncio.get_running_loop()
-        seqs = await loop.run_in_executor(self._tokenizer, prepare_chunk, engine, texts, self.options)
-        size, tokens, padded = batch_budget(engine)
-        batches = plan_batches([len(s) for s in seqs], max_batch_size=size, max_batch_tokens=tokens, padded=padded)
+        seqs = await loop.run_in_executor(self._tokenizer, prepare_chunk, task, texts)
+        batches = chunk_batches(engine, seqs)
 
-        async def run(batch: list[int]) -> np.ndarray:
-            vectors = await loop.run_in_executor(compute, engine.embed_batch, [seqs[i] for i in batch],
-                                                 self.options.dimensions)
+        async def run(batch: list[int]) -> Any:
+            vectors = await loop.run_in_executor(compute, task.run, [seqs[i] for i in batch])
             on_progress(len(batch))
             return vectors
 
         results = await asyncio.gather(*(run(b) for b in batches))
-        if not results:
-            return np.zeros((0, self.dimension or 0), np.float32), 0
-        out = np.empty((len(seqs), results[0].shape[1]), dtype=np.float32)
-        for batch, vectors in zip(batches, results, strict=True):
-            out[batch] = vectors
-        return out, sum(len(s) for s in seqs)
+        return task.assemble(len(seqs), batches, results), sum(len(s) for s in seqs)
 
     async def close(self) -> None:
         if self.engine is not None:

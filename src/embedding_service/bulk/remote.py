@@ -162,6 +162,8 @@ class ServerPool:
 
 
 class HttpEmbedder(ServerPool):
+    shaped = False  # dense vectors only: sparse and token vectors are written by the model in this process
+
     def __init__(self, urls: list[str], options: EmbedOptions, *, api_key: str | None = None,
                  model: str | None = None, batch_size: int = 64, concurrency: int = 4, retries: int = 8,
                  timeout_s: float = 300.0, max_backoff_s: float = 30.0) -> None:
@@ -212,6 +214,10 @@ class HttpEmbedder(ServerPool):
         if response.status_code == 200:
             body = response.json()
             data = sorted(body["data"], key=lambda item: item["index"])
+            if any(not isinstance(d.get("embedding"), str) for d in data):
+                raise RemoteError(f"{url} answered {data[0].get('object')} items, not dense vectors: bulk over "
+                                  "--url writes dense vectors; embed with a sparse or multi-vector model in this "
+                                  "process (--model-path)")
             vectors = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
             if len(vectors) != len(request.texts):
                 raise RemoteError(f"{url} answered {len(vectors)} vectors for {len(request.texts)} inputs")

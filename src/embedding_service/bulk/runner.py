@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from .local import BulkRowError
 from .lock import WorkLock
@@ -41,9 +42,14 @@ class Embedder(Protocol):
     pipeline_depth: int
     dimension: int | None
 
+    @property
+    def shaped(self) -> bool:
+        """Vectors as a nested column (sparse, token vectors: bulk/tasks.py) rather than a float32 matrix."""
+        ...
+
     def fingerprint(self) -> dict[str, Any]: ...
     async def start(self) -> None: ...
-    async def embed(self, texts: list[str], on_progress: Any) -> tuple[np.ndarray, int]: ...
+    async def embed(self, texts: list[str], on_progress: Any) -> tuple[np.ndarray | pa.Array, int]: ...
     async def close(self) -> None: ...
 
 
@@ -170,12 +176,12 @@ class JobState:
     def rows_in_done(self) -> int:
         return sum(p.rows_in for p in self.manifest.parts)
 
-    def add_part(self, chunk: Chunk, vectors: np.ndarray, tokens: int) -> None:
+    def add_part(self, chunk: Chunk, vectors: np.ndarray | pa.Array, tokens: int) -> None:
         """Write the next part, then record it (a kill between the two redoes this chunk)."""
         manifest = self.manifest
         if chunk.spec.index != len(manifest.parts):
             raise AssertionError(f"chunk {chunk.spec.index} written out of order")
-        if len(chunk.texts):
+        if len(chunk.texts) and isinstance(vectors, np.ndarray):
             dim, id_type = int(vectors.shape[1]), str(chunk.ids.type)
             if manifest.dimension not in (None, dim):
                 raise BulkInputError(f"vectors changed dimension from {manifest.dimension} to {dim} mid-job")
@@ -204,6 +210,16 @@ class JobState:
                        sum(p.tokens for p in parts), seconds, new_rows, self.job.output)
 
 
+def check_shaped(job: Job, fmt: str) -> None:
+    """Sparse and token vectors go to parquet or jsonl as they are: no matrix (npy), no int8/binary types."""
+    if fmt == "npy":
+        raise ValueError(f"{job.output}: the model's vectors are sparse or per token, which a .npy matrix cannot "
+                         "hold; write .parquet or .jsonl")
+    if job.vector_type != "float":
+        raise ValueError(f"--vector-type {job.vector_type} applies to dense vectors; this model's are sparse or "
+                         "per token (written as float32)")
+
+
 def row_error(chunk: Chunk, plan: Plan, error: BulkRowError) -> BulkInputError:
     info = plan.files[chunk.spec.file]
     name = info.row_name(chunk.rows[error.index]) if 0 <= error.index < len(chunk.rows) else str(info.path)
@@ -221,6 +237,8 @@ async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, st
     plan, _ = await asyncio.to_thread(job.plan)
     fingerprint = {**plan.fingerprint(), **await asyncio.to_thread(embedder.fingerprint),
                    **job.output_fingerprint(fmt)}
+    if embedder.shaped:
+        check_shaped(job, fmt)
     state = JobState(job, fmt, fingerprint, lock)
     if state.complete:
         return state.summary(time.monotonic() - started, 0)
@@ -233,7 +251,7 @@ async def _run_locked(job: Job, embedder: Embedder, fmt: str, lock: WorkLock, st
         progress = Progress(plan.total_rows, state.rows_in_done, bar=job.progress, log_every_s=job.log_every_s)
         reader = ChunkReader(plan)
 
-        async def write(chunk: Chunk, task: asyncio.Task[tuple[np.ndarray, int]]) -> None:
+        async def write(chunk: Chunk, task: asyncio.Task[tuple[np.ndarray | pa.Array, int]]) -> None:
             try:
                 vectors, tokens = await task
             except BulkRowError as exc:

@@ -5,6 +5,9 @@ Final formats, by the output's suffix:
   layout vector databases load); one row group per chunk; the job's fingerprint in the schema metadata.
 - .npy: a float32 matrix, rows in input order (vectors only).
 - .jsonl: `{"id": ..., "text"?: ..., "embedding": [...]}` per line.
+A sparse model's vectors (bulk/tasks.py) are `list<struct<index: int32, value: float32>>` in parquet and
+`{"indices": [...], "values": [...]}` in jsonl (the /v1/embeddings shape); a multi-vector model's are a list of
+token vectors (`list<list<float32>>`; jsonl: nested lists); neither fits an .npy matrix.
 With --vector-type int8, uint8, binary or ubinary the final file holds those instead of float32 (parquet: a
 fixed-size list of int8/uint8; npy: an int8/uint8 matrix; jsonl: integers), by vector_types.py's rules; the
 parts stay float32, and each vector's bytes depend on it alone, so a resumed job equals an uninterrupted one.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -55,14 +59,17 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-def part_table(ids: pa.Array, vectors: np.ndarray, texts: list[str] | None) -> pa.Table:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    flat = pa.array(vectors.reshape(-1), pa.float32())
+def part_table(ids: pa.Array, vectors: np.ndarray | pa.Array, texts: list[str] | None) -> pa.Table:
+    """A part: ids, texts and the vectors (a float32 matrix, or the column of a sparse / multi-vector task)."""
     columns: dict[str, Any] = {"id": ids}
     if texts is not None:
         columns["text"] = pa.array(texts, pa.string())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+    if isinstance(vectors, np.ndarray):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        dim = vectors.shape[1] if vectors.ndim == 2 else 0
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    else:
+        columns["embedding"] = vectors
     return pa.table(columns)
 
 
@@ -209,22 +216,31 @@ def _join_jsonl(parts: list[Path], tmp: Path, vector_type: str) -> None:
             table = _read_part(path)
             ids = table.column("id").to_pylist()
             texts = table.column("text").to_pylist() if "text" in table.column_names else None
-            column = table.column("embedding").combine_chunks()
-            dim = column.type.list_size
-            matrix = _typed(column.values.to_numpy(zero_copy_only=False).reshape(-1, dim), vector_type) \
-                if len(ids) else None
+            vectors = _json_vectors(table.column("embedding").combine_chunks(), vector_type) if len(ids) else []
             for row, ident in enumerate(ids):
                 item: dict[str, Any] = {"id": ident}
                 if texts is not None:
                     item["text"] = texts[row]
-                assert matrix is not None
-                item["embedding"] = matrix[row]
+                item["embedding"] = vectors[row]
                 f.write(orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
             if number == len(parts) // 2:
                 f.flush()
                 fault_point("final-mid-write")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _json_vectors(column: pa.Array, vector_type: str) -> Any:
+    """A part's vectors as jsonl writes them: dense rows (a matrix), a sparse vector's {"indices", "values"}
+    (the /v1/embeddings shape), or a text's list of token vectors."""
+    if pa.types.is_fixed_size_list(column.type):
+        return _typed(column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size), vector_type)
+    if pa.types.is_struct(column.type.value_type):
+        pairs = column.flatten()
+        indices, values = pairs.field("index").to_numpy(), pairs.field("value").to_numpy()
+        offsets = column.offsets.to_numpy() - column.offsets[0].as_py()  # (flatten starts at the first offset)
+        return [{"indices": indices[a:b], "values": values[a:b]} for a, b in itertools.pairwise(offsets)]
+    return column.to_pylist()
 
 
 def _fsync(path: Path) -> None:

@@ -15,11 +15,10 @@ from ..backends.model.pooling import truncate_dimensions
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .chunking import embed_windows
-from .core import EngineCore, invalid_unicode
-from .inputs import Prepared, enforce_lengths, input_limit, prepare_inputs
+from .core import EngineCore
+from .inputs import Prepared, input_limit, prepare_inputs, prepare_texts
 from .int8_ranges import load_int8_ranges
 from .options import EngineOptions
-from .prompts import apply_prompt
 from .result_cache import ModelCache
 from .types import EmbedRequest, EmbedResult
 
@@ -101,19 +100,9 @@ class EmbeddingEngine(EngineCore):
     # --- bulk jobs: their own deterministic batches, no queue ------------------------------------------
     def prepare(self, texts: list[str], *, instruction: str | None = None, prompt_name: str | None = None,
                 truncate: bool | None = None) -> list[list[int]]:
-        """Prompt, tokenise and apply the length policy exactly as embed() does, synchronously.
-
-        For bulk jobs (embedding_service.bulk), which form their batches themselves so that a chunk's vectors
-        never depend on timing (a resumed run must equal an uninterrupted one, bit for bit).
-        """
-        info = self.check_ready()
-        prompted = apply_prompt(texts, instruction=instruction, prompt_name=prompt_name, prompts=info.prompts,
-                                default_prompt_name=info.default_prompt_name)
-        try:
-            seqs = self.backend.tokenize(prompted)
-        except UnicodeError as exc:
-            raise invalid_unicode(exc, "input") from None
-        return enforce_lengths(seqs, info, self.options, truncate)
+        """Prompt, tokenise and apply the length policy exactly as embed() does, synchronously (bulk jobs)."""
+        return prepare_texts(self, texts, self.check_ready(), instruction=instruction, prompt_name=prompt_name,
+                             truncate=truncate)
 
     def embed_batch(self, seqs: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
         """One batch on the backend as given (blocking; bulk jobs call it from their compute threads)."""

@@ -20,7 +20,7 @@ from .truncation import keep_end, keep_start
 from .types import EmbedRequest
 
 __all__ = ["LONG_INPUTS", "Prepared", "enforce_lengths", "input_limit", "long_input_policy", "prepare_ids",
-           "prepare_inputs"]
+           "prepare_inputs", "prepare_texts"]
 
 LONG_INPUTS = ("refuse", "truncate", "chunk")
 
@@ -115,6 +115,20 @@ async def prepare_inputs(core: EngineCore, request: EmbedRequest, info: BackendI
         request.admit(total)
     prepared.total = total
     return prepared
+
+
+def prepare_texts(core: EngineCore, texts: list[str], info: BackendInfo, *, instruction: str | None = None,
+                  prompt_name: str | None = None, truncate: bool | None = None) -> list[list[int]]:
+    """Prompt, tokenise and apply the length policy as prepare_inputs does, synchronously and without the
+    request limits: for bulk jobs, which form their batches themselves so that a chunk's vectors never depend
+    on timing (a resumed run must equal an uninterrupted one, bit for bit)."""
+    prompted = apply_prompt(texts, instruction=instruction, prompt_name=prompt_name, prompts=info.prompts,
+                            default_prompt_name=info.default_prompt_name)
+    try:
+        seqs = core.backend.tokenize(prompted)
+    except UnicodeError as exc:
+        raise invalid_unicode(exc, "input") from None
+    return enforce_lengths(seqs, info, core.options, truncate)
 
 
 def prepare_ids(token_ids: list[list[int]], info: BackendInfo, *, flat: bool = False) -> list[list[int]]:

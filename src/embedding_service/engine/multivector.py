@@ -19,7 +19,7 @@ from ..backends.multivector import MultiVectorBackend, maxsim
 from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .core import EngineCore
-from .inputs import prepare_inputs
+from .inputs import prepare_inputs, prepare_texts
 from .options import EngineOptions
 from .rerank import ScoreRequest, ScoreResult
 from .types import EmbedRequest
@@ -96,6 +96,18 @@ class MultiVectorEngine(EngineCore):
                                  for n, q in enumerate(request.queries)], dtype=np.float32)
             _generated(len(rows), time.perf_counter() - started)
         return ScoreResult(scores, query_tokens + document_tokens, queued, compute)
+
+    # --- bulk jobs: their own deterministic batches, no queue (as EmbeddingEngine.prepare / embed_batch) -----
+    def prepare(self, texts: list[str], *, query: bool, truncate: bool | None = None) -> list[list[int]]:
+        """The marked token ids encode() would give the model for `texts`, synchronously."""
+        info = self.check_ready()
+        side = replace(info, max_model_len=self.multi_backend.side_limit(query))
+        return [self.multi_backend.mark(seq, query) for seq in prepare_texts(self, texts, side, truncate=truncate)]
+
+    def encode_batch(self, marked: list[list[int]], *, query: bool) -> list[np.ndarray]:
+        """One batch's token vectors (blocking), as encode() keeps them; bulk jobs call it from their threads."""
+        self.check_ready()
+        return [self._kept(row, seq, query) for row, seq in zip(self.run_batch(marked)[:, 0], marked, strict=True)]
 
     async def _marked(self, request: EmbedRequest, info: BackendInfo, query: bool, deadline: float
                       ) -> tuple[list[list[int]], int]:

@@ -15,7 +15,7 @@ from ..errors import ErrorKind, ServiceError
 from ..logging_config import RequestLine
 from .cached import RowCodec
 from .core import EngineCore
-from .inputs import prepare_inputs
+from .inputs import prepare_inputs, prepare_texts
 from .options import EngineOptions
 from .result_cache import ModelCache
 from .types import EmbedRequest, cache_state
@@ -67,13 +67,13 @@ class SparseEngine(EngineCore):
                                    param="input_type")
             if side in info.prompts and request.prompt_name is None:  # as encode_query/_document do
                 request.prompt_name = side
-            route, cached = side or self.sparse_backend.default_route, None
+            cached = None
             deadline = time.monotonic() + self.options.request_timeout_s  # tokenising counts too
             with self.on_its_way():
                 prepared = await prepare_inputs(self, request, info, deadline)
                 seqs, total = prepared.seqs, prepared.total
             started = time.perf_counter()
-            if route == QUERY and self.sparse_backend.has_query_encoder:  # a lookup: no batch, no forward
+            if self._looked_up(side):  # a lookup: no batch, no forward
                 vectors, queued, compute = self.sparse_backend.query_vectors(seqs), 0.0, 0.0
             else:
                 rows, queued, compute, cached = await self.submit_cached(info, seqs, deadline, request.client_id,
@@ -83,6 +83,25 @@ class SparseEngine(EngineCore):
         pruned = [_pruned(row, top_k) for row in vectors]
         tokens = [self.sparse_backend.tokens_of(v.indices) for v in pruned] if return_tokens else None
         return SparseResult(pruned, total, queued, compute, tokens, cache_state(cached, len(pruned)))
+
+    def _looked_up(self, side: str | None) -> bool:
+        """Whether `side`'s vectors come from the inference-free query encoder (a lookup) instead of a forward."""
+        return (side or self.sparse_backend.default_route) == QUERY and self.sparse_backend.has_query_encoder
+
+    # --- bulk jobs: their own deterministic batches, no queue (as EmbeddingEngine.prepare / embed_batch) -----
+    def prepare(self, texts: list[str], *, side: str | None = None, truncate: bool | None = None
+                ) -> list[list[int]]:
+        """The token ids encode() would give the model for `texts` on `side`, synchronously."""
+        info = self.check_ready()
+        return prepare_texts(self, texts, info, prompt_name=side if side in info.prompts else None,
+                             truncate=truncate)
+
+    def encode_batch(self, seqs: list[list[int]], *, side: str | None = None) -> list[SparseVector]:
+        """One batch's vectors on `side` (blocking), unpruned; bulk jobs call it from their compute threads."""
+        self.check_ready()
+        if self._looked_up(side):
+            return self.sparse_backend.query_vectors(seqs)
+        return [row for row in self.run_batch(seqs)[:, 0]]
 
 
 class _SparseRows(RowCodec):
