@@ -26,8 +26,8 @@ from typing import Any
 
 from ..base import TRANSFORMERS_BUILD
 
-__all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "rust_copy", "rust_ids", "special_tokens_added",
-           "transformers_ids"]
+__all__ = ["PROBES", "HfTokenizer", "SavedTokenizer", "TokenizerHolder", "rust_copy", "rust_ids",
+           "special_tokens_added", "transformers_ids"]
 
 log = logging.getLogger("embedding_service")
 
@@ -173,3 +173,19 @@ class SavedTokenizer:
 
     def token_strs(self, ids: Sequence[int]) -> list[str]:
         return [str(self._direct.id_to_token(i)) for i in ids]
+
+
+class TokenizerHolder:
+    """`decoder` and `tokenize` of a backend whose loaded tokenizer (HfTokenizer, SavedTokenizer) is
+    `self._tokenizer`: the same two members for every engine that tokenises with one."""
+
+    _tokenizer: Any = None
+
+    @property
+    def decoder(self) -> Any:
+        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        assert self._tokenizer is not None, "load() first"
+        return self._tokenizer(texts)  # type: ignore[no-any-return]

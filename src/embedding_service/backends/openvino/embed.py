@@ -25,7 +25,7 @@ import numpy as np
 
 from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions, first_line
 from ..model.pooling import l2_normalize, pool_numpy
-from ..model.tokenization import HfTokenizer, SavedTokenizer
+from ..model.tokenization import HfTokenizer, SavedTokenizer, TokenizerHolder
 from ..runtime.device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
 from .smooth_quant import ALPHA, calibration_batches, smooth_decoder
 
@@ -148,7 +148,7 @@ def _digest_files(digest: Any, root: Path, *, weights: bool) -> None:
             digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(TokenizerHolder):
     """Any Hugging Face encoder (and, where OpenVINO converts it, decoder) embedding model on OpenVINO."""
 
     def __init__(self, options: BackendOptions) -> None:
@@ -203,15 +203,6 @@ class OpenVinoBackend:
             raise BackendLoadError(f"cannot load the tokenizer of {self._model_dir}: {exc}") from exc
 
     # --- the contract ---------------------------------------------------------------------------------
-    @property
-    def decoder(self) -> Any:
-        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
-        return self._tokenizer
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self._tokenizer is not None, "load() first"
-        return self._tokenizer(texts)
-
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         assert self._request is not None, "load() first"
         # Right padding for every model, decoders too (last-token pooling reads each row's last real token):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
 from ..model.pooling import pool
-from ..model.tokenization import HfTokenizer
+from ..model.tokenization import HfTokenizer, TokenizerHolder
 from ..runtime.device import resolve_cpu_dtype
 
 __all__ = ["TorchBackend", "bucket", "torch_placement"]
@@ -25,7 +25,7 @@ __all__ = ["TorchBackend", "bucket", "torch_placement"]
 log = logging.getLogger("embedding_service")
 
 
-class TorchBackend:
+class TorchBackend(TokenizerHolder):
     """Runs any Hugging Face encoder or decoder embedding model with plain PyTorch."""
 
     def __init__(self, options: BackendOptions) -> None:
@@ -68,15 +68,6 @@ class TorchBackend:
         log.info("torch backend: %s on %s (%s), pooling=%s, dim=%d", opts.model_label, device, dtype_name,
                  self._pooling, hidden)
         return info
-
-    @property
-    def decoder(self) -> Any:
-        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
-        return self._tokenizer
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self._tokenizer is not None, "load() first"
-        return self._tokenizer(texts)
 
     def _compile(self, device: str, probe: list[int]) -> None:
         import time

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..base import BackendDeadError, BackendInfo, BackendLoadError, BackendOptions, first_line
 from ..model.pooling import l2_normalize
+from ..model.tokenization import TokenizerHolder
 from ..runtime.device import resolve_cpu_dtype
 from ..runtime.processes import child_pids, reap
 from .cores import Core, InProcessCore, SeparateCore
@@ -30,7 +31,7 @@ CPU_ENV_DEFAULTS = {
 _POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
 
 
-class VllmBackend:
+class VllmBackend(TokenizerHolder):
     """Qwen3-Embedding (and the other pooling models vLLM supports) through vLLM's engine."""
 
     def __init__(self, options: BackendOptions) -> None:
@@ -142,14 +143,6 @@ class VllmBackend:
         )
 
     # --- serving -------------------------------------------------------------------------------------
-    @property
-    def decoder(self) -> Any:
-        """The tokenizer, for /tokenize's token strings and /detokenize (None before load)."""
-        return self._tokenizer
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._tokenizer(texts)  # type: ignore[no-any-return]
-
     def embed(self, batch: Sequence[Sequence[int]], dimensions: int | None = None) -> np.ndarray:
         """Unit vectors for `batch`. `dimensions` asks vLLM itself to truncate (Matryoshka; tests use it)."""
         core = self._core
