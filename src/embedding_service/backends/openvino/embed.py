@@ -339,7 +339,9 @@ def export_module(module: Any, names: Sequence[str], example: Sequence[np.ndarra
     import openvino as ov
     import torch
 
-    with torch.inference_mode():
+    # Tracing is not thread-safe: two models exported at once (loaded together) failed with "Couldn't get
+    # TorchScript module by tracing". Exports take the transformers builds' turn.
+    with TRANSFORMERS_BUILD, torch.inference_mode():
         converted = ov.convert_model(module, example_input=tuple(torch.from_numpy(a) for a in example))
     for port, name in zip(converted.inputs, names, strict=True):
         port.get_tensor().set_names({name})
