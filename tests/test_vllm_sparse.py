@@ -1,7 +1,8 @@
 """SPLADE on vLLM (backends/vllm/sparse.py): its vectors equal sentence-transformers' SparseEncoder.encode (same
 non-zero indices, values within 1e-4, fp32) on a random BERT masked-LM vLLM's CPU attention runs (hidden 256,
 head size 64; config.json names [CLS]/[SEP], which vLLM would otherwise drop before pooling), with either engine
-core, through the API; two in-process engines take turns; what vLLM cannot serve is refused at load in one line.
+core, through the API, with an inference-free query side; two in-process engines take turns; what vLLM cannot
+serve is refused at load in one line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from embedding_service.backends.base import BackendLoadError
 from embedding_service.engine.sparse import SparseEngine
 from embedding_service.engine.types import EmbedRequest
 
-from .conftest import backend_options, beside_a_fake_dense, engine_options
+from .conftest import backend_options, beside_a_fake_dense, build_inference_free, engine_options
 from .test_sparse import DOCUMENTS, QUERIES, _compare, _dense, _reference
 
 pytestmark = [
@@ -135,6 +136,22 @@ def test_two_in_process_engines_take_turns(splade256_dir: Path, reference: Any) 
         second.close()
     expected = _dense(reference.encode(texts, convert_to_tensor=True))
     assert _compare(rows, expected[[index for _, index in order]]) <= 1e-4
+
+
+async def test_an_inference_free_model_on_vllm(tmp_path: Path, splade256_dir: Path) -> None:
+    """A Router folder: vLLM runs its document sub-folder; queries are the lookup, without a forward."""
+    model_dir = build_inference_free(tmp_path / "inference-free", splade256_dir)
+    reference = _reference(model_dir)
+    engine = SparseEngine(_backend(model_dir), engine_options(batch_timeout_ms=2))
+    await engine.start()
+    try:
+        queries = await engine.encode(EmbedRequest(texts=QUERIES), side="query")
+        documents = await engine.encode(EmbedRequest(texts=DOCUMENTS), side="document")
+    finally:
+        await engine.stop()
+    assert _compare(queries.vectors, _dense(reference.encode_query(QUERIES, convert_to_tensor=True))) <= 1e-4
+    assert _compare(documents.vectors, _dense(reference.encode_document(DOCUMENTS, convert_to_tensor=True))) <= 1e-4
+    assert queries.compute_time_s == 0.0
 
 
 def test_what_vllm_cannot_serve_is_refused_at_load(splade_tiny_dir: Path) -> None:
