@@ -1,8 +1,8 @@
 """SPLADE on vLLM (backends/vllm/sparse.py): its vectors equal sentence-transformers' SparseEncoder.encode (same
 non-zero indices, values within 1e-4, fp32) on a random BERT masked-LM vLLM's CPU attention runs (hidden 256,
-head size 64; config.json names [CLS]/[SEP], which vLLM would otherwise drop before pooling), with either engine
-core, through the API, with an inference-free query side; two in-process engines take turns; what vLLM cannot
-serve is refused at load in one line.
+head size 64; config.json names [CLS]/[SEP], which vLLM would otherwise drop before pooling): with the engine
+core in-process, through the API in-process and a real server, with an inference-free
+query side; two in-process engines take turns; what vLLM cannot serve is refused at load in one line.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from embedding_service.backends.base import BackendLoadError
 from embedding_service.engine.sparse import SparseEngine
 from embedding_service.engine.types import EmbedRequest
 
-from .conftest import backend_options, beside_a_fake_dense, build_inference_free, engine_options
+from .conftest import backend_options, beside_a_fake_dense, build_inference_free, engine_options, serving
 from .test_sparse import DOCUMENTS, QUERIES, _compare, _dense, _reference
 
 pytestmark = [
@@ -60,12 +60,11 @@ def reference(splade256_dir: Path) -> Any:
     return _reference(splade256_dir)
 
 
-@pytest.fixture(scope="module", params=["in-process", "separate"])
-def vllm_engine(splade256_dir: Path, request: pytest.FixtureRequest
-                ) -> Iterator[tuple[SparseEngine, asyncio.AbstractEventLoop]]:
-    """A started engine, with the event loop its batcher runs on (the module's tests share it)."""
+@pytest.fixture(scope="module")
+def vllm_engine(splade256_dir: Path) -> Iterator[tuple[SparseEngine, asyncio.AbstractEventLoop]]:
+    """A started engine (engine core in-process), with the event loop its batcher runs on."""
     loop = asyncio.new_event_loop()
-    engine = SparseEngine(_backend(splade256_dir, request.param), engine_options(batch_timeout_ms=2, max_batch_size=3))
+    engine = SparseEngine(_backend(splade256_dir), engine_options(batch_timeout_ms=2, max_batch_size=3))
     loop.run_until_complete(engine.start())
     yield engine, loop
     loop.run_until_complete(engine.stop())
@@ -117,6 +116,30 @@ async def test_embed_sparse_over_http(http: httpx.AsyncClient, reference: Any) -
         largest = np.sort(np.argsort(-row)[:4]).tolist()
         assert [entry["index"] for entry in top] == largest
         assert [entry["token"] for entry in top] == reference.tokenizer.convert_ids_to_tokens(largest)
+
+
+def test_a_real_server(tmp_path: Path, splade256_dir: Path, reference: Any) -> None:
+    """`engine: vllm` in a models file: /embed_sparse gives SparseEncoder's vectors."""
+    models = tmp_path / "models.yaml"
+    models.write_text(f"""models:
+  - name: splade
+    model_path: {splade256_dir}
+    task: sparse
+    engine: vllm
+    enforce_eager: true
+""")
+    texts = DOCUMENTS + QUERIES
+    for server in serving(["--models-file", str(models), "--dtype", "float32", "--log-level", "WARNING",
+                           "--data-dir", str(tmp_path / "data")]):
+        answer = httpx.post(server.url + "/embed_sparse", json={"inputs": texts}, timeout=60)
+        health = httpx.get(server.url + "/health", timeout=10).json()
+    assert answer.status_code == 200, answer.text
+    assert "vllm" in json.dumps(health)
+    expected = _dense(reference.encode(texts, convert_to_tensor=True))
+    for items, row in zip(answer.json(), expected, strict=True):
+        nonzero = np.flatnonzero(row)
+        assert [entry["index"] for entry in items] == nonzero.tolist()
+        assert np.abs(np.array([entry["value"] for entry in items]) - row[nonzero]).max() <= 1e-4
 
 
 def test_two_in_process_engines_take_turns(splade256_dir: Path, reference: Any) -> None:
