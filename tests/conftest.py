@@ -345,18 +345,22 @@ def inference_free_dir(tmp_path_factory: pytest.TempPathFactory, random_splade_d
     """An inference-free SPLADE model as sentence-transformers builds one (offline): a Router whose query route
     is a SparseStaticEmbedding (random weights, as IDF would be: > 0, some 0) and whose document route is the
     random masked-LM + SpladePooling."""
+    return build_inference_free(tmp_path_factory.mktemp("inference-free-splade"), random_splade_dir)
+
+
+def build_inference_free(out: Path, masked_lm_dir: Path) -> Path:
+    """An inference-free SPLADE model over the masked-LM in `masked_lm_dir`, saved to `out` (inference_free_dir)."""
     pytest.importorskip("sentence_transformers")
     import torch
     from sentence_transformers import SparseEncoder
     from sentence_transformers.base.modules import Router, Transformer
     from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
 
-    document = Transformer(str(random_splade_dir), transformer_task="fill-mask")
+    document = Transformer(str(masked_lm_dir), transformer_task="fill-mask")
     generator = torch.Generator().manual_seed(0)
     weights = torch.rand(len(document.tokenizer.get_vocab()), generator=generator) * 3
     weights[torch.rand(weights.shape, generator=generator) < 0.2] = 0.0  # terms a query side ignores
     query = SparseStaticEmbedding(tokenizer=document.tokenizer, weight=weights, frozen=True)
     router = Router.for_query_document(query_modules=[query], document_modules=[document, SpladePooling()])
-    out = tmp_path_factory.mktemp("inference-free-splade")
     SparseEncoder(modules=[router], device="cpu").save(str(out))
     return out

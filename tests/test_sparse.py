@@ -247,17 +247,19 @@ async def test_input_type_over_http(inference_free_dir: Path) -> None:
     assert bad_openai.status_code == 400 and bad_openai.json()["error"]["param"] == "input_type"
 
 
-def test_a_sparse_model_is_planned_on_torch_and_refused_elsewhere(random_splade_dir: Path) -> None:
+def test_a_sparse_model_is_planned_on_torch_and_refused_by_openvino(random_splade_dir: Path) -> None:
     from embedding_service.backends import BackendLoadError
     from embedding_service.service import build_engine, plan_model
 
     planned = plan_model(make_settings(model_path=str(random_splade_dir), served_model_name="splade"), SPARSE)
     assert planned.role == SPARSE and planned.engine == "torch" and planned.name == "splade"
     assert isinstance(build_engine(planned), SparseEngine)
-    for engine in ("vllm", "openvino"):
-        vllm = plan_model(make_settings(model_path=str(random_splade_dir), engine=engine), SPARSE)
-        with pytest.raises(BackendLoadError, match=f"the {engine} engine cannot serve a sparse"):
-            build_engine(vllm)
+    openvino = plan_model(make_settings(model_path=str(random_splade_dir), engine="openvino"), SPARSE)
+    with pytest.raises(BackendLoadError, match="the openvino engine cannot serve a sparse"):
+        build_engine(openvino)
+    # engine: vllm builds vLLM's (test_vllm_sparse.py loads it; what it refuses, it refuses at load)
+    vllm = plan_model(make_settings(model_path=str(random_splade_dir), engine="vllm"), SPARSE)
+    assert vllm.engine == "vllm" and type(build_engine(vllm).sparse_backend).__name__ == "VllmSparseBackend"
 
 
 def test_a_saved_sparse_encoder_is_found_sparse_and_never_served_dense(tmp_path: Path,
@@ -268,3 +270,20 @@ def test_a_saved_sparse_encoder_is_found_sparse_and_never_served_dense(tmp_path:
     assert task_found(tmp_path, inference_free_dir) == SPARSE  # no task: found
     with pytest.raises(BackendLoadError, match="is a sparse \\(SPLADE\\) model"):
         plan_model(make_settings(model_path=str(inference_free_dir)), EMBED)
+
+
+def test_what_vllm_would_serve_differently_is_named(random_splade_dir: Path) -> None:
+    """vLLM's SPLADE model is a BERT masked-LM with max/relu pooling and the head under transformers' names:
+    anything else gets a reason (test_vllm_sparse.py loads the one it serves and refuses SPLADE-tiny)."""
+    from dataclasses import replace
+
+    from embedding_service.backends.model.facts import read_model_facts
+    from embedding_service.backends.sparse import SpladeConfig, sparse_layout
+    from embedding_service.backends.vllm.sparse import splade_refusal
+
+    facts = read_model_facts(random_splade_dir)
+    layout = sparse_layout(facts)
+    assert splade_refusal(facts, layout) is None
+    assert "max/relu only" in str(splade_refusal(facts, replace(layout, splade=SpladeConfig("sum"))))
+    assert "max/relu only" in str(splade_refusal(facts, replace(layout, splade=SpladeConfig("max", "log1p_relu"))))
+    assert "is a BERT masked-LM" in str(splade_refusal(replace(facts, model_type="distilbert"), layout))

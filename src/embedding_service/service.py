@@ -160,7 +160,8 @@ def plan_model(settings: EmbeddingConfig, role: str | None = EMBED) -> ModelPlan
     if role == EMBED and facts.task == MULTIVECTOR:  # a pooled vector of it would be made up
         raise BackendLoadError(f"{model_dir} is a multi-vector (ColBERT, PyLate) model: serve it as task: "
                                "multivector in a models file (docs/sparse.md)")
-    # (sparse and multi-vector models run on the torch engine: the one with their backends)
+    # (auto: sparse and multi-vector models run on the torch engine, which serves every layout of them; vLLM
+    # serves some sparse ones when asked: backends/vllm/sparse.py)
     auto_torch = role in (SPARSE, MULTIVECTOR) and settings.engine == "auto"
     kind = "torch" if auto_torch else choose_engine(settings, facts)
     backend = BackendOptions.from_config(settings, model_dir or settings.model_source, facts)

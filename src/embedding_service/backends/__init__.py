@@ -106,9 +106,15 @@ def create_scoring_backend(engine: str, options: BackendOptions) -> PairBackend:
 
 
 def create_sparse_backend(engine: str, options: BackendOptions) -> SparseBackend:
-    """Build (not load) the backend of a sparse (SPLADE) model: the torch engine serves them."""
+    """Build (not load) the backend of a sparse (SPLADE) model: torch serves every layout; vLLM the BERT
+    checkpoints its SPLADE model loads (vllm/sparse.py says which, and refuses the others at load)."""
+    if engine == "vllm":
+        from .vllm.sparse import VllmSparseBackend
+
+        return VllmSparseBackend(options)
     if engine != "torch":
-        raise BackendLoadError(f"the {engine} engine cannot serve a sparse (SPLADE) model; use engine: torch")
+        raise BackendLoadError(f"the {engine} engine cannot serve a sparse (SPLADE) model; use engine: torch or "
+                               "vllm")
     from .torch.sparse import TorchSparseBackend
 
     return TorchSparseBackend(options)

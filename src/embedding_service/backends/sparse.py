@@ -17,19 +17,25 @@ from typing import Any, Protocol
 import numpy as np
 
 from .base import Backend
-from .model.facts import ModelFacts
+from .model.facts import ModelFacts, read_model_facts
+from .model.tokenization import PROBES, HfTokenizer
 
 __all__ = [
     "DOCUMENT",
     "QUERY",
+    "QuerySide",
     "SparseBackend",
     "SparseLayout",
+    "SparseSides",
     "SparseVector",
     "SpladeConfig",
+    "document_facts",
+    "nonzeros",
     "pack_rows",
     "sparse_layout",
     "splade_config",
     "top_k",
+    "vocabulary_strings",
 ]
 
 
@@ -151,3 +157,77 @@ def top_k(vector: SparseVector, k: int | None) -> SparseVector:
         return vector
     keep = np.sort(np.argpartition(-np.abs(vector.values), k - 1)[:k])
     return SparseVector(vector.indices[keep], vector.values[keep])
+
+
+def nonzeros(row: np.ndarray) -> SparseVector:
+    """The non-zero dimensions of a dense vocabulary-sized row (an engine that answers dense rows)."""
+    indices = np.flatnonzero(row).astype(np.int32)
+    return SparseVector(indices, np.asarray(row[indices], dtype=np.float32))
+
+
+def document_facts(facts: ModelFacts, layout: SparseLayout) -> ModelFacts:
+    """The document encoder's facts: the folder's own, or (a Router) those of its sub-folder."""
+    return facts if layout.document_dir == Path(facts.model_dir or "") else read_model_facts(layout.document_dir)
+
+
+def vocabulary_strings(tokenizer: HfTokenizer, vocabulary: int) -> list[str]:
+    """Each vocabulary index's token (return_tokens); "" for head rows past the tokenizer's vocabulary."""
+    named = tokenizer.tokenizer.convert_ids_to_tokens(list(range(min(vocabulary, tokenizer.vocab_size))))
+    return [str(token) for token in named] + [""] * max(0, vocabulary - tokenizer.vocab_size)
+
+
+@dataclass(frozen=True)
+class QuerySide:
+    """An inference-free query side (sentence-transformers' SparseStaticEmbedding): one weight per token id,
+    each token of a query present (special tokens aside, as it tokenises without them) getting its weight;
+    no forward."""
+
+    weights: np.ndarray
+    tokenizer: HfTokenizer  # the document side's: the engine tokenises once, for either side
+
+    @classmethod
+    def load(cls, folder: Path, tokenizer: HfTokenizer) -> QuerySide:
+        """The weights of a SparseStaticEmbedding folder, after checking that its tokenizer gives the document
+        side's ids. ValueError where it does not."""
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(folder / "model.safetensors"))["weight"].astype(np.float32)
+        if HfTokenizer(str(folder))(list(PROBES)) != tokenizer(list(PROBES)):
+            raise ValueError(f"{folder}: the query side's tokenizer differs from the document side's")
+        if weights.ndim != 1 or weights.shape[0] < tokenizer.vocab_size:
+            raise ValueError(f"{folder}: {weights.shape} weights for a vocabulary of {tokenizer.vocab_size}")
+        return cls(weights, tokenizer)
+
+    def vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
+        head, tail = len(self.tokenizer.special_prefix), len(self.tokenizer.special_suffix)
+        out = []
+        for seq in batch:
+            ids = np.unique(np.asarray(seq[head: len(seq) - tail], dtype=np.int32))
+            values = self.weights[ids]
+            keep = values != 0
+            out.append(SparseVector(ids[keep], values[keep]))
+        return out
+
+
+class SparseSides:
+    """What every sparse backend has beside its forward (the rest of SparseBackend): the layout's default
+    route, the inference-free query side and each index's vocabulary string; a backend sets them at load."""
+
+    _layout: SparseLayout | None = None
+    _query: QuerySide | None = None
+    _strings: Sequence[str] = ()
+
+    @property
+    def has_query_encoder(self) -> bool:
+        return self._query is not None
+
+    @property
+    def default_route(self) -> str:
+        return self._layout.default_route if self._layout is not None else DOCUMENT
+
+    def query_vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
+        assert self._query is not None, "an inference-free model"
+        return self._query.vectors(batch)
+
+    def tokens_of(self, indices: np.ndarray) -> list[str]:
+        return [self._strings[i] for i in indices.tolist()]

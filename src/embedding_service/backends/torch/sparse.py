@@ -14,15 +14,22 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOptions
-from ..model.facts import ModelFacts, read_model_facts
-from ..model.tokenization import PROBES, HfTokenizer
-from ..sparse import DOCUMENT, SparseLayout, SparseVector, SpladeConfig, pack_rows, sparse_layout
+from ..model.tokenization import HfTokenizer
+from ..sparse import (
+    QuerySide,
+    SparseSides,
+    SparseVector,
+    SpladeConfig,
+    document_facts,
+    pack_rows,
+    sparse_layout,
+    vocabulary_strings,
+)
 from .embed import torch_placement
 
 __all__ = ["TorchSparseBackend", "padded_batch"]
@@ -32,7 +39,7 @@ log = logging.getLogger("embedding_service")
 _HEAD_CHUNK_BYTES = 64 << 20  # logits held at once: ~550 tokens x 30,522 x fp32
 
 
-class TorchSparseBackend:
+class TorchSparseBackend(SparseSides):
     """A masked-LM model's SPLADE vectors with plain PyTorch under inference_mode. `embed` returns one
     SparseVector per sequence (sparse.pack_rows)."""
 
@@ -44,10 +51,7 @@ class TorchSparseBackend:
         self._tokenizer: HfTokenizer | None = None
         self._device: Any = None
         self._splade = SpladeConfig()
-        self._layout: SparseLayout | None = None
-        self._query_weights: np.ndarray | None = None  # inference-free query side: one weight per token id
         self._chunk = 1
-        self._strings: list[str] = []  # each vocabulary index's token (return_tokens)
 
     def load(self) -> BackendInfo:
         import torch
@@ -64,7 +68,7 @@ class TorchSparseBackend:
                 tokenizer = HfTokenizer(str(layout.document_dir))
                 model = AutoModelForMaskedLM.from_pretrained(layout.document_dir, dtype=torch_dtype)
             if layout.query_dir is not None:
-                self._query_weights = _query_side(layout.query_dir, tokenizer)
+                self._query = QuerySide.load(layout.query_dir, tokenizer)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendLoadError(f"cannot load sparse (masked-LM) model from {opts.model_dir}: {exc}") from exc
         self._layout, self._splade = layout, layout.splade
@@ -80,15 +84,14 @@ class TorchSparseBackend:
         vocabulary = int(self._weight.shape[0])
         self._chunk = max(1, _HEAD_CHUNK_BYTES // (4 * vocabulary))
         self._tokenizer, self._model, self._device = tokenizer, model, torch.device(device)
-        named = tokenizer.tokenizer.convert_ids_to_tokens(list(range(min(vocabulary, tokenizer.vocab_size))))
-        self._strings = [str(token) for token in named] + [""] * max(0, vocabulary - tokenizer.vocab_size)
+        self._strings = vocabulary_strings(tokenizer, vocabulary)
         if opts.torch_compile:
             log.info("torch sparse backend: torch_compile is not applied to SPLADE models (eager forwards)")
         log.info("torch sparse backend: %s on %s (%s), SPLADE %s/%s, vocabulary %d", opts.model_label, device,
                  dtype_name, self._splade.pooling_strategy, self._splade.activation_function, vocabulary)
         return BackendInfo(
             model=opts.model_label, device=device, dtype=dtype_name, dimension=vocabulary,
-            max_model_len=_document_facts(opts.facts, layout).length_limit(opts.max_model_len),
+            max_model_len=document_facts(opts.facts, layout).length_limit(opts.max_model_len),
             vocab_size=tokenizer.vocab_size,
             special_prefix=tokenizer.special_prefix, special_suffix=tokenizer.special_suffix,
             prompts=opts.facts.prompts, default_prompt_name=opts.facts.default_prompt_name,
@@ -97,30 +100,6 @@ class TorchSparseBackend:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer(texts)
-
-    @property
-    def has_query_encoder(self) -> bool:
-        return self._query_weights is not None
-
-    @property
-    def default_route(self) -> str:
-        return self._layout.default_route if self._layout is not None else DOCUMENT
-
-    def tokens_of(self, indices: np.ndarray) -> list[str]:
-        return [self._strings[i] for i in indices.tolist()]
-
-    def query_vectors(self, batch: Sequence[Sequence[int]]) -> list[SparseVector]:
-        """SparseStaticEmbedding: each token present (special tokens aside, as it tokenises without them)
-        gets its weight."""
-        assert self._query_weights is not None and self._tokenizer is not None, "an inference-free model"
-        head, tail = len(self._tokenizer.special_prefix), len(self._tokenizer.special_suffix)
-        out = []
-        for seq in batch:
-            ids = np.unique(np.asarray(seq[head: len(seq) - tail], dtype=np.int32))
-            values = self._query_weights[ids]
-            keep = values != 0
-            out.append(SparseVector(ids[keep], values[keep]))
-        return out
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
@@ -191,21 +170,3 @@ def _replace_module(model: Any, old: Any, new: Any) -> None:
                 setattr(module, child_name, new)
                 return
     raise BackendLoadError(f"{type(model).__name__}: its output embeddings are not one of its modules")
-
-
-def _document_facts(facts: ModelFacts, layout: SparseLayout) -> ModelFacts:
-    """The document encoder's facts: the folder's own, or (a Router) those of its sub-folder."""
-    return facts if layout.document_dir == Path(facts.model_dir or "") else read_model_facts(layout.document_dir)
-
-
-def _query_side(folder: Any, tokenizer: HfTokenizer) -> np.ndarray:
-    """The weights of a SparseStaticEmbedding folder, after checking that its tokenizer gives the document
-    side's ids (the engine tokenises once, for either side)."""
-    from safetensors.numpy import load_file
-
-    weights = load_file(str(folder / "model.safetensors"))["weight"].astype(np.float32)
-    if HfTokenizer(str(folder))(list(PROBES)) != tokenizer(list(PROBES)):
-        raise ValueError(f"{folder}: the query side's tokenizer differs from the document side's")
-    if weights.ndim != 1 or weights.shape[0] < tokenizer.vocab_size:
-        raise ValueError(f"{folder}: {weights.shape} weights for a vocabulary of {tokenizer.vocab_size}")
-    return weights
