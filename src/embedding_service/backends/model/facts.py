@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["FAMILIES", "Family", "ModelFacts", "Module", "PoolingMode", "read_model_facts"]
+__all__ = ["FAMILIES", "Family", "ModelFacts", "Module", "PoolingMode", "read_model_facts", "safetensors_headers"]
 
 PoolingMode = Literal["mean", "cls", "last"]
 
@@ -274,11 +274,10 @@ def _weight_bytes(root: Path) -> int:
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own bound
 
 
-def _parameters(root: Path) -> int | None:
-    """The weights the *.safetensors files hold, from their headers (8 bytes of length, then JSON giving each
-    tensor's shape): read without loading anything. None without safetensors, or when one cannot be read."""
-    files = [path for path in _weight_files(root) if path.suffix == ".safetensors"]
-    total = 0
+def safetensors_headers(files: Sequence[Path]) -> list[dict[str, Any]] | None:
+    """Each *.safetensors file's header (8 bytes of length, then JSON naming each tensor with its shape), read
+    without loading anything. None when one cannot be read or is not a header."""
+    headers = []
     for path in files:
         try:
             with path.open("rb") as file:
@@ -288,6 +287,19 @@ def _parameters(root: Path) -> int | None:
             return None
         if not isinstance(header, dict):
             return None
+        headers.append(header)
+    return headers
+
+
+def _parameters(root: Path) -> int | None:
+    """The weights the *.safetensors files hold, from their headers. None without safetensors, or when one
+    cannot be read."""
+    files = [path for path in _weight_files(root) if path.suffix == ".safetensors"]
+    headers = safetensors_headers(files)
+    if headers is None:
+        return None
+    total = 0
+    for header in headers:
         for key, tensor in header.items():
             shape = tensor.get("shape") if isinstance(tensor, dict) else None
             if key == "__metadata__":

@@ -13,16 +13,14 @@ An inference-free query side (a Router's SparseStaticEmbedding) is a lookup with
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..base import BackendInfo, BackendLoadError, BackendOptions
-from ..model.facts import ModelFacts
+from ..model.facts import ModelFacts, safetensors_headers
 from ..model.tokenization import HfTokenizer
 from ..sparse import (
     QuerySide,
@@ -123,16 +121,11 @@ def _checkpoint_tensors(folder: Path) -> set[str] | None:
     """The tensor names of the folder's *.safetensors files, without "bert."/"model." (from their headers only;
     None where there are none to read)."""
     files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    headers = safetensors_headers(files) if files else None
+    if headers is None:  # none, or unreadable here: vLLM's loader will say what is wrong
         return None
     names: set[str] = set()
-    for path in files:
-        try:
-            with path.open("rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
-        except (OSError, ValueError, struct.error):  # unreadable here: vLLM's loader will say what is wrong
-            return None
+    for header in headers:
         for name in header:
             for prefix in ("model.", "bert."):
                 name = name.removeprefix(prefix)
