@@ -110,9 +110,9 @@ CASES = [
     ),
     Case(
         "huge integer token id",
-        body=b'{"input": [[5, 1000000000000000000000000000000]]}',
+        body=b'{"input": [[5, 1000000000000000000000000000000]]}',  # (decoded exactly, not as a float)
         param="input",
-        words=("integer",),
+        words=("input[0][1]", "1000000000000000000000000000000", "vocabulary"),
     ),
     Case("NUL character", json={"input": "a\u0000b"}, param="input", words=("nul",)),
     Case("too many inputs", json={"input": ["a"] * 2049}, param="input", words=("2049", "2048")),
