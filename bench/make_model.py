@@ -1,6 +1,6 @@
 """Build the benchmark models: the full-size Qwen3-Embedding-0.6B shape with random weights, plus peer copies.
 
-    python bench/make_model.py [--out /tmp/bench-models] [--tokenizer-vocab 65536]
+    python -m bench.make_model [--out /tmp/bench-models] [--tokenizer-vocab 65536]
 
 Writes OUT/qwen3-0.6b-random (ours and vLLM's) and OUT/qwen3-0.6b-random-st (the same weights, for
 Infinity: tokenizer_config says PreTrainedTokenizerFast, which transformers 4.x reads). Random weights cost

@@ -55,6 +55,8 @@ PEERS: dict[str, Peer] = {
     "bare-vllm": Peer("bare-vllm", "bare", "vllm", 600),
     "bare-torch": Peer("bare-torch", "bare", "torch", 300),
     "bare-fake": Peer("bare-fake", "bare", "fake", 60),
+    # The floor: a bare ~30-line ASGI app on uvicorn, the same JSON parsed, a fixed vector returned.
+    "bare-asgi": Peer("bare-asgi", "bare", "asgi", 60),
 }
 
 
@@ -117,6 +119,10 @@ class Server:
             if peer.engine != "fake":
                 cmd += ["--model-path", self.model_dir]
             cmd += list(peer.flags)
+        elif peer.kind == "bare" and peer.engine == "asgi":
+            cmd = [sys.executable, "-m", "bench.bare_asgi", "--host", host, "--port", port]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
+                                                            env.get("PYTHONPATH", "")] if p)
         elif peer.kind == "bare":
             cmd = [sys.executable, "-m", "bench.bare_server", "--host", host, "--port", port, "--engine", peer.engine,
                    "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),

@@ -61,6 +61,8 @@ def _matrix(rows: Sequence[dict[str, Any]], workloads: list[str], targets: list[
             ratio_cols.append((f"{name} / in-proc", name, f"inproc-engine-{engine}"))
         if f"ours-{engine}" in targets:
             ratio_cols.append((f"ours-{engine} / {name}", f"ours-{engine}", name))
+    if "bare-asgi" in targets and "ours-fake" in targets:  # the ASGI floor (bench/bare_asgi.py)
+        ratio_cols.append(("ours-fake / bare-asgi", "ours-fake", "bare-asgi"))
     head = ["workload", *targets, *(c[0] for c in ratio_cols)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workloads:

@@ -58,8 +58,8 @@ def _models(names: list[str], models_dir: Path) -> list[dict[str, Any]]:
             if not (path / "model.safetensors").is_file():
                 print(f"building the full-size random Qwen3 in {models_dir} (once, ~2 min)", flush=True)
                 subprocess.run(
-                    [sys.executable, str(ROOT / "bench" / "make_model.py"), "--out", str(models_dir)],
-                    check=True,
+                    [sys.executable, "-m", "bench.make_model", "--out", str(models_dir)],
+                    check=True, cwd=ROOT,  # (a module from the root: it imports testkit)
                 )
             meta = json.loads((path / "BENCH_MODEL.json").read_text()) if (path / "BENCH_MODEL.json").is_file() else {}
             out.append(
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [t for t in args.targets.split(",") if t]
     works = select_workloads([w for w in args.workloads.split(",") if w])
-    if args.overhead:  # the fake-engine servers named (default ours); bare-fake is the floor (bench/bare_server.py)
-        targets = [t for t in targets if t.endswith("-fake")] or ["ours-fake"]
+    if args.overhead:  # the fake-engine servers named (default ours); bare-fake and bare-asgi are floors
+        targets = [t for t in targets if t.endswith("-fake") or t == "bare-asgi"] or ["ours-fake"]
         works = select_workloads(args.workloads.split(",") if args.workloads else OVERHEAD_WORKLOADS)
     result: dict[str, Any] = {
         "started": started,

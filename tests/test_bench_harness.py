@@ -140,18 +140,19 @@ def test_repeated_rounds_report_medians_and_the_range_of_per_round_ratios() -> N
 
 @pytest.mark.slow
 def test_overhead_mode_runs_end_to_end(tmp_path: Path) -> None:
-    """Starts our server and the bare floor (bench/bare_server.py) on the fake engine, drives each briefly,
-    writes both reports."""
-    proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--targets", "ours-fake,bare-fake",
+    """Starts our server and the two floors (bench/bare_server.py on the fake engine, bench/bare_asgi.py), drives
+    each briefly, writes both reports."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--targets", "ours-fake,bare-fake,bare-asgi",
                            "--workloads", "short-c1,short-c16", "--duration", "1", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["skipped"] == []
     rows = {(r["target"], r["workload"]): r for r in result["rows"]}
-    assert set(rows) == {(t, w) for t in ("ours-fake", "bare-fake") for w in ("short-c1", "short-c16")}
-    assert all(r["errors"] == 0 and r["requests"] > 0 and r["tokens"] > 0 for r in rows.values())
-    assert "ours-fake" in (tmp_path / "results.md").read_text()
+    assert set(rows) == {(t, w) for t in ("ours-fake", "bare-fake", "bare-asgi") for w in ("short-c1", "short-c16")}
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows.values())
+    assert all(r["tokens"] > 0 for (target, _w), r in rows.items() if target != "bare-asgi")  # (it counts none)
+    assert "| ours-fake / bare-fake | ours-fake / bare-asgi |" in (tmp_path / "results.md").read_text()
 
 
 def test_chart_has_one_bar_per_target_and_ratio_labels(tmp_path: Path) -> None:

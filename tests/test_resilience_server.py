@@ -156,9 +156,9 @@ def test_overload_refuses_cleanly_and_keeps_accepted_latency(server_factory: typ
     accepted = len(loaded.accepted_s)
     assert accepted >= 0.5 * capacity * duration  # it kept doing useful work instead of collapsing
     assert len(loaded.statuses) - accepted >= 0.5 * len(loaded.statuses)  # the excess was refused
-    assert percentile(loaded.accepted_s, 99) <= 2 * unloaded_p99
+    assert percentile(loaded.accepted_s, 99) <= 2 * unloaded_p99, (sorted(loaded.accepted_s)[-5:], quiet)
     after = asyncio.run(sequential(server.url, 3))  # afterwards: normal service
-    assert max(after) <= 2 * unloaded_p99
+    assert max(after) <= 2 * unloaded_p99, (after, quiet)
     assert server.stop() == 0
 
 

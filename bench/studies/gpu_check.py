@@ -56,8 +56,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
         _weights_from_kit(Path(args.kit), folder)
     if not (folder / "config.json").is_file():
         _say(f"building the full-size Qwen3 shape in {args.models_dir}")
-        subprocess.run([sys.executable, str(Path(__file__).parents[1] / "make_model.py"), "--out", args.models_dir],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "bench.make_model", "--out", args.models_dir],
+                       check=True, cwd=Path(__file__).parents[2])  # (a module from the root: it imports testkit)
     return folder
 
 
