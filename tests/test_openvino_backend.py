@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,24 @@ def test_the_saved_tokenizer_is_checked_again_under_another_transformers_and_use
     monkeypatch.setattr(openvino_backend, "_version",
                         lambda package: None if package == "transformers" else real(package))
     assert isinstance(_load(minilm_dir, cache)._tokenizer, openvino_backend.SavedTokenizer)
+
+
+def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths(minilm_fp32: OpenVinoBackend,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # 12 short texts beside 4 of ~300 tokens: one forward would compute 16 x 300 (runtime/length_groups.py)
+    texts = [f"short text number {i}" for i in range(12)] + [" ".join(["passage"] * 300)] * 4
+    batch = minilm_fp32.tokenize(texts)
+    one_forward = minilm_fp32._forward(batch)
+    shapes: list[tuple[int, int]] = []
+    forward = minilm_fp32._forward
+
+    def counting(rows: Sequence[Sequence[int]]) -> np.ndarray:
+        shapes.append((len(rows), max(len(r) for r in rows)))
+        return forward(rows)
+
+    monkeypatch.setattr(minilm_fp32, "_forward", counting)
+    grouped = minilm_fp32.embed(batch)
+    assert sorted(shapes) == [(4, 302), (12, 6)], shapes  # the short ones apart from the long ones
+    assert cosines(grouped, one_forward).min() >= 0.9999
+    alone = np.concatenate([forward([ids]) for ids in batch[:1] + batch[-1:]])
+    assert cosines(grouped[[0, -1]], alone).min() >= 0.9999

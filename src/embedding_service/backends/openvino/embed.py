@@ -27,6 +27,7 @@ from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOpt
 from ..model.pooling import l2_normalize, pool_numpy
 from ..model.tokenization import HfTokenizer, SavedTokenizer, TokenizerHolder
 from ..runtime.device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
+from ..runtime.length_groups import embed_in_groups
 from .smooth_quant import ALPHA, calibration_batches, smooth_decoder
 
 __all__ = ["EXAMPLE_ROWS", "EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir",
@@ -208,6 +209,9 @@ class OpenVinoBackend(TokenizerHolder):
         # Right padding for every model, decoders too (last-token pooling reads each row's last real token):
         # left-padded rows of a causal model have pad positions that see nothing, and their NaN states
         # leak into the real tokens in OpenVINO's attention (0 x NaN); right padding has no such row.
+        return embed_in_groups(batch, self._forward)  # (rows of similar lengths together: less padding)
+
+    def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask = pad_batch(batch, self._pad_id)
         with self._lock:
             hidden = self._request.infer({"input_ids": ids, "attention_mask": mask})[0]

@@ -19,6 +19,7 @@ from ..base import TRANSFORMERS_BUILD, BackendInfo, BackendLoadError, BackendOpt
 from ..model.pooling import pool
 from ..model.tokenization import HfTokenizer, TokenizerHolder
 from ..runtime.device import resolve_cpu_dtype
+from ..runtime.length_groups import embed_in_groups
 
 __all__ = ["TorchBackend", "bucket", "torch_placement"]
 
@@ -83,9 +84,14 @@ class TorchBackend(TokenizerHolder):
         log.info("torch backend: compiled (%s) in %.1fs", mode, time.perf_counter() - started)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        assert self._model is not None, "load() first"
+        if self._device.type == "cpu" and self._compiled is None:  # (a GPU pays per launch; compiled shapes bucket)
+            return embed_in_groups(batch, self._forward)  # rows of similar lengths together: less padding
+        return self._forward(batch)
+
+    def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
 
-        assert self._model is not None, "load() first"
         rows = len(batch)
         longest = max(len(ids) for ids in batch)
         if self._compiled is not None:  # bucket shapes: copies of the first row, and more padding
