@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,3 +68,24 @@ def test_rows_come_back_in_the_batch_order() -> None:
     calls.clear()
     same = [[index, 7, 7] for index in range(8)]
     assert embed_in_groups(same, forward)[:, 0].tolist() == list(range(8)) and calls == [8]
+
+
+def check_a_mixed_batch_is_cut(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU backend's embed of 12 short texts beside 4 of ~300 tokens: two forwards (not 16 x 302), vectors
+    within cos 0.9999 of one forward and of each text alone (MiniLM's tokenizer)."""
+    texts = [f"short text number {i}" for i in range(12)] + [" ".join(["passage"] * 300)] * 4
+    batch = backend.tokenize(texts)
+    forward = backend._forward
+    one_forward = forward(batch)
+    shapes: list[tuple[int, int]] = []
+
+    def counting(rows: Sequence[Sequence[int]]) -> np.ndarray:
+        shapes.append((len(rows), max(len(r) for r in rows)))
+        return forward(rows)
+
+    monkeypatch.setattr(backend, "_forward", counting)
+    grouped = backend.embed(batch)
+    assert sorted(shapes) == [(4, 302), (12, 6)], shapes  # the short ones apart from the long ones
+    assert float((grouped * one_forward).sum(axis=1).min()) >= 0.9999
+    alone = np.concatenate([forward([ids]) for ids in batch[:1] + batch[-1:]])
+    assert float((grouped[[0, -1]] * alone).sum(axis=1).min()) >= 0.9999

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
 
 from .conftest import backend_options, engine_options
+from .test_length_groups import check_a_mixed_batch_is_cut
 
 pytestmark = [pytest.mark.slow]
 pytest.importorskip("openvino")
@@ -443,20 +443,4 @@ def test_the_saved_tokenizer_is_checked_again_under_another_transformers_and_use
 
 def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths(minilm_fp32: OpenVinoBackend,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # 12 short texts beside 4 of ~300 tokens: one forward would compute 16 x 300 (runtime/length_groups.py)
-    texts = [f"short text number {i}" for i in range(12)] + [" ".join(["passage"] * 300)] * 4
-    batch = minilm_fp32.tokenize(texts)
-    one_forward = minilm_fp32._forward(batch)
-    shapes: list[tuple[int, int]] = []
-    forward = minilm_fp32._forward
-
-    def counting(rows: Sequence[Sequence[int]]) -> np.ndarray:
-        shapes.append((len(rows), max(len(r) for r in rows)))
-        return forward(rows)
-
-    monkeypatch.setattr(minilm_fp32, "_forward", counting)
-    grouped = minilm_fp32.embed(batch)
-    assert sorted(shapes) == [(4, 302), (12, 6)], shapes  # the short ones apart from the long ones
-    assert cosines(grouped, one_forward).min() >= 0.9999
-    alone = np.concatenate([forward([ids]) for ids in batch[:1] + batch[-1:]])
-    assert cosines(grouped[[0, -1]], alone).min() >= 0.9999
+    check_a_mixed_batch_is_cut(minilm_fp32, monkeypatch)  # (runtime/length_groups.py)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from embedding_service.engine.engine import EmbeddingEngine
 from embedding_service.engine.types import EmbedRequest
 
 from .conftest import backend_options, engine_options
+from .test_length_groups import check_a_mixed_batch_is_cut
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 torch = pytest.importorskip("torch")
@@ -96,19 +96,4 @@ def test_on_the_cpu_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths
         minilm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = TorchBackend(backend_options(minilm_dir, device="cpu", dtype="float32", max_model_len=512))
     backend.load()
-    texts = [f"short text number {i}" for i in range(12)] + [" ".join(["passage"] * 300)] * 4
-    batch = backend.tokenize(texts)
-    one_forward = backend._forward(batch)
-    shapes: list[tuple[int, int]] = []
-    forward = backend._forward
-
-    def counting(rows: Sequence[Sequence[int]]) -> np.ndarray:
-        shapes.append((len(rows), max(len(r) for r in rows)))
-        return forward(rows)
-
-    monkeypatch.setattr(backend, "_forward", counting)
-    grouped = backend.embed(batch)
-    assert sorted(shapes) == [(4, 302), (12, 6)], shapes  # the short ones apart from the long ones
-    assert float((grouped * one_forward).sum(axis=1).min()) >= 0.9999
-    alone = np.concatenate([forward([ids]) for ids in batch[:1] + batch[-1:]])
-    assert float((grouped[[0, -1]] * alone).sum(axis=1).min()) >= 0.9999
+    check_a_mixed_batch_is_cut(backend, monkeypatch)  # (runtime/length_groups.py)
