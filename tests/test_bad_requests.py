@@ -50,6 +50,8 @@ CASES = [
     Case("lone low surrogate escape", body=b'{"input": ["ok", "\\udc00"]}', words=("surrogate",)),
     Case("truncated utf-8 sequence", body=b'{"input": "\xe6\x9d"}', words=("utf-8",)),
     Case("lone surrogate escape", body=b'{"input": "a \\ud800 b"}', words=("surrogate",)),
+    Case("lone surrogate at the end", body=b'{"input": "a \\ud800"}', words=("surrogate",)),
+    Case("truncated after a surrogate pair", body=b'{"input": "\\ud83d\\ude00', words=("not valid json",)),
     Case(
         "text/plain content type",
         body=b'{"input": "a"}',

@@ -28,7 +28,8 @@ from ...vector_types import EMBEDDING_TYPES, encode_vectors
 __all__ = ["EMBEDDING_EXAMPLES", "EmbeddingRequest", "encode_embeddings", "parse_embedding_request", "parse_json_body"]
 
 _DECODER = msgspec.json.Decoder()
-_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89abAB][0-9a-fA-F]{2}")
+# A high surrogate escape not followed by a low one (a pair is one character).
+_LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -116,7 +117,7 @@ def parse_json_body(body: bytes | bytearray) -> Any:
         detail = str(exc)
     if "UTF-8" in detail:
         message = "request body is not valid UTF-8; send JSON encoded as UTF-8"
-    elif "surrogate" in detail or ("truncated" in detail and _HIGH_SURROGATE_ESCAPE.search(text)):
+    elif "surrogate" in detail or ("truncated" in detail and _LONE_HIGH_SURROGATE.search(text)):
         # (msgspec calls a lone high surrogate before a plain character "truncated")
         message = (f"request body holds a lone surrogate escape such as \\ud800 ({detail}); "
                    "strings must be valid Unicode")
