@@ -7,7 +7,8 @@ layer's input), and reports min / mean cosine to OpenVINO fp32 over 500 texts (d
 from --data, else generated sentences) for: the int8 path before SmoothQuant (int8 weights, activations
 quantised per group of 32 at run time), the same after SmoothQuant (today's `--quantize int8`), int8 weights
 only, and NNCF's static int8 (per-channel weights, per-tensor activations) calibrated on 300 other texts, with
-and without NNCF's SmoothQuant. Accuracy only: speed is bench/studies/cpu_runtimes.py and `python -m bench`.
+and without NNCF's SmoothQuant; and today's int8 IR with coarser activation groups (128, 1024). Accuracy
+only: speed is bench/studies/cpu_runtimes.py and `python -m bench`.
 """
 
 from __future__ import annotations
@@ -65,15 +66,21 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
         results[name] = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
         print(f"{model_dir.name}: {name}: cos min {cos.min():.5f} mean {cos.mean():.5f}", flush=True)
 
-    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", backend("int8"))
+    int8 = backend("int8")
+    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", int8)
+    core = ov.Core()
+    settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    for group in (128, 1024):  # coarser activation scales: faster (bench/RESULTS.md, issue 41), less exact?
+        int8._request = core.compile_model(str(int8.ir_path), "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE":
+                                                                      group}).create_infer_request()
+        record(f"the same, activations quantised in groups of {group} (--quantize int8 uses 32)", int8)
     smooth = openvino_backend.smooth_decoder
     openvino_backend.smooth_decoder = lambda *_args, **_kw: 0  # type: ignore[assignment]
     try:
         record("int8 weights + dynamic activations, no SmoothQuant (before issue 41)", backend("int8", "no-smoothing"))
     finally:
         openvino_backend.smooth_decoder = smooth
-    core, base = ov.Core(), ov.Core().read_model(str(fp32.ir_path))
-    settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    base = core.read_model(str(fp32.ir_path))
 
     def swap(model: Any, group: int) -> OpenVinoBackend:
         fp32._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
