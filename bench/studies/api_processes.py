@@ -5,9 +5,10 @@
 
 Each round starts a fresh server for each setting (bench/peers.py, from the `embedding_service` on PYTHONPATH),
 waits until every API process answers, warms it, sends single-text requests (distinct ~15-token texts) from
-wrk for `--duration` seconds, and reads the CPU seconds of the server's whole process tree (engine process and
-API processes) before and after: requests/s and server CPU ms per request. Prints one JSON line per run and a
-summary (median per setting; the median and range of the per-round ratio to the first setting).
+wrk for `--duration` seconds (counting, halfway, the connections each process holds), and reads the CPU
+seconds of the server's whole process tree (engine process and API processes) before and after: requests/s
+and server CPU ms per request. Prints one JSON line per run and a summary (median per setting; the median and
+range of the per-round ratio to the first setting).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +57,21 @@ def wait_every_process_ready(url: str, alive: Callable[[], bool] = lambda: True,
             time.sleep(0.2)
 
 
+def _connections_held(server: psutil.Process, url: str) -> list[int]:
+    """Established connections on the server's port, per process of its tree that holds any, fewest first."""
+    port = int(url.split(":")[2].split("/")[0])
+    counts = []
+    for proc in [server, *server.children(recursive=True)]:
+        try:
+            mine = sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
+                       and c.laddr.port == port)
+        except psutil.Error:
+            continue
+        if mine:
+            counts.append(mine)
+    return sorted(counts)
+
+
 def _run_one(args: argparse.Namespace, processes: int, round_no: int, maker: TextMaker) -> dict[str, float]:
     server = _server(args, processes)
     server.start()
@@ -71,7 +88,11 @@ def _run_one(args: argparse.Namespace, processes: int, round_no: int, maker: Tex
         assert server.process is not None
         engine_process = psutil.Process(server.process.pid)  # (with N=1, the whole server)
         before, before_engine = server.cpu_seconds() or 0.0, sum(engine_process.cpu_times()[:2])
+        held: list[int] = []  # connections each API process holds, halfway through the run
+        probe = threading.Timer(args.duration / 2, lambda: held.extend(_connections_held(engine_process, url)))
+        probe.start()
         result = asyncio.run(drive_wrk(url, requests, concurrency=args.concurrency, duration_s=args.duration))
+        probe.join()
         cpu = (server.cpu_seconds() or 0.0) - before
         engine_cpu = sum(engine_process.cpu_times()[:2]) - before_engine
     finally:
@@ -81,6 +102,7 @@ def _run_one(args: argparse.Namespace, processes: int, round_no: int, maker: Tex
            "server_cpu_ms_per_request": round(1000 * cpu / max(result.requests, 1), 3),
            "engine_process_cpu_ms_per_request": round(1000 * engine_cpu / max(result.requests, 1), 3),
            "client_cpu_ms_per_request": round(1000 * result.client_cpu_s / max(result.requests, 1), 3),
+           "connections_held": held,
            "p50_ms": round(result.percentiles_ms[0], 2) if result.percentiles_ms else None,
            "p99_ms": round(result.percentiles_ms[2], 2) if result.percentiles_ms else None}
     print(json.dumps(row), flush=True)

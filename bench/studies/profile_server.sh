@@ -22,7 +22,7 @@ DUR=${DURATION:-10}
     >"$OUT.pyspy.log" 2>&1 &
 SPY=$!
 "$PY" -m bench --url "http://127.0.0.1:$PORT/v1/embeddings" --model-name bench-model --workloads "$WORK" \
-    --duration "$DUR" --out "$OUT.bench" | grep -E "texts/s" | head -3
+    --duration "$DUR" --out "$OUT.bench" ${BENCH_ARGS:-} | grep -E "texts/s" | head -3
 wait $SPY || true
 # Samples per thread, own time (leaf frame) and inclusive time per function.
 "$PY" - "$OUT.raw" > "$OUT.txt" <<'PYEOF'

@@ -90,7 +90,7 @@ def remote_engines(plan: ServicePlan, path: str) -> dict[str, EngineCore]:
     return engines
 
 
-def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], socket.socket], target: ApiTarget,
+def run_api_processes(count: int, plan: ServicePlan, bind: Callable[[], list[socket.socket]], target: ApiTarget,
                       shutdown_timeout: float) -> int:
     """Load the planned models here and serve them to `count` API processes running `target(sock, path,
     index)`; 0 after a drain, 1 when a model failed (to load, or later) or API processes kept dying."""
@@ -121,7 +121,7 @@ class _EngineProcess:
         self.loaded = False
         self._context = multiprocessing.get_context("spawn")
 
-    async def run(self, bind: Callable[[], socket.socket]) -> int:
+    async def run(self, bind: Callable[[], list[socket.socket]]) -> int:
         loop = asyncio.get_running_loop()
         folder = tempfile.mkdtemp(prefix="embedding-engine-")  # 0700: only this user's processes connect
         path = os.path.join(folder, "engine.sock")
@@ -132,18 +132,18 @@ class _EngineProcess:
             metrics.add_model(name, engine, self.roles[name])
         queues = QueueGauges([(name, engine, self.roles[name]) for name, engine in self.models])
         gauges = loop.create_task(queues.run(), name="queue-gauges")
-        sock = bind()
+        sockets = bind()  # one listener per API process (server.listening_sockets)
         await self.host.start(path)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig)
         for index, engine in enumerate(self.engines):
             engine.on_dead = functools.partial(self._died, index)
-        self.procs = [self._spawn(sock, path, index) for index in range(self.count)]
+        self.procs = [self._spawn(sockets[index], path, index) for index in range(self.count)]
         log.info("started %d API processes in front of one engine process (pid %d)", self.count, os.getpid())
         loader = loop.create_task(self._load(), name="model-load")
         try:
             while not (self.stopping is not None and all(p.exitcode is not None for p in self.procs)):
-                self._supervise(sock, path)
+                self._supervise(sockets, path)
                 await asyncio.sleep(_TICK_S)
             if not loader.done() or any(engine.loading for engine in self.engines):
                 # a signal during the load, or a failure while another model loads: a load's thread cannot be
@@ -169,7 +169,8 @@ class _EngineProcess:
             await self.host.close()
             for engine in self.engines:
                 await engine.stop()
-            sock.close()
+            for sock in sockets:
+                sock.close()
             shutil.rmtree(folder, ignore_errors=True)
         return self.code
 
@@ -191,7 +192,7 @@ class _EngineProcess:
         self.loaded = True
         self.host.models_loaded()
 
-    def _supervise(self, sock: socket.socket, path: str) -> None:
+    def _supervise(self, sockets: list[socket.socket], path: str) -> None:
         now = time.monotonic()
         if self.stopping is not None:
             if now > self.stopping + self.shutdown_timeout + _EXTRA_WAIT_S:
@@ -210,7 +211,7 @@ class _EngineProcess:
                 return
             log.error("API process %s (pid %s) exited with %s: starting another", proc.name, proc.pid, proc.exitcode)
             proc.join(0)
-            self.procs[index] = self._spawn(sock, path, index)
+            self.procs[index] = self._spawn(sockets[index], path, index)
 
     def _died(self, index: int, exc: BaseException) -> None:
         death = self.engines[index].death or str(exc)

@@ -67,12 +67,13 @@ def _api_process_main(sock: socket.socket, path: str, index: int, ready_first: b
 
 def _serve_api_processes(settings: EmbeddingConfig, plan: ServicePlan) -> int:
     from .api_processes import run_api_processes, unsupported
-    from .server import listening_socket
+    from .server import listening_sockets
 
     if (why := unsupported(settings, plan)) is not None:
         return _fail(why, 2)
     try:
-        return run_api_processes(settings.api_processes, plan, lambda: listening_socket(settings),
+        return run_api_processes(settings.api_processes, plan,
+                                 lambda: listening_sockets(settings.host, settings.port, settings.api_processes),
                                  functools.partial(_api_process_main, settings=settings, plan=plan),
                                  settings.shutdown_timeout)
     except (BackendLoadError, ImportError) as exc:
@@ -103,11 +104,11 @@ def serve(settings: EmbeddingConfig) -> int:
     if settings.api_processes > 1:
         return _serve_api_processes(settings, plan)
     if settings.workers > 1:
-        from .server import listening_socket
+        from .server import listening_sockets
         from .supervisor import run_workers
 
         log.info("starting %d worker processes, each loading its own copy of the models", settings.workers)
-        return run_workers(settings.workers, lambda: listening_socket(settings),
+        return run_workers(settings.workers, lambda: listening_sockets(settings.host, settings.port, settings.workers),
                            functools.partial(_worker_main, settings=settings, plan=plan), settings.shutdown_timeout)
     return serve_planned(settings, plan)
 

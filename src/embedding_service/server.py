@@ -41,13 +41,14 @@ from .engine.core import EngineCore
 from .errors import ErrorKind
 from .transport import ConnectionLimits, GuardedHttpProtocol, guarded_protocol, raise_file_limit
 
-__all__ = ["DrainingServer", "accept_backlog", "freeze_startup_heap", "listening_socket", "refuse_new_handshakes",
+__all__ = ["DrainingServer", "accept_backlog", "freeze_startup_heap", "listening_sockets", "refuse_new_handshakes",
            "uvicorn_config"]
 
 log = logging.getLogger("embedding_service")
 
 # After the drain, how long the backlog and connections that have not sent their request yet may still take.
 _BACKLOG_GRACE_S = 0.5
+_BACKLOG = 2048  # uvicorn's default
 
 # Classic BPF: drop a TCP segment with SYN set and ACK clear (a new handshake), accept everything else. A
 # socket filter sees the segment from its TCP header (offset 13 = the flags byte); children inherit it,
@@ -120,10 +121,32 @@ def freeze_startup_heap() -> None:
     log.debug("start-up heap frozen: %d objects, %.0f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1e3)
 
 
-def listening_socket(settings: EmbeddingConfig) -> socket.socket:
-    """The one socket `workers > 1` share (bound by the parent, inherited by the workers)."""
-    config = uvicorn.Config(None, host=settings.host, port=settings.port, log_config=None)  # type: ignore[arg-type]
-    return config.bind_socket()
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listeners on one address, one per process, in one SO_REUSEPORT group (bound and listening here,
+    inherited by the processes).
+
+    Why not one shared listener: a process that wakes for a burst of connections accepts all it can before
+    the others wake (uvloop accepts until the backlog is empty), so wrk's 64 connections were split 4/60 or
+    9/55 between two processes, and the busy one's core capped the server. With a listener each, the kernel
+    spreads connections by a hash of their addresses. A listener whose process died keeps its connections
+    queued (the parent holds it open) until the replacement takes them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # (port 0: the others join the port the first one got)
+            sock.listen(_BACKLOG)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _Engines:

@@ -1,7 +1,8 @@
-"""`workers > 1`: one listening socket, N worker processes, each a DrainingServer with its own engine.
+"""`workers > 1`: N worker processes, each a DrainingServer with its own engine and its own listener on the port.
 
 uvicorn's own multi-process mode runs plain uvicorn servers in its workers: no drain (a SIGTERM closes
-each worker's listener at once) and no connection guards. Here the parent binds the socket once, starts
+each worker's listener at once) and no connection guards. Here the parent binds the listeners (one per
+worker, in one SO_REUSEPORT group: server.listening_sockets says why), starts
 the workers (spawned, so none inherits a half-initialised torch or vLLM), forwards SIGTERM/SIGINT to them
 and waits: each worker drains as a single server does (see server.py) and exits 0. A worker that exits
 on its own, non-zero (its model failed to load, its engine died), takes the others down and the parent
@@ -27,13 +28,14 @@ log = logging.getLogger("embedding_service")
 _EXTRA_WAIT_S = 10.0  # beyond shutdown_timeout, for a worker's own exit (engine close, process reaping)
 
 
-def run_workers(workers: int, bind: Callable[[], socket.socket], target: Callable[[socket.socket], None],
+def run_workers(workers: int, bind: Callable[[], list[socket.socket]], target: Callable[[socket.socket], None],
                 shutdown_timeout: float) -> int:
-    """Start `workers` processes running `target(sock)` on one socket from `bind()`; 0 after a drain."""
-    sock = bind()
+    """Start `workers` processes, the n-th running `target(sock)` on the n-th listener of `bind()`; 0 after a
+    drain."""
+    sockets = bind()
     context = multiprocessing.get_context("spawn")
     procs: list[Any] = [context.Process(target=target, args=(sock,), name=f"worker-{n}", daemon=False)
-                        for n in range(workers)]
+                        for n, sock in enumerate(sockets)]
     stopping: list[float] = []  # when the first signal came
 
     def forward(sig: int, _frame: FrameType | None) -> None:
@@ -68,5 +70,6 @@ def run_workers(workers: int, bind: Callable[[], socket.socket], target: Callabl
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
+        for sock in sockets:
+            sock.close()
     return code
