@@ -93,7 +93,8 @@ def _train_tokenizer(vocab_size: int, seed: int, *, reranker: bool = False, word
 
 def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = None, vocab_size: int = 32768,
                        max_position_embeddings: int = 32768, seed: int = 0,
-                       dtype: str = "float32", outlier_channels: dict[int, float] | None = None) -> Path:
+                       dtype: str = "float32", outlier_channels: dict[int, float] | None = None,
+                       compensate_outliers: bool = False) -> Path:
     """Write a random-weight Qwen3 embedding model (sentence-transformers layout) to `out_dir`.
 
     `outlier_channels` ({hidden channel: factor}) gives it what trained LLMs have and random weights lack: a few
@@ -103,6 +104,13 @@ def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = No
     carry them and the layers' outputs mix them into the residual stream. (Scaling the embedding columns
     instead puts the outliers in the int8-compressed embedding table, whose per-row scale then breaks the
     weights before any activation is quantised: a weaker test of activation quantisation.)
+
+    With `compensate_outliers`, the linear layers' input columns of those channels are divided by the factor
+    (and up_proj's rows multiplied, down_proj's columns divided, for outliers at down_proj's input too): the
+    model computes what the plain one does, with the outliers in its activations and small weight columns
+    against them, as trained models have them. Without it, 28 layers of random weights amplify the scaled
+    channels into a model that no perturbation leaves alone (the full-size shape run in bf16 falls to min cos
+    0.79 against fp32), which no int8 scheme can be judged on.
     """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
@@ -133,6 +141,12 @@ def build_random_qwen3(out_dir: str | Path, *, shape: dict[str, int] | None = No
             for layer in model.layers:
                 layer.input_layernorm.weight[channel] *= factor
                 layer.post_attention_layernorm.weight[channel] *= factor
+                if compensate_outliers:
+                    attention, mlp = layer.self_attn, layer.mlp
+                    for proj in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
+                        proj.weight[:, channel] /= factor
+                    mlp.up_proj.weight[channel, :] *= factor  # (SwiGLU is linear in up: down's input scales)
+                    mlp.down_proj.weight[:, channel] /= factor
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     config.dtype = dtype

@@ -211,6 +211,26 @@ def test_int8_accuracy_cost_on_minilm(minilm_fp32: OpenVinoBackend, minilm_dir: 
     assert overlap.min() >= 0.7  # measured 0.8
 
 
+def test_int8_activation_groups_are_1024_where_every_linear_width_takes_them(minilm_dir: Path, tmp_path: Path) -> None:
+    """The full-size Qwen3 shape (widths 1,024, 3,072 and 16 x 128) gets groups of 1,024; MiniLM (384, 1,536) and
+    the tiny test Qwen3 keep 32 (activation_group's docstring has the measurements)."""
+    from embedding_service.backends.model.facts import read_model_facts
+    from testkit.random_models import QWEN3_0_6B_SHAPE, TINY_QWEN3_SHAPE
+
+    def widths(shape: dict[str, int]) -> tuple[int, ...]:
+        folder = tmp_path / str(shape["hidden_size"])
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", **shape}))
+        return read_model_facts(folder).linear_widths
+
+    assert widths(QWEN3_0_6B_SHAPE) == (1024, 3072, 2048)
+    assert openvino_backend.activation_group(widths(QWEN3_0_6B_SHAPE)) == 1024
+    assert openvino_backend.activation_group(widths(TINY_QWEN3_SHAPE)) == 32
+    assert read_model_facts(minilm_dir).linear_widths == (384, 1536, 384)  # (no head_dim: heads x 32 = hidden)
+    assert openvino_backend.activation_group(read_model_facts(minilm_dir).linear_widths) == 32
+    assert openvino_backend.activation_group(()) == 32  # (widths unknown)
+
+
 def test_kernel_cache_is_bounded_and_the_plugin_takes_the_setting(minilm_dir: Path, cache_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU plugin's per-shape kernel cache is compiled with the bound (the real plugin checks the key: it

@@ -69,6 +69,8 @@ class ModelFacts:
     model_type: str | None  # lower case; None when unknown
     architectures: tuple[str, ...] = ()
     hidden_size: int | None = None
+    # The input widths of the transformer's linear layers (hidden, intermediate, heads x head_dim), where known.
+    linear_widths: tuple[int, ...] = ()
     max_position_embeddings: int | None = None
     pooling: PoolingMode = "mean"
     normalize: bool = True
@@ -209,6 +211,13 @@ def _activation_fn(config: Mapping[str, Any]) -> str | None:
     return str(name) if name else None
 
 
+def _linear_widths(config: Mapping[str, Any]) -> tuple[int, ...]:
+    hidden, intermediate = _positive_int(config.get("hidden_size")), _positive_int(config.get("intermediate_size"))
+    heads, head_dim = _positive_int(config.get("num_attention_heads")), _positive_int(config.get("head_dim"))
+    attention = heads * head_dim if heads and head_dim else hidden
+    return tuple(width for width in (hidden, intermediate, attention) if width)
+
+
 def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
     """The facts of `model_dir`; a missing folder or file gives unknown facts (None / defaults), never raises."""
     if not model_dir:
@@ -235,6 +244,7 @@ def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
         model_type=model_type,
         architectures=tuple(str(a) for a in architectures) if isinstance(architectures, list) else (),
         hidden_size=_positive_int(config.get("hidden_size")),
+        linear_widths=_linear_widths(config),
         max_position_embeddings=_positive_int(config.get("max_position_embeddings")),
         pooling=pooling,
         normalize=normalize,
