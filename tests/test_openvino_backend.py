@@ -228,7 +228,9 @@ def test_int8_activation_groups_are_1024_where_every_linear_width_takes_them(min
     assert openvino_backend.activation_group(widths(TINY_QWEN3_SHAPE)) == 32
     assert read_model_facts(minilm_dir).linear_widths == (384, 1536, 384)  # (no head_dim: heads x 32 = hidden)
     assert openvino_backend.activation_group(read_model_facts(minilm_dir).linear_widths) == 32
-    assert openvino_backend.activation_group(()) == 32  # (widths unknown)
+    no_intermediate = {k: v for k, v in QWEN3_0_6B_SHAPE.items() if k != "intermediate_size"}
+    assert widths({**no_intermediate, "hidden_size": 2048}) == ()  # (a width unknown: nothing assumed)
+    assert openvino_backend.activation_group(()) == 32
 
 
 def test_kernel_cache_is_bounded_and_the_plugin_takes_the_setting(minilm_dir: Path, cache_dir: Path,

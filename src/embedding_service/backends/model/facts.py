@@ -69,7 +69,8 @@ class ModelFacts:
     model_type: str | None  # lower case; None when unknown
     architectures: tuple[str, ...] = ()
     hidden_size: int | None = None
-    # The input widths of the transformer's linear layers (hidden, intermediate, heads x head_dim), where known.
+    # The input widths of the transformer's linear layers (hidden, intermediate, heads x head_dim); () unless
+    # config.json names at least the first two (an unknown width must not be assumed to divide anything).
     linear_widths: tuple[int, ...] = ()
     max_position_embeddings: int | None = None
     pooling: PoolingMode = "mean"
@@ -214,8 +215,9 @@ def _activation_fn(config: Mapping[str, Any]) -> str | None:
 def _linear_widths(config: Mapping[str, Any]) -> tuple[int, ...]:
     hidden, intermediate = _positive_int(config.get("hidden_size")), _positive_int(config.get("intermediate_size"))
     heads, head_dim = _positive_int(config.get("num_attention_heads")), _positive_int(config.get("head_dim"))
-    attention = heads * head_dim if heads and head_dim else hidden
-    return tuple(width for width in (hidden, intermediate, attention) if width)
+    if not (hidden and intermediate):
+        return ()
+    return hidden, intermediate, heads * head_dim if heads and head_dim else hidden
 
 
 def read_model_facts(model_dir: str | Path | None) -> ModelFacts:
