@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bench.studies.api_processes import wait_every_process_ready
+from bench.studies.api_processes import established_connections, wait_every_process_ready
 from embedding_service.api.app import create_app
 from embedding_service.api.served import Served
 from embedding_service.service import build_engines, plan_service
@@ -211,8 +211,7 @@ def test_each_process_has_its_own_listener_and_wrks_connections_are_spread(serve
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.5)
-        held = sorted(sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
-                          and c.laddr.port == port) for proc in procs)
+        held = sorted(established_connections(proc, port) for proc in procs)
     finally:
         wrk.wait(10)
     assert sum(held) == 64 and held[0] >= 16, held

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -57,14 +58,19 @@ def wait_every_process_ready(url: str, alive: Callable[[], bool] = lambda: True,
             time.sleep(0.2)
 
 
+def established_connections(proc: psutil.Process, port: int) -> int:
+    """How many established TCP connections `proc` holds on its local `port`."""
+    return sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
 def _connections_held(server: psutil.Process, url: str) -> list[int]:
     """Established connections on the server's port, per process of its tree that holds any, fewest first."""
-    port = int(url.split(":")[2].split("/")[0])
+    port = urlsplit(url).port
+    assert port is not None
     counts = []
     for proc in [server, *server.children(recursive=True)]:
         try:
-            mine = sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
-                       and c.laddr.port == port)
+            mine = established_connections(proc, port)
         except psutil.Error:
             continue
         if mine:
