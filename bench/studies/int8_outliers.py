@@ -7,8 +7,9 @@ layer's input), and reports min / mean cosine to OpenVINO fp32 over 500 texts (d
 from --data, else generated sentences) for: the int8 path before SmoothQuant (int8 weights, activations
 quantised per group of 32 at run time), the same after SmoothQuant (today's `--quantize int8`), int8 weights
 only, and NNCF's static int8 (per-channel weights, per-tensor activations) calibrated on 300 other texts, with
-and without NNCF's SmoothQuant; and today's int8 IR with coarser activation groups (128, 1024). Accuracy
-only: speed is bench/studies/cpu_runtimes.py and `python -m bench`.
+and without NNCF's SmoothQuant; and today's int8 IR with its activations in other groups (of 32, 128,
+1024); at full size also int8 and fp32 with bf16 for the rest (the default dtype on a CPU with native bf16).
+Accuracy only: speed is bench/studies/cpu_runtimes.py and `python -m bench`.
 """
 
 from __future__ import annotations
@@ -70,18 +71,27 @@ def measure(model_dir: Path, calib_texts: list[str], eval_texts: list[str], cach
     core = ov.Core()
     settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 
-    def swap(made: OpenVinoBackend, model: Any, group: int) -> OpenVinoBackend:
-        """`made` running `model` (an IR path or an ov.Model), activations quantised in groups of `group`."""
-        made._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
+    def swap(made: OpenVinoBackend, model: Any, group: int, precision: str = "f32") -> OpenVinoBackend:
+        """`made` running `model` (an IR path or an ov.Model), activations quantised in groups of `group`, the
+        layers int8 leaves alone in `precision` (bf16: what `--dtype` float16/bfloat16 gives on a CPU with
+        native bf16)."""
+        made._request = core.compile_model(model, "CPU", {**settings, "DYNAMIC_QUANTIZATION_GROUP_SIZE": group,
+                                                          "INFERENCE_PRECISION_HINT": precision}
                                            ).create_infer_request()
         return made
 
     int8 = backend("int8")
-    record("int8 (SmoothQuant a=0.5, then int8 weights + dynamic activations): --quantize int8", int8)
-    for group in (128, 1024):  # coarser activation scales: faster (bench/RESULTS.md, issue 41), less exact?
-        record(f"the same, activations quantised in groups of {group} (--quantize int8 uses 32)",
+    shipped = openvino_backend.activation_group(read_model_facts(str(model_dir)).linear_widths)
+    record(f"int8 (SmoothQuant a=0.5, then int8 weights + activations in groups of {shipped}): --quantize int8", int8)
+    for group in (g for g in (32, 128, 1024) if g != shipped):  # the activations' scales: coarser is faster
+        record(f"the same, activations quantised in groups of {group} (--quantize int8 uses {shipped} here)",
                swap(int8, str(int8.ir_path), group))
     if groups_only:
+        # The default dtype (float16) runs as bf16 where the CPU has it natively, int8 included.
+        record(f"the same in groups of {shipped}, the rest in bf16 (--quantize int8 at the default dtype, bf16 CPU)",
+               swap(int8, str(int8.ir_path), shipped, "bf16"))
+        record("fp32 IR in bf16, no int8 (--dtype bfloat16: the model's own sensitivity)",
+               swap(int8, str(fp32.ir_path), 0, "bf16"))
         return results
     smooth = openvino_backend.smooth_decoder
     openvino_backend.smooth_decoder = lambda *_args, **_kw: 0  # type: ignore[assignment]
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-size", action="store_true",
                         help="the Qwen3-Embedding-0.6B shape instead of the tiny one, its outliers compensated in the "
                         "weights (build_random_qwen3's docstring says why): the outlier model only, and only "
-                        "today's int8 at activation groups of 32, 128 and 1,024 (~15 min on 2 cores)")
+                        "today's int8 at activation groups of 32, 128 and 1,024, and in bf16 (~20 min on 2 cores)")
     args = parser.parse_args(argv)
     from testkit.random_models import OUTLIER_CHANNELS, QWEN3_0_6B_SHAPE, build_random_qwen3
 
