@@ -88,9 +88,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ov-cache")
 
 
-def _load(model_dir: Path, cache: Path, quantize: str = "none", dtype: str = "float32",
-          **kwargs: object) -> OpenVinoBackend:
-    backend = OpenVinoBackend(backend_options(model_dir, device="cpu", dtype=dtype, max_model_len=512,
+def _load(model_dir: Path, cache: Path, quantize: str = "none", **kwargs: object) -> OpenVinoBackend:
+    backend = OpenVinoBackend(backend_options(model_dir, device="cpu", dtype="float32", max_model_len=512,
                                               quantize=quantize, openvino_cache_dir=str(cache), **kwargs))
     backend.load()
     return backend
@@ -222,8 +221,13 @@ def test_int8_at_the_default_dtype_on_a_bf16_cpu(minilm_fp32: OpenVinoBackend, m
         pytest.skip("no native bf16: the default dtype runs int8 with fp32 elsewhere (the test above)")
     rng = random.Random(15)
     texts = [_sentence(rng, rng.choice(_TOPICS), rng.randint(4, 40)) for _ in range(1000)]
-    int8 = _load(minilm_dir, cache_dir, quantize="int8", dtype="float16")
-    cos = cosines(embed_all(minilm_fp32, texts), embed_all(int8, texts))
+    int8 = OpenVinoBackend(backend_options(minilm_dir, device="cpu", dtype="float16", max_model_len=512,
+                                           quantize="int8", openvino_cache_dir=str(cache_dir)))
+    assert int8.load().dtype == "bfloat16+int8"
+    vectors = embed_all(int8, texts)
+    fp32_rest = embed_all(_load(minilm_dir, cache_dir, quantize="int8"), texts[:64])
+    assert not np.array_equal(vectors[:64], fp32_rest)  # the hint took effect: not fp32's int8 again
+    cos = cosines(embed_all(minilm_fp32, texts), vectors)
     print(f"int8 + bf16 vs fp32 over {len(texts)} texts: cos min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() >= 0.997  # measured 0.9983 (2-core AMD EPYC, AVX-512 BF16; 0.99835 with fp32 there)
     assert cos.mean() >= 0.999  # measured 0.9994
