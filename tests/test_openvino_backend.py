@@ -151,6 +151,34 @@ def test_tiny_qwen3_fp32_equals_the_model_card_recipe(tiny_qwen_dir: Path, cache
     assert cosines(ours, ref).min() >= 0.9999
 
 
+def test_a_decoder_runs_packed_and_equals_the_model_card_recipe(tiny_qwen_dir: Path, cache_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Causal decoders run several texts per row (packing.py): rows shared by texts of mixed lengths, a text
+    longer than a row alone in its own, padding at rows' ends; each text's vector as if it ran alone."""
+    from embedding_service.backends.openvino import packing
+    from tests.test_torch_backend import reference_qwen
+
+    assert packing.plan_rows([5, 9, 3, 7, 40], row_tokens=16) == [[4], [1], [3], [0, 2]]
+    lengths = [17] * 31 + [20]  # a batch of 32 short texts: two even rows, not one full and one nearly empty
+    rows = packing.plan_rows(lengths, row_tokens=512)
+    assert sorted(i for row in rows for i in row) == list(range(32))
+    assert [sum(lengths[i] for i in row) for row in rows] == [275, 272]
+    monkeypatch.setattr(packing, "ROW_TOKENS", 48)  # (read by each batch)
+    backend = _load(tiny_qwen_dir, cache_dir)
+    assert backend._packed and backend.ir_path is not None and "-packed-" in backend.ir_path.parent.name
+    rng = random.Random(3)
+    texts = [_sentence(rng, rng.choice(_TOPICS), rng.randint(1, 12)) for _ in range(23)] + [" ".join(["word"] * 70)]
+    ids = backend.tokenize(texts)
+    packed = packing.PackedBatch(ids, 0)
+    assert len(packed.input_ids) < len(texts) and max(map(len, ids)) > 48  # rows shared; one text past a row
+    assert (packed.segment_ids == -1).any()  # and some padding
+    ours = np.concatenate([backend.embed(ids[:1]), backend.embed(ids[1:])])
+    assert not np.isnan(backend._request.infer(packed.inputs())[0]).any()  # padding sees itself: no NaN
+    ref = reference_qwen(tiny_qwen_dir, texts)
+    assert (ref @ ref.T)[~np.eye(len(texts), dtype=bool)].max() < 0.99
+    assert cosines(ours, ref).min() >= 0.9999
+
+
 async def test_engine_serves_openvino_through_create_backend(minilm_dir: Path, cache_dir: Path) -> None:
     from embedding_service.backends import create_backend
 

@@ -28,6 +28,7 @@ from ..model.pooling import l2_normalize, pool_numpy
 from ..model.tokenization import HfTokenizer, SavedTokenizer, TokenizerHolder
 from ..runtime.device import cpu_flags, int8_slow_reason, resolve_cpu_dtype
 from ..runtime.length_groups import embed_in_groups
+from .packing import PackedBatch, packed_module
 from .smooth_quant import ALPHA, calibration_batches, smooth_decoder
 
 __all__ = ["EXAMPLE_ROWS", "EXPORT_VERSION", "QUANTIZE_MODES", "OpenVinoBackend", "cached_export", "compile_ir",
@@ -51,6 +52,8 @@ _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 RUNTIME_CACHE_CAPACITY = 64
 # The batch an export traces: a padded row in it, so that the graph handles masks in general.
 EXAMPLE_ROWS = [[1, 2, 3, 4, 5, 6], [1, 2, 3]]
+# A packed export's: two texts sharing a row, and a row that ends in padding (packing.py).
+_PACKED_EXAMPLE = ([[1, 2, 3, 4, 5, 6], [1, 2, 3], [1, 2]], 9)
 
 
 def default_cache_dir() -> Path:
@@ -164,6 +167,7 @@ class OpenVinoBackend(TokenizerHolder):
         self._tokenizer: HfTokenizer | SavedTokenizer | None = None
         self._request: Any = None
         self._pad_id = 0
+        self._packed = False
         self._lock = threading.Lock()  # one InferRequest: one batch at a time
         self.ir_path: Path | None = None
 
@@ -176,14 +180,17 @@ class OpenVinoBackend(TokenizerHolder):
         if self._quantize == "int8" and (reason := int8_slow_reason(cpu_flags())):
             log.warning("openvino: --quantize int8 gains little on this CPU: %s", reason)
         runtime_version = ov.get_version()
-        folder = self._cache_dir / export_key(self._model_dir, self._quantize, runtime_version)
+        # Causal decoders pooled on their last token run packed (packing.py): no compute on padding.
+        self._packed = facts.decoder and facts.pooling == "last"
+        variant = f"{self._quantize}-packed" if self._packed else self._quantize
+        folder = self._cache_dir / export_key(self._model_dir, variant, runtime_version)
         fingerprint = tokenizer_fingerprint(self._model_dir)
         saved = load_saved_tokenizer(folder, fingerprint, SavedTokenizer)
         self._tokenizer = saved if saved is not None else self._hf_tokenizer()
         self._pad_id, suffix = self._tokenizer.pad_id, list(self._tokenizer.special_suffix)
         self.ir_path = cached_export(
-            self._cache_dir, folder, self._model_dir, self._quantize, runtime_version,
-            lambda target: _export(self._model_dir, target, self._quantize, self._pad_id, suffix))
+            self._cache_dir, folder, self._model_dir, variant, runtime_version,
+            lambda target: _export(self._model_dir, target, self._quantize, self._pad_id, suffix, self._packed))
         if isinstance(self._tokenizer, HfTokenizer):  # checked by this start: saved for the next ones
             save_tokenizer_state(folder, fingerprint, self._tokenizer.state())
         self._request = compile_ir(ov, self.ir_path, dtype, self._quantize, activation_group(facts.linear_widths))
@@ -206,6 +213,11 @@ class OpenVinoBackend(TokenizerHolder):
     # --- the contract ---------------------------------------------------------------------------------
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         assert self._request is not None, "load() first"
+        if self._packed:
+            packed = PackedBatch(batch, self._pad_id)
+            with self._lock:
+                hidden = self._request.infer(packed.inputs())[0]
+            return l2_normalize(packed.last_states(hidden))
         return embed_in_groups(batch, self._forward)  # (rows of similar lengths together: less padding)
 
     def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
@@ -312,9 +324,10 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
     return ids, mask
 
 
-def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: list[int]) -> None:
+def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: list[int], packed: bool) -> None:
     """torch model -> OpenVINO IR with dynamic batch and length (fp32 weights kept), int8 weights if asked
-    (a Llama-style decoder smoothed first: openvino_smooth_quant.py; `suffix` closes its calibration rows).
+    (a Llama-style decoder smoothed first: openvino_smooth_quant.py; `suffix` closes its calibration rows);
+    `packed`: the graph takes packed rows (packing.py) instead of padded ones.
 
     Converted from the torch model with OpenVINO's own converter (optimum-intel would pin an older
     transformers). torch is needed only here, once per model and settings.
@@ -328,6 +341,10 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: li
     if quantize == "int8" and (smoothed := smooth_decoder(model, calibration_batches(model.config.vocab_size,
                                                                                       suffix))):
         log.info("openvino: SmoothQuant (alpha %.2f) on %d layer inputs before int8", ALPHA, smoothed)
+    if packed:
+        example = PackedBatch(*_PACKED_EXAMPLE[:1], pad_id, row_tokens=_PACKED_EXAMPLE[1]).inputs()
+        export_module(packed_module(model), tuple(example), tuple(example.values()), target, quantize)
+        return
     export_module(last_hidden_module(model), ("input_ids", "attention_mask"), pad_batch(EXAMPLE_ROWS, pad_id), target,
                   quantize)
 
