@@ -52,8 +52,8 @@ _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 RUNTIME_CACHE_CAPACITY = 64
 # The batch an export traces: a padded row in it, so that the graph handles masks in general.
 EXAMPLE_ROWS = [[1, 2, 3, 4, 5, 6], [1, 2, 3]]
-# A packed export's: two texts sharing a row, and a row that ends in padding (packing.py).
-_PACKED_EXAMPLE = ([[1, 2, 3, 4, 5, 6], [1, 2, 3], [1, 2]], 9)
+# A packed export's, in rows of 9 tokens: two texts sharing a row, and a row that ends in padding (packing.py).
+_PACKED_EXAMPLE_ROWS = [[1, 2, 3, 4, 5, 6], [1, 2, 3], [1, 2]]
 
 
 def default_cache_dir() -> Path:
@@ -342,7 +342,7 @@ def _export(model_dir: str, target: Path, quantize: str, pad_id: int, suffix: li
                                                                                       suffix))):
         log.info("openvino: SmoothQuant (alpha %.2f) on %d layer inputs before int8", ALPHA, smoothed)
     if packed:
-        example = PackedBatch(*_PACKED_EXAMPLE[:1], pad_id, row_tokens=_PACKED_EXAMPLE[1]).inputs()
+        example = PackedBatch(_PACKED_EXAMPLE_ROWS, pad_id, row_tokens=9).inputs()
         export_module(packed_module(model), tuple(example), tuple(example.values()), target, quantize)
         return
     export_module(last_hidden_module(model), ("input_ids", "attention_mask"), pad_batch(EXAMPLE_ROWS, pad_id), target,
